@@ -1,0 +1,183 @@
+//! `faultline`: the command line. Thin: parsing and printing; the work is in the crates.
+
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "faultline",
+    version,
+    about = "Userspace page faults, devices and interrupts for microVMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Memory served lazily from a file by the fault loop, touched by several threads,
+    /// then verified against the file (the main job until live migration lands).
+    Demo(demo::Args),
+    /// Report what this kernel's userfaultfd supports.
+    Probe {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks: our figure beside the anchor's, measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Fault service cost: faultline's fault loop against a minimal raw-ioctl loop.
+    Uffd {
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Faults per faulting thread per run.
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+        faults: u64,
+        /// Runs per cell (the median run is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Faulting-thread counts.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+        threads: Vec<usize>,
+        /// Cases (default: all).
+        #[arg(long, value_delimiter = ',')]
+        case: Vec<CaseArg>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CaseArg {
+    #[value(name = "copy-4k")]
+    Copy4k,
+    #[value(name = "copy-64k")]
+    Copy64k,
+    Zeropage,
+    Continue,
+}
+
+impl From<CaseArg> for bench::uffd_bench::Case {
+    fn from(c: CaseArg) -> Self {
+        use bench::uffd_bench::Case;
+        match c {
+            CaseArg::Copy4k => Case::Copy4k,
+            CaseArg::Copy64k => Case::Copy64k,
+            CaseArg::Zeropage => Case::ZeroPage,
+            CaseArg::Continue => Case::Continue,
+        }
+    }
+}
+
+fn probe(json: bool) -> Result<(), String> {
+    let s = uffd::Support::probe().map_err(|e| uffd::error_chain(&e))?;
+    let names: Vec<String> = s
+        .features
+        .iter_names()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let ioctls: Vec<String> = s.ioctls.iter_names().map(|(n, _)| n.to_string()).collect();
+    if json {
+        let v = serde_json::json!({
+            "origin": format!("{:?}", s.origin).to_lowercase(),
+            "features": names,
+            "features_bits": s.features.bits(),
+            "ioctls": ioctls,
+            "page_size": uffd::page_size(),
+        });
+        println!("{v}");
+    } else {
+        println!("userfaultfd via {:?}", s.origin);
+        println!("features: {}", names.join(" "));
+        println!("api ioctls: {}", ioctls.join(" "));
+    }
+    Ok(())
+}
+
+fn bench_uffd(
+    json: bool,
+    faults: u64,
+    runs: u64,
+    threads: Vec<usize>,
+    case: Vec<CaseArg>,
+) -> Result<(), String> {
+    use bench::uffd_bench::{Case, Params, run};
+    if threads.iter().any(|&t| t == 0 || t > 64) {
+        return Err("--threads: each count must be 1..=64".into());
+    }
+    let p = Params {
+        faults_per_thread: faults as usize,
+        runs: runs as usize,
+        threads,
+        cases: if case.is_empty() {
+            Case::ALL.to_vec()
+        } else {
+            case.into_iter().map(Case::from).collect()
+        },
+    };
+    if !json {
+        println!(
+            "{:<10} {:<10} {:>7} {:>8} {:>11} {:>11} {:>13}",
+            "case", "impl", "threads", "pages", "median_ns", "p99_ns", "pages_per_s"
+        );
+    }
+    let mut raw_median = 0;
+    run(&p, |l| {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(l).expect("plain struct serialises")
+            );
+        } else {
+            let ratio = if l.imp == "raw" {
+                raw_median = l.median_ns;
+                String::new()
+            } else {
+                format!(
+                    "  ({:.2}x raw)",
+                    l.median_ns as f64 / raw_median.max(1) as f64
+                )
+            };
+            println!(
+                "{:<10} {:<10} {:>7} {:>8} {:>11} {:>11} {:>13}{ratio}",
+                l.case, l.imp, l.threads, l.pages, l.median_ns, l.p99_ns, l.pages_per_s
+            );
+        }
+    })
+    .map_err(|e| uffd::error_chain(&e))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Demo(a) => demo::run(&a),
+        Cmd::Probe { json } => probe(json),
+        Cmd::Bench {
+            which:
+                BenchCmd::Uffd {
+                    json,
+                    faults,
+                    runs,
+                    threads,
+                    case,
+                },
+        } => bench_uffd(json, faults, runs, threads, case),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("faultline: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
