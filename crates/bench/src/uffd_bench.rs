@@ -199,7 +199,7 @@ fn raw_handler(uffd: &Uffd, case: Case, faults: usize, buf: &[u8]) -> Result<(),
         }
         // SAFETY: the only events asked for are page faults.
         let addr = unsafe { msg.arg.pagefault.address } & !(page_size() as u64 - 1);
-        // SAFETY (all three arms): each ioctl gets a valid pointer to its own argument struct.
+        // SAFETY: each ioctl below gets a valid pointer to its own argument struct (all arms).
         let r = unsafe {
             match case {
                 Case::Copy4k | Case::Copy64k => {
