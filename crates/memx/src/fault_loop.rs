@@ -470,6 +470,10 @@ impl<S: PageSource> Worker<S> {
                 self.on_fault(pf.page().start(), pf.kind, pf.write, t0)?;
             }
             served += n;
+            if n < events.capacity() {
+                // The kernel gave all it had: skip the read that would only say EAGAIN.
+                return Ok(served);
+            }
         }
     }
 

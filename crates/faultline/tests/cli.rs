@@ -1,0 +1,113 @@
+//! End to end: the `faultline` binary started as a user would start it.
+
+use std::process::{Command, Output};
+
+fn faultline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .output()
+        .expect("run faultline")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn probe_reports_features_as_json() {
+    let o = faultline(&["probe", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let features: Vec<&str> = v["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for f in ["MOVE", "POISON", "WP_ASYNC", "MINOR_SHMEM"] {
+        assert!(features.contains(&f), "{features:?}");
+    }
+}
+
+#[test]
+fn demo_serves_and_verifies() {
+    let o = faultline(&["demo", "--mem-mib", "16", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["stats"]["pages"], 16 * 256);
+    assert!(v["faults_on_demand"].as_u64().unwrap() > 0);
+    assert_eq!(v["stats"]["errors"], 0);
+}
+
+#[test]
+fn bench_uffd_json_lines_have_the_interface_keys() {
+    let o = faultline(&["bench", "uffd", "--json", "--faults", "64", "--runs", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        4 * 2 * 2,
+        "4 cases x 2 thread counts x 2 impls"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &lines {
+        let keys: Vec<&String> = l.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "bench",
+                "case",
+                "impl",
+                "median_ns",
+                "p99_ns",
+                "pages",
+                "pages_per_s",
+                "threads"
+            ],
+            "{l}"
+        );
+        assert_eq!(l["bench"], "uffd");
+        assert!(l["median_ns"].as_u64().unwrap() > 0);
+        assert!(l["p99_ns"].as_u64().unwrap() >= l["median_ns"].as_u64().unwrap());
+        assert!(l["pages_per_s"].as_u64().unwrap() > 0);
+        seen.insert((
+            l["case"].as_str().unwrap().to_string(),
+            l["impl"].as_str().unwrap().to_string(),
+            l["threads"].as_u64().unwrap(),
+        ));
+    }
+    for case in ["copy-4k", "copy-64k", "zeropage", "continue"] {
+        for imp in ["raw", "faultline"] {
+            for t in [1, 2] {
+                assert!(
+                    seen.contains(&(case.to_string(), imp.to_string(), t)),
+                    "{case} {imp} {t}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_command_lines_fail_clearly() {
+    for args in [
+        &["bench", "uffd", "--case", "copy-8k"][..],
+        &["bench", "uffd", "--threads", "0"],
+        &["demo", "--mem-mib", "0"],
+        &["no-such-command"],
+    ] {
+        let o = faultline(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains("error"), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+}
