@@ -285,7 +285,42 @@ fn minor_fault_on_memfd_continue() {
         Resolved::Done(page())
     );
     assert_eq!(t.join().unwrap(), 0x44);
-    // CONTINUE with WP: the page is mapped write-protected (registered for WP too).
+    // SAFETY: closing our memfd; the mappings keep the file alive.
+    unsafe { libc::close(fd) };
+}
+
+#[test]
+fn continue_with_write_protect_on_shmem() {
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"uffd-minor-wp".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: ftruncate on our memfd.
+    assert_eq!(unsafe { libc::ftruncate(fd, page() as i64) }, 0);
+    let alias = Mapping::shared_fd(1, fd);
+    let m = Mapping::shared_fd(1, fd);
+    alias.write(0, 0x61);
+    let u =
+        create(Features::MINOR_SHMEM | Features::PAGEFAULT_FLAG_WP | Features::WP_HUGETLBFS_SHMEM);
+    u.register(m.range(), RegisterMode::MINOR | RegisterMode::WP)
+        .unwrap();
+    let addr = m.addr;
+    // A write: first the MINOR fault, resolved with CONTINUE|WP, then the WP fault.
+    let t = thread::spawn(move || {
+        // SAFETY: the mapping outlives the thread.
+        unsafe { ptr::write_volatile(addr as *mut u8, 0x62) }
+    });
+    let pf = next_fault(&u);
+    assert_eq!(pf.kind, FaultKind::Minor);
+    u.continue_range(pf.page(), ContinueMode::WP).unwrap();
+    let pf = next_fault(&u);
+    assert_eq!(
+        pf.kind,
+        FaultKind::WriteProtect,
+        "CONTINUE|WP mapped the page read-only"
+    );
+    u.write_protect(pf.page(), false, false).unwrap();
+    t.join().unwrap();
+    assert_eq!(alias.read(0), 0x62);
     // SAFETY: closing our memfd; the mappings keep the file alive.
     unsafe { libc::close(fd) };
 }
@@ -477,6 +512,7 @@ fn fork_remap_remove_unmap_events_from_a_child() {
                     }
                 }
             }
+            uffds
         })
     };
     let (addr, len) = (m.addr, m.len);
@@ -521,10 +557,19 @@ fn fork_remap_remove_unmap_events_from_a_child() {
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     stop.store(true, Ordering::SeqCst);
-    handler.join().unwrap();
+    let uffds = handler.join().unwrap();
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child status {status:#x}"
+    );
+    // The child is gone: resolving into its address space is its own error, with errno.
+    let e = uffds[1]
+        .copy(m.page(2), &vec![0; page()], CopyMode::empty())
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::TargetGone { .. }), "{e:?}");
+    assert!(
+        matches!(e.errno(), Some(libc::ESRCH | libc::ENOENT)),
+        "{e:?}"
     );
     let seen: Vec<Seen> = rx.try_iter().collect();
     assert_eq!(
