@@ -15,6 +15,7 @@ use uffd::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::mapping::Mapping;
 use crate::source::{Completer, Completion, Fill, PageSource, Request, SourceError};
 use crate::stats::{ShardStats, Stats};
 
@@ -149,14 +150,37 @@ const FINISH: u8 = 2;
 
 struct Control {
     cmd: AtomicU8,
-    efd: EventFd,
 }
 
-type WorkerHandle = JoinHandle<Result<(), LoopError>>;
+/// A worker thread, its counters, and its doorbell: a page registered on the worker's own
+/// userfaultfd. Touching it raises a fault the worker must read, which wakes it from its
+/// blocking `read` without signals and without a lost-wakeup window; the worker maps a zero
+/// page there, and `madvise(DONTNEED)` arms it again.
+struct WorkerEntry {
+    handle: JoinHandle<Result<(), LoopError>>,
+    stats: Arc<ShardStats>,
+    doorbell: Mapping,
+}
+
+impl WorkerEntry {
+    fn ring(&self) {
+        // Blocks until the worker has served the doorbell fault (or returns at once if the
+        // worker is gone: its userfaultfd closed with it).
+        self.doorbell.read_u8(0);
+        // SAFETY: drops the page of our own one-page mapping; nothing references it.
+        unsafe {
+            libc::madvise(
+                self.doorbell.as_ptr().cast(),
+                self.doorbell.len(),
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+}
 
 /// A running fault loop. Dropping it stops it (as [`FaultLoop::stop`]).
 pub struct FaultLoop {
-    workers: Vec<(WorkerHandle, Arc<ShardStats>)>,
+    workers: Vec<WorkerEntry>,
     ctl: Arc<Control>,
     cfg: Config,
 }
@@ -212,8 +236,6 @@ impl FaultLoop {
     ) -> Result<FaultLoop, LoopError> {
         let ctl = Arc::new(Control {
             cmd: AtomicU8::new(RUN),
-            efd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|source| LoopError::Setup { worker: 0, source })?,
         });
         let source = Arc::new(source);
         let mut fl = FaultLoop {
@@ -235,6 +257,18 @@ impl FaultLoop {
                         source,
                     })?;
             }
+            let doorbell = Mapping::anonymous(page_size()).map_err(|e| LoopError::Setup {
+                worker: w,
+                source: io::Error::other(e),
+            })?;
+            uffd.register(doorbell.range(), RegisterMode::MISSING)
+                .map_err(|source| LoopError::Register {
+                    worker: w,
+                    range: doorbell.range(),
+                    source,
+                })?;
+            uffd.set_nonblocking(true)
+                .map_err(|source| LoopError::Setup { worker: w, source })?;
             let stats = Arc::new(ShardStats::new());
             let completer =
                 Completer::new().map_err(|source| LoopError::Setup { worker: w, source })?;
@@ -249,19 +283,25 @@ impl FaultLoop {
                 stats: stats.clone(),
                 ctl: ctl.clone(),
                 cfg: cfg.clone(),
+                doorbell: doorbell.range().start(),
+                blocking: false,
             };
             let handle = thread::Builder::new()
                 .name(format!("fault-loop-{w}"))
                 .spawn(move || worker.run())
                 .map_err(|source| LoopError::Setup { worker: w, source })?;
-            fl.workers.push((handle, stats));
+            fl.workers.push(WorkerEntry {
+                handle,
+                stats,
+                doorbell,
+            });
         }
         Ok(fl)
     }
 
     /// Counters so far.
     pub fn stats(&self) -> Stats {
-        let shards: Vec<&ShardStats> = self.workers.iter().map(|(_, s)| &**s).collect();
+        let shards: Vec<&ShardStats> = self.workers.iter().map(|w| &*w.stats).collect();
         Stats::merge(&shards)
     }
 
@@ -285,12 +325,14 @@ impl FaultLoop {
 
     fn shutdown(&mut self, cmd: u8) -> Result<Stats, LoopError> {
         self.ctl.cmd.store(cmd, Relaxed);
-        // Level-triggered: never read, so every worker's poll sees it.
-        let _ = self.ctl.efd.write(1);
+        for w in &self.workers {
+            w.ring();
+        }
         let mut first_err = None;
         let workers = std::mem::take(&mut self.workers);
         let mut stats = Vec::new();
-        for (w, (h, s)) in workers.into_iter().enumerate() {
+        for (w, entry) in workers.into_iter().enumerate() {
+            let (h, s) = (entry.handle, entry.stats);
             let r = h.join().unwrap_or_else(|p| {
                 Err(LoopError::Panicked {
                     worker: w,
@@ -383,6 +425,9 @@ struct Worker<S> {
     stats: Arc<ShardStats>,
     ctl: Arc<Control>,
     cfg: Config,
+    doorbell: usize,
+    /// Whether the uffd is in blocking mode (see `set_blocking`).
+    blocking: bool,
 }
 
 /// Borrow an eventfd's descriptor for `poll` (vmm-sys-util's `EventFd` has no `AsFd`).
@@ -420,25 +465,48 @@ impl<S: PageSource> Worker<S> {
             if cmd != RUN {
                 return self.shut_down(cmd, &mut events);
             }
-            let fds = [
-                self.uffd.as_fd(),
-                borrow(self.completer.efd()),
-                borrow(&self.ctl.efd),
-            ];
-            uffd::poll_in(&fds, None).map_err(|e| LoopError::Read {
+            if self.pending.is_empty() {
+                // Nothing owed by the source: sleep in read(2) itself.
+                self.serve_events(&mut events, true)?;
+                continue;
+            }
+            self.set_blocking(false)?;
+            let fds = [self.uffd.as_fd(), borrow(self.completer.efd())];
+            let ready = uffd::poll_in(&fds, None).map_err(|e| LoopError::Read {
                 worker: self.id,
                 source: ReadError::Poll(e),
             })?;
-            self.serve_events(&mut events)?;
-            if !self.pending.is_empty() {
+            if ready & 1 != 0 {
+                self.serve_events(&mut events, false)?;
+            }
+            if ready & 2 != 0 {
                 self.serve_completions()?;
             }
         }
     }
 
-    /// Read and serve every fault event ready now; returns the number served.
-    fn serve_events(&mut self, events: &mut EventBuffer) -> Result<usize, LoopError> {
+    /// The fast path sleeps in a blocking `read(2)`: one syscall per wakeup, as in a minimal
+    /// loop. `poll(2)` on a blocking userfaultfd reports `EPOLLERR`, so the fd is switched to
+    /// non-blocking while answers are owed (poll on the uffd and the completion eventfd) and
+    /// while draining; the switch happens only on those transitions.
+    fn set_blocking(&mut self, on: bool) -> Result<(), LoopError> {
+        if self.blocking != on {
+            self.uffd
+                .set_nonblocking(!on)
+                .map_err(|source| LoopError::Setup {
+                    worker: self.id,
+                    source,
+                })?;
+            self.blocking = on;
+        }
+        Ok(())
+    }
+
+    /// Read and serve fault events. `wait`: one (blocking) read of whatever is ready or next;
+    /// otherwise every event ready now and none more.
+    fn serve_events(&mut self, events: &mut EventBuffer, wait: bool) -> Result<usize, LoopError> {
         let mut served = 0;
+        self.set_blocking(wait)?;
         loop {
             let batch = self
                 .uffd
@@ -470,8 +538,8 @@ impl<S: PageSource> Worker<S> {
                 self.on_fault(pf.page().start(), pf.kind, pf.write, t0)?;
             }
             served += n;
-            if n < events.capacity() {
-                // The kernel gave all it had: skip the read that would only say EAGAIN.
+            if wait || n < events.capacity() {
+                // Waited once, or the kernel gave all it had.
                 return Ok(served);
             }
         }
@@ -488,6 +556,13 @@ impl<S: PageSource> Worker<S> {
         write: bool,
         t0: Instant,
     ) -> Result<(), LoopError> {
+        if addr == self.doorbell {
+            resolve(&self.uffd, addr, How::Zero(1)).map_err(|source| LoopError::Resolve {
+                worker: self.id,
+                source,
+            })?;
+            return Ok(());
+        }
         self.stats.faults.fetch_add(1, Relaxed);
         let Some(part) = self.part_of(addr) else {
             // Not ours (cannot happen: the kernel only reports registered ranges).
@@ -659,7 +734,7 @@ impl<S: PageSource> Worker<S> {
     }
 
     fn shut_down(&mut self, cmd: u8, events: &mut EventBuffer) -> Result<(), LoopError> {
-        self.serve_events(events)?;
+        self.serve_events(events, false)?;
         if cmd == FINISH {
             self.populate(events)?;
         }
@@ -686,11 +761,11 @@ impl<S: PageSource> Worker<S> {
                 worker: self.id,
                 source: ReadError::Poll(e),
             })?;
-            self.serve_events(events)?;
+            self.serve_events(events, false)?;
             self.serve_completions()?;
         }
         // Faults raised while draining.
-        self.serve_events(events)?;
+        self.serve_events(events, false)?;
         Ok(())
     }
 
@@ -703,7 +778,7 @@ impl<S: PageSource> Worker<S> {
         for part in self.parts.clone() {
             let mut addr = part.range.start();
             while addr < part.range.end() {
-                self.serve_events(events)?;
+                self.serve_events(events, false)?;
                 if self.pending.len() >= 64 {
                     self.serve_completions()?;
                 }

@@ -324,6 +324,25 @@ impl Uffd {
         self.origin
     }
 
+    /// Switch `read` between non-blocking (`EAGAIN` when nothing is pending) and blocking.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        // SAFETY: F_GETFL / F_SETFL on an fd we own.
+        let fl = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFL) };
+        if fl < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let new = if on {
+            fl | libc::O_NONBLOCK
+        } else {
+            fl & !libc::O_NONBLOCK
+        };
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, new) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Register `range` in `mode`; returns the ioctls the kernel allows on it.
     pub fn register(&self, range: Range, mode: RegisterMode) -> Result<Ioctls, RegisterError> {
         let mut need = Features::empty();
@@ -528,13 +547,14 @@ impl Uffd {
     /// Wait until events are readable; `Ok(false)` on timeout (`None` waits forever).
     pub fn poll_readable(&self, timeout: Option<Duration>) -> Result<bool, ReadError> {
         poll_in(&[self.fd.as_fd()], timeout)
-            .map(|r| r.is_some())
+            .map(|r| r != 0)
             .map_err(ReadError::Poll)
     }
 }
 
-/// `poll(2)` for readability on `fds`; returns the index of the first ready fd.
-pub fn poll_in(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+/// `poll(2)` for readability on `fds` (at most 64); returns a bit mask of the ready ones
+/// (bit `i` for `fds[i]`), 0 on timeout.
+pub fn poll_in(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<u64> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
@@ -554,10 +574,12 @@ pub fn poll_in(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<
             }
             return Err(e);
         }
-        if r == 0 {
-            return Ok(None);
-        }
-        return Ok(pfds.iter().position(|p| p.revents != 0));
+        return Ok(pfds
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, p)| p.revents != 0)
+            .fold(0, |m, (i, _)| m | (1 << i)));
     }
 }
 

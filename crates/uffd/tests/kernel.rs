@@ -487,9 +487,11 @@ fn fork_remap_remove_unmap_events_from_a_child() {
                     .iter()
                     .map(|u| std::os::fd::AsFd::as_fd(&**u))
                     .collect();
-                let Some(i) = poll_in(&fds, Some(Duration::from_millis(50))).unwrap() else {
+                let ready = poll_in(&fds, Some(Duration::from_millis(50))).unwrap();
+                if ready == 0 {
                     continue;
-                };
+                }
+                let i = ready.trailing_zeros() as usize;
                 let cur = uffds[i].clone();
                 let events: Vec<Event> = cur.read_events(&mut buf).unwrap().collect();
                 for ev in events {
