@@ -1,6 +1,7 @@
 //! `faultline`: the command line. Thin: parsing and printing; the work is in the crates.
 
 mod demo;
+mod run;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,8 @@ enum Cmd {
     /// Memory served lazily from a file by the fault loop, touched by several threads,
     /// then verified against the file (the main job until live migration lands).
     Demo(demo::Args),
+    /// Boot a microVM with the built-in guest and run a workload.
+    Run(run::Args),
     /// Report what this kernel's userfaultfd supports.
     Probe {
         /// One JSON object instead of text.
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(&a),
+        Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
         Cmd::Bench {
             which:

@@ -1,0 +1,151 @@
+//! The built-in guest: workloads that run directly in 64-bit user mode (CPL 3), with no guest
+//! kernel, so they run at full speed under PVM as well as on hardware KVM.
+
+pub mod abi;
+mod code;
+
+pub use code::{MAGIC, entry_offset, image};
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// A workload of the built-in guest, run by every vCPU over its own slice of memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Fill the slice with the `memload.c` pattern, report its checksum, stop.
+    Fill,
+    /// `memload.c write`: fill, then rewrite one word in every page in a loop, checking the
+    /// clock every 256 pages and sending a heartbeat every 100 ms.
+    Dirty,
+    /// `memload.c read`: fill, then every 100 ms read one page in 64 and send a heartbeat.
+    Read,
+    /// Seeded random page touches (two per page, or until the run time is up).
+    Random,
+    /// Checksum the slice as it is and report it.
+    Verify,
+}
+
+impl Workload {
+    /// Every workload.
+    pub const ALL: [Workload; 5] = [
+        Workload::Fill,
+        Workload::Dirty,
+        Workload::Read,
+        Workload::Random,
+        Workload::Verify,
+    ];
+
+    /// Index in the guest image's entry table.
+    pub fn index(self) -> usize {
+        match self {
+            Workload::Fill => 0,
+            Workload::Dirty => 1,
+            Workload::Read => 2,
+            Workload::Random => 3,
+            Workload::Verify => 4,
+        }
+    }
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Fill => "fill",
+            Workload::Dirty => "dirty",
+            Workload::Read => "read",
+            Workload::Random => "random",
+            Workload::Verify => "verify",
+        }
+    }
+
+    /// Whether the workload runs until stopped when no run time is given.
+    pub fn runs_forever(self) -> bool {
+        matches!(self, Workload::Dirty | Workload::Read)
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Workload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify)"
+                )
+            })
+    }
+}
+
+/// The expected content of a slice after `fill`, as bytes (for host-side checks).
+pub fn fill_model(first_page: u64, bytes: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes);
+    for p in 0..(bytes / 4096) as u64 {
+        for i in 0..512 {
+            v.extend_from_slice(&abi::fill_word(first_page + p, i).to_le_bytes());
+        }
+    }
+    v
+}
+
+/// The expected content of a zeroed slice after `random` without a run time.
+pub fn random_model(seed: u64, bytes: usize) -> Vec<u8> {
+    let pages = (bytes / 4096) as u64;
+    let mut words = vec![0u64; bytes / 8];
+    let mut x = seed | 1;
+    for _ in 0..2 * pages {
+        x = abi::xorshift(x);
+        let w = (x % pages) * 512 + (x >> 55);
+        words[w as usize] = words[w as usize].wrapping_add(x);
+    }
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_has_magic_and_entries_inside() {
+        let img = image();
+        assert_eq!(u64::from_le_bytes(img[..8].try_into().unwrap()), MAGIC);
+        let table_end = 8 * (1 + Workload::ALL.len()) as u64;
+        for w in Workload::ALL {
+            let e = entry_offset(w.index());
+            assert!(e >= table_end && e < img.len() as u64, "{w}: {e}");
+        }
+        assert!(img.len() < 64 * 1024);
+    }
+
+    #[test]
+    fn workload_names_round_trip() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>().unwrap(), w);
+        }
+        assert!(
+            "nope"
+                .parse::<Workload>()
+                .unwrap_err()
+                .contains("unknown workload")
+        );
+    }
+
+    #[test]
+    fn models_match_the_abi() {
+        let f = fill_model(3, 4096);
+        assert_eq!(&f[8..16], &abi::fill_word(3, 1).to_le_bytes());
+        assert_eq!(abi::checksum([]), abi::CHECKSUM_INIT);
+        let r = random_model(7, 8 * 4096);
+        assert!(r.iter().any(|&b| b != 0));
+    }
+}

@@ -1,0 +1,219 @@
+//! Guest memory: one region from guest-physical 0, through `vm-memory`.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+
+use serde::Serialize;
+use thiserror::Error;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder,
+};
+
+/// What backs guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Anonymous private memory (`MAP_NORESERVE`): pages are allocated when first touched.
+    #[default]
+    Anonymous,
+    /// A shared memfd: needed for MINOR faults, for sharing with device processes (DMA) and
+    /// for snapshots by reference.
+    Memfd,
+    /// Anonymous 2 MiB huge pages (`MAP_HUGETLB`; needs reserved huge pages).
+    HugePages,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "anon" | "anonymous" => Ok(Backend::Anonymous),
+            "memfd" => Ok(Backend::Memfd),
+            "hugepages" | "huge" => Ok(Backend::HugePages),
+            _ => Err(format!(
+                "unknown memory backend '{s}' (anon, memfd, hugepages)"
+            )),
+        }
+    }
+}
+
+/// Creating guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The size is zero, unaligned or larger than the host's RAM.
+    #[error("guest memory of {size} bytes: {why}")]
+    BadSize {
+        /// Size asked for.
+        size: u64,
+        /// Why it cannot be.
+        why: String,
+    },
+    /// The memfd could not be created or sized.
+    #[error("cannot create a {size}-byte memfd for guest memory")]
+    Memfd {
+        /// Size asked for.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The mapping failed (for huge pages: are enough reserved in /proc/sys/vm/nr_hugepages?).
+    #[error("cannot map {size} bytes of {backend:?} guest memory")]
+    Map {
+        /// Size asked for.
+        size: u64,
+        /// Backend.
+        backend: Backend,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// vm-memory refused the region (cannot happen for one region at 0).
+    #[error("vm-memory rejected the guest memory layout: {0}")]
+    Layout(String),
+}
+
+/// Guest memory and what a VMM needs to know about it.
+#[derive(Debug)]
+pub struct GuestMem {
+    mem: GuestMemoryMmap,
+    host: *mut u8,
+    size: u64,
+    backend: Backend,
+    memfd: Option<File>,
+}
+
+// SAFETY: `host` points into the mapping owned by `mem`, which is itself Send + Sync; the
+// pointer is only an address used for raw, volatile or kernel (KVM, userfaultfd) access.
+unsafe impl Send for GuestMem {}
+// SAFETY: as above.
+unsafe impl Sync for GuestMem {}
+
+fn host_ram() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl GuestMem {
+    /// `size` bytes of guest memory at guest-physical 0.
+    pub fn new(size: u64, backend: Backend) -> Result<Self, MemoryError> {
+        let bad = |why: String| MemoryError::BadSize { size, why };
+        if size == 0 || size % (2 << 20) != 0 {
+            return Err(bad("must be a non-zero multiple of 2 MiB".into()));
+        }
+        if let Some(ram) = host_ram()
+            && size > ram
+        {
+            return Err(bad(format!(
+                "larger than this host's {} MiB of RAM",
+                ram >> 20
+            )));
+        }
+        let len =
+            usize::try_from(size).map_err(|_| bad("does not fit the address space".into()))?;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let (builder, memfd) = match backend {
+            Backend::Anonymous | Backend::HugePages => {
+                let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                if backend == Backend::HugePages {
+                    flags |= libc::MAP_HUGETLB;
+                }
+                (
+                    MmapRegionBuilder::new(len)
+                        .with_mmap_prot(prot)
+                        .with_mmap_flags(flags)
+                        .with_hugetlbfs(backend == Backend::HugePages),
+                    None,
+                )
+            }
+            Backend::Memfd => {
+                // SAFETY: a valid C string; memfd_create returns a new fd or -1.
+                let fd =
+                    unsafe { libc::memfd_create(c"faultline-guest".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(MemoryError::Memfd {
+                        size,
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                // SAFETY: a fresh fd we own.
+                let file = unsafe { File::from_raw_fd(fd) };
+                file.set_len(size)
+                    .map_err(|source| MemoryError::Memfd { size, source })?;
+                let fo = FileOffset::new(
+                    file.try_clone()
+                        .map_err(|source| MemoryError::Memfd { size, source })?,
+                    0,
+                );
+                (
+                    MmapRegionBuilder::new(len)
+                        .with_mmap_prot(prot)
+                        .with_mmap_flags(libc::MAP_SHARED)
+                        .with_file_offset(fo),
+                    Some(file),
+                )
+            }
+        };
+        let region: MmapRegion = builder.build().map_err(|source| MemoryError::Map {
+            size,
+            backend,
+            source,
+        })?;
+        let host = region.as_ptr();
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
+            MemoryError::Layout("region overflows the guest address space".into())
+        })?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        Ok(Self {
+            mem,
+            host,
+            size,
+            backend,
+            memfd,
+        })
+    }
+
+    /// The `vm-memory` view.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Host address of guest-physical 0.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The memfd behind [`Backend::Memfd`] memory.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
+    /// A copy of guest-physical `[gpa, gpa + len)`, read with volatile accesses by vm-memory.
+    pub fn read(&self, gpa: u64, len: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+        use vm_memory::Bytes;
+        let mut v = vec![0; len];
+        self.mem.read_slice(&mut v, GuestAddress(gpa))?;
+        Ok(v)
+    }
+
+    /// Write `data` at guest-physical `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
+        use vm_memory::Bytes;
+        self.mem.write_slice(data, GuestAddress(gpa))
+    }
+}

@@ -1,0 +1,758 @@
+//! The VM: KVM setup, vCPU threads, exits, the built-in guest's events, pause and resume.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::cpl3;
+use crate::guest::{self, Workload, abi};
+use crate::memory::{Backend, GuestMem, MemoryError};
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmConfig {
+    /// Guest memory in bytes (a multiple of 2 MiB).
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The built-in guest's workload.
+    pub workload: Workload,
+    /// Bytes of the workload area used (split among vCPUs); `None`: all of it.
+    pub workload_bytes: Option<u64>,
+    /// Run time; `None`: until the workload ends (`dirty` and `read` never do).
+    pub run_for: Option<Duration>,
+    /// Seed of the `random` workload.
+    pub seed: u64,
+    /// What backs guest memory.
+    pub backend: Backend,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            workload: Workload::Fill,
+            workload_bytes: None,
+            run_for: None,
+            seed: 1,
+            backend: Backend::Anonymous,
+        }
+    }
+}
+
+/// Something the guest did, stamped with host time (µs since the VM was created).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A heartbeat (number 0 is sent at the workload's entry).
+    Heartbeat {
+        /// vCPU.
+        vcpu: u32,
+        /// Heartbeat number.
+        n: u32,
+        /// Host time, µs.
+        t_us: u64,
+    },
+    /// The workload's memory is filled and its loop starts.
+    Ready {
+        /// vCPU.
+        vcpu: u32,
+        /// Host time, µs.
+        t_us: u64,
+    },
+    /// A checksum reported by the guest.
+    Checksum {
+        /// vCPU.
+        vcpu: u32,
+        /// The value, as `0x` hex (JSON numbers lose 64-bit precision).
+        value: String,
+    },
+    /// A log line.
+    Log {
+        /// vCPU.
+        vcpu: u32,
+        /// The line.
+        line: String,
+    },
+    /// The workload finished.
+    Done {
+        /// vCPU.
+        vcpu: u32,
+        /// Exit code.
+        code: u32,
+        /// Host time, µs.
+        t_us: u64,
+    },
+}
+
+/// Creating or running the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("KVM: {what} failed")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The ioctl's error (errno kept).
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be created.
+    #[error("guest memory")]
+    Memory(#[source] MemoryError),
+    /// Writing to guest memory failed.
+    #[error("writing {what} into guest memory failed")]
+    GuestWrite {
+        /// What was being written.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The configuration cannot work.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// A vCPU stopped on an exit it cannot go on from.
+    #[error("vCPU {vcpu}: {exit} at guest RIP {rip:#x}")]
+    Exit {
+        /// vCPU.
+        vcpu: u32,
+        /// The exit and what it means.
+        exit: String,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// A vCPU's `KVM_RUN` failed.
+    #[error("vCPU {vcpu}: KVM_RUN failed")]
+    Run {
+        /// vCPU.
+        vcpu: u32,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The guest's checksum of its memory differs from the host's.
+    #[error(
+        "vCPU {vcpu}: guest checksum {guest:#018x} but the host reads {host:#018x}: guest memory is corrupt"
+    )]
+    Checksum {
+        /// vCPU.
+        vcpu: u32,
+        /// Reported by the guest.
+        guest: u64,
+        /// Computed by the host over the same memory.
+        host: u64,
+    },
+    /// The workload did not finish in time.
+    #[error("the guest did not finish within {0:?}")]
+    Timeout(Duration),
+    /// A vCPU thread could not be started, or panicked.
+    #[error("vCPU thread: {0}")]
+    Thread(String),
+}
+
+/// Per-vCPU results.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VcpuSummary {
+    /// vCPU.
+    pub vcpu: u32,
+    /// Heartbeats after the first (number 0).
+    pub heartbeats: u32,
+    /// Longest gap between consecutive heartbeats numbered 1 and up, µs.
+    pub max_gap_us: u64,
+    /// Checksum reported by the guest (hex).
+    pub checksum: Option<String>,
+    /// Exit code, if the workload finished.
+    pub exit_code: Option<u32>,
+    /// Host time of `Ready`, µs.
+    pub ready_us: Option<u64>,
+    /// Host time of `Done`, µs.
+    pub done_us: Option<u64>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// The configuration.
+    pub config: VmConfig,
+    /// VM creation to the first heartbeat of any vCPU, µs.
+    pub boot_to_first_heartbeat_us: Option<u64>,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuSummary>,
+    /// The guest's checksums matched the host's reading of guest memory.
+    pub checksums_verified: bool,
+    /// Whole run, ms.
+    pub wall_ms: u64,
+    /// VM exits handled (all vCPUs).
+    pub exits: u64,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    stop: bool,
+}
+
+/// State shared by the controller and the vCPU threads.
+struct Shared {
+    t0: Instant,
+    pause_req: AtomicBool,
+    stop_req: AtomicBool,
+    parked: AtomicU32,
+    state: Mutex<PauseState>,
+    cv: Condvar,
+    exits: std::sync::atomic::AtomicU64,
+}
+
+/// A slice of the workload area.
+#[derive(Debug, Clone, Copy)]
+struct Slice {
+    start: u64,
+    len: u64,
+    first_page: u64,
+}
+
+/// A created VM, not yet running.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: Arc<GuestMem>,
+    vcpus: Vec<VcpuFd>,
+    slices: Vec<Slice>,
+    cfg: VmConfig,
+    shared: Arc<Shared>,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+impl Vm {
+    /// Create the VM: KVM, memory, the built-in guest and its tables, vCPUs at their entry.
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        if cfg.vcpus == 0 || u64::from(cfg.vcpus) > cpl3::MAX_VCPUS {
+            return Err(VmError::Config(format!(
+                "vcpus must be 1..={}",
+                cpl3::MAX_VCPUS
+            )));
+        }
+        if cfg.mem_bytes > cpl3::MAX_MEM {
+            return Err(VmError::Config(format!(
+                "memory above {} GiB is not supported by the built-in guest",
+                cpl3::MAX_MEM >> 30
+            )));
+        }
+        if cfg.mem_bytes <= cpl3::WORKLOAD {
+            return Err(VmError::Config(format!(
+                "memory must be more than {} MiB (the built-in guest's fixed layout)",
+                cpl3::WORKLOAD >> 20
+            )));
+        }
+        let area = cfg.workload_bytes.unwrap_or(cfg.mem_bytes - cpl3::WORKLOAD);
+        if area > cfg.mem_bytes - cpl3::WORKLOAD {
+            return Err(VmError::Config(format!(
+                "workload area of {} MiB does not fit in {} MiB of memory",
+                area >> 20,
+                cfg.mem_bytes >> 20
+            )));
+        }
+        let per = (area / u64::from(cfg.vcpus)) & !((1 << 20) - 1);
+        if per < (1 << 20) {
+            return Err(VmError::Config(
+                "each vCPU needs at least 1 MiB of workload memory".into(),
+            ));
+        }
+        let slices: Vec<Slice> = (0..u64::from(cfg.vcpus))
+            .map(|i| Slice {
+                start: cpl3::WORKLOAD + i * per,
+                len: per,
+                first_page: i * per / 4096,
+            })
+            .collect();
+
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: cfg.mem_bytes,
+            userspace_addr: mem.host_addr() as u64,
+        };
+        // SAFETY: the region is the mapping owned by `mem`, which the returned Vm keeps alive
+        // for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        cpl3::write_tables(mem.mem(), cfg.mem_bytes).map_err(|source| VmError::GuestWrite {
+            what: "page tables and GDT",
+            source,
+        })?;
+        mem.write(cpl3::CODE, guest::image())
+            .map_err(|source| VmError::GuestWrite {
+                what: "the built-in guest",
+                source,
+            })?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let entry = guest::entry_offset(cfg.workload.index());
+        let mut vcpus = Vec::new();
+        for (i, s) in slices.iter().enumerate() {
+            let vcpu = vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
+                }
+                if e.function == 0xb || e.function == 0x1f {
+                    e.edx = i as u32;
+                }
+            }
+            vcpu.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&cpl3::user_mode_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            let tsc_100ms = u64::from(khz) * 100;
+            let run_ticks = cfg
+                .run_for
+                .map_or(0, |d| {
+                    (d.as_micros() as u64).saturating_mul(u64::from(khz)) / 1000
+                })
+                .max(u64::from(cfg.run_for.is_some()));
+            let regs = cpl3::entry_regs(
+                entry,
+                i as u64,
+                s.start,
+                s.len,
+                s.first_page,
+                tsc_100ms,
+                run_ticks,
+                cfg.seed.wrapping_add(i as u64),
+            );
+            vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            let fpu = kvm_bindings::kvm_fpu {
+                fcw: 0x37f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            };
+            vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            vcpus,
+            slices,
+            cfg,
+            shared: Arc::new(Shared {
+                t0,
+                pause_req: AtomicBool::new(false),
+                stop_req: AtomicBool::new(false),
+                parked: AtomicU32::new(0),
+                state: Mutex::new(PauseState::default()),
+                cv: Condvar::new(),
+                exits: Default::default(),
+            }),
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// Start the vCPU threads.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        // The kick signal interrupts KVM_RUN (EINTR) so a vCPU can park or stop.
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick handler: {e}")))?;
+        let (tx, rx) = mpsc::channel();
+        let mut threads = Vec::new();
+        let n = self.vcpus.len();
+        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+            let tx = tx.clone();
+            let shared = self.shared.clone();
+            let h = thread::Builder::new()
+                .name(format!("vcpu-{i}"))
+                .spawn(move || vcpu_loop(i as u32, vcpu, &shared, &tx))
+                .map_err(|e| VmError::Thread(e.to_string()))?;
+            threads.push(h);
+        }
+        Ok(RunningVm {
+            _kvm: self._kvm,
+            _vm: self._vm,
+            mem: self.mem,
+            slices: self.slices,
+            cfg: self.cfg,
+            shared: self.shared,
+            threads,
+            rx,
+            summary: vec![VcpuSummary::default(); n],
+            last_hb: vec![None; n],
+            first_hb: None,
+            live: n,
+        })
+    }
+}
+
+enum Msg {
+    Event(Event),
+    Failed(VmError),
+    Exited,
+}
+
+fn rip(vcpu: &VcpuFd) -> u64 {
+    vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
+}
+
+fn vcpu_loop(id: u32, mut vcpu: VcpuFd, shared: &Shared, tx: &Sender<Msg>) {
+    let r = run_vcpu(id, &mut vcpu, shared, tx);
+    if let Err(e) = r {
+        let _ = tx.send(Msg::Failed(e));
+    }
+    let _ = tx.send(Msg::Exited);
+}
+
+fn park(shared: &Shared) -> bool {
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    shared.parked.fetch_add(1, SeqCst);
+    while st.paused && !st.stop {
+        st = shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    shared.parked.fetch_sub(1, SeqCst);
+    st.stop
+}
+
+fn run_vcpu(id: u32, vcpu: &mut VcpuFd, shared: &Shared, tx: &Sender<Msg>) -> Result<(), VmError> {
+    let send = |e: Event| {
+        let _ = tx.send(Msg::Event(e));
+    };
+    let now_us = || shared.t0.elapsed().as_micros() as u64;
+    let mut checksum_lo = 0u32;
+    let mut log = Vec::new();
+    loop {
+        if shared.stop_req.load(SeqCst) {
+            return Ok(());
+        }
+        if shared.pause_req.load(SeqCst) && park(shared) {
+            return Ok(());
+        }
+        let exit = match vcpu.run() {
+            Ok(e) => e,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(source) => return Err(VmError::Run { vcpu: id, source }),
+        };
+        shared
+            .exits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                let mut b = [0u8; 4];
+                b[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                let v = u32::from_le_bytes(b);
+                match port {
+                    abi::PORT_HEARTBEAT => send(Event::Heartbeat {
+                        vcpu: id,
+                        n: v,
+                        t_us: now_us(),
+                    }),
+                    abi::PORT_PHASE if v == abi::PHASE_READY => send(Event::Ready {
+                        vcpu: id,
+                        t_us: now_us(),
+                    }),
+                    abi::PORT_CHECKSUM_LO => checksum_lo = v,
+                    abi::PORT_CHECKSUM_HI => send(Event::Checksum {
+                        vcpu: id,
+                        value: format!("{:#018x}", (u64::from(v) << 32) | u64::from(checksum_lo)),
+                    }),
+                    abi::PORT_LOG => {
+                        if data[0] == b'\n' || log.len() >= 1024 {
+                            send(Event::Log {
+                                vcpu: id,
+                                line: String::from_utf8_lossy(&log).into_owned(),
+                            });
+                            log.clear();
+                        } else {
+                            log.push(data[0]);
+                        }
+                    }
+                    abi::PORT_SLEEP_US => {
+                        thread::sleep(Duration::from_micros(u64::from(v.min(1_000_000))))
+                    }
+                    abi::PORT_DONE => {
+                        send(Event::Done {
+                            vcpu: id,
+                            code: v,
+                            t_us: now_us(),
+                        });
+                        return Ok(());
+                    }
+                    _ => {} // no device there: writes are dropped, as on real hardware
+                }
+            }
+            VcpuExit::IoIn(_, data) => data.fill(0xff),
+            VcpuExit::MmioRead(_, data) => data.fill(0xff),
+            VcpuExit::MmioWrite(..) => {}
+            VcpuExit::Intr => {}
+            VcpuExit::Hlt => {
+                return Err(VmError::Exit {
+                    vcpu: id,
+                    exit: "HLT with no interrupt source".into(),
+                    rip: rip(vcpu),
+                });
+            }
+            VcpuExit::Shutdown => {
+                return Err(VmError::Exit {
+                    vcpu: id,
+                    exit: "SHUTDOWN (triple fault: the guest took an exception it cannot handle)"
+                        .into(),
+                    rip: rip(vcpu),
+                });
+            }
+            VcpuExit::InternalError => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member.
+                let sub = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                return Err(VmError::Exit {
+                    vcpu: id,
+                    exit: format!("KVM internal error (suberror {sub}: 1 = emulation failure)"),
+                    rip: rip(vcpu),
+                });
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Err(VmError::Exit {
+                    vcpu: id,
+                    exit: format!("entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
+                    rip: rip(vcpu),
+                });
+            }
+            other => {
+                let what = format!("unexpected exit {other:?}");
+                return Err(VmError::Exit {
+                    vcpu: id,
+                    exit: what,
+                    rip: rip(vcpu),
+                });
+            }
+        }
+    }
+}
+
+/// A running VM.
+pub struct RunningVm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: Arc<GuestMem>,
+    slices: Vec<Slice>,
+    cfg: VmConfig,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    rx: Receiver<Msg>,
+    summary: Vec<VcpuSummary>,
+    last_hb: Vec<Option<u64>>,
+    first_hb: Option<u64>,
+    live: usize,
+}
+
+impl fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningVm").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl RunningVm {
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    fn kick_until(&self, done: impl Fn() -> bool) {
+        use std::os::unix::thread::JoinHandleExt;
+        // A kick can land outside KVM_RUN and be lost: repeat until the vCPUs answer.
+        while !done() {
+            for t in &self.threads {
+                if !t.is_finished() {
+                    // SAFETY: pthread_kill on a thread we own and have not joined.
+                    unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+                }
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Pause every vCPU (returns when all are parked or finished).
+    pub fn pause(&self) {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused = true;
+        self.shared.pause_req.store(true, SeqCst);
+        let running = || self.threads.iter().filter(|t| !t.is_finished()).count() as u32;
+        self.kick_until(|| self.shared.parked.load(SeqCst) >= running());
+    }
+
+    /// Resume paused vCPUs.
+    pub fn resume(&self) {
+        self.shared.pause_req.store(false, SeqCst);
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused = false;
+        self.shared.cv.notify_all();
+    }
+
+    fn stop_vcpus(&self) {
+        self.shared.stop_req.store(true, SeqCst);
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop = true;
+        self.shared.cv.notify_all();
+        self.kick_until(|| self.threads.iter().all(|t| t.is_finished()));
+    }
+
+    fn absorb(&mut self, e: &Event) {
+        match *e {
+            Event::Heartbeat { vcpu, n, t_us } => {
+                self.first_hb.get_or_insert(t_us);
+                let s = &mut self.summary[vcpu as usize];
+                if n >= 1 {
+                    s.heartbeats += 1;
+                    if let Some(prev) = self.last_hb[vcpu as usize] {
+                        s.max_gap_us = s.max_gap_us.max(t_us - prev);
+                    }
+                    self.last_hb[vcpu as usize] = Some(t_us);
+                }
+            }
+            Event::Ready { vcpu, t_us } => self.summary[vcpu as usize].ready_us = Some(t_us),
+            Event::Checksum { vcpu, ref value } => {
+                self.summary[vcpu as usize].checksum = Some(value.clone())
+            }
+            Event::Done { vcpu, code, t_us } => {
+                let s = &mut self.summary[vcpu as usize];
+                s.exit_code = Some(code);
+                s.done_us = Some(t_us);
+            }
+            Event::Log { .. } => {}
+        }
+    }
+
+    /// Run until every vCPU's workload is done (or `timeout`), passing each event to
+    /// `on_event`; then check each guest checksum against the host's reading of guest memory.
+    pub fn wait(
+        mut self,
+        timeout: Duration,
+        mut on_event: impl FnMut(&Event),
+    ) -> Result<RunSummary, VmError> {
+        let deadline = Instant::now() + timeout;
+        let mut failure = None;
+        while self.live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Msg::Event(e)) => {
+                    self.absorb(&e);
+                    on_event(&e);
+                }
+                Ok(Msg::Failed(e)) => {
+                    failure.get_or_insert(e);
+                    self.stop_vcpus();
+                }
+                Ok(Msg::Exited) => self.live -= 1,
+                Err(RecvTimeoutError::Timeout) => {
+                    failure.get_or_insert(VmError::Timeout(timeout));
+                    self.stop_vcpus();
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for t in std::mem::take(&mut self.threads) {
+            t.join()
+                .map_err(|_| VmError::Thread("a vCPU thread panicked".into()))?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (i, s) in self.summary.iter_mut().enumerate() {
+            s.vcpu = i as u32;
+        }
+        let mut verified = true;
+        for (i, sl) in self.slices.iter().enumerate() {
+            let Some(hex) = &self.summary[i].checksum else {
+                verified = false;
+                continue;
+            };
+            let guest = u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap_or(0);
+            let host = self.host_checksum(i)?;
+            if guest != host {
+                return Err(VmError::Checksum {
+                    vcpu: i as u32,
+                    guest,
+                    host,
+                });
+            }
+            let _ = sl;
+        }
+        Ok(RunSummary {
+            boot_to_first_heartbeat_us: self.first_hb,
+            vcpus: self.summary.clone(),
+            checksums_verified: verified,
+            wall_ms: self.shared.t0.elapsed().as_millis() as u64,
+            exits: self.shared.exits.load(SeqCst),
+            config: self.cfg.clone(),
+        })
+    }
+
+    /// The host's checksum of vCPU `i`'s slice (the same function the guest computes).
+    pub fn host_checksum(&self, i: usize) -> Result<u64, VmError> {
+        let sl = self.slices[i];
+        let bytes =
+            self.mem
+                .read(sl.start, sl.len as usize)
+                .map_err(|source| VmError::GuestWrite {
+                    what: "(reading) a workload slice",
+                    source,
+                })?;
+        Ok(abi::checksum_bytes(&bytes))
+    }
+
+    /// vCPU `i`'s slice: (guest-physical start, length, index of its first page).
+    pub fn slice(&self, i: usize) -> (u64, u64, u64) {
+        let s = self.slices[i];
+        (s.start, s.len, s.first_page)
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop_vcpus();
+            for t in std::mem::take(&mut self.threads) {
+                let _ = t.join();
+            }
+        }
+    }
+}
