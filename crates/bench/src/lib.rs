@@ -3,6 +3,7 @@
 //! They are not tests: they assert nothing about speed; `faultline bench ...` runs them.
 
 pub mod uffd_bench;
+pub mod vm_bench;
 
 use thiserror::Error;
 

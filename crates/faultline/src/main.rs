@@ -40,6 +40,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The microVM: boot to the first heartbeat (1 GiB), and the guest's dirtying speed
+    /// against the same loop in a host process.
+    Vm {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Boots to time (median reported).
+        #[arg(long, default_value_t = 11, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        boots: u64,
+        /// Seconds of dirtying, guest and native each.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Fault service cost: faultline's fault loop against a minimal raw-ioctl loop.
     Uffd {
         /// JSON lines instead of a table.
@@ -160,6 +173,35 @@ fn bench_uffd(
     .map_err(|e| uffd::error_chain(&e))
 }
 
+fn bench_vm(json: bool, boots: usize, seconds: f64) -> Result<(), String> {
+    if !(seconds > 0.0 && seconds <= 600.0) {
+        return Err("--seconds must be in (0, 600]".into());
+    }
+    let err = |e: bench::BenchError| uffd::error_chain(&e);
+    let b = bench::vm_bench::boot(1024, boots).map_err(err)?;
+    let d = bench::vm_bench::dirty_rate(256, seconds).map_err(err)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&b).expect("plain struct serialises")
+        );
+        println!(
+            "{}",
+            serde_json::to_string(&d).expect("plain struct serialises")
+        );
+    } else {
+        println!(
+            "boot to first heartbeat ({} MiB): median {:.2} ms (goal 20 ms)",
+            b.mem_mib, b.median_ms
+        );
+        println!(
+            "dirty rate: guest {} pages/s, native {} pages/s, ratio {:.3} (goal 0.8)",
+            d.guest_pages_per_s, d.native_pages_per_s, d.ratio
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -176,6 +218,14 @@ fn main() -> ExitCode {
                     case,
                 },
         } => bench_uffd(json, faults, runs, threads, case),
+        Cmd::Bench {
+            which:
+                BenchCmd::Vm {
+                    json,
+                    boots,
+                    seconds,
+                },
+        } => bench_vm(json, boots as usize, seconds),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,3 +111,82 @@ fn bad_command_lines_fail_clearly() {
         assert!(!e.contains("panicked"), "{args:?}: {e}");
     }
 }
+
+#[test]
+fn run_every_workload_as_a_user_would() {
+    for guest in ["fill", "random", "verify"] {
+        for vcpus in ["1", "2"] {
+            let o = faultline(&[
+                "run",
+                "--mem",
+                "36M",
+                "--vcpus",
+                vcpus,
+                "--guest",
+                guest,
+                "--json-events",
+            ]);
+            assert!(o.status.success(), "{guest}/{vcpus}: {}", stderr(&o));
+            let last: serde_json::Value =
+                serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+            assert_eq!(last["event"], "summary");
+            assert_eq!(last["summary"]["checksums_verified"], true, "{last}");
+            assert_eq!(
+                last["summary"]["vcpus"].as_array().unwrap().len(),
+                vcpus.parse::<usize>().unwrap()
+            );
+        }
+    }
+    for guest in ["dirty", "read"] {
+        let o = faultline(&[
+            "run",
+            "--mem",
+            "36M",
+            "--vcpus",
+            "2",
+            "--guest",
+            guest,
+            "--seconds",
+            "0.5",
+            "--json-events",
+        ]);
+        assert!(o.status.success(), "{guest}: {}", stderr(&o));
+        let out = stdout(&o);
+        let beats = out.lines().filter(|l| l.contains("\"heartbeat\"")).count();
+        assert!(beats >= 2 * 3, "{guest}: {beats} heartbeats\n{out}");
+    }
+}
+
+#[test]
+fn run_rejects_bad_input_clearly() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["run", "--guest", "nope"], "unknown workload"),
+        (&["run", "--mem", "64Q"], "is not a size"),
+        (&["run", "--mem", "200G"], "RAM"),
+        (&["run", "--vcpus", "0"], "vcpus"),
+        (&["run", "--mem", "3M"], "more than"),
+    ];
+    for (args, want) in cases {
+        let o = faultline(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn bench_vm_json_lines() {
+    let o = faultline(&["bench", "vm", "--json", "--boots", "1", "--seconds", "0.3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["case"], "boot-to-first-heartbeat");
+    assert_eq!(lines[0]["mem_mib"], 1024);
+    assert!(lines[0]["median_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(lines[1]["case"], "dirty-rate");
+    assert!(lines[1]["guest_pages_per_s"].as_u64().unwrap() > 0);
+    assert!(lines[1]["native_pages_per_s"].as_u64().unwrap() > 0);
+}

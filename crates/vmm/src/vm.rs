@@ -661,6 +661,30 @@ impl RunningVm {
         }
     }
 
+    /// The next guest event, waiting at most `timeout` (`Ok(None)`: none came). A vCPU
+    /// failure is returned as the error.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, VmError> {
+        loop {
+            match self.rx.recv_timeout(timeout) {
+                Ok(Msg::Event(e)) => {
+                    self.absorb(&e);
+                    return Ok(Some(e));
+                }
+                Ok(Msg::Failed(e)) => return Err(e),
+                Ok(Msg::Exited) => self.live -= 1,
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Stop every vCPU now and release the VM.
+    pub fn stop(mut self) {
+        self.stop_vcpus();
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
+
     /// Run until every vCPU's workload is done (or `timeout`), passing each event to
     /// `on_event`; then check each guest checksum against the host's reading of guest memory.
     pub fn wait(
