@@ -31,6 +31,10 @@ pub struct Args {
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
+    /// Serve the REST control API on this Unix socket (`curl --unix-socket PATH
+    /// http://localhost/vm`).
+    #[arg(long)]
+    api_sock: Option<std::path::PathBuf>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
@@ -66,6 +70,13 @@ pub fn run(a: &Args) -> Result<(), String> {
     };
     let vm = Vm::new(cfg).map_err(|e| uffd::error_chain(&e))?;
     let running = vm.start().map_err(|e| uffd::error_chain(&e))?;
+    let _api = match &a.api_sock {
+        Some(p) => Some(
+            vmm::api::ApiServer::start(p, running.api_sender())
+                .map_err(|e| format!("API socket {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let json = a.json_events;
     let summary = running
         .wait(Duration::from_secs(a.timeout), |e| {
@@ -82,10 +93,15 @@ pub fn run(a: &Args) -> Result<(), String> {
         println!("{line}");
     } else {
         println!(
-            "faultline run: {} on {} vCPU(s), {} MiB: done in {} ms, checksums verified: {}",
+            "faultline run: {} on {} vCPU(s), {} MiB: {} after {} ms, checksums verified: {}",
             summary.config.workload,
             summary.config.vcpus,
             summary.config.mem_bytes >> 20,
+            if summary.stopped {
+                "stopped through the API"
+            } else {
+                "done"
+            },
             summary.wall_ms,
             summary.checksums_verified
         );

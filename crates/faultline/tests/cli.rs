@@ -190,3 +190,75 @@ fn bench_vm_json_lines() {
     assert!(lines[1]["guest_pages_per_s"].as_u64().unwrap() > 0);
     assert!(lines[1]["native_pages_per_s"].as_u64().unwrap() > 0);
 }
+
+/// One HTTP/1.1 request over a Unix socket; returns (status, body).
+fn http(sock: &std::path::Path, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn control_api_pause_resume_stop_over_a_unix_socket() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args([
+            "run",
+            "--mem",
+            "36M",
+            "--vcpus",
+            "2",
+            "--guest",
+            "dirty",
+            "--json-events",
+            "--api-sock",
+        ])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = http(&sock, "GET", "/vm");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["config"]["vcpus"], 2);
+    assert_eq!(http(&sock, "PUT", "/vm/pause").0, 204);
+    let v: serde_json::Value = serde_json::from_str(&http(&sock, "GET", "/vm").1).unwrap();
+    assert_eq!(v["state"], "paused");
+    let before: serde_json::Value =
+        serde_json::from_str(&http(&sock, "GET", "/vm/stats").1).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after: serde_json::Value =
+        serde_json::from_str(&http(&sock, "GET", "/vm/stats").1).unwrap();
+    assert_eq!(before["vcpus"], after["vcpus"], "no heartbeat while paused");
+    assert_eq!(http(&sock, "PUT", "/vm/resume").0, 204);
+    assert_eq!(http(&sock, "POST", "/vm/pause").0, 405);
+    assert_eq!(http(&sock, "GET", "/nope").0, 404);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(http(&sock, "PUT", "/vm/stop").0, 204);
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let last: serde_json::Value = serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(last["summary"]["stopped"], true);
+    for v in last["summary"]["vcpus"].as_array().unwrap() {
+        let gap = v["max_gap_us"].as_u64().unwrap();
+        assert!(gap >= 450_000, "the pause is one long heartbeat gap: {v}");
+    }
+    assert!(!sock.exists(), "the socket is removed on exit");
+}

@@ -7,11 +7,13 @@
 //! - [`guest`]: the built-in guest (workloads in assembly, shipped inside the binary) and its
 //!   port-I/O [ABI](guest::abi).
 //! - [`vm`]: the VM: vCPU threads, exits, heartbeats stamped with host time, pause/resume.
+//! - [`api`]: the REST control API on a Unix socket, talking to the VM only over a channel.
 //!
 //! On this project's CI machines `/dev/kvm` is PVM (nested, no VMX/SVM): CPL 3 guest code runs
 //! natively and kernel-mode code is emulated, which is why the built-in guest has no kernel. The
 //! same setup is valid on VMX and SVM.
 
+pub mod api;
 pub mod cpl3;
 pub mod guest;
 pub mod memory;

@@ -194,6 +194,8 @@ pub struct RunSummary {
     pub wall_ms: u64,
     /// VM exits handled (all vCPUs).
     pub exits: u64,
+    /// Stopped through the API before the workload finished.
+    pub stopped: bool,
 }
 
 #[derive(Default)]
@@ -389,6 +391,7 @@ impl Vm {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
             .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick handler: {e}")))?;
         let (tx, rx) = mpsc::channel();
+        let api_tx = tx.clone();
         let mut threads = Vec::new();
         let n = self.vcpus.len();
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
@@ -413,14 +416,17 @@ impl Vm {
             last_hb: vec![None; n],
             first_hb: None,
             live: n,
+            api_tx,
+            stopped: false,
         })
     }
 }
 
-enum Msg {
+pub(crate) enum Msg {
     Event(Event),
     Failed(VmError),
     Exited,
+    Api(crate::api::ApiRequest, Sender<crate::api::ApiReply>),
 }
 
 fn rip(vcpu: &VcpuFd) -> u64 {
@@ -573,6 +579,8 @@ pub struct RunningVm {
     last_hb: Vec<Option<u64>>,
     first_hb: Option<u64>,
     live: usize,
+    api_tx: Sender<Msg>,
+    stopped: bool,
 }
 
 impl fmt::Debug for RunningVm {
@@ -585,6 +593,63 @@ impl RunningVm {
     /// Guest memory.
     pub fn memory(&self) -> &Arc<GuestMem> {
         &self.mem
+    }
+
+    /// A handle through which the control API reaches this VM's controller (the thread that
+    /// calls [`wait`](Self::wait)).
+    pub fn api_sender(&self) -> crate::api::ApiSender {
+        crate::api::ApiSender(self.api_tx.clone())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused
+    }
+
+    fn answer(&mut self, req: crate::api::ApiRequest) -> crate::api::ApiReply {
+        use crate::api::ApiRequest;
+        use serde_json::{Value, json};
+        match req {
+            ApiRequest::GetVm => (
+                200,
+                json!({
+                    "state": if self.stopped { "stopping" } else if self.is_paused() { "paused" } else { "running" },
+                    "config": self.cfg,
+                }),
+            ),
+            ApiRequest::Pause => {
+                self.pause();
+                (204, Value::Null)
+            }
+            ApiRequest::Resume => {
+                self.resume();
+                (204, Value::Null)
+            }
+            ApiRequest::Stop => {
+                self.stopped = true;
+                self.resume();
+                self.stop_vcpus();
+                (204, Value::Null)
+            }
+            ApiRequest::Stats => (
+                200,
+                json!({
+                    "uptime_ms": self.shared.t0.elapsed().as_millis() as u64,
+                    "exits": self.shared.exits.load(SeqCst),
+                    "paused": self.is_paused(),
+                    "boot_to_first_heartbeat_us": self.first_hb,
+                    "vcpus": self.summary.iter().enumerate().map(|(i, v)| json!({
+                        "vcpu": i,
+                        "heartbeats": v.heartbeats,
+                        "max_gap_us": v.max_gap_us,
+                        "last_heartbeat_us": self.last_hb[i],
+                    })).collect::<Vec<_>>(),
+                }),
+            ),
+        }
     }
 
     fn kick_until(&self, done: impl Fn() -> bool) {
@@ -672,6 +737,10 @@ impl RunningVm {
                 }
                 Ok(Msg::Failed(e)) => return Err(e),
                 Ok(Msg::Exited) => self.live -= 1,
+                Ok(Msg::Api(req, reply)) => {
+                    let r = self.answer(req);
+                    let _ = reply.send(r);
+                }
                 Err(_) => return Ok(None),
             }
         }
@@ -706,6 +775,10 @@ impl RunningVm {
                     self.stop_vcpus();
                 }
                 Ok(Msg::Exited) => self.live -= 1,
+                Ok(Msg::Api(req, reply)) => {
+                    let r = self.answer(req);
+                    let _ = reply.send(r);
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     failure.get_or_insert(VmError::Timeout(timeout));
                     self.stop_vcpus();
@@ -746,6 +819,7 @@ impl RunningVm {
             checksums_verified: verified,
             wall_ms: self.shared.t0.elapsed().as_millis() as u64,
             exits: self.shared.exits.load(SeqCst),
+            stopped: self.stopped,
             config: self.cfg.clone(),
         })
     }
