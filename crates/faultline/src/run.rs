@@ -31,6 +31,16 @@ pub struct Args {
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
+    /// Boot this Linux kernel (ELF vmlinux with a PVH note, or bzImage) instead of the
+    /// built-in guest; its console (ttyS0) goes to stdout.
+    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
+    /// An initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = vmm::linux::DEFAULT_CMDLINE)]
+    cmdline: String,
     /// Serve the REST control API on this Unix socket (`curl --unix-socket PATH
     /// http://localhost/vm`).
     #[arg(long)]
@@ -67,6 +77,11 @@ pub fn run(a: &Args) -> Result<(), String> {
         run_for: a.seconds.map(Duration::from_secs_f64),
         seed: a.seed,
         backend: a.backend,
+        linux: a.kernel.as_ref().map(|k| vmm::linux::LinuxBoot {
+            kernel: k.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.cmdline.clone(),
+        }),
     };
     let vm = Vm::new(cfg).map_err(|e| uffd::error_chain(&e))?;
     let running = vm.start().map_err(|e| uffd::error_chain(&e))?;

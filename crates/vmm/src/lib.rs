@@ -15,7 +15,9 @@
 
 pub mod api;
 pub mod cpl3;
+pub mod devices;
 pub mod guest;
+pub mod linux;
 pub mod memory;
 pub mod vm;
 

@@ -33,6 +33,8 @@ pub struct VmConfig {
     pub seed: u64,
     /// What backs guest memory.
     pub backend: Backend,
+    /// Boot this Linux kernel instead of the built-in guest (the workload fields are unused).
+    pub linux: Option<crate::linux::LinuxBoot>,
 }
 
 impl Default for VmConfig {
@@ -45,6 +47,7 @@ impl Default for VmConfig {
             run_for: None,
             seed: 1,
             backend: Backend::Anonymous,
+            linux: None,
         }
     }
 }
@@ -82,6 +85,13 @@ pub enum Event {
         vcpu: u32,
         /// The line.
         line: String,
+    },
+    /// The guest asked for a reset (i8042): the VM stops.
+    Reset {
+        /// vCPU.
+        vcpu: u32,
+        /// Host time, µs.
+        t_us: u64,
     },
     /// The workload finished.
     Done {
@@ -152,6 +162,9 @@ pub enum VmError {
         /// Computed by the host over the same memory.
         host: u64,
     },
+    /// The kernel could not be loaded.
+    #[error("Linux boot")]
+    Boot(#[source] crate::linux::BootError),
     /// The workload did not finish in time.
     #[error("the guest did not finish within {0:?}")]
     Timeout(Duration),
@@ -232,6 +245,7 @@ pub struct Vm {
     slices: Vec<Slice>,
     cfg: VmConfig,
     shared: Arc<Shared>,
+    devices: Option<Arc<crate::devices::LegacyDevices>>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -265,6 +279,9 @@ impl Vm {
                 "memory must be more than {} MiB (the built-in guest's fixed layout)",
                 cpl3::WORKLOAD >> 20
             )));
+        }
+        if cfg.linux.is_some() {
+            return Self::new_linux(cfg, t0);
         }
         let area = cfg.workload_bytes.unwrap_or(cfg.mem_bytes - cpl3::WORKLOAD);
         if area > cfg.mem_bytes - cpl3::WORKLOAD {
@@ -377,6 +394,89 @@ impl Vm {
                 cv: Condvar::new(),
                 exits: Default::default(),
             }),
+            devices: None,
+        })
+    }
+
+    /// A Linux VM: in-kernel irqchip and PIT where KVM offers them, COM1 on an irqfd, the
+    /// i8042 reset line, the kernel loaded by `linux-loader`.
+    fn new_linux(cfg: VmConfig, t0: Instant) -> Result<Vm, VmError> {
+        use kvm_ioctls::Cap;
+        let boot = cfg.linux.clone().expect("called for Linux configurations");
+        if cfg.vcpus != 1 {
+            return Err(VmError::Config(
+                "Linux boot supports 1 vCPU for now (no MP table / MADT yet)".into(),
+            ));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let irqchip = kvm.check_extension(Cap::Irqchip);
+        if irqchip {
+            vm.create_irq_chip()
+                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        }
+        if kvm.check_extension(Cap::Pit2) {
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        }
+        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: cfg.mem_bytes,
+            userspace_addr: mem.host_addr() as u64,
+        };
+        // SAFETY: the region is the mapping owned by `mem`, kept alive with the VM fd.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Thread(format!("eventfd: {e}")))?;
+        if irqchip {
+            vm.register_irqfd(&irq, crate::devices::COM1_GSI)
+                .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+        }
+        let devices = Arc::new(crate::devices::LegacyDevices::new(
+            irq,
+            Box::new(std::io::stdout()),
+        ));
+        let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&(entry.sregs)(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&entry.regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            vcpus: vec![vcpu],
+            slices: Vec::new(),
+            cfg,
+            shared: Arc::new(Shared {
+                t0,
+                pause_req: AtomicBool::new(false),
+                stop_req: AtomicBool::new(false),
+                parked: AtomicU32::new(0),
+                state: Mutex::new(PauseState::default()),
+                cv: Condvar::new(),
+                exits: Default::default(),
+            }),
+            devices: Some(devices),
         })
     }
 
@@ -397,9 +497,10 @@ impl Vm {
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let tx = tx.clone();
             let shared = self.shared.clone();
+            let devices = self.devices.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu-{i}"))
-                .spawn(move || vcpu_loop(i as u32, vcpu, &shared, &tx))
+                .spawn(move || vcpu_loop(i as u32, vcpu, &shared, devices.as_deref(), &tx))
                 .map_err(|e| VmError::Thread(e.to_string()))?;
             threads.push(h);
         }
@@ -433,8 +534,14 @@ fn rip(vcpu: &VcpuFd) -> u64 {
     vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
 }
 
-fn vcpu_loop(id: u32, mut vcpu: VcpuFd, shared: &Shared, tx: &Sender<Msg>) {
-    let r = run_vcpu(id, &mut vcpu, shared, tx);
+fn vcpu_loop(
+    id: u32,
+    mut vcpu: VcpuFd,
+    shared: &Shared,
+    devices: Option<&crate::devices::LegacyDevices>,
+    tx: &Sender<Msg>,
+) {
+    let r = run_vcpu(id, &mut vcpu, shared, devices, tx);
     if let Err(e) = r {
         let _ = tx.send(Msg::Failed(e));
     }
@@ -451,7 +558,14 @@ fn park(shared: &Shared) -> bool {
     st.stop
 }
 
-fn run_vcpu(id: u32, vcpu: &mut VcpuFd, shared: &Shared, tx: &Sender<Msg>) -> Result<(), VmError> {
+fn run_vcpu(
+    id: u32,
+    vcpu: &mut VcpuFd,
+    shared: &Shared,
+    devices: Option<&crate::devices::LegacyDevices>,
+    tx: &Sender<Msg>,
+) -> Result<(), VmError> {
+    use crate::devices::PioResult;
     let send = |e: Event| {
         let _ = tx.send(Msg::Event(e));
     };
@@ -474,6 +588,24 @@ fn run_vcpu(id: u32, vcpu: &mut VcpuFd, shared: &Shared, tx: &Sender<Msg>) -> Re
             .exits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match exit {
+            VcpuExit::IoOut(port, data) if devices.is_some() => {
+                if let Some(d) = devices
+                    && d.pio_write(port, data) == PioResult::Reset
+                {
+                    send(Event::Reset {
+                        vcpu: id,
+                        t_us: now_us(),
+                    });
+                    return Ok(());
+                }
+            }
+            VcpuExit::IoIn(port, data) if devices.is_some() => {
+                if let Some(d) = devices
+                    && d.pio_read(port, data) == PioResult::Unclaimed
+                {
+                    data.fill(0xff);
+                }
+            }
             VcpuExit::IoOut(port, data) => {
                 let mut b = [0u8; 4];
                 b[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
@@ -723,6 +855,10 @@ impl RunningVm {
                 s.done_us = Some(t_us);
             }
             Event::Log { .. } => {}
+            Event::Reset { .. } => {
+                self.stopped = true;
+                self.stop_vcpus();
+            }
         }
     }
 
