@@ -39,10 +39,10 @@ fn guest_dir() -> PathBuf {
 }
 
 #[test]
-fn debian_kernel_banner_reaches_the_serial_console() {
+fn debian_kernel_banner_reaches_the_serial_console_and_sees_both_cpus() {
     let d = guest_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(["run", "--mem", "512M", "--kernel"])
+        .args(["run", "--mem", "512M", "--vcpus", "2", "--kernel"])
         .arg(d.join("vmlinux"))
         .arg("--initrd")
         .arg(d.join("initramfs.cpio.gz"))
@@ -63,24 +63,36 @@ fn debian_kernel_banner_reaches_the_serial_console() {
     let t = Instant::now();
     let limit = Duration::from_secs(180);
     let mut seen = Vec::new();
-    let banner = loop {
+    // The banner first, then the CPUs found through our ACPI MADT.
+    let mut banner = None;
+    let found = loop {
         match rx.recv_timeout(limit.saturating_sub(t.elapsed())) {
-            Ok(l) if l.contains("Linux version") => break Some(l),
+            Ok(l) if l.contains("Linux version") => {
+                eprintln!("banner after {:?}: {l}", t.elapsed());
+                banner = Some(l);
+            }
+            Ok(l) if l.contains("smpboot: Allowing 2 CPUs") => break true,
             Ok(l) => seen.push(l),
-            Err(_) => break None,
+            Err(_) => break false,
         }
     };
     let _ = child.kill();
     let o = child.wait_with_output().unwrap();
+    let console = seen.join("\n");
+    let stderr = String::from_utf8_lossy(&o.stderr);
     let banner = banner.unwrap_or_else(|| {
-        panic!(
-            "no 'Linux version' on the console within {limit:?}; console:\n{}\nstderr:\n{}",
-            seen.join("\n"),
-            String::from_utf8_lossy(&o.stderr)
-        )
+        panic!("no 'Linux version' on the console within {limit:?}; console:\n{console}\nstderr:\n{stderr}")
     });
     assert!(banner.contains("cloud-amd64"), "{banner}");
-    eprintln!("banner after {:?}: {banner}", t.elapsed());
+    assert!(
+        found,
+        "the kernel did not find 2 CPUs within {limit:?}; console:\n{console}\nstderr:\n{stderr}"
+    );
+    assert!(
+        console.contains("ACPI: Using ACPI (MADT) for SMP configuration"),
+        "{console}"
+    );
+    eprintln!("2 CPUs found after {:?}", t.elapsed());
 }
 
 #[test]
@@ -112,9 +124,9 @@ fn bad_kernels_are_refused_before_the_vm_starts() {
                 "--kernel".into(),
                 d.join("vmlinux").display().to_string(),
                 "--vcpus".into(),
-                "2".into(),
+                "33".into(),
             ],
-            "1 vCPU",
+            "1..=32 vCPUs",
         ),
     ];
     for (args, want) in cases {

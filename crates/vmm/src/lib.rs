@@ -13,12 +13,14 @@
 //! natively and kernel-mode code is emulated, which is why the built-in guest has no kernel. The
 //! same setup is valid on VMX and SVM.
 
+pub mod acpi;
 pub mod api;
 pub mod cpl3;
 pub mod devices;
 pub mod guest;
 pub mod linux;
 pub mod memory;
+pub mod mptable;
 pub mod vm;
 
 pub use guest::Workload;

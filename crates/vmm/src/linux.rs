@@ -250,6 +250,7 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, boot: &LinuxBoot) -> Result<En
             cmdline_paddr: CMDLINE,
             memmap_paddr: MEMMAP,
             memmap_entries: 2,
+            rsdp_paddr: crate::acpi::RSDP_ADDR,
             ..Default::default()
         };
         let memmap = [

@@ -252,6 +252,20 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// The supported CPUID with vCPU `id`'s APIC id in leaves 1, 0xB and 0x1F.
+fn apic_cpuid(cpuid: &kvm_bindings::CpuId, id: u32) -> kvm_bindings::CpuId {
+    let mut c = cpuid.clone();
+    for e in c.as_mut_slice() {
+        if e.function == 1 {
+            e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+        }
+        if e.function == 0xb || e.function == 0x1f {
+            e.edx = id;
+        }
+    }
+    c
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn kick_signal() -> libc::c_int {
@@ -338,16 +352,8 @@ impl Vm {
             let vcpu = vm
                 .create_vcpu(i as u64)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut c = cpuid.clone();
-            for e in c.as_mut_slice() {
-                if e.function == 1 {
-                    e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
-                }
-                if e.function == 0xb || e.function == 0x1f {
-                    e.edx = i as u32;
-                }
-            }
-            vcpu.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
             let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
             vcpu.set_sregs(&cpl3::user_mode_sregs(sregs))
                 .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -403,10 +409,11 @@ impl Vm {
     fn new_linux(cfg: VmConfig, t0: Instant) -> Result<Vm, VmError> {
         use kvm_ioctls::Cap;
         let boot = cfg.linux.clone().expect("called for Linux configurations");
-        if cfg.vcpus != 1 {
-            return Err(VmError::Config(
-                "Linux boot supports 1 vCPU for now (no MP table / MADT yet)".into(),
-            ));
+        if cfg.vcpus == 0 || cfg.vcpus > crate::mptable::MAX_CPUS {
+            return Err(VmError::Config(format!(
+                "Linux boot supports 1..={} vCPUs (MP table)",
+                crate::mptable::MAX_CPUS
+            )));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -444,11 +451,26 @@ impl Vm {
             Box::new(std::io::stdout()),
         ));
         let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
+        crate::mptable::write(mem.mem(), cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
+        crate::acpi::write(mem.mem(), cfg.vcpus).map_err(|source| VmError::GuestWrite {
+            what: "ACPI tables",
+            source,
+        })?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..cfg.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&apic_cpuid(&cpuid, i))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            vcpus.push(vcpu);
+        }
+        // The boot CPU enters the kernel; the others wait for the kernel's INIT/SIPI (with an
+        // in-kernel irqchip, KVM keeps application processors in wait-for-SIPI).
+        let vcpu = &vcpus[0];
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&(entry.sregs)(sregs))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -464,7 +486,7 @@ impl Vm {
             _kvm: kvm,
             _vm: vm,
             mem,
-            vcpus: vec![vcpu],
+            vcpus,
             slices: Vec::new(),
             cfg,
             shared: Arc::new(Shared {
