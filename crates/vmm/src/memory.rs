@@ -98,6 +98,21 @@ fn host_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Bytes of free huge pages of the default size.
+fn huge_free() -> u64 {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:") * field("Hugepagesize:") * 1024
+}
+
 impl GuestMem {
     /// `size` bytes of guest memory at guest-physical 0.
     pub fn new(size: u64, backend: Backend) -> Result<Self, MemoryError> {
@@ -118,9 +133,20 @@ impl GuestMem {
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let (builder, memfd) = match backend {
             Backend::Anonymous | Backend::HugePages => {
-                let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
                 if backend == Backend::HugePages {
+                    // Reserve at mmap time: with MAP_NORESERVE a shortage of huge pages would
+                    // surface as SIGBUS on first touch instead of an error here.
                     flags |= libc::MAP_HUGETLB;
+                    let free = huge_free();
+                    if free < size {
+                        return Err(bad(format!(
+                            "only {} MiB of free 2 MiB huge pages (raise /proc/sys/vm/nr_hugepages)",
+                            free >> 20
+                        )));
+                    }
+                } else {
+                    flags |= libc::MAP_NORESERVE;
                 }
                 (
                     MmapRegionBuilder::new(len)

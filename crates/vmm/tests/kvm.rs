@@ -230,3 +230,27 @@ fn bad_configurations_are_refused() {
         );
     }
 }
+
+#[test]
+fn huge_page_backend_runs_or_says_why_not() {
+    // Root on CI: reserve huge pages for this test, then put the old value back.
+    let knob = "/proc/sys/vm/nr_hugepages";
+    let old = std::fs::read_to_string(knob).unwrap();
+    let set = |n: &str| std::fs::write(knob, n).expect("root may set nr_hugepages");
+    let c = VmConfig {
+        backend: Backend::HugePages,
+        ..cfg(Workload::Fill, 2)
+    };
+    set("0");
+    let e = Vm::new(c.clone()).err().expect("no huge pages: refused");
+    assert!(
+        uffd::error_chain(&e).contains("nr_hugepages"),
+        "{}",
+        uffd::error_chain(&e)
+    );
+    set("24");
+    let r = std::panic::catch_unwind(|| run(c));
+    set(old.trim());
+    let (s, _) = r.unwrap();
+    assert!(s.checksums_verified);
+}
