@@ -132,8 +132,10 @@ fn tss() -> kvm_segment {
     }
 }
 
-fn pvh_sregs(mut s: kvm_sregs) -> kvm_sregs {
-    s.cs = seg(0x08, 0xb, false);
+/// Flat CPL-0 segments, the GDT and IDT above; `long`: 64-bit code, paging and long mode
+/// (the 64-bit boot protocol), otherwise 32-bit protected mode without paging (PVH).
+fn boot_sregs(mut s: kvm_sregs, long: bool) -> kvm_sregs {
+    s.cs = seg(0x08, 0xb, long);
     let d = seg(0x10, 0x3, false);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
     s.tr = tss();
@@ -141,26 +143,25 @@ fn pvh_sregs(mut s: kvm_sregs) -> kvm_sregs {
     s.gdt.limit = 4 * 8 - 1;
     s.idt.base = IDT;
     s.idt.limit = 7;
-    s.cr0 = 0x11; // PE | ET
-    s.cr4 = 0;
-    s.efer = 0;
+    if long {
+        s.cr0 = 0x8000_0011; // PE | ET | PG
+        s.cr3 = PML4;
+        s.cr4 = 0x20; // PAE
+        s.efer = 0x500; // LME | LMA
+    } else {
+        s.cr0 = 0x11; // PE | ET
+        s.cr4 = 0;
+        s.efer = 0;
+    }
     s
 }
 
-fn long_sregs(mut s: kvm_sregs) -> kvm_sregs {
-    s.cs = seg(0x08, 0xb, true);
-    let d = seg(0x10, 0x3, false);
-    (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
-    s.tr = tss();
-    s.gdt.base = GDT;
-    s.gdt.limit = 4 * 8 - 1;
-    s.idt.base = IDT;
-    s.idt.limit = 7;
-    s.cr0 = 0x8000_0011; // PE | ET | PG
-    s.cr3 = PML4;
-    s.cr4 = 0x20; // PAE
-    s.efer = 0x500; // LME | LMA
-    s
+fn pvh_sregs(s: kvm_sregs) -> kvm_sregs {
+    boot_sregs(s, false)
+}
+
+fn long_sregs(s: kvm_sregs) -> kvm_sregs {
+    boot_sregs(s, true)
 }
 
 fn w<T: vm_memory::ByteValued>(

@@ -228,6 +228,59 @@ struct Shared {
     exits: std::sync::atomic::AtomicU64,
 }
 
+impl Shared {
+    fn new(t0: Instant) -> Arc<Self> {
+        Arc::new(Shared {
+            t0,
+            pause_req: AtomicBool::new(false),
+            stop_req: AtomicBool::new(false),
+            parked: AtomicU32::new(0),
+            state: Mutex::new(PauseState::default()),
+            cv: Condvar::new(),
+            exits: Default::default(),
+        })
+    }
+}
+
+/// `/dev/kvm`, a VM (with the in-kernel irqchip and PIT when asked for and offered), and
+/// guest memory registered as slot 0.
+fn kvm_vm_memory(cfg: &VmConfig, irqchip: bool) -> Result<(Kvm, VmFd, Arc<GuestMem>), VmError> {
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    if irqchip && kvm.check_extension(kvm_ioctls::Cap::Irqchip) {
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    }
+    if irqchip && kvm.check_extension(kvm_ioctls::Cap::Pit2) {
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    }
+    let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: cfg.mem_bytes,
+        userspace_addr: mem.host_addr() as u64,
+    };
+    // SAFETY: the region is the mapping owned by `mem`, which every holder of the VM fd keeps
+    // alive alongside it.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    Ok((kvm, vm, mem))
+}
+
+/// The x87/SSE state at reset.
+fn reset_fpu() -> kvm_bindings::kvm_fpu {
+    kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
+}
+
 /// A slice of the workload area.
 #[derive(Debug, Clone, Copy)]
 struct Slice {
@@ -319,20 +372,7 @@ impl Vm {
             })
             .collect();
 
-        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: cfg.mem_bytes,
-            userspace_addr: mem.host_addr() as u64,
-        };
-        // SAFETY: the region is the mapping owned by `mem`, which the returned Vm keeps alive
-        // for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        let (kvm, vm, mem) = kvm_vm_memory(&cfg, false)?;
         cpl3::write_tables(mem.mem(), cfg.mem_bytes).map_err(|source| VmError::GuestWrite {
             what: "page tables and GDT",
             source,
@@ -376,12 +416,7 @@ impl Vm {
                 cfg.seed.wrapping_add(i as u64),
             );
             vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-            let fpu = kvm_bindings::kvm_fpu {
-                fcw: 0x37f,
-                mxcsr: 0x1f80,
-                ..Default::default()
-            };
-            vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+            vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
             vcpus.push(vcpu);
         }
         Ok(Vm {
@@ -391,15 +426,7 @@ impl Vm {
             vcpus,
             slices,
             cfg,
-            shared: Arc::new(Shared {
-                t0,
-                pause_req: AtomicBool::new(false),
-                stop_req: AtomicBool::new(false),
-                parked: AtomicU32::new(0),
-                state: Mutex::new(PauseState::default()),
-                cv: Condvar::new(),
-                exits: Default::default(),
-            }),
+            shared: Shared::new(t0),
             devices: None,
         })
     }
@@ -415,31 +442,8 @@ impl Vm {
                 crate::mptable::MAX_CPUS
             )));
         }
-        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let (kvm, vm, mem) = kvm_vm_memory(&cfg, true)?;
         let irqchip = kvm.check_extension(Cap::Irqchip);
-        if irqchip {
-            vm.create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        }
-        if kvm.check_extension(Cap::Pit2) {
-            let pit = kvm_bindings::kvm_pit_config {
-                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
-            vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        }
-        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: cfg.mem_bytes,
-            userspace_addr: mem.host_addr() as u64,
-        };
-        // SAFETY: the region is the mapping owned by `mem`, kept alive with the VM fd.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmError::Thread(format!("eventfd: {e}")))?;
         if irqchip {
@@ -476,12 +480,7 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&entry.regs)
             .map_err(kvm_err("KVM_SET_REGS"))?;
-        let fpu = kvm_bindings::kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
         Ok(Vm {
             _kvm: kvm,
             _vm: vm,
@@ -489,15 +488,7 @@ impl Vm {
             vcpus,
             slices: Vec::new(),
             cfg,
-            shared: Arc::new(Shared {
-                t0,
-                pause_req: AtomicBool::new(false),
-                stop_req: AtomicBool::new(false),
-                parked: AtomicU32::new(0),
-                state: Mutex::new(PauseState::default()),
-                cv: Condvar::new(),
-                exits: Default::default(),
-            }),
+            shared: Shared::new(t0),
             devices: Some(devices),
         })
     }

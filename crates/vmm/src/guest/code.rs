@@ -60,6 +60,20 @@ faultline_guest_start:
     out dx, eax
     .endm
 
+    # Every 100 ms of TSC: heartbeat, then compare the time with the deadline (flags for
+    # the caller's jae/jb). Jumps to `skip` when less than 100 ms have passed.
+    .macro FL_TICK skip
+    FL_RDTSC
+    mov r10, rax
+    sub r10, [rsp + 8]
+    cmp r10, r14
+    jb \skip
+    mov [rsp + 8], rax
+    FL_HEARTBEAT
+    mov rax, [rsp + 8]
+    cmp rax, r15
+    .endm
+
     .macro FL_PHASE n
     mov eax, \n
     mov dx, {phase}
@@ -166,15 +180,7 @@ faultline_guest_start:
     and eax, 255
     cmp eax, 255
     jne .Ldirty_next
-    FL_RDTSC
-    mov r10, rax
-    sub r10, [rsp + 8]
-    cmp r10, r14
-    jb .Ldirty_next
-    mov [rsp + 8], rax
-    FL_HEARTBEAT
-    mov rax, [rsp + 8]
-    cmp rax, r15
+    FL_TICK .Ldirty_next
     jae .Ldirty_end
 .Ldirty_next:
     inc r8
@@ -271,15 +277,7 @@ faultline_guest_start:
     dec r11
     test r11b, r11b
     jnz .Lrand_loop
-    FL_RDTSC
-    mov r10, rax
-    sub r10, [rsp + 8]
-    cmp r10, r14
-    jb .Lrand_loop
-    mov [rsp + 8], rax
-    FL_HEARTBEAT
-    mov rax, [rsp + 8]
-    cmp rax, r15
+    FL_TICK .Lrand_loop
     jb .Lrand_loop
 .Lrand_end:
     FL_FINISH
