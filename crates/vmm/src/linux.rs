@@ -71,8 +71,14 @@ pub enum BootError {
         size: u64,
     },
     /// Writing boot structures failed.
-    #[error("writing {0} into guest memory failed")]
-    Write(&'static str),
+    #[error("writing {what} into guest memory failed")]
+    Write {
+        /// What was being written.
+        what: &'static str,
+        /// The cause (a guest-memory or boot-configurator error).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 const GDT: u64 = 0x500;
@@ -171,7 +177,10 @@ fn w<T: vm_memory::ByteValued>(
     what: &'static str,
 ) -> Result<(), BootError> {
     mem.write_obj(v, GuestAddress(at))
-        .map_err(|_| BootError::Write(what))
+        .map_err(|e| BootError::Write {
+            what,
+            source: Box::new(e),
+        })
 }
 
 /// Load `boot` into `mem` (`mem_size` bytes) and return the boot CPU's entry state.
@@ -219,8 +228,10 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, boot: &LinuxBoot) -> Result<En
     cmdline
         .insert_str(&boot.cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE), &cmdline)
-        .map_err(|_| BootError::Write("the command line"))?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(|e| BootError::Write {
+        what: "the command line",
+        source: Box::new(e),
+    })?;
     let cmdline_len = boot.cmdline.len() as u32 + 1;
 
     // The initramfs goes at the top of memory, page-aligned.
@@ -239,7 +250,10 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, boot: &LinuxBoot) -> Result<En
                 _ => return Err(BootError::InitrdTooBig { size }),
             };
             mem.write_slice(&data, GuestAddress(at))
-                .map_err(|_| BootError::Write("the initrd"))?;
+                .map_err(|e| BootError::Write {
+                    what: "the initrd",
+                    source: Box::new(e),
+                })?;
             Some((at, size))
         }
     };
@@ -285,8 +299,12 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, boot: &LinuxBoot) -> Result<En
                 GuestAddress(MODLIST),
             );
         }
-        PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-            .map_err(|_| BootError::Write("hvm_start_info"))?;
+        PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|e| {
+            BootError::Write {
+                what: "hvm_start_info",
+                source: Box::new(e),
+            }
+        })?;
         return Ok(Entry {
             regs: kvm_regs {
                 rip: entry,
@@ -327,7 +345,10 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, boot: &LinuxBoot) -> Result<En
         &BootParams::new(&bp, GuestAddress(ZERO_PAGE)),
         mem,
     )
-    .map_err(|_| BootError::Write("boot_params"))?;
+    .map_err(|e| BootError::Write {
+        what: "boot_params",
+        source: Box::new(e),
+    })?;
     let (pdpt, pd) = (PML4 + 0x1000, PML4 + 0x2000);
     w(mem, pdpt | 3, PML4, "page tables")?;
     w(mem, pd | 3, pdpt, "page tables")?;

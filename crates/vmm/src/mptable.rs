@@ -22,7 +22,7 @@ pub enum MpTableError {
     TooManyCpus(u32),
     /// The guest memory write failed.
     #[error("writing the MP table failed")]
-    Write,
+    Write(#[source] vm_memory::GuestMemoryError),
 }
 
 fn checksum(b: &[u8]) -> u8 {
@@ -94,7 +94,7 @@ pub fn build(cpus: u32, at: u64) -> Result<Vec<u8>, MpTableError> {
 pub fn write(mem: &GuestMemoryMmap, cpus: u32) -> Result<(), MpTableError> {
     let b = build(cpus, MPTABLE_START)?;
     mem.write_slice(&b, GuestAddress(MPTABLE_START))
-        .map_err(|_| MpTableError::Write)
+        .map_err(MpTableError::Write)
 }
 
 #[cfg(test)]

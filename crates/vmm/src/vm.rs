@@ -171,6 +171,18 @@ pub enum VmError {
     /// A vCPU thread could not be started, or panicked.
     #[error("vCPU thread: {0}")]
     Thread(String),
+    /// A host resource (eventfd, signal handler, thread) could not be set up.
+    #[error("cannot set up {what}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// The cause, errno kept.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The MP table could not be written.
+    #[error("MP table")]
+    MpTable(#[source] crate::mptable::MpTableError),
 }
 
 /// Per-vCPU results.
@@ -444,8 +456,12 @@ impl Vm {
         }
         let (kvm, vm, mem) = kvm_vm_memory(&cfg, true)?;
         let irqchip = kvm.check_extension(Cap::Irqchip);
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmError::Thread(format!("eventfd: {e}")))?;
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            VmError::Host {
+                what: "the COM1 interrupt eventfd",
+                source,
+            }
+        })?;
         if irqchip {
             vm.register_irqfd(&irq, crate::devices::COM1_GSI)
                 .map_err(kvm_err("KVM_IRQFD for COM1"))?;
@@ -455,7 +471,7 @@ impl Vm {
             Box::new(std::io::stdout()),
         ));
         let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
-        crate::mptable::write(mem.mem(), cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
+        crate::mptable::write(mem.mem(), cfg.vcpus).map_err(VmError::MpTable)?;
         crate::acpi::write(mem.mem(), cfg.vcpus).map_err(|source| VmError::GuestWrite {
             what: "ACPI tables",
             source,
@@ -501,8 +517,12 @@ impl Vm {
     /// Start the vCPU threads.
     pub fn start(self) -> Result<RunningVm, VmError> {
         // The kick signal interrupts KVM_RUN (EINTR) so a vCPU can park or stop.
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
-            .map_err(|e| VmError::Thread(format!("cannot install the vCPU kick handler: {e}")))?;
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler).map_err(
+            |e| VmError::Host {
+                what: "the vCPU kick signal handler",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            },
+        )?;
         let (tx, rx) = mpsc::channel();
         let api_tx = tx.clone();
         let mut threads = Vec::new();
@@ -514,7 +534,10 @@ impl Vm {
             let h = thread::Builder::new()
                 .name(format!("vcpu-{i}"))
                 .spawn(move || vcpu_loop(i as u32, vcpu, &shared, devices.as_deref(), &tx))
-                .map_err(|e| VmError::Thread(e.to_string()))?;
+                .map_err(|source| VmError::Host {
+                    what: "a vCPU thread",
+                    source,
+                })?;
             threads.push(h);
         }
         Ok(RunningVm {
