@@ -104,7 +104,8 @@ pub fn write_tables(
     Ok(())
 }
 
-fn seg(selector: u16, type_: u8, dpl: u8, code: bool) -> kvm_segment {
+/// A flat 4 GiB segment at privilege `dpl`: 64-bit code if `code` (L=1), else 32-bit (D/B=1).
+pub(crate) fn seg(selector: u16, type_: u8, dpl: u8, code: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

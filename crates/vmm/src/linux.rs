@@ -21,6 +21,8 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::{BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability, load_cmdline};
 use serde::Serialize;
+
+use crate::cpl3::seg;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -111,22 +113,6 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     })
 }
 
-fn seg(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        ..Default::default()
-    }
-}
-
 fn tss() -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -141,8 +127,8 @@ fn tss() -> kvm_segment {
 /// Flat CPL-0 segments, the GDT and IDT above; `long`: 64-bit code, paging and long mode
 /// (the 64-bit boot protocol), otherwise 32-bit protected mode without paging (PVH).
 fn boot_sregs(mut s: kvm_sregs, long: bool) -> kvm_sregs {
-    s.cs = seg(0x08, 0xb, long);
-    let d = seg(0x10, 0x3, false);
+    s.cs = seg(0x08, 0xb, 0, long);
+    let d = seg(0x10, 0x3, 0, false);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
     s.tr = tss();
     s.gdt.base = GDT;

@@ -71,8 +71,11 @@ pub enum MemoryError {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// vm-memory refused the region (cannot happen for one region at 0).
-    #[error("vm-memory rejected the guest memory layout: {0}")]
-    Layout(String),
+    #[error("vm-memory rejected the guest memory layout")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// The region does not fit the guest-physical address space.
+    #[error("guest memory of {0} bytes overflows the guest address space")]
+    Overflow(u64),
 }
 
 /// Guest memory and what a VMM needs to know about it.
@@ -190,11 +193,9 @@ impl GuestMem {
             source,
         })?;
         let host = region.as_ptr();
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| {
-            MemoryError::Layout("region overflows the guest address space".into())
-        })?;
-        let mem = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or(MemoryError::Overflow(size))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
         Ok(Self {
             mem,
             host,

@@ -969,7 +969,7 @@ impl RunningVm {
             s.vcpu = i as u32;
         }
         let mut verified = true;
-        for (i, sl) in self.slices.iter().enumerate() {
+        for i in 0..self.slices.len() {
             let Some(hex) = &self.summary[i].checksum else {
                 verified = false;
                 continue;
@@ -983,7 +983,6 @@ impl RunningVm {
                     host,
                 });
             }
-            let _ = sl;
         }
         Ok(RunSummary {
             boot_to_first_heartbeat_us: self.first_hb,
