@@ -193,8 +193,8 @@ impl GuestMem {
             source,
         })?;
         let host = region.as_ptr();
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or(MemoryError::Overflow(size))?;
+        let region =
+            GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Overflow(size))?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
         Ok(Self {
             mem,
