@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,8 @@ const FINISH: u8 = 2;
 
 struct Control {
     cmd: AtomicU8,
+    /// Faults read and not yet answered, across workers: the prefetcher waits while any are.
+    in_flight: AtomicUsize,
 }
 
 /// A worker thread, its counters, and its doorbell: a page registered on the worker's own
@@ -159,19 +161,37 @@ struct Control {
 struct WorkerEntry {
     handle: JoinHandle<Result<(), LoopError>>,
     stats: Arc<ShardStats>,
-    doorbell: Mapping,
+    wake: Wake,
+    uffd: Arc<Uffd>,
+    parts: Vec<Region>,
+}
+
+/// How a worker is woken for shutdown.
+enum Wake {
+    /// A page on the worker's userfaultfd (the uffd belongs to this process).
+    Doorbell(Mapping),
+    /// An eventfd the worker polls beside the uffd (the uffd belongs to another process,
+    /// whose address space no doorbell page of ours can be registered in).
+    EventFd(Arc<EventFd>),
 }
 
 impl WorkerEntry {
     fn ring(&self) {
+        let doorbell = match &self.wake {
+            Wake::Doorbell(m) => m,
+            Wake::EventFd(e) => {
+                let _ = e.write(1);
+                return;
+            }
+        };
         // Blocks until the worker has served the doorbell fault (or returns at once if the
         // worker is gone: its userfaultfd closed with it).
-        self.doorbell.read_u8(0);
+        doorbell.read_u8(0);
         // SAFETY: drops the page of our own one-page mapping; nothing references it.
         unsafe {
             libc::madvise(
-                self.doorbell.as_ptr().cast(),
-                self.doorbell.len(),
+                doorbell.as_ptr().cast(),
+                doorbell.len(),
                 libc::MADV_DONTNEED,
             )
         };
@@ -183,6 +203,8 @@ pub struct FaultLoop {
     workers: Vec<WorkerEntry>,
     ctl: Arc<Control>,
     cfg: Config,
+    source: Arc<dyn PageSource>,
+    prefetcher: Option<(JoinHandle<()>, Arc<ShardStats>)>,
 }
 
 impl FaultLoop {
@@ -224,7 +246,7 @@ impl FaultLoop {
             }
             shards.push((uffd, parts));
         }
-        Self::serve(shards, source, cfg)
+        Self::serve_inner(shards, source, cfg, true)
     }
 
     /// Serve userfaultfds that are already set up (registered by the caller, e.g. received from
@@ -234,39 +256,76 @@ impl FaultLoop {
         source: S,
         cfg: Config,
     ) -> Result<FaultLoop, LoopError> {
+        Self::serve_inner(shards, source, cfg, true)
+    }
+
+    /// Serve userfaultfds created by **another process** (received over a socket, as an
+    /// external page-fault handler does): the regions are that process's addresses, already
+    /// registered there. Workers poll the uffd beside a stop eventfd (no doorbell page can be
+    /// registered in a foreign address space).
+    pub fn serve_remote<S: PageSource + 'static>(
+        shards: Vec<(Uffd, Vec<Region>)>,
+        source: S,
+        cfg: Config,
+    ) -> Result<FaultLoop, LoopError> {
+        Self::serve_inner(shards, source, cfg, false)
+    }
+
+    fn serve_inner<S: PageSource + 'static>(
+        shards: Vec<(Uffd, Vec<Region>)>,
+        source: S,
+        cfg: Config,
+        local: bool,
+    ) -> Result<FaultLoop, LoopError> {
         let ctl = Arc::new(Control {
             cmd: AtomicU8::new(RUN),
+            in_flight: AtomicUsize::new(0),
         });
         let source = Arc::new(source);
         let mut fl = FaultLoop {
             workers: Vec::new(),
             ctl: ctl.clone(),
             cfg: cfg.clone(),
+            source: source.clone(),
+            prefetcher: None,
         };
         let mode = match cfg.mode {
             Mode::Missing => RegisterMode::MISSING,
             Mode::Minor => RegisterMode::MINOR,
         };
         for (w, (uffd, parts)) in shards.into_iter().enumerate() {
-            for p in &parts {
-                // Registering an already-registered range with the same uffd is harmless.
-                uffd.register(p.range, mode)
+            let (wake, doorbell_addr) = if local {
+                for p in &parts {
+                    // Registering an already-registered range with the same uffd is harmless.
+                    uffd.register(p.range, mode)
+                        .map_err(|source| LoopError::Register {
+                            worker: w,
+                            range: p.range,
+                            source,
+                        })?;
+                }
+                let doorbell = Mapping::anonymous(page_size()).map_err(|e| LoopError::Setup {
+                    worker: w,
+                    source: io::Error::other(e),
+                })?;
+                uffd.register(doorbell.range(), RegisterMode::MISSING)
                     .map_err(|source| LoopError::Register {
                         worker: w,
-                        range: p.range,
+                        range: doorbell.range(),
                         source,
                     })?;
-            }
-            let doorbell = Mapping::anonymous(page_size()).map_err(|e| LoopError::Setup {
-                worker: w,
-                source: io::Error::other(e),
-            })?;
-            uffd.register(doorbell.range(), RegisterMode::MISSING)
-                .map_err(|source| LoopError::Register {
-                    worker: w,
-                    range: doorbell.range(),
-                    source,
-                })?;
+                let a = doorbell.range().start();
+                (Wake::Doorbell(doorbell), Some(a))
+            } else {
+                let efd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(|source| LoopError::Setup { worker: w, source })?;
+                (Wake::EventFd(Arc::new(efd)), None)
+            };
+            let stop_efd = match &wake {
+                Wake::EventFd(e) => Some(e.clone()),
+                Wake::Doorbell(_) => None,
+            };
+            let uffd = Arc::new(uffd);
             uffd.set_nonblocking(true)
                 .map_err(|source| LoopError::Setup { worker: w, source })?;
             let stats = Arc::new(ShardStats::new());
@@ -274,8 +333,8 @@ impl FaultLoop {
                 Completer::new().map_err(|source| LoopError::Setup { worker: w, source })?;
             let mut worker = Worker {
                 id: w,
-                uffd,
-                parts,
+                uffd: uffd.clone(),
+                parts: parts.clone(),
                 source: source.clone(),
                 scratch: vec![0; cfg.batch_pages * page_size()],
                 completer,
@@ -283,7 +342,8 @@ impl FaultLoop {
                 stats: stats.clone(),
                 ctl: ctl.clone(),
                 cfg: cfg.clone(),
-                doorbell: doorbell.range().start(),
+                doorbell: doorbell_addr,
+                stop_efd,
                 blocking: false,
             };
             let handle = thread::Builder::new()
@@ -293,16 +353,61 @@ impl FaultLoop {
             fl.workers.push(WorkerEntry {
                 handle,
                 stats,
-                doorbell,
+                wake,
+                uffd,
+                parts,
             });
         }
         Ok(fl)
     }
 
-    /// Counters so far.
+    /// Counters so far (the prefetcher's pushes count as populated pages).
     pub fn stats(&self) -> Stats {
-        let shards: Vec<&ShardStats> = self.workers.iter().map(|w| &*w.stats).collect();
+        let mut shards: Vec<&ShardStats> = self.workers.iter().map(|w| &*w.stats).collect();
+        if let Some((_, s)) = &self.prefetcher {
+            shards.push(s);
+        }
         Stats::merge(&shards)
+    }
+
+    /// Push the pages at these source offsets, in this order, from a background thread while
+    /// faults go on being served on demand, faults first: the thread waits whenever a fault
+    /// is being served. Consecutive offsets are pushed together, up to `batch_pages` per
+    /// ioctl. Pages already present are skipped (the kernel says EEXIST); pages the source
+    /// answers later, or cannot produce, are left to the fault path. Call once.
+    pub fn prefetch(&mut self, offsets: Vec<u64>, batch_pages: usize) -> Result<(), LoopError> {
+        if self.prefetcher.is_some() {
+            return Err(LoopError::Config("prefetch already running"));
+        }
+        let targets: Vec<(Arc<Uffd>, Vec<Region>)> = self
+            .workers
+            .iter()
+            .map(|w| (w.uffd.clone(), w.parts.clone()))
+            .collect();
+        let stats = Arc::new(ShardStats::new());
+        let p = Prefetcher {
+            targets,
+            source: self.source.clone(),
+            ctl: self.ctl.clone(),
+            stats: stats.clone(),
+            batch: batch_pages.max(1),
+        };
+        let h = thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || p.run(&offsets))
+            .map_err(|source| LoopError::Setup {
+                worker: usize::MAX,
+                source,
+            })?;
+        self.prefetcher = Some((h, stats));
+        Ok(())
+    }
+
+    /// Whether the prefetcher (if any) has pushed everything it was given.
+    pub fn prefetch_done(&self) -> bool {
+        self.prefetcher
+            .as_ref()
+            .is_none_or(|(h, _)| h.is_finished())
     }
 
     /// Number of workers.
@@ -325,6 +430,10 @@ impl FaultLoop {
 
     fn shutdown(&mut self, cmd: u8) -> Result<Stats, LoopError> {
         self.ctl.cmd.store(cmd, Relaxed);
+        let pre = self.prefetcher.take().map(|(h, s)| {
+            let _ = h.join();
+            s
+        });
         for w in &self.workers {
             w.ring();
         }
@@ -348,6 +457,7 @@ impl FaultLoop {
             }
             stats.push(s);
         }
+        stats.extend(pre);
         let refs: Vec<&ShardStats> = stats.iter().map(|s| &**s).collect();
         let merged = Stats::merge(&refs);
         match first_err {
@@ -414,9 +524,102 @@ struct Pending {
     fault: bool,
 }
 
+/// The background pusher started by [`FaultLoop::prefetch`].
+struct Prefetcher {
+    targets: Vec<(Arc<Uffd>, Vec<Region>)>,
+    source: Arc<dyn PageSource>,
+    ctl: Arc<Control>,
+    stats: Arc<ShardStats>,
+    batch: usize,
+}
+
+impl Prefetcher {
+    fn locate(&self, offset: u64) -> Option<(&Uffd, usize, usize)> {
+        let page = page_size() as u64;
+        for (u, parts) in &self.targets {
+            for p in parts {
+                let len = p.range.len() as u64;
+                if offset >= p.offset && offset < p.offset + len {
+                    let addr = p.range.start() + (offset - p.offset) as usize;
+                    let left = ((p.offset + len - offset) / page) as usize;
+                    return Some((u, addr, left));
+                }
+            }
+        }
+        None
+    }
+
+    fn run(&self, offsets: &[u64]) {
+        let page = page_size() as u64;
+        let mut scratch = vec![0u8; self.batch * page as usize];
+        let Ok(completer) = Completer::new() else {
+            return;
+        };
+        let mut i = 0;
+        while i < offsets.len() {
+            if self.ctl.cmd.load(Relaxed) != RUN {
+                return;
+            }
+            // Faults first: stay out of the way while any is being served.
+            while self.ctl.in_flight.load(Relaxed) > 0 {
+                if self.ctl.cmd.load(Relaxed) != RUN {
+                    return;
+                }
+                thread::yield_now();
+            }
+            let start = offsets[i];
+            let Some((uffd, addr, left)) = self.locate(start) else {
+                i += 1;
+                continue;
+            };
+            let mut run = 1;
+            while run < self.batch.min(left)
+                && i + run < offsets.len()
+                && offsets[i + run] == start + run as u64 * page
+            {
+                run += 1;
+            }
+            i += run;
+            let req = Request {
+                offset: start,
+                max_pages: run,
+                kind: FaultKind::Missing,
+                write: false,
+                background: true,
+            };
+            let how = match self.source.fetch(&req, &mut scratch, &completer) {
+                Ok(Fill::Bytes(b)) if !b.is_empty() && b.len() % page as usize == 0 => How::Copy(b),
+                Ok(Fill::Zero { pages }) => How::Zero(pages.clamp(1, run)),
+                Ok(Fill::Present { pages }) => How::Continue(pages.clamp(1, run)),
+                // Later answers and failures are left to the fault path.
+                _ => continue,
+            };
+            let (copy, zero) = (matches!(how, How::Copy(_)), matches!(how, How::Zero(_)));
+            match resolve(uffd, addr, how) {
+                Ok(n) if n > 0 => {
+                    self.stats.pages.fetch_add(n as u64, Relaxed);
+                    self.stats.populated_pages.fetch_add(n as u64, Relaxed);
+                    if copy {
+                        self.stats.bytes_copied.fetch_add(n as u64 * page, Relaxed);
+                    } else if zero {
+                        self.stats.zero_pages.fetch_add(n as u64, Relaxed);
+                    }
+                }
+                Ok(_) => {
+                    self.stats.already_present.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    self.stats
+                        .record_error(format!("prefetch at {addr:#x}: {}", error_chain(&e)));
+                }
+            }
+        }
+    }
+}
+
 struct Worker<S> {
     id: usize,
-    uffd: Uffd,
+    uffd: Arc<Uffd>,
     parts: Vec<Region>,
     source: Arc<S>,
     scratch: Vec<u8>,
@@ -425,7 +628,9 @@ struct Worker<S> {
     stats: Arc<ShardStats>,
     ctl: Arc<Control>,
     cfg: Config,
-    doorbell: usize,
+    doorbell: Option<usize>,
+    /// Set when the uffd belongs to another process: shutdown is signalled here.
+    stop_efd: Option<Arc<EventFd>>,
     /// Whether the uffd is in blocking mode (see `set_blocking`).
     blocking: bool,
 }
@@ -465,13 +670,17 @@ impl<S: PageSource> Worker<S> {
             if cmd != RUN {
                 return self.shut_down(cmd, &mut events);
             }
-            if self.pending.is_empty() {
+            if self.pending.is_empty() && self.stop_efd.is_none() {
                 // Nothing owed by the source: sleep in read(2) itself.
                 self.serve_events(&mut events, true)?;
                 continue;
             }
             self.set_blocking(false)?;
-            let fds = [self.uffd.as_fd(), borrow(self.completer.efd())];
+            let stop = self.stop_efd.clone();
+            let mut fds = vec![self.uffd.as_fd(), borrow(self.completer.efd())];
+            if let Some(e) = &stop {
+                fds.push(borrow(e));
+            }
             let ready = uffd::poll_in(&fds, None).map_err(|e| LoopError::Read {
                 worker: self.id,
                 source: ReadError::Poll(e),
@@ -534,9 +743,13 @@ impl<S: PageSource> Worker<S> {
             if n == 0 {
                 return Ok(served);
             }
+            self.ctl.in_flight.fetch_add(n, Relaxed);
+            let mut r = Ok(());
             for pf in faults.iter().flatten().copied().chain(extra) {
-                self.on_fault(pf.page().start(), pf.kind, pf.write, t0)?;
+                r = r.and_then(|()| self.on_fault(pf.page().start(), pf.kind, pf.write, t0));
             }
+            self.ctl.in_flight.fetch_sub(n, Relaxed);
+            r?;
             served += n;
             if wait || n < events.capacity() {
                 // Waited once, or the kernel gave all it had.
@@ -556,7 +769,7 @@ impl<S: PageSource> Worker<S> {
         write: bool,
         t0: Instant,
     ) -> Result<(), LoopError> {
-        if addr == self.doorbell {
+        if Some(addr) == self.doorbell {
             resolve(&self.uffd, addr, How::Zero(1)).map_err(|source| LoopError::Resolve {
                 worker: self.id,
                 source,
@@ -583,6 +796,7 @@ impl<S: PageSource> Worker<S> {
             max_pages,
             kind,
             write,
+            background: false,
         };
         self.serve(addr, &req, Some(t0)).map(|_| ())
     }
@@ -757,9 +971,11 @@ impl<S: PageSource> Worker<S> {
                 });
             }
             let fds = [self.uffd.as_fd(), borrow(self.completer.efd())];
-            uffd::poll_in(&fds, Some(left)).map_err(|e| LoopError::Read {
-                worker: self.id,
-                source: ReadError::Poll(e),
+            uffd::poll_in(&fds, Some(left.min(Duration::from_millis(10)))).map_err(|e| {
+                LoopError::Read {
+                    worker: self.id,
+                    source: ReadError::Poll(e),
+                }
             })?;
             self.serve_events(events, false)?;
             self.serve_completions()?;
@@ -797,6 +1013,7 @@ impl<S: PageSource> Worker<S> {
                     },
                     kind: FaultKind::Missing,
                     write: false,
+                    background: true,
                 };
                 let step = match self.serve(addr, &req, None)? {
                     Served::Mapped(n) => n.max(1),

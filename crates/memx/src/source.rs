@@ -21,6 +21,8 @@ pub struct Request {
     pub kind: FaultKind,
     /// Whether the faulting access was a write.
     pub write: bool,
+    /// Asked by background population (`finish`, prefetch), not by a faulting thread.
+    pub background: bool,
 }
 
 /// An answer given at once.
@@ -108,6 +110,15 @@ pub enum SourceError {
         offset: u64,
         /// What was wrong.
         why: &'static str,
+    },
+    /// The data failed an integrity check (checksum mismatch): serving it would corrupt the
+    /// reader silently.
+    #[error("integrity check failed at offset {offset:#x}: {detail}")]
+    Corrupt {
+        /// The offset asked for.
+        offset: u64,
+        /// What did not match.
+        detail: String,
     },
     /// The source is gone (peer disconnected, worker stopped).
     #[error("the page source is gone: {0}")]

@@ -7,12 +7,13 @@
 //! | `PUT /vm/resume` | 204 |
 //! | `PUT /vm/stop` | 204; the VM stops and `faultline run` prints its summary |
 //! | `GET /vm/stats` | uptime, exits, per-vCPU heartbeats and longest gap |
+//! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written (pauses, snapshots, resumes unless it was paused) |
 //!
 //! The HTTP server runs on its own thread and never touches the VM: it hands each request to
 //! the VM's controller over a channel and waits for the answer (as Firecracker's API thread
 //! does), so no request ever runs on a vCPU thread.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
@@ -22,8 +23,15 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 /// A request the controller answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
+    /// `PUT /snapshot/create`.
+    SnapshotCreate {
+        /// Where to write it.
+        dir: PathBuf,
+        /// Record a CRC per page as well.
+        page_checksums: bool,
+    },
     /// `GET /vm`.
     GetVm,
     /// `PUT /vm/pause`.
@@ -52,10 +60,30 @@ impl ApiSender {
     }
 }
 
-fn route(method: &tiny_http::Method, url: &str) -> Result<ApiRequest, ApiReply> {
+fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<ApiRequest, ApiReply> {
     use tiny_http::Method::{Get, Put};
     let path = url.split('?').next().unwrap_or("");
     let (want_get, req) = match path {
+        "/snapshot/create" => {
+            let v: Value = serde_json::from_str(body)
+                .map_err(|e| (400, json!({ "error": format!("body is not JSON: {e}") })))?;
+            let Some(dir) = v.get("snapshot_dir").and_then(Value::as_str) else {
+                return Err((
+                    400,
+                    json!({ "error": "missing \"snapshot_dir\" (a directory path)" }),
+                ));
+            };
+            (
+                false,
+                ApiRequest::SnapshotCreate {
+                    dir: PathBuf::from(dir),
+                    page_checksums: v
+                        .get("page_checksums")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
+                },
+            )
+        }
         "/vm" => (true, ApiRequest::GetVm),
         "/vm/stats" => (true, ApiRequest::Stats),
         "/vm/pause" => (false, ApiRequest::Pause),
@@ -90,8 +118,10 @@ impl ApiServer {
         );
         let s = server.clone();
         let thread = thread::Builder::new().name("api".into()).spawn(move || {
-            for req in s.incoming_requests() {
-                let (code, body) = match route(req.method(), req.url()) {
+            for mut req in s.incoming_requests() {
+                let mut body = String::new();
+                let _ = std::io::Read::take(req.as_reader(), 1 << 16).read_to_string(&mut body);
+                let (code, body) = match route(req.method(), req.url(), &body) {
                     Ok(r) => to.ask(r, Duration::from_secs(30)).unwrap_or((
                         503,
                         json!({ "error": "the VM is not answering (stopped?)" }),

@@ -21,6 +21,8 @@ pub mod guest;
 pub mod linux;
 pub mod memory;
 pub mod mptable;
+pub mod restore;
+pub mod snapshot;
 pub mod vm;
 
 pub use guest::Workload;

@@ -27,7 +27,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// What to boot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LinuxBoot {
     /// ELF `vmlinux` (PVH entry) or `bzImage`.
     pub kernel: PathBuf,

@@ -4,14 +4,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion, mmap::MmapRegionBuilder,
 };
 
 /// What backs guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// Anonymous private memory (`MAP_NORESERVE`): pages are allocated when first touched.
@@ -22,6 +22,10 @@ pub enum Backend {
     Memfd,
     /// Anonymous 2 MiB huge pages (`MAP_HUGETLB`; needs reserved huge pages).
     HugePages,
+    /// A private mapping of a snapshot's memory file (copy-on-write; pages are read from the
+    /// file when first touched): Firecracker's `File` restore backend.
+    #[serde(rename = "file")]
+    PrivateFile,
 }
 
 impl std::str::FromStr for Backend {
@@ -32,6 +36,9 @@ impl std::str::FromStr for Backend {
             "anon" | "anonymous" => Ok(Backend::Anonymous),
             "memfd" => Ok(Backend::Memfd),
             "hugepages" | "huge" => Ok(Backend::HugePages),
+            "file" => {
+                Err("the 'file' backend is only used by `faultline restore --mode mmap`".into())
+            }
             _ => Err(format!(
                 "unknown memory backend '{s}' (anon, memfd, hugepages)"
             )),
@@ -159,6 +166,11 @@ impl GuestMem {
                     None,
                 )
             }
+            Backend::PrivateFile => {
+                return Err(bad(
+                    "a private file mapping is made by GuestMem::from_file".into()
+                ));
+            }
             Backend::Memfd => {
                 // SAFETY: a valid C string; memfd_create returns a new fd or -1.
                 let fd =
@@ -203,6 +215,72 @@ impl GuestMem {
             backend,
             memfd,
         })
+    }
+
+    /// `size` bytes of guest memory mapped privately (copy-on-write) from `file` at offset 0:
+    /// pages are read from the file when first touched, and guest writes never reach it.
+    pub fn from_file(file: &File, size: u64) -> Result<Self, MemoryError> {
+        let bad = |why: String| MemoryError::BadSize { size, why };
+        if size == 0 || size % (2 << 20) != 0 {
+            return Err(bad("must be a non-zero multiple of 2 MiB".into()));
+        }
+        let len =
+            usize::try_from(size).map_err(|_| bad("does not fit the address space".into()))?;
+        let fo = FileOffset::new(
+            file.try_clone()
+                .map_err(|source| MemoryError::Memfd { size, source })?,
+            0,
+        );
+        let region = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(fo)
+            .build()
+            .map_err(|source| MemoryError::Map {
+                size,
+                backend: Backend::PrivateFile,
+                source,
+            })?;
+        let host = region.as_ptr();
+        let region =
+            GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Overflow(size))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
+        Ok(Self {
+            mem,
+            host,
+            size,
+            backend: Backend::PrivateFile,
+            memfd: None,
+        })
+    }
+
+    /// Guest-physical `[gpa, gpa + len)` as a host slice, or `None` if outside memory.
+    ///
+    /// # Safety
+    /// While the slice lives, nothing may write the range: no vCPU running over it, no other
+    /// host thread writing it. (Page faults served by a fault loop are fine: they fill pages
+    /// that were not there, with the bytes the reader expects.)
+    pub unsafe fn slice(&self, gpa: u64, len: usize) -> Option<&[u8]> {
+        let end = gpa.checked_add(len as u64)?;
+        if end > self.size {
+            return None;
+        }
+        // SAFETY: in bounds of the mapping owned by `self`; exclusivity is the caller's.
+        Some(unsafe { std::slice::from_raw_parts(self.host.add(gpa as usize), len) })
+    }
+
+    /// Guest-physical `[gpa, gpa + len)` as a mutable host slice, or `None` if outside memory.
+    ///
+    /// # Safety
+    /// While the slice lives, nothing else may read or write the range (no vCPU running).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, gpa: u64, len: usize) -> Option<&mut [u8]> {
+        let end = gpa.checked_add(len as u64)?;
+        if end > self.size {
+            return None;
+        }
+        // SAFETY: in bounds of the mapping owned by `self`; exclusivity is the caller's.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.host.add(gpa as usize), len) })
     }
 
     /// The `vm-memory` view.

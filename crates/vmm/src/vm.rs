@@ -17,7 +17,7 @@ use crate::guest::{self, Workload, abi};
 use crate::memory::{Backend, GuestMem, MemoryError};
 
 /// What to run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest memory in bytes (a multiple of 2 MiB).
     pub mem_bytes: u64,
@@ -183,6 +183,20 @@ pub enum VmError {
     /// The MP table could not be written.
     #[error("MP table")]
     MpTable(#[source] crate::mptable::MpTableError),
+    /// A guest page could not be supplied (its source failed or was corrupt; the page was
+    /// poisoned rather than filled with wrong data).
+    #[error(
+        "vCPU {vcpu}: the guest touched a page that could not be loaded (host address {host_addr:#x}); the VM stops rather than run on wrong memory"
+    )]
+    LostPage {
+        /// vCPU.
+        vcpu: u32,
+        /// Host virtual address of the page.
+        host_addr: u64,
+    },
+    /// The page-fault handler (in-process fault loop or external process) failed.
+    #[error("page-fault handler: {0}")]
+    Pager(String),
 }
 
 /// Per-vCPU results.
@@ -221,12 +235,20 @@ pub struct RunSummary {
     pub exits: u64,
     /// Stopped through the API before the workload finished.
     pub stopped: bool,
+    /// Host time (µs since creation / restore start) of the first entry into the guest.
+    pub first_run_us: Option<u64>,
+    /// What the restore's page-fault handler did (lazy restores only).
+    pub pager: Option<crate::restore::PagerReport>,
 }
+
+/// Work a parked vCPU thread does on its own vCPU (saving state for a snapshot).
+pub(crate) type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 #[derive(Default)]
 struct PauseState {
     paused: bool,
     stop: bool,
+    jobs: Vec<Option<Job>>,
 }
 
 /// State shared by the controller and the vCPU threads.
@@ -238,6 +260,8 @@ struct Shared {
     state: Mutex<PauseState>,
     cv: Condvar,
     exits: std::sync::atomic::AtomicU64,
+    /// Host time (µs since `t0`) at which the first vCPU first entered `KVM_RUN`; 0: not yet.
+    first_run_us: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -250,6 +274,7 @@ impl Shared {
             state: Mutex::new(PauseState::default()),
             cv: Condvar::new(),
             exits: Default::default(),
+            first_run_us: Default::default(),
         })
     }
 }
@@ -257,6 +282,17 @@ impl Shared {
 /// `/dev/kvm`, a VM (with the in-kernel irqchip and PIT when asked for and offered), and
 /// guest memory registered as slot 0.
 fn kvm_vm_memory(cfg: &VmConfig, irqchip: bool) -> Result<(Kvm, VmFd, Arc<GuestMem>), VmError> {
+    let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+    let (kvm, vm) = kvm_vm_with(&mem, irqchip, false)?;
+    Ok((kvm, vm, mem))
+}
+
+/// `/dev/kvm` and a VM over existing guest memory (slot 0; `dirty_log`: log guest writes).
+pub(crate) fn kvm_vm_with(
+    mem: &Arc<GuestMem>,
+    irqchip: bool,
+    dirty_log: bool,
+) -> Result<(Kvm, VmFd), VmError> {
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     if irqchip && kvm.check_extension(kvm_ioctls::Cap::Irqchip) {
@@ -270,18 +306,21 @@ fn kvm_vm_memory(cfg: &VmConfig, irqchip: bool) -> Result<(Kvm, VmFd, Arc<GuestM
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     }
-    let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
     let region = kvm_bindings::kvm_userspace_memory_region {
         slot: 0,
-        flags: 0,
+        flags: if dirty_log {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: 0,
-        memory_size: cfg.mem_bytes,
+        memory_size: mem.size(),
         userspace_addr: mem.host_addr() as u64,
     };
     // SAFETY: the region is the mapping owned by `mem`, which every holder of the VM fd keeps
     // alive alongside it.
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    Ok((kvm, vm, mem))
+    Ok((kvm, vm))
 }
 
 /// The x87/SSE state at reset.
@@ -301,6 +340,31 @@ struct Slice {
     first_page: u64,
 }
 
+/// The built-in guest's workload slices, one per vCPU.
+fn slices_of(cfg: &VmConfig) -> Result<Vec<Slice>, VmError> {
+    let area = cfg.workload_bytes.unwrap_or(cfg.mem_bytes - cpl3::WORKLOAD);
+    if cfg.mem_bytes <= cpl3::WORKLOAD || area > cfg.mem_bytes - cpl3::WORKLOAD {
+        return Err(VmError::Config(format!(
+            "workload area of {} MiB does not fit in {} MiB of memory",
+            area >> 20,
+            cfg.mem_bytes >> 20
+        )));
+    }
+    let per = (area / u64::from(cfg.vcpus.max(1))) & !((1 << 20) - 1);
+    if per < (1 << 20) {
+        return Err(VmError::Config(
+            "each vCPU needs at least 1 MiB of workload memory".into(),
+        ));
+    }
+    Ok((0..u64::from(cfg.vcpus))
+        .map(|i| Slice {
+            start: cpl3::WORKLOAD + i * per,
+            len: per,
+            first_page: i * per / 4096,
+        })
+        .collect())
+}
+
 /// A created VM, not yet running.
 pub struct Vm {
     _kvm: Kvm,
@@ -311,14 +375,17 @@ pub struct Vm {
     cfg: VmConfig,
     shared: Arc<Shared>,
     devices: Option<Arc<crate::devices::LegacyDevices>>,
+    irqchip: bool,
+    pager: Option<crate::restore::Pager>,
+    last_heartbeat: Vec<u32>,
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
 /// The supported CPUID with vCPU `id`'s APIC id in leaves 1, 0xB and 0x1F.
-fn apic_cpuid(cpuid: &kvm_bindings::CpuId, id: u32) -> kvm_bindings::CpuId {
+pub(crate) fn apic_cpuid(cpuid: &kvm_bindings::CpuId, id: u32) -> kvm_bindings::CpuId {
     let mut c = cpuid.clone();
     for e in c.as_mut_slice() {
         if e.function == 1 {
@@ -362,27 +429,7 @@ impl Vm {
         if cfg.linux.is_some() {
             return Self::new_linux(cfg, t0);
         }
-        let area = cfg.workload_bytes.unwrap_or(cfg.mem_bytes - cpl3::WORKLOAD);
-        if area > cfg.mem_bytes - cpl3::WORKLOAD {
-            return Err(VmError::Config(format!(
-                "workload area of {} MiB does not fit in {} MiB of memory",
-                area >> 20,
-                cfg.mem_bytes >> 20
-            )));
-        }
-        let per = (area / u64::from(cfg.vcpus)) & !((1 << 20) - 1);
-        if per < (1 << 20) {
-            return Err(VmError::Config(
-                "each vCPU needs at least 1 MiB of workload memory".into(),
-            ));
-        }
-        let slices: Vec<Slice> = (0..u64::from(cfg.vcpus))
-            .map(|i| Slice {
-                start: cpl3::WORKLOAD + i * per,
-                len: per,
-                first_page: i * per / 4096,
-            })
-            .collect();
+        let slices = slices_of(&cfg)?;
 
         let (kvm, vm, mem) = kvm_vm_memory(&cfg, false)?;
         cpl3::write_tables(mem.mem(), cfg.mem_bytes).map_err(|source| VmError::GuestWrite {
@@ -431,6 +478,7 @@ impl Vm {
             vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
             vcpus.push(vcpu);
         }
+        let n = vcpus.len();
         Ok(Vm {
             _kvm: kvm,
             _vm: vm,
@@ -440,6 +488,37 @@ impl Vm {
             cfg,
             shared: Shared::new(t0),
             devices: None,
+            irqchip: false,
+            pager: None,
+            last_heartbeat: vec![0; n],
+        })
+    }
+
+    /// A VM over restored parts (see [`crate::restore`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        kvm: Kvm,
+        vm: VmFd,
+        mem: Arc<GuestMem>,
+        vcpus: Vec<VcpuFd>,
+        cfg: VmConfig,
+        t0: Instant,
+        pager: Option<crate::restore::Pager>,
+        last_heartbeat: Vec<u32>,
+    ) -> Result<Vm, VmError> {
+        let slices = slices_of(&cfg)?;
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem,
+            vcpus,
+            slices,
+            cfg,
+            shared: Shared::new(t0),
+            devices: None,
+            irqchip: false,
+            pager,
+            last_heartbeat,
         })
     }
 
@@ -497,6 +576,7 @@ impl Vm {
         vcpu.set_regs(&entry.regs)
             .map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        let n = vcpus.len();
         Ok(Vm {
             _kvm: kvm,
             _vm: vm,
@@ -506,12 +586,37 @@ impl Vm {
             cfg,
             shared: Shared::new(t0),
             devices: Some(devices),
+            irqchip,
+            pager: None,
+            last_heartbeat: vec![0; n],
         })
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &Arc<GuestMem> {
         &self.mem
+    }
+
+    /// The built-in guest's entry registers for `workload` on vCPU `i` (fresh start, no run
+    /// time limit).
+    pub(crate) fn entry_regs_for(
+        vcpu: &VcpuFd,
+        cfg: &VmConfig,
+        i: usize,
+        workload: Workload,
+    ) -> Result<kvm_bindings::kvm_regs, VmError> {
+        let s = slices_of(cfg)?[i];
+        let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+        Ok(cpl3::entry_regs(
+            guest::entry_offset(workload.index()),
+            i as u64,
+            s.start,
+            s.len,
+            s.first_page,
+            u64::from(khz) * 100,
+            0,
+            cfg.seed.wrapping_add(i as u64),
+        ))
     }
 
     /// Start the vCPU threads.
@@ -523,10 +628,27 @@ impl Vm {
                 source: std::io::Error::from_raw_os_error(e.errno()),
             },
         )?;
+        crate::restore::install_sigbus_handler().map_err(|source| VmError::Host {
+            what: "the SIGBUS handler for lost guest pages",
+            source,
+        })?;
         let (tx, rx) = mpsc::channel();
         let api_tx = tx.clone();
-        let mut threads = Vec::new();
         let n = self.vcpus.len();
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jobs
+            .resize_with(n, || None);
+        let pager = match self.pager {
+            Some(mut p) => {
+                p.watch(tx.clone(), self.shared.clone(), self.mem.clone())?;
+                Some(p)
+            }
+            None => None,
+        };
+        let mut threads = Vec::new();
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             let tx = tx.clone();
             let shared = self.shared.clone();
@@ -551,10 +673,13 @@ impl Vm {
             rx,
             summary: vec![VcpuSummary::default(); n],
             last_hb: vec![None; n],
+            last_n: self.last_heartbeat,
             first_hb: None,
             live: n,
             api_tx,
             stopped: false,
+            irqchip: self.irqchip,
+            pager,
         })
     }
 }
@@ -584,10 +709,19 @@ fn vcpu_loop(
     let _ = tx.send(Msg::Exited);
 }
 
-fn park(shared: &Shared) -> bool {
+fn park(shared: &Shared, id: u32, vcpu: &mut VcpuFd) -> bool {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     shared.parked.fetch_add(1, SeqCst);
-    while st.paused && !st.stop {
+    loop {
+        if let Some(job) = st.jobs.get_mut(id as usize).and_then(Option::take) {
+            drop(st);
+            job(vcpu);
+            st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        if !st.paused || st.stop {
+            break;
+        }
         st = shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
     }
     shared.parked.fetch_sub(1, SeqCst);
@@ -612,10 +746,25 @@ fn run_vcpu(
         if shared.stop_req.load(SeqCst) {
             return Ok(());
         }
-        if shared.pause_req.load(SeqCst) && park(shared) {
+        if shared.pause_req.load(SeqCst) && park(shared, id, vcpu) {
             return Ok(());
         }
-        let exit = match vcpu.run() {
+        if shared.first_run_us.load(SeqCst) == 0 {
+            let _ = shared.first_run_us.compare_exchange(
+                0,
+                (shared.t0.elapsed().as_micros() as u64).max(1),
+                SeqCst,
+                SeqCst,
+            );
+        }
+        let r = crate::restore::in_vcpu_run(|| vcpu.run());
+        if let Some(hva) = crate::restore::take_lost_page() {
+            return Err(VmError::LostPage {
+                vcpu: id,
+                host_addr: hva,
+            });
+        }
+        let exit = match r {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
             Err(source) => return Err(VmError::Run { vcpu: id, source }),
@@ -749,6 +898,10 @@ pub struct RunningVm {
     live: usize,
     api_tx: Sender<Msg>,
     stopped: bool,
+    /// Last heartbeat number per vCPU (carried over from a snapshot).
+    last_n: Vec<u32>,
+    irqchip: bool,
+    pager: Option<crate::restore::Pager>,
 }
 
 impl fmt::Debug for RunningVm {
@@ -802,6 +955,13 @@ impl RunningVm {
                 self.stop_vcpus();
                 (204, Value::Null)
             }
+            ApiRequest::SnapshotCreate {
+                dir,
+                page_checksums,
+            } => match self.snapshot(&dir, page_checksums) {
+                Ok(info) => (200, json!(info)),
+                Err(e) => (500, json!({ "error": uffd::error_chain(&e) })),
+            },
             ApiRequest::Stats => (
                 200,
                 json!({
@@ -872,6 +1032,9 @@ impl RunningVm {
         match *e {
             Event::Heartbeat { vcpu, n, t_us } => {
                 self.first_hb.get_or_insert(t_us);
+                if let Some(l) = self.last_n.get_mut(vcpu as usize) {
+                    *l = n;
+                }
                 let s = &mut self.summary[vcpu as usize];
                 if n >= 1 {
                     s.heartbeats += 1;
@@ -924,6 +1087,173 @@ impl RunningVm {
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+        if let Some(p) = self.pager.take() {
+            let _ = p.finish();
+        }
+    }
+
+    /// Host time (µs since the VM was created or its restore began) at which a vCPU first
+    /// entered the guest; `None` before that.
+    pub fn first_run_us(&self) -> Option<u64> {
+        match self.shared.first_run_us.load(SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// What the restore's page-fault handler has done so far (`None`: not a lazy restore).
+    pub fn pager_report(&self) -> Option<crate::restore::PagerReport> {
+        self.pager.as_ref().map(|p| p.report())
+    }
+
+    /// Pause (if running), write a snapshot into `dir`, and resume (if it was running).
+    pub fn snapshot(
+        &mut self,
+        dir: &std::path::Path,
+        page_checksums: bool,
+    ) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        if self.cfg.linux.is_some() {
+            return Err(SnapshotError::Inconsistent(
+                "snapshots of Linux guests are not supported yet (serial and i8042 state is not saved)".into(),
+            ));
+        }
+        if self.threads.iter().any(|t| t.is_finished()) {
+            return Err(SnapshotError::Inconsistent(
+                "a vCPU has already stopped (its workload finished): nothing to snapshot".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        let was_paused = self.is_paused();
+        self.pause();
+        let r = self.snapshot_paused(dir, page_checksums, t0);
+        if !was_paused {
+            self.resume();
+        }
+        let mut info = r?;
+        info.paused_ms = if was_paused {
+            0.0
+        } else {
+            t0.elapsed().as_secs_f64() * 1e3
+        };
+        Ok(info)
+    }
+
+    fn snapshot_paused(
+        &mut self,
+        dir: &std::path::Path,
+        page_checksums: bool,
+        t0: Instant,
+    ) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{self as snap, SnapshotError, StateError, VcpuState, VmState};
+        let kvm_fail = |what: &'static str| {
+            move |source| SnapshotError::State(StateError::Kvm { what, source })
+        };
+        let msr_list = self
+            ._kvm
+            .get_msr_index_list()
+            .map_err(kvm_fail("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let n = self.threads.len();
+        let mut rxs = Vec::new();
+        {
+            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..n {
+                let (tx, rx) = mpsc::channel();
+                let msrs = msr_list.clone();
+                let lapic = self.irqchip;
+                st.jobs[i] = Some(Box::new(move |v: &mut VcpuFd| {
+                    // Complete the exit the vCPU last took (an `in` whose data we supplied,
+                    // an `out`) before reading its registers: KVM_RUN with immediate_exit
+                    // finishes it and returns at once.
+                    v.set_kvm_immediate_exit(1);
+                    let _ = v.run();
+                    v.set_kvm_immediate_exit(0);
+                    let _ = tx.send(VcpuState::save(v, &msrs, lapic));
+                }));
+                rxs.push(rx);
+            }
+        }
+        self.shared.cv.notify_all();
+        let mut vcpus = Vec::new();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let st = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| {
+                    SnapshotError::Inconsistent(format!(
+                        "vCPU {i} did not hand over its state within 10 s"
+                    ))
+                })?
+                .map_err(SnapshotError::State)?;
+            vcpus.push(st);
+        }
+        let vm_state = VmState::save(&self._vm, self.irqchip).map_err(SnapshotError::State)?;
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
+            what: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        // A half-written directory must not look like a snapshot.
+        let _ = std::fs::remove_file(dir.join(snap::files::MANIFEST));
+        let _ = std::fs::remove_file(dir.join(snap::files::WORKING_SET));
+        let mem_path = dir.join(snap::files::MEMORY);
+        // SAFETY: every vCPU is parked; nothing else writes guest memory.
+        let (idx, written) = unsafe { snap::write_memory(&self.mem, &mem_path, page_checksums) }?;
+        let index = snap::write_file(dir, snap::files::INDEX, &idx.encode())?;
+        let state = snap::write_file(
+            dir,
+            snap::files::STATE,
+            &snap::state::encode(&vm_state, &vcpus),
+        )?;
+        let mut checksums = Vec::new();
+        for i in 0..self.slices.len() {
+            let c = self.host_checksum(i).map_err(|e| match e {
+                VmError::GuestWrite { source, .. } => SnapshotError::Memory(source),
+                other => SnapshotError::Inconsistent(other.to_string()),
+            })?;
+            checksums.push(format!("{c:#018x}"));
+        }
+        let manifest = snap::Manifest {
+            format: snap::FORMAT.into(),
+            version: snap::VERSION,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            config: self.cfg.clone(),
+            irqchip: self.irqchip,
+            slices: self
+                .slices
+                .iter()
+                .map(|s| snap::SliceInfo {
+                    start: s.start,
+                    len: s.len,
+                    first_page: s.first_page,
+                })
+                .collect(),
+            checksums: checksums.clone(),
+            heartbeats: self.last_n.clone(),
+            memory: snap::MemoryInfo {
+                file: snap::files::MEMORY.into(),
+                bytes: self.mem.size(),
+                page_size: snap::PAGE,
+                nonzero_pages: written.nonzero_pages,
+                page_checksums,
+            },
+            index,
+            state,
+        };
+        snap::write_manifest(dir, &manifest)?;
+        Ok(snap::SnapshotInfo {
+            dir: dir.to_path_buf(),
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            paused_ms: 0.0,
+            mem_bytes: self.mem.size(),
+            nonzero_pages: written.nonzero_pages,
+            bytes_written: written.bytes_written,
+            checksums,
+            heartbeats: self.last_n.clone(),
+        })
     }
 
     /// Run until every vCPU's workload is done (or `timeout`), passing each event to
@@ -963,8 +1293,15 @@ impl RunningVm {
                 .map_err(|_| VmError::Thread("a vCPU thread panicked".into()))?;
         }
         if let Some(e) = failure {
+            if let Some(p) = self.pager.take() {
+                let _ = p.finish();
+            }
             return Err(e);
         }
+        let pager = match self.pager.take() {
+            Some(p) => Some(p.finish()?),
+            None => None,
+        };
         for (i, s) in self.summary.iter_mut().enumerate() {
             s.vcpu = i as u32;
         }
@@ -992,6 +1329,8 @@ impl RunningVm {
             exits: self.shared.exits.load(SeqCst),
             stopped: self.stopped,
             config: self.cfg.clone(),
+            first_run_us: self.first_run_us(),
+            pager,
         })
     }
 

@@ -9,10 +9,10 @@ pub use code::{MAGIC, entry_offset, image};
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A workload of the built-in guest, run by every vCPU over its own slice of memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     /// Fill the slice with the `memload.c` pattern, report its checksum, stop.

@@ -1,0 +1,344 @@
+//! `faultline snapshot`, `faultline restore` and `faultline page-server`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use memx::{Completer, Fill, PageSource, Request, SourceError};
+use vmm::restore::{
+    AfterRestore, HANDOFF_PROTOCOL, HANDOFF_VERSION, Handoff, HandoffReply, RestoreMode,
+    RestoreOptions, recv_msg, send_msg,
+};
+
+/// `faultline snapshot` options.
+#[derive(clap::Args)]
+pub struct SnapshotArgs {
+    /// The running VM's API socket (`faultline run --api-sock`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Directory to write the snapshot into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Record a CRC-32 per page too (lets a restore catch an external handler serving wrong
+    /// pages).
+    #[arg(long)]
+    page_checksums: bool,
+}
+
+/// A minimal HTTP/1.1 request over a Unix socket (what `curl --unix-socket` does).
+pub fn http_unix(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(sock)
+        .map_err(|e| format!("cannot connect to the API socket {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("API request: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("API answer: {e}"))?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {resp:.80}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+pub fn snapshot(a: &SnapshotArgs) -> Result<(), String> {
+    let dir = std::path::absolute(&a.out).map_err(|e| format!("--out: {e}"))?;
+    let body = serde_json::json!({ "snapshot_dir": dir, "page_checksums": a.page_checksums });
+    let (code, body) = http_unix(
+        &a.api_sock,
+        "PUT",
+        "/snapshot/create",
+        &body.to_string(),
+        Duration::from_secs(600),
+    )?;
+    if code != 200 {
+        return Err(format!("snapshot failed ({code}): {body}"));
+    }
+    println!("{body}");
+    Ok(())
+}
+
+/// `faultline restore` options.
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// eager, mmap, lazy or prefetch.
+    #[arg(long, default_value = "lazy")]
+    mode: RestoreMode,
+    /// Instead of resuming the guest where it was paused, run `verify` over every slice and
+    /// check the checksum against the one taken at snapshot.
+    #[arg(long)]
+    verify: bool,
+    /// Hand the userfaultfd to the external handler listening here (`faultline page-server`).
+    #[arg(long)]
+    page_handler: Option<PathBuf>,
+    /// Seconds to wait for the page handler to connect and answer.
+    #[arg(long, default_value_t = 5)]
+    handler_timeout: u64,
+    /// Pages served per fault by the in-process fault loop.
+    #[arg(long, default_value_t = 16)]
+    batch_pages: usize,
+    /// Record the working set of a lazy restore (prefetch restores record when none exists).
+    #[arg(long)]
+    record: bool,
+    /// Serve the control API on this Unix socket (snapshots of the restored VM, stop, ...).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Print each guest event as a JSON line.
+    #[arg(long)]
+    json_events: bool,
+    /// Stop the VM after this many seconds (default: when the workload ends, or --timeout).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
+}
+
+pub fn restore(a: &RestoreArgs) -> Result<(), String> {
+    let opts = RestoreOptions {
+        mode: a.mode,
+        then: if a.verify {
+            AfterRestore::Verify
+        } else {
+            AfterRestore::Resume
+        },
+        page_handler: a.page_handler.clone(),
+        handler_timeout: Duration::from_secs(a.handler_timeout),
+        batch_pages: a.batch_pages,
+        record: a.record,
+    };
+    let r = vmm::restore::restore(&a.dir, &opts).map_err(|e| uffd::error_chain(&e))?;
+    let expect = r.checksums.clone();
+    let heartbeats = r.heartbeats.clone();
+    let running = r.vm.start().map_err(|e| uffd::error_chain(&e))?;
+    let _api = match &a.api_sock {
+        Some(p) => Some(
+            vmm::api::ApiServer::start(p, running.api_sender())
+                .map_err(|e| format!("API socket {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(secs) = a.seconds {
+        if !(secs > 0.0 && secs < 1e6) {
+            return Err("--seconds must be positive".into());
+        }
+        let sender = running.api_sender();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            let _ = sender.ask(vmm::api::ApiRequest::Stop, Duration::from_secs(30));
+        });
+    }
+    let json = a.json_events;
+    let mut first_resumed_hb = None;
+    let summary = {
+        let r = running.wait(Duration::from_secs(a.timeout), |e| {
+            if let vmm::Event::Heartbeat { vcpu, n, .. } = e
+                && first_resumed_hb.is_none()
+                && *n > 0
+            {
+                first_resumed_hb = Some((*vcpu, *n));
+            }
+            if json {
+                println!("{}", serde_json::to_string(e).expect("events serialise"));
+            }
+        });
+        r.map_err(|e| uffd::error_chain(&e))?
+    };
+    let mut verified = None;
+    if a.verify {
+        for (i, v) in summary.vcpus.iter().enumerate() {
+            let got = v
+                .checksum
+                .as_deref()
+                .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+            if got != expect.get(i).copied() {
+                return Err(format!(
+                    "vCPU {i}: verify reports {} but the snapshot recorded {:#018x}: restored memory differs",
+                    v.checksum.as_deref().unwrap_or("nothing"),
+                    expect.get(i).copied().unwrap_or(0)
+                ));
+            }
+        }
+        verified = Some(true);
+    }
+    let line = serde_json::json!({
+        "event": "restored",
+        "mode": a.mode.name(),
+        "first_instruction_ms": summary.first_run_us.map(|t| t as f64 / 1e3),
+        "snapshot_heartbeats": heartbeats,
+        "first_heartbeat_after_restore": first_resumed_hb.map(|(v, n)| serde_json::json!({"vcpu": v, "n": n})),
+        "verify_matches_snapshot": verified,
+        "summary": summary,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// `faultline page-server` options.
+#[derive(clap::Args)]
+pub struct PageServerArgs {
+    /// Listen on this Unix socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Serve one VM, then exit (default: serve VMs one after another, forever).
+    #[arg(long)]
+    once: bool,
+    /// Pages served per fault.
+    #[arg(long, default_value_t = 16)]
+    batch_pages: usize,
+    /// Testing only: flip a byte in every Nth data page served (a handler that lies).
+    #[arg(long, hide = true)]
+    corrupt_every: Option<u64>,
+}
+
+/// A source that lies: flips one byte of every `every`th data answer.
+struct Corrupting {
+    inner: vmm::snapshot::SnapshotSource,
+    every: u64,
+    n: std::sync::atomic::AtomicU64,
+}
+
+impl PageSource for Corrupting {
+    fn fetch<'a>(
+        &self,
+        req: &Request,
+        scratch: &'a mut [u8],
+        done: &Completer,
+    ) -> Result<Fill<'a>, SourceError> {
+        let lie = self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.every == 0;
+        let len = match self.inner.fetch(req, scratch, done)? {
+            Fill::Bytes(b) => b.len(),
+            Fill::Zero { pages } => return Ok(Fill::Zero { pages }),
+            Fill::Present { pages } => return Ok(Fill::Present { pages }),
+            Fill::Pending => return Ok(Fill::Pending),
+        };
+        if lie {
+            scratch[8] ^= 0x5a;
+        }
+        Ok(Fill::Bytes(&scratch[..len]))
+    }
+}
+
+fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
+    let (h, fd) = recv_msg::<Handoff>(&conn).map_err(|e| format!("hand-off: {e}"))?;
+    let refuse = |why: String| {
+        let _ = send_msg(
+            &conn,
+            &HandoffReply {
+                version: HANDOFF_VERSION,
+                ok: false,
+                error: Some(why.clone()),
+            },
+            None,
+        );
+        why
+    };
+    if h.protocol != HANDOFF_PROTOCOL || h.version != HANDOFF_VERSION {
+        return Err(refuse(format!(
+            "hand-off {} version {}; this handler speaks {HANDOFF_PROTOCOL} version {HANDOFF_VERSION}",
+            h.protocol, h.version
+        )));
+    }
+    let Some(fd) = fd else {
+        return Err(refuse("no userfaultfd came with the hand-off".into()));
+    };
+    let loaded = vmm::snapshot::load(&h.snapshot_dir).map_err(|e| refuse(uffd::error_chain(&e)))?;
+    let uffd = uffd::Uffd::from_owned_fd(fd, uffd::Features::from_bits_retain(h.uffd_features));
+    let mut regions = Vec::new();
+    for m in &h.mappings {
+        let range = uffd::Range::new(m.base_host_virt_addr as usize, m.size as usize)
+            .map_err(|e| refuse(format!("mapping: {e}")))?;
+        regions.push(memx::Region {
+            range,
+            offset: m.offset,
+        });
+    }
+    let source =
+        vmm::snapshot::SnapshotSource::new(loaded.memory, std::sync::Arc::new(loaded.index), false);
+    let cfg = memx::Config {
+        threads: 1,
+        batch_pages: a.batch_pages.max(1),
+        ..Default::default()
+    };
+    let shards = vec![(uffd, regions)];
+    let fl = match a.corrupt_every {
+        Some(every) => memx::FaultLoop::serve_remote(
+            shards,
+            Corrupting {
+                inner: source,
+                every: every.max(1),
+                n: Default::default(),
+            },
+            cfg,
+        ),
+        None => memx::FaultLoop::serve_remote(shards, source, cfg),
+    }
+    .map_err(|e| refuse(uffd::error_chain(&e)))?;
+    send_msg(
+        &conn,
+        &HandoffReply {
+            version: HANDOFF_VERSION,
+            ok: true,
+            error: None,
+        },
+        None,
+    )
+    .map_err(|e| format!("answering the VMM: {e}"))?;
+    eprintln!(
+        "page-server: serving VMM pid {} from {}",
+        h.vmm_pid,
+        h.snapshot_dir.display()
+    );
+    // Serve until the VMM closes the connection (it exited or finished).
+    let mut b = [0u8; 64];
+    while matches!((&conn).read(&mut b), Ok(n) if n > 0) {}
+    let stats = fl.stop().map_err(|e| uffd::error_chain(&e))?;
+    eprintln!(
+        "page-server: VMM pid {} gone; {} faults, {} pages, fault p50 {:.1} us",
+        h.vmm_pid,
+        stats.faults,
+        stats.pages,
+        stats.latency.p50_ns as f64 / 1e3
+    );
+    Ok(())
+}
+
+pub fn page_server(a: &PageServerArgs) -> Result<(), String> {
+    if a.socket.exists() {
+        std::fs::remove_file(&a.socket).map_err(|e| format!("{}: {e}", a.socket.display()))?;
+    }
+    let l = UnixListener::bind(&a.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", a.socket.display()))?;
+    eprintln!("page-server: listening on {}", a.socket.display());
+    for conn in l.incoming() {
+        let conn = conn.map_err(|e| format!("accept: {e}"))?;
+        let r = serve_one(conn, a);
+        if let Err(e) = &r {
+            eprintln!("page-server: {e}");
+        }
+        if a.once {
+            return r;
+        }
+    }
+    Ok(())
+}

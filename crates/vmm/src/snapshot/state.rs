@@ -1,0 +1,587 @@
+//! vCPU and VM state: what KVM gives, and the binary file it is kept in.
+//!
+//! # `state.bin`, version 1
+//! Little-endian. A 16-byte header: magic `b"FLSTATE\0"`, `u32` version, `u32` record count.
+//! Then records, each: `u16` tag, `u16` owner (vCPU index, or `0xffff` for the VM), `u32`
+//! length, then `length` bytes. A record's bytes are the kernel's own structure (`struct
+//! kvm_regs`, ...) exactly as `KVM_GET_*` returns it: the KVM ABI is stable, so the layout is
+//! the kernel's, checked on load by length. Unknown tags are an error (a newer writer).
+//! The file's CRC-32 is in the manifest.
+//!
+//! Restore order (what works under PVM and on hardware KVM): irqchip, PIT, clock; then per
+//! vCPU: CPUID, sregs, regs, FPU, XSAVE, XCRs, MSRs, LAPIC, debug registers, events, MP state.
+
+use kvm_bindings::{
+    Msrs, kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use thiserror::Error;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// Magic at the start of `state.bin`.
+pub const STATE_MAGIC: &[u8; 8] = b"FLSTATE\0";
+/// The state file's format version.
+pub const STATE_VERSION: u32 = 1;
+/// Owner of VM-wide records.
+pub const VM_OWNER: u16 = 0xffff;
+
+/// Record tags.
+mod tag {
+    pub const CLOCK: u16 = 1;
+    pub const IRQCHIP: u16 = 2;
+    pub const PIT2: u16 = 3;
+    pub const REGS: u16 = 10;
+    pub const SREGS: u16 = 11;
+    pub const FPU: u16 = 12;
+    pub const XSAVE: u16 = 13;
+    pub const XCRS: u16 = 14;
+    pub const MSRS: u16 = 15;
+    pub const LAPIC: u16 = 16;
+    pub const EVENTS: u16 = 17;
+    pub const DEBUGREGS: u16 = 18;
+    pub const MP_STATE: u16 = 19;
+    pub const CPUID: u16 = 20;
+}
+
+/// Saving or restoring vCPU / VM state.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Its error (errno kept).
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM set fewer MSRs than given.
+    #[error("KVM_SET_MSRS set {set} of {total} MSRs; MSR {index:#x} was refused")]
+    Msrs {
+        /// MSRs set.
+        set: usize,
+        /// MSRs given.
+        total: usize,
+        /// The first one refused.
+        index: u32,
+    },
+    /// The state file is not what this version writes.
+    #[error("state file: {0}")]
+    Format(String),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { what, source }
+}
+
+/// One vCPU's architectural state.
+pub struct VcpuState {
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// x87 / SSE.
+    pub fpu: kvm_fpu,
+    /// The XSAVE area (4 KiB).
+    pub xsave: Option<Box<kvm_xsave>>,
+    /// Extended control registers.
+    pub xcrs: Option<kvm_xcrs>,
+    /// The MSRs KVM lists (`KVM_GET_MSR_INDEX_LIST`) that could be read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// The local APIC (only with an in-kernel irqchip).
+    pub lapic: Option<Box<kvm_lapic_state>>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Run state.
+    pub mp_state: kvm_mp_state,
+    /// The CPUID the vCPU was given.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("msrs", &self.msrs.len())
+            .field("lapic", &self.lapic.is_some())
+            .finish()
+    }
+}
+
+/// VM-wide state.
+#[derive(Default)]
+pub struct VmState {
+    /// kvmclock.
+    pub clock: Option<kvm_clock_data>,
+    /// PIC master, PIC slave, IOAPIC (with an in-kernel irqchip).
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The PIT (when one was created).
+    pub pit: Option<kvm_pit_state2>,
+}
+
+impl std::fmt::Debug for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmState")
+            .field("clock", &self.clock.is_some())
+            .field("irqchips", &self.irqchips.len())
+            .field("pit", &self.pit.is_some())
+            .finish()
+    }
+}
+
+impl VmState {
+    /// Read the VM-wide state (`irqchip`: whether an in-kernel irqchip and PIT were created).
+    pub fn save(vm: &VmFd, irqchip: bool) -> Result<Self, StateError> {
+        let mut s = VmState {
+            // Not every KVM offers kvmclock; without it there is nothing to restore.
+            clock: vm.get_clock().ok(),
+            ..Default::default()
+        };
+        if irqchip {
+            for chip_id in 0..3 {
+                let mut c = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                vm.get_irqchip(&mut c).map_err(kvm("KVM_GET_IRQCHIP"))?;
+                s.irqchips.push(c);
+            }
+            s.pit = vm.get_pit2().ok();
+        }
+        Ok(s)
+    }
+
+    /// Write it into a new VM (before its vCPUs are restored).
+    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+        for c in &self.irqchips {
+            vm.set_irqchip(c).map_err(kvm("KVM_SET_IRQCHIP"))?;
+        }
+        if let Some(p) = &self.pit {
+            vm.set_pit2(p).map_err(kvm("KVM_SET_PIT2"))?;
+        }
+        if let Some(c) = &self.clock {
+            // Only the clock value can be set back; the flags describe the source read from.
+            let c = kvm_clock_data {
+                clock: c.clock,
+                ..Default::default()
+            };
+            vm.set_clock(&c).map_err(kvm("KVM_SET_CLOCK"))?;
+        }
+        Ok(())
+    }
+}
+
+impl VcpuState {
+    /// Read a vCPU's state. The vCPU must not be in `KVM_RUN`, and any exit it took must have
+    /// been completed (see `vm.rs`: a `KVM_RUN` with `immediate_exit`).
+    pub fn save(vcpu: &VcpuFd, msr_index: &[u32], lapic: bool) -> Result<Self, StateError> {
+        let mut msrs = Msrs::from_entries(
+            &msr_index
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| StateError::Format(format!("too many MSRs: {e:?}")))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        let cpuid = vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?;
+        Ok(VcpuState {
+            regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            fpu: vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            xsave: vcpu.get_xsave().ok().map(Box::new),
+            xcrs: vcpu.get_xcrs().ok(),
+            msrs: msrs.as_slice()[..n].to_vec(),
+            lapic: if lapic {
+                Some(Box::new(vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?))
+            } else {
+                None
+            },
+            events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+            mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            cpuid: cpuid.as_slice().to_vec(),
+        })
+    }
+
+    /// Write the state into a fresh vCPU (one that has never run: under PVM the privilege
+    /// level can only be set before the first `KVM_RUN`).
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
+        if !self.cpuid.is_empty() {
+            let cpuid = kvm_bindings::CpuId::from_entries(&self.cpuid)
+                .map_err(|e| StateError::Format(format!("CPUID: {e:?}")))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        }
+        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&self.fpu).map_err(kvm("KVM_SET_FPU"))?;
+        if let Some(x) = &self.xsave {
+            // SAFETY: `x` is a whole `kvm_xsave` read by KVM_GET_XSAVE (4 KiB); no larger
+            // XSAVE2 state was saved, so the kernel reads no more than the struct.
+            unsafe { vcpu.set_xsave(x) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        }
+        if let Some(x) = &self.xcrs {
+            vcpu.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
+        }
+        // KVM stops at the first MSR it refuses (some paravirtual MSRs refuse even their
+        // reset value). A refused MSR whose value in this fresh vCPU already equals the saved
+        // one needs no write: skip it and go on; any other refusal is an error.
+        let mut at = 0;
+        while at < self.msrs.len() {
+            let msrs = Msrs::from_entries(&self.msrs[at..])
+                .map_err(|e| StateError::Format(format!("MSRs: {e:?}")))?;
+            let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+            at += set;
+            if at >= self.msrs.len() {
+                break;
+            }
+            let want = self.msrs[at];
+            let mut cur = Msrs::from_entries(&[kvm_msr_entry {
+                index: want.index,
+                ..Default::default()
+            }])
+            .map_err(|e| StateError::Format(format!("MSRs: {e:?}")))?;
+            let got = vcpu.get_msrs(&mut cur).map_err(kvm("KVM_GET_MSRS"))?;
+            if got == 1 && cur.as_slice()[0].data == want.data {
+                at += 1;
+                continue;
+            }
+            return Err(StateError::Msrs {
+                set: at,
+                total: self.msrs.len(),
+                index: want.index,
+            });
+        }
+        if let Some(l) = &self.lapic {
+            vcpu.set_lapic(l).map_err(kvm("KVM_SET_LAPIC"))?;
+        }
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        Ok(())
+    }
+}
+
+/// `kvm_fpu` has no zerocopy derive in kvm-bindings: its fields, in order, all without padding.
+fn fpu_bytes(f: &kvm_fpu) -> Vec<u8> {
+    let mut v = Vec::with_capacity(416);
+    for r in &f.fpr {
+        v.extend_from_slice(r);
+    }
+    v.extend_from_slice(&f.fcw.to_le_bytes());
+    v.extend_from_slice(&f.fsw.to_le_bytes());
+    v.push(f.ftwx);
+    v.push(f.pad1);
+    v.extend_from_slice(&f.last_opcode.to_le_bytes());
+    v.extend_from_slice(&f.last_ip.to_le_bytes());
+    v.extend_from_slice(&f.last_dp.to_le_bytes());
+    for r in &f.xmm {
+        v.extend_from_slice(r);
+    }
+    v.extend_from_slice(&f.mxcsr.to_le_bytes());
+    v.extend_from_slice(&f.pad2.to_le_bytes());
+    v
+}
+
+fn fpu_from(b: &[u8]) -> Option<kvm_fpu> {
+    if b.len() != 416 {
+        return None;
+    }
+    let mut f = kvm_fpu::default();
+    let mut at = 0;
+    let mut take = |n: usize| {
+        let s = &b[at..at + n];
+        at += n;
+        s
+    };
+    for r in &mut f.fpr {
+        r.copy_from_slice(take(16));
+    }
+    f.fcw = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.fsw = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.ftwx = take(1)[0];
+    f.pad1 = take(1)[0];
+    f.last_opcode = u16::from_le_bytes(take(2).try_into().ok()?);
+    f.last_ip = u64::from_le_bytes(take(8).try_into().ok()?);
+    f.last_dp = u64::from_le_bytes(take(8).try_into().ok()?);
+    for r in &mut f.xmm {
+        r.copy_from_slice(take(16));
+    }
+    f.mxcsr = u32::from_le_bytes(take(4).try_into().ok()?);
+    f.pad2 = u32::from_le_bytes(take(4).try_into().ok()?);
+    Some(f)
+}
+
+struct Writer {
+    out: Vec<u8>,
+    records: u32,
+}
+
+impl Writer {
+    fn rec(&mut self, tag: u16, owner: u16, bytes: &[u8]) {
+        self.out.extend_from_slice(&tag.to_le_bytes());
+        self.out.extend_from_slice(&owner.to_le_bytes());
+        self.out
+            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(bytes);
+        self.records += 1;
+    }
+}
+
+/// Encode the VM's and every vCPU's state as `state.bin`.
+pub fn encode(vm: &VmState, vcpus: &[VcpuState]) -> Vec<u8> {
+    let mut w = Writer {
+        out: Vec::new(),
+        records: 0,
+    };
+    if let Some(c) = &vm.clock {
+        w.rec(tag::CLOCK, VM_OWNER, c.as_bytes());
+    }
+    for c in &vm.irqchips {
+        w.rec(tag::IRQCHIP, VM_OWNER, c.as_bytes());
+    }
+    if let Some(p) = &vm.pit {
+        w.rec(tag::PIT2, VM_OWNER, p.as_bytes());
+    }
+    for (i, v) in vcpus.iter().enumerate() {
+        let o = i as u16;
+        w.rec(tag::CPUID, o, v.cpuid.as_bytes());
+        w.rec(tag::SREGS, o, v.sregs.as_bytes());
+        w.rec(tag::REGS, o, v.regs.as_bytes());
+        w.rec(tag::FPU, o, &fpu_bytes(&v.fpu));
+        if let Some(x) = &v.xsave {
+            w.rec(tag::XSAVE, o, x.as_bytes());
+        }
+        if let Some(x) = &v.xcrs {
+            w.rec(tag::XCRS, o, x.as_bytes());
+        }
+        w.rec(tag::MSRS, o, v.msrs.as_bytes());
+        if let Some(l) = &v.lapic {
+            w.rec(tag::LAPIC, o, l.as_bytes());
+        }
+        w.rec(tag::DEBUGREGS, o, v.debugregs.as_bytes());
+        w.rec(tag::EVENTS, o, v.events.as_bytes());
+        w.rec(tag::MP_STATE, o, v.mp_state.as_bytes());
+    }
+    let mut out = Vec::with_capacity(16 + w.out.len());
+    out.extend_from_slice(STATE_MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&w.records.to_le_bytes());
+    out.extend_from_slice(&w.out);
+    out
+}
+
+fn one<T: FromBytes>(what: &str, b: &[u8]) -> Result<T, StateError> {
+    T::read_from_bytes(b).map_err(|_| {
+        StateError::Format(format!(
+            "{what} record has {} bytes, this KVM's structure has {}",
+            b.len(),
+            std::mem::size_of::<T>()
+        ))
+    })
+}
+
+fn many<T: FromBytes + Clone>(what: &str, b: &[u8]) -> Result<Vec<T>, StateError> {
+    let sz = std::mem::size_of::<T>();
+    if b.len() % sz != 0 {
+        return Err(StateError::Format(format!(
+            "{what} record of {} bytes is not a whole number of {sz}-byte entries",
+            b.len()
+        )));
+    }
+    b.chunks_exact(sz).map(|c| one::<T>(what, c)).collect()
+}
+
+/// Decode `state.bin` for a VM of `vcpus` vCPUs.
+pub fn decode(data: &[u8], vcpus: usize) -> Result<(VmState, Vec<VcpuState>), StateError> {
+    let bad = |m: String| StateError::Format(m);
+    if data.len() < 16 || &data[..8] != STATE_MAGIC {
+        return Err(bad("not a faultline state file (bad magic)".into()));
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    if version != STATE_VERSION {
+        return Err(bad(format!(
+            "version {version}; this faultline reads version {STATE_VERSION}"
+        )));
+    }
+    let records = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
+    let mut vm = VmState::default();
+    let mut parts: Vec<PartialVcpu> = (0..vcpus).map(|_| PartialVcpu::default()).collect();
+    let mut at = 16usize;
+    for r in 0..records {
+        let hdr = data
+            .get(at..at + 8)
+            .ok_or_else(|| bad(format!("truncated at record {r} of {records}")))?;
+        let tag = u16::from_le_bytes([hdr[0], hdr[1]]);
+        let owner = u16::from_le_bytes([hdr[2], hdr[3]]);
+        let len = u32::from_le_bytes(hdr[4..8].try_into().expect("4 bytes")) as usize;
+        let body = data
+            .get(at + 8..at + 8 + len)
+            .ok_or_else(|| bad(format!("record {r} (tag {tag}) is truncated")))?;
+        at += 8 + len;
+        if owner == VM_OWNER {
+            match tag {
+                tag::CLOCK => vm.clock = Some(one("clock", body)?),
+                tag::IRQCHIP => vm.irqchips.push(one("irqchip", body)?),
+                tag::PIT2 => vm.pit = Some(one("PIT", body)?),
+                _ => return Err(bad(format!("unknown VM record tag {tag}"))),
+            }
+            continue;
+        }
+        let p = parts.get_mut(owner as usize).ok_or_else(|| {
+            bad(format!(
+                "record for vCPU {owner}, but the manifest has {vcpus}"
+            ))
+        })?;
+        match tag {
+            tag::REGS => p.regs = Some(one("regs", body)?),
+            tag::SREGS => p.sregs = Some(one("sregs", body)?),
+            tag::FPU => {
+                p.fpu = Some(fpu_from(body).ok_or_else(|| bad("FPU record of wrong size".into()))?)
+            }
+            tag::XSAVE => p.xsave = Some(Box::new(one("XSAVE", body)?)),
+            tag::XCRS => p.xcrs = Some(one("XCRs", body)?),
+            tag::MSRS => p.msrs = many("MSRs", body)?,
+            tag::LAPIC => p.lapic = Some(Box::new(one("LAPIC", body)?)),
+            tag::EVENTS => p.events = Some(one("vCPU events", body)?),
+            tag::DEBUGREGS => p.debugregs = Some(one("debug registers", body)?),
+            tag::MP_STATE => p.mp_state = Some(one("MP state", body)?),
+            tag::CPUID => p.cpuid = many("CPUID", body)?,
+            _ => return Err(bad(format!("unknown vCPU record tag {tag}"))),
+        }
+    }
+    if at != data.len() {
+        return Err(bad(format!(
+            "{} bytes after the last record",
+            data.len() - at
+        )));
+    }
+    let vcpus = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| p.finish(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((vm, vcpus))
+}
+
+#[derive(Default)]
+struct PartialVcpu {
+    regs: Option<kvm_regs>,
+    sregs: Option<kvm_sregs>,
+    fpu: Option<kvm_fpu>,
+    xsave: Option<Box<kvm_xsave>>,
+    xcrs: Option<kvm_xcrs>,
+    msrs: Vec<kvm_msr_entry>,
+    lapic: Option<Box<kvm_lapic_state>>,
+    events: Option<kvm_vcpu_events>,
+    debugregs: Option<kvm_debugregs>,
+    mp_state: Option<kvm_mp_state>,
+    cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+impl PartialVcpu {
+    fn finish(self, i: usize) -> Result<VcpuState, StateError> {
+        let missing = |what: &str| StateError::Format(format!("vCPU {i} has no {what} record"));
+        Ok(VcpuState {
+            regs: self.regs.ok_or_else(|| missing("regs"))?,
+            sregs: self.sregs.ok_or_else(|| missing("sregs"))?,
+            fpu: self.fpu.ok_or_else(|| missing("FPU"))?,
+            xsave: self.xsave,
+            xcrs: self.xcrs,
+            msrs: self.msrs,
+            lapic: self.lapic,
+            events: self.events.ok_or_else(|| missing("events"))?,
+            debugregs: self.debugregs.ok_or_else(|| missing("debug registers"))?,
+            mp_state: self.mp_state.ok_or_else(|| missing("MP state"))?,
+            cpuid: self.cpuid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VcpuState {
+        let mut regs = kvm_regs {
+            rip: 0x10_1234,
+            rsp: 0x20_0000,
+            ..Default::default()
+        };
+        regs.rflags = 0x3002;
+        let mut fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fpu.xmm[3][5] = 9;
+        VcpuState {
+            regs,
+            sregs: kvm_sregs::default(),
+            fpu,
+            xsave: Some(Box::default()),
+            xcrs: Some(kvm_xcrs::default()),
+            msrs: vec![kvm_msr_entry {
+                index: 0xc000_0080,
+                data: 0x500,
+                ..Default::default()
+            }],
+            lapic: None,
+            events: kvm_vcpu_events::default(),
+            debugregs: kvm_debugregs::default(),
+            mp_state: kvm_mp_state::default(),
+            cpuid: vec![kvm_cpuid_entry2::default(); 3],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let vm = VmState {
+            clock: Some(kvm_clock_data {
+                clock: 77,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let bytes = encode(&vm, &[sample(), sample()]);
+        let (vm2, v) = decode(&bytes, 2).unwrap();
+        assert_eq!(vm2.clock.unwrap().clock, 77);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].regs.rip, 0x10_1234);
+        assert_eq!(v[1].fpu.xmm[3][5], 9);
+        assert_eq!(v[0].msrs[0].data, 0x500);
+        assert_eq!(v[0].cpuid.len(), 3);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_never_a_panic() {
+        let good = encode(&VmState::default(), &[sample()]);
+        for cut in [0, 5, 15, 16, 17, 30, good.len() - 1] {
+            assert!(decode(&good[..cut], 1).is_err(), "cut at {cut}");
+        }
+        let mut v = good.clone();
+        v[8] = 9;
+        assert!(decode(&v, 1).unwrap_err().to_string().contains("version 9"));
+        assert!(decode(&good, 0).unwrap_err().to_string().contains("vCPU 0"));
+        let two = decode(&good, 2).unwrap_err().to_string();
+        assert!(two.contains("vCPU 1 has no regs"), "{two}");
+        // Every single-byte corruption of the header area and a wrong-size record are refused
+        // or decoded without panicking.
+        for i in 0..good.len().min(200) {
+            let mut v = good.clone();
+            v[i] ^= 0xff;
+            let _ = decode(&v, 1);
+        }
+    }
+}
