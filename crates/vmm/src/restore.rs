@@ -277,6 +277,9 @@ pub struct PagerReport {
 /// Serves a lazily restored VM's page faults for as long as it runs.
 pub struct Pager {
     kind: PagerKind,
+    /// Working-set offsets to push once the vCPUs run (not before: the push would compete
+    /// with setting up the VM and delay its first instruction).
+    prefetch: Option<(Vec<u64>, usize)>,
     record_to: Option<PathBuf>,
     watcher: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
@@ -348,6 +351,17 @@ impl Pager {
                 source,
             })?;
         self.watcher = Some((h, stop));
+        Ok(())
+    }
+
+    /// Begin pushing the working set, if there is one (called once the vCPUs are started).
+    pub(crate) fn launch(&mut self) -> Result<(), VmError> {
+        if let (Some((offsets, batch)), PagerKind::Local { fl, .. }) =
+            (self.prefetch.take(), &mut self.kind)
+        {
+            fl.prefetch(offsets, batch)
+                .map_err(|e| VmError::Pager(uffd::error_chain(&e)))?;
+        }
         Ok(())
     }
 
@@ -589,6 +603,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                         },
                         record_to: None,
                         watcher: None,
+                        prefetch: None,
                     }),
                 )
             } else {
@@ -611,7 +626,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                     Arc::new(loaded.index.clone()),
                     recording,
                 ));
-                let mut fl = FaultLoop::start(
+                let fl = FaultLoop::start(
                     &[Region { range, offset: 0 }],
                     source.clone(),
                     Config {
@@ -621,14 +636,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                     },
                 )
                 .map_err(RestoreError::FaultLoop)?;
-                if let Some(ws) = ws {
+                let prefetch = ws.map(|ws| {
                     prefetching = true;
-                    fl.prefetch(
+                    (
                         ws.pages.iter().map(|p| p * snapshot::PAGE).collect(),
                         opts.batch_pages.max(1),
                     )
-                    .map_err(RestoreError::FaultLoop)?;
-                }
+                });
                 (
                     mem,
                     Some(Pager {
@@ -639,6 +653,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                         },
                         record_to: Some(dir.to_path_buf()),
                         watcher: None,
+                        prefetch,
                     }),
                 )
             }

@@ -641,7 +641,7 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .jobs
             .resize_with(n, || None);
-        let pager = match self.pager {
+        let mut pager = match self.pager {
             Some(mut p) => {
                 p.watch(tx.clone(), self.shared.clone(), self.mem.clone())?;
                 Some(p)
@@ -661,6 +661,9 @@ impl Vm {
                     source,
                 })?;
             threads.push(h);
+        }
+        if let Some(p) = &mut pager {
+            p.launch()?;
         }
         Ok(RunningVm {
             _kvm: self._kvm,

@@ -55,21 +55,27 @@ impl SnapshotSource {
             .unwrap_or_default()
     }
 
-    fn check_chunk(&self, c: u64) -> Result<(), SourceError> {
+    /// Make sure chunk `c` was checked. When it has to be read for that, `then` gets its
+    /// bytes (so the caller need not read them again) and its result is returned.
+    fn check_chunk<R>(
+        &self,
+        c: u64,
+        then: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>, SourceError> {
         let state = &self.checked[c as usize];
+        let off = c * self.index.chunk_pages * PAGE;
         match state.load(Relaxed) {
-            1 => return Ok(()),
+            1 => return Ok(None),
             2 => {
                 return Err(SourceError::Corrupt {
-                    offset: c * self.index.chunk_pages * PAGE,
+                    offset: off,
                     detail: format!("memory chunk {c} failed its CRC check earlier"),
                 });
             }
             _ => {}
         }
-        let off = c * self.index.chunk_pages * PAGE;
         let len = (self.index.chunk_pages * PAGE).min(self.index.pages * PAGE - off) as usize;
-        let crc = CHUNK_BUF.with(|b| {
+        CHUNK_BUF.with(|b| {
             let mut b = b.borrow_mut();
             b.resize(len, 0);
             self.file
@@ -79,21 +85,21 @@ impl SnapshotSource {
                     len,
                     source,
                 })?;
-            Ok::<_, SourceError>(crc32fast::hash(&b[..len]))
-        })?;
-        self.bytes_read.fetch_add(len as u64, Relaxed);
-        let want = self.index.chunk_crc[c as usize];
-        if crc != want {
-            state.store(2, Relaxed);
-            return Err(SourceError::Corrupt {
-                offset: off,
-                detail: format!(
-                    "memory chunk {c} has CRC-32 {crc:#010x}, the snapshot recorded {want:#010x}"
-                ),
-            });
-        }
-        state.store(1, Relaxed);
-        Ok(())
+            self.bytes_read.fetch_add(len as u64, Relaxed);
+            let crc = crc32fast::hash(&b[..len]);
+            let want = self.index.chunk_crc[c as usize];
+            if crc != want {
+                state.store(2, Relaxed);
+                return Err(SourceError::Corrupt {
+                    offset: off,
+                    detail: format!(
+                        "memory chunk {c} has CRC-32 {crc:#010x}, the snapshot recorded {want:#010x}"
+                    ),
+                });
+            }
+            state.store(1, Relaxed);
+            Ok(Some(then(&b[..len])))
+        })
     }
 }
 
@@ -130,18 +136,24 @@ impl PageSource for SnapshotSource {
             }
             return Ok(Fill::Zero { pages: n as usize });
         }
-        self.check_chunk(chunk)?;
-        // Data pages up to the end of the chunk (a checked chunk is read with one pread).
+        // Data pages up to the end of the chunk: copied from the chunk just checked, or read
+        // with one pread from a chunk checked before.
         let n = max.min(chunk_end - page);
         let len = (n * PAGE) as usize;
-        self.file
-            .read_exact_at(&mut scratch[..len], req.offset)
-            .map_err(|source| SourceError::Io {
-                offset: req.offset,
-                len,
-                source,
-            })?;
-        self.bytes_read.fetch_add(len as u64, Relaxed);
+        let skip = ((page - chunk * self.index.chunk_pages) * PAGE) as usize;
+        let copied = self.check_chunk(chunk, |bytes| {
+            scratch[..len].copy_from_slice(&bytes[skip..skip + len]);
+        })?;
+        if copied.is_none() {
+            self.file
+                .read_exact_at(&mut scratch[..len], req.offset)
+                .map_err(|source| SourceError::Io {
+                    offset: req.offset,
+                    len,
+                    source,
+                })?;
+            self.bytes_read.fetch_add(len as u64, Relaxed);
+        }
         if let Some(r) = &self.record
             && !req.background
         {
