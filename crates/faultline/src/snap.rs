@@ -130,7 +130,11 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
     let r = vmm::restore::restore(&a.dir, &opts).map_err(|e| uffd::error_chain(&e))?;
     let expect = r.checksums.clone();
     let heartbeats = r.heartbeats.clone();
+    let index = r.index.clone();
+    let r_vcpus = r.checksums.len();
     let running = r.vm.start().map_err(|e| uffd::error_chain(&e))?;
+    let mem = running.memory().clone();
+    let slices: Vec<(u64, u64, u64)> = (0..r_vcpus).map(|i| running.slice(i)).collect();
     let _api = match &a.api_sock {
         Some(p) => Some(
             vmm::api::ApiServer::start(p, running.api_sender())
@@ -165,6 +169,24 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
         r.map_err(|e| uffd::error_chain(&e))?
     };
     let mut verified = None;
+    let mut pages_checked = None;
+    if a.verify && index.page_crc.is_some() {
+        // `verify` only reads: every page must still be exactly what the snapshot holds.
+        let ranges: Vec<(u64, u64)> = (0..summary.vcpus.len())
+            .map(|i| {
+                let (start, len, _) = slices[i];
+                (start, len)
+            })
+            .collect();
+        // SAFETY: the vCPUs have stopped; nothing writes guest memory any more.
+        let n = unsafe { vmm::snapshot::check_pages(&mem, &index, &ranges) }.map_err(|e| {
+            format!(
+                "{}: the page handler served wrong data",
+                uffd::error_chain(&e)
+            )
+        })?;
+        pages_checked = Some(n);
+    }
     if a.verify {
         for (i, v) in summary.vcpus.iter().enumerate() {
             let got = v
@@ -188,6 +210,7 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
         "snapshot_heartbeats": heartbeats,
         "first_heartbeat_after_restore": first_resumed_hb.map(|(v, n)| serde_json::json!({"vcpu": v, "n": n})),
         "verify_matches_snapshot": verified,
+        "pages_checked_against_snapshot": pages_checked,
         "summary": summary,
     });
     println!("{line}");

@@ -484,6 +484,8 @@ pub struct Restored {
     pub prefetching: bool,
     /// Restore start (the VM's time origin).
     pub t0: Instant,
+    /// The snapshot's memory index (per-page CRCs, if recorded, for [`snapshot::check_pages`]).
+    pub index: Arc<snapshot::MemoryIndex>,
 }
 
 fn connect_handler(
@@ -547,6 +549,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     cfg.backend = Backend::Anonymous;
     let size = cfg.mem_bytes;
     let lazy = matches!(opts.mode, RestoreMode::Lazy | RestoreMode::Prefetch);
+    let index = Arc::new(loaded.index.clone());
     if opts.page_handler.is_some() && !lazy {
         return Err(RestoreError::Unsupported(
             "an external page-fault handler serves lazy restores only (--mode lazy)".into(),
@@ -621,11 +624,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                         path: dir.join(snapshot::files::MEMORY),
                         source,
                     })?;
-                let source = Arc::new(SnapshotSource::new(
-                    file,
-                    Arc::new(loaded.index.clone()),
-                    recording,
-                ));
+                let source = Arc::new(SnapshotSource::new(file, index.clone(), recording));
                 let fl = FaultLoop::start(
                     &[Region { range, offset: 0 }],
                     source.clone(),
@@ -721,5 +720,6 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         bytes_read_upfront,
         prefetching,
         t0,
+        index,
     })
 }

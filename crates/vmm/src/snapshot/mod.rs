@@ -613,6 +613,44 @@ pub unsafe fn load_eager(loaded: &Loaded, mem: &GuestMem) -> Result<u64, Snapsho
     Ok(read)
 }
 
+/// Check the pages of guest-physical `ranges` (start, length) against the per-page CRCs. The
+/// guest must not have written them since the restore (e.g. the built-in guest's slices after
+/// a `verify` run; not its GDT, where the CPU sets accessed and busy bits). Returns the pages
+/// checked.
+///
+/// # Safety
+/// Nothing may write guest memory meanwhile.
+pub unsafe fn check_pages(
+    mem: &GuestMem,
+    idx: &MemoryIndex,
+    ranges: &[(u64, u64)],
+) -> Result<u64, SnapshotError> {
+    let Some(table) = &idx.page_crc else {
+        return Err(SnapshotError::Inconsistent(
+            "the snapshot has no per-page checksums (take it with page checksums on)".into(),
+        ));
+    };
+    let mut n = 0;
+    for &(start, len) in ranges {
+        for p in start / PAGE..(start + len).div_ceil(PAGE).min(table.len() as u64) {
+            n += 1;
+            let want = table[p as usize];
+            let gpa = p * PAGE;
+            // SAFETY: the caller's guarantee.
+            let page = unsafe { mem.slice(gpa, PAGE as usize) }.expect("page inside guest memory");
+            let got = crc32fast::hash(page);
+            if got != want {
+                return Err(SnapshotError::Crc {
+                    what: format!("guest page {p} (guest-physical {gpa:#x}) as served"),
+                    expected: want,
+                    actual: got,
+                });
+            }
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
