@@ -8,6 +8,12 @@
 //!   port-I/O [ABI](guest::abi).
 //! - [`vm`]: the VM: vCPU threads, exits, heartbeats stamped with host time, pause/resume.
 //! - [`api`]: the REST control API on a Unix socket, talking to the VM only over a channel.
+//! - [`snapshot`]: the snapshot directory (versioned manifest, KVM state, sparse memory with
+//!   CRCs), and its memory file as a fault-loop page source.
+//! - [`restore`]: eager, mmap, lazy and prefetch restores, and the hand-off of the
+//!   userfaultfd to an external handler. The state is KVM's own structures (kvm-bindings with
+//!   zerocopy) in a small tagged file of our own: no crate writes Firecracker-independent KVM
+//!   snapshots, and the format must stay versioned and checkable.
 //!
 //! On this project's CI machines `/dev/kvm` is PVM (nested, no VMX/SVM): CPL 3 guest code runs
 //! natively and kernel-mode code is emulated, which is why the built-in guest has no kernel. The
