@@ -162,7 +162,10 @@ struct WorkerEntry {
     handle: JoinHandle<Result<(), LoopError>>,
     stats: Arc<ShardStats>,
     wake: Wake,
-    uffd: Arc<Uffd>,
+    /// Weak: the worker holds the only strong reference (the prefetcher one while it runs, and
+    /// it is joined before any ring), so the uffd closes when the worker exits and ringing a
+    /// gone worker's doorbell returns at once instead of waiting for a fault nobody serves.
+    uffd: std::sync::Weak<Uffd>,
     parts: Vec<Region>,
 }
 
@@ -354,7 +357,7 @@ impl FaultLoop {
                 handle,
                 stats,
                 wake,
-                uffd,
+                uffd: Arc::downgrade(&uffd),
                 parts,
             });
         }
@@ -382,7 +385,7 @@ impl FaultLoop {
         let targets: Vec<(Arc<Uffd>, Vec<Region>)> = self
             .workers
             .iter()
-            .map(|w| (w.uffd.clone(), w.parts.clone()))
+            .filter_map(|w| Some((w.uffd.upgrade()?, w.parts.clone())))
             .collect();
         let stats = Arc::new(ShardStats::new());
         let p = Prefetcher {
