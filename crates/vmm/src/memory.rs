@@ -261,12 +261,18 @@ impl GuestMem {
     /// host thread writing it. (Page faults served by a fault loop are fine: they fill pages
     /// that were not there, with the bytes the reader expects.)
     pub unsafe fn slice(&self, gpa: u64, len: usize) -> Option<&[u8]> {
-        let end = gpa.checked_add(len as u64)?;
-        if end > self.size {
+        let p = self.host_ptr(gpa, len)?;
+        // SAFETY: in bounds of the mapping owned by `self`; exclusivity is the caller's.
+        Some(unsafe { std::slice::from_raw_parts(p, len) })
+    }
+
+    /// Host pointer to guest-physical `gpa` if `[gpa, gpa + len)` lies inside guest memory.
+    fn host_ptr(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        if gpa.checked_add(len as u64)? > self.size {
             return None;
         }
-        // SAFETY: in bounds of the mapping owned by `self`; exclusivity is the caller's.
-        Some(unsafe { std::slice::from_raw_parts(self.host.add(gpa as usize), len) })
+        // SAFETY: `gpa` is within the mapping, so the offset stays inside it.
+        Some(unsafe { self.host.add(gpa as usize) })
     }
 
     /// Guest-physical `[gpa, gpa + len)` as a mutable host slice, or `None` if outside memory.
@@ -275,12 +281,9 @@ impl GuestMem {
     /// While the slice lives, nothing else may read or write the range (no vCPU running).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut(&self, gpa: u64, len: usize) -> Option<&mut [u8]> {
-        let end = gpa.checked_add(len as u64)?;
-        if end > self.size {
-            return None;
-        }
+        let p = self.host_ptr(gpa, len)?;
         // SAFETY: in bounds of the mapping owned by `self`; exclusivity is the caller's.
-        Some(unsafe { std::slice::from_raw_parts_mut(self.host.add(gpa as usize), len) })
+        Some(unsafe { std::slice::from_raw_parts_mut(p, len) })
     }
 
     /// The `vm-memory` view.
