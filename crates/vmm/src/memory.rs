@@ -66,6 +66,15 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// The file to map could not be duplicated.
+    #[error("cannot use the {size}-byte memory file for guest memory")]
+    File {
+        /// Size asked for.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// The mapping failed (for huge pages: are enough reserved in /proc/sys/vm/nr_hugepages?).
     #[error("cannot map {size} bytes of {backend:?} guest memory")]
     Map {
@@ -199,6 +208,16 @@ impl GuestMem {
                 )
             }
         };
+        Self::build(builder, size, backend, memfd)
+    }
+
+    /// Map `builder`'s region and make it guest memory at guest-physical 0.
+    fn build(
+        builder: MmapRegionBuilder,
+        size: u64,
+        backend: Backend,
+        memfd: Option<File>,
+    ) -> Result<Self, MemoryError> {
         let region: MmapRegion = builder.build().map_err(|source| MemoryError::Map {
             size,
             backend,
@@ -228,30 +247,14 @@ impl GuestMem {
             usize::try_from(size).map_err(|_| bad("does not fit the address space".into()))?;
         let fo = FileOffset::new(
             file.try_clone()
-                .map_err(|source| MemoryError::Memfd { size, source })?,
+                .map_err(|source| MemoryError::File { size, source })?,
             0,
         );
-        let region = MmapRegionBuilder::new(len)
+        let builder = MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(fo)
-            .build()
-            .map_err(|source| MemoryError::Map {
-                size,
-                backend: Backend::PrivateFile,
-                source,
-            })?;
-        let host = region.as_ptr();
-        let region =
-            GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Overflow(size))?;
-        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
-        Ok(Self {
-            mem,
-            host,
-            size,
-            backend: Backend::PrivateFile,
-            memfd: None,
-        })
+            .with_file_offset(fo);
+        Self::build(builder, size, Backend::PrivateFile, None)
     }
 
     /// Guest-physical `[gpa, gpa + len)` as a host slice, or `None` if outside memory.

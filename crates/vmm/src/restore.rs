@@ -307,12 +307,7 @@ impl std::fmt::Debug for Pager {
 
 impl Pager {
     /// Start watching for handler failure: a closed hand-off connection stops the VM.
-    pub(crate) fn watch(
-        &mut self,
-        tx: Sender<Msg>,
-        _shared: Arc<impl Send + Sync + 'static>,
-        _mem: Arc<GuestMem>,
-    ) -> Result<(), VmError> {
+    pub(crate) fn watch(&mut self, tx: Sender<Msg>) -> Result<(), VmError> {
         let PagerKind::External { conn, path, .. } = &self.kind else {
             return Ok(());
         };

@@ -643,7 +643,7 @@ impl Vm {
             .resize_with(n, || None);
         let mut pager = match self.pager {
             Some(mut p) => {
-                p.watch(tx.clone(), self.shared.clone(), self.mem.clone())?;
+                p.watch(tx.clone())?;
                 Some(p)
             }
             None => None,
