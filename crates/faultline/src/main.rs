@@ -1,6 +1,7 @@
 //! `faultline`: the command line. Thin: parsing and printing; the work is in the crates.
 
 mod demo;
+mod migrate;
 mod run;
 mod snap;
 
@@ -21,9 +22,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main job: a microVM running the built-in guest, live-migrated with post-copy to
+    /// a second faultline process over TCP loopback, memory verified, statistics printed.
+    Demo(migrate::DemoArgs),
     /// Memory served lazily from a file by the fault loop, touched by several threads,
-    /// then verified against the file (the main job until live migration lands).
-    Demo(demo::Args),
+    /// then verified against the file.
+    MemxDemo(demo::Args),
+    /// Live-migrate a running VM (through its API socket) to `faultline run --incoming`.
+    Migrate(migrate::Args),
     /// Boot a microVM with the built-in guest and run a workload.
     Run(run::Args),
     /// Snapshot a running VM through its API socket.
@@ -49,6 +55,31 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Live migration: 1 GiB guest, 512 MiB hot, workloads x links x modes (the QEMU
+    /// post-copy anchor's shapes); medians of `runs`.
+    Migrate {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Runs per cell.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Workloads.
+        #[arg(long, value_delimiter = ',', default_values_t = ["dirty".to_string(), "read".to_string()])]
+        workloads: Vec<String>,
+        /// Links: unlimited, 10g, 1g.
+        #[arg(long, value_delimiter = ',', default_values_t = ["unlimited".to_string(), "10g".to_string(), "1g".to_string()])]
+        links: Vec<String>,
+        /// Modes.
+        #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string(), "postcopy".to_string(), "hybrid".to_string()])]
+        modes: Vec<String>,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mem_mib: u64,
+        /// Memory the workload uses, MiB.
+        #[arg(long, default_value_t = 512)]
+        hot_mib: u64,
+    },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
         /// JSON lines.
@@ -297,7 +328,29 @@ fn bench_restore(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Demo(a) => demo::run(&a),
+        Cmd::Demo(a) => migrate::demo(&a),
+        Cmd::MemxDemo(a) => demo::run(&a),
+        Cmd::Migrate(a) => migrate::migrate(&a),
+        Cmd::Bench {
+            which:
+                BenchCmd::Migrate {
+                    json,
+                    runs,
+                    workloads,
+                    links,
+                    modes,
+                    mem_mib,
+                    hot_mib,
+                },
+        } => migrate::bench(
+            json,
+            runs as usize,
+            &workloads,
+            &links,
+            &modes,
+            mem_mib,
+            hot_mib,
+        ),
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
         Cmd::Snapshot(a) => snap::snapshot(&a),

@@ -48,6 +48,18 @@ pub struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    /// Receive the VM from a migrating source instead of booting one: listen on
+    /// `tcp:HOST:PORT` or `unix:PATH` (the VM's shape comes from the source).
+    #[arg(long, value_name = "ENDPOINT")]
+    incoming: Option<vmm::migration::Endpoint>,
+    /// With --incoming: run the guest's `verify` at switchover instead of resuming, and
+    /// compare its checksums with the source's.
+    #[arg(long, requires = "incoming")]
+    verify: bool,
+    /// With --incoming: after a lost post-copy link, wait this many seconds for
+    /// `faultline migrate --resume` before stopping the VM with an error.
+    #[arg(long, default_value_t = 60, requires = "incoming")]
+    recover_timeout: u64,
 }
 
 /// Parse `512M`, `1G`, `4096K` or a byte count.
@@ -83,8 +95,43 @@ pub fn run(a: &Args) -> Result<(), String> {
             cmdline: a.cmdline.clone(),
         }),
     };
-    let vm = Vm::new(cfg).map_err(|e| uffd::error_chain(&e))?;
-    let running = vm.start().map_err(|e| uffd::error_chain(&e))?;
+    let running = match &a.incoming {
+        Some(ep) => {
+            eprintln!("faultline run: waiting for a migration on {ep}");
+            let r = vmm::migration::incoming(&vmm::migration::IncomingOptions {
+                listen: ep.clone(),
+                verify: a.verify,
+                recover_timeout: Duration::from_secs(a.recover_timeout),
+                ..Default::default()
+            })
+            .map_err(|e| format!("incoming migration: {}", uffd::error_chain(&e)))?;
+            if let Some(st) = r.migration_status() {
+                // Print the statistics as soon as the migration completes (the guest runs on).
+                std::thread::spawn(move || {
+                    while !st.is_final() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let s = st.get();
+                    eprintln!(
+                        "faultline run: incoming migration {}{}",
+                        s.state,
+                        s.error.map(|e| format!(": {e}")).unwrap_or_default()
+                    );
+                    if let Some(stats) = s.stats {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "event": "migration", "stats": stats })
+                        );
+                    }
+                });
+            }
+            r
+        }
+        None => {
+            let vm = Vm::new(cfg).map_err(|e| uffd::error_chain(&e))?;
+            vm.start().map_err(|e| uffd::error_chain(&e))?
+        }
+    };
     let _api = match &a.api_sock {
         Some(p) => Some(
             vmm::api::ApiServer::start(p, running.api_sender())
@@ -106,6 +153,17 @@ pub fn run(a: &Args) -> Result<(), String> {
     let line = serde_json::json!({ "event": "summary", "summary": summary });
     if json {
         println!("{line}");
+    } else if summary.migrated {
+        println!(
+            "faultline run: the guest migrated away after {} ms",
+            summary.wall_ms
+        );
+        if let Some(m) = &summary.migration {
+            println!(
+                "{}",
+                serde_json::json!({ "event": "migration", "stats": m["stats"] })
+            );
+        }
     } else {
         println!(
             "faultline run: {} on {} vCPU(s), {} MiB: {} after {} ms, checksums verified: {}",

@@ -1,6 +1,6 @@
 //! `faultline snapshot`, `faultline restore` and `faultline page-server`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,37 +27,7 @@ pub struct SnapshotArgs {
 }
 
 /// A minimal HTTP/1.1 request over a Unix socket (what `curl --unix-socket` does).
-pub fn http_unix(
-    sock: &std::path::Path,
-    method: &str,
-    path: &str,
-    body: &str,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let mut s = UnixStream::connect(sock)
-        .map_err(|e| format!("cannot connect to the API socket {}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| format!("API request: {e}"))?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .map_err(|e| format!("API answer: {e}"))?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {resp:.80}"))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+pub use vmm::api::call as http_unix;
 
 pub fn snapshot(a: &SnapshotArgs) -> Result<(), String> {
     let dir = std::path::absolute(&a.out).map_err(|e| format!("--out: {e}"))?;

@@ -35,7 +35,7 @@ fn probe_reports_features_as_json() {
 
 #[test]
 fn demo_serves_and_verifies() {
-    let o = faultline(&["demo", "--mem-mib", "16", "--json"]);
+    let o = faultline(&["memx-demo", "--mem-mib", "16", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["verified"], true);
@@ -101,7 +101,7 @@ fn bad_command_lines_fail_clearly() {
     for args in [
         &["bench", "uffd", "--case", "copy-8k"][..],
         &["bench", "uffd", "--threads", "0"],
-        &["demo", "--mem-mib", "0"],
+        &["memx-demo", "--mem-mib", "0"],
         &["no-such-command"],
     ] {
         let o = faultline(args);

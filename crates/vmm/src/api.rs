@@ -8,6 +8,8 @@
 //! | `PUT /vm/stop` | 204; the VM stops and `faultline run` prints its summary |
 //! | `GET /vm/stats` | uptime, exits, per-vCPU heartbeats and longest gap |
 //! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written (pauses, snapshots, resumes unless it was paused) |
+//! | `PUT /migrate` with `{"to": "tcp:HOST:PORT", "mode": "postcopy", "max_bandwidth": 0, "downtime_limit_ms": 300}` | 202; the migration runs in the background (`{"resume": true}` reconnects a post-copy whose link was lost) |
+//! | `GET /migrate` | state (`setup`, `precopy`, `switchover`, `postcopy`, `postcopy-paused`, `completed`, `cancelled`, `failed`), progress, error, final statistics |
 //!
 //! The HTTP server runs on its own thread and never touches the VM: it hands each request to
 //! the VM's controller over a channel and waits for the answer (as Firecracker's API thread
@@ -42,6 +44,10 @@ pub enum ApiRequest {
     Stop,
     /// `GET /vm/stats`.
     Stats,
+    /// `PUT /migrate`: start a migration, or resume one whose link was lost.
+    Migrate(crate::migration::MigrateRequest),
+    /// `GET /migrate`: the migration's state, progress and statistics.
+    MigrateStatus,
 }
 
 /// The controller's answer: an HTTP status and a JSON body (`Value::Null`: no body).
@@ -84,6 +90,22 @@ fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<ApiRequest
                 },
             )
         }
+        "/migrate" if *method == Get => (true, ApiRequest::MigrateStatus),
+        "/migrate" => {
+            let r: crate::migration::MigrateRequest = serde_json::from_str(body).map_err(|e| {
+                (
+                    400,
+                    json!({ "error": format!("bad migration request: {e}") }),
+                )
+            })?;
+            if r.to.is_none() && !r.resume {
+                return Err((
+                    400,
+                    json!({ "error": "missing \"to\" (tcp:HOST:PORT or unix:PATH)" }),
+                ));
+            }
+            (false, ApiRequest::Migrate(r))
+        }
         "/vm" => (true, ApiRequest::GetVm),
         "/vm/stats" => (true, ApiRequest::Stats),
         "/vm/pause" => (false, ApiRequest::Pause),
@@ -98,6 +120,41 @@ fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<ApiRequest
             json!({ "error": format!("{method} not allowed on {path}; use {}", if want_get { "GET" } else { "PUT" }) }),
         )),
     }
+}
+
+/// A minimal HTTP/1.1 client over a Unix socket (for `faultline snapshot`, `faultline migrate`
+/// and the benchmarks): one request, `Connection: close`, the status code and body back.
+pub fn call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .map_err(|e| format!("cannot connect to the API socket {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("API request: {e}"))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| format!("API answer: {e}"))?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {resp:.80}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// The API server thread; removes its socket when dropped.

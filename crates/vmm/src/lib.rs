@@ -26,6 +26,7 @@ pub mod devices;
 pub mod guest;
 pub mod linux;
 pub mod memory;
+pub mod migration;
 pub mod mptable;
 pub mod restore;
 pub mod snapshot;

@@ -529,6 +529,41 @@ fn connect_handler(
     Ok(conn)
 }
 
+/// Create vCPUs with the saved states (and, for `verify`, at that workload's entry).
+pub(crate) fn build_vcpus(
+    kvm: &kvm_ioctls::Kvm,
+    vm: &kvm_ioctls::VmFd,
+    states: &[crate::snapshot::VcpuState],
+    cfg: &crate::VmConfig,
+    verify: bool,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, RestoreError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+        .map_err(RestoreError::Vm)?;
+    let mut vcpus = Vec::new();
+    for (i, st) in states.iter().enumerate() {
+        let vcpu = vm
+            .create_vcpu(i as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))
+            .map_err(RestoreError::Vm)?;
+        vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
+            .map_err(kvm_err("KVM_SET_CPUID2"))
+            .map_err(RestoreError::Vm)?;
+        st.restore(&vcpu)
+            .map_err(|e| RestoreError::Snapshot(SnapshotError::State(e)))?;
+        if verify {
+            let regs =
+                Vm::entry_regs_for(&vcpu, cfg, i, Workload::Verify).map_err(RestoreError::Vm)?;
+            vcpu.set_regs(&regs)
+                .map_err(kvm_err("KVM_SET_REGS"))
+                .map_err(RestoreError::Vm)?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
 /// Restore the snapshot in `dir`. Everything about the snapshot is checked before the VM
 /// exists; the returned VM has not run yet.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreError> {
@@ -658,30 +693,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         .vm
         .restore(&vm)
         .map_err(|e| RestoreError::Snapshot(SnapshotError::State(e)))?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
-        .map_err(RestoreError::Vm)?;
-    let mut vcpus = Vec::new();
-    for (i, st) in loaded.vcpus.iter().enumerate() {
-        let vcpu = vm
-            .create_vcpu(i as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU"))
-            .map_err(RestoreError::Vm)?;
-        vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
-            .map_err(kvm_err("KVM_SET_CPUID2"))
-            .map_err(RestoreError::Vm)?;
-        st.restore(&vcpu)
-            .map_err(|e| RestoreError::Snapshot(SnapshotError::State(e)))?;
-        if opts.then == AfterRestore::Verify {
-            let regs =
-                Vm::entry_regs_for(&vcpu, &cfg, i, Workload::Verify).map_err(RestoreError::Vm)?;
-            vcpu.set_regs(&regs)
-                .map_err(kvm_err("KVM_SET_REGS"))
-                .map_err(RestoreError::Vm)?;
-        }
-        vcpus.push(vcpu);
-    }
+    let vcpus = build_vcpus(
+        &kvm,
+        &vm,
+        &loaded.vcpus,
+        &cfg,
+        opts.then == AfterRestore::Verify,
+    )?;
     let checksums = m
         .checksums
         .iter()

@@ -1,7 +1,7 @@
 //! The VM: KVM setup, vCPU threads, exits, the built-in guest's events, pause and resume.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -197,6 +197,9 @@ pub enum VmError {
     /// The page-fault handler (in-process fault loop or external process) failed.
     #[error("page-fault handler: {0}")]
     Pager(String),
+    /// A migration failed after the guest started here.
+    #[error("migration: {0}")]
+    Migration(String),
 }
 
 /// Per-vCPU results.
@@ -239,6 +242,13 @@ pub struct RunSummary {
     pub first_run_us: Option<u64>,
     /// What the restore's page-fault handler did (lazy restores only).
     pub pager: Option<crate::restore::PagerReport>,
+    /// The guest left through an outgoing migration.
+    pub migrated: bool,
+    /// The migration's final status (either side), if there was one.
+    pub migration: Option<serde_json::Value>,
+    /// `verify` after an incoming migration: the guest's checksums equal the source's at
+    /// switchover.
+    pub matches_source: Option<bool>,
 }
 
 /// Work a parked vCPU thread does on its own vCPU (saving state for a snapshot).
@@ -252,7 +262,7 @@ struct PauseState {
 }
 
 /// State shared by the controller and the vCPU threads.
-struct Shared {
+pub(crate) struct Shared {
     t0: Instant,
     pause_req: AtomicBool,
     stop_req: AtomicBool,
@@ -262,10 +272,42 @@ struct Shared {
     exits: std::sync::atomic::AtomicU64,
     /// Host time (µs since `t0`) at which the first vCPU first entered `KVM_RUN`; 0: not yet.
     first_run_us: std::sync::atomic::AtomicU64,
+    /// Per vCPU: heartbeat timing, thread id, whether its thread has ended.
+    pub(crate) cpus: Vec<CpuTrack>,
+    /// The vCPU threads (for the kick signal); filled by `start`.
+    pthreads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// What the controller and the migration threads see of one vCPU without asking it.
+#[derive(Default)]
+pub(crate) struct CpuTrack {
+    /// Host `CLOCK_MONOTONIC` ns of the last heartbeat (number 1 or later); 0: none yet.
+    pub(crate) last_hb_ns: AtomicU64,
+    /// Host `CLOCK_MONOTONIC` ns of the first heartbeat (number 1 or later); 0: none yet.
+    pub(crate) first_hb_ns: AtomicU64,
+    /// Longest gap between heartbeats since the last reset, ns.
+    pub(crate) max_gap_ns: AtomicU64,
+    /// Last heartbeat number.
+    pub(crate) last_n: AtomicU32,
+    /// Linux thread id of the vCPU thread (0 before it starts).
+    pub(crate) tid: AtomicU32,
+    /// The thread has returned from its loop.
+    pub(crate) exited: AtomicBool,
+}
+
+/// Host `CLOCK_MONOTONIC` in ns (comparable across processes on one host).
+pub(crate) fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Shared {
-    fn new(t0: Instant) -> Arc<Self> {
+    fn new(t0: Instant, vcpus: usize) -> Arc<Self> {
         Arc::new(Shared {
             t0,
             pause_req: AtomicBool::new(false),
@@ -275,7 +317,107 @@ impl Shared {
             cv: Condvar::new(),
             exits: Default::default(),
             first_run_us: Default::default(),
+            cpus: (0..vcpus).map(|_| CpuTrack::default()).collect(),
+            pthreads: Mutex::new(Vec::new()),
         })
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).paused
+    }
+
+    fn running(&self) -> u32 {
+        self.cpus.iter().filter(|c| !c.exited.load(SeqCst)).count() as u32
+    }
+
+    fn kick_until(&self, done: impl Fn() -> bool) {
+        // A kick can land outside KVM_RUN and be lost: repeat until the vCPUs answer.
+        while !done() {
+            let threads = self
+                .pthreads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (i, t) in threads.iter().enumerate() {
+                if !self.cpus[i].exited.load(SeqCst) {
+                    // SAFETY: pthread_kill on a vCPU thread that has not been joined (the
+                    // controller joins only after every thread has exited).
+                    unsafe { libc::pthread_kill(*t, kick_signal()) };
+                }
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Pause every vCPU (returns when all are parked or finished).
+    pub(crate) fn pause(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).paused = true;
+        self.pause_req.store(true, SeqCst);
+        self.kick_until(|| self.parked.load(SeqCst) >= self.running());
+    }
+
+    /// Resume paused vCPUs.
+    pub(crate) fn resume(&self) {
+        self.pause_req.store(false, SeqCst);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).paused = false;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn stop_vcpus(&self) {
+        self.stop_req.store(true, SeqCst);
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.cv.notify_all();
+        self.kick_until(|| self.running() == 0);
+    }
+
+    /// Reset every vCPU's longest heartbeat gap.
+    pub(crate) fn reset_gaps(&self) {
+        for c in &self.cpus {
+            c.max_gap_ns.store(0, SeqCst);
+        }
+    }
+
+    /// Save every parked vCPU's state, each on its own thread (after completing its last
+    /// exit). The vCPUs must be paused.
+    pub(crate) fn save_vcpus(
+        &self,
+        msr_list: &[u32],
+        lapic: bool,
+    ) -> Result<Vec<crate::snapshot::VcpuState>, crate::snapshot::SnapshotError> {
+        use crate::snapshot::{SnapshotError, VcpuState};
+        let n = self.cpus.len();
+        let mut rxs = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..n {
+                let (tx, rx) = mpsc::channel();
+                let msrs = msr_list.to_vec();
+                st.jobs[i] = Some(Box::new(move |v: &mut VcpuFd| {
+                    // Complete the exit the vCPU last took (an `in` whose data we supplied,
+                    // an `out`) before reading its registers: KVM_RUN with immediate_exit
+                    // finishes it and returns at once.
+                    v.set_kvm_immediate_exit(1);
+                    let _ = v.run();
+                    v.set_kvm_immediate_exit(0);
+                    let _ = tx.send(VcpuState::save(v, &msrs, lapic));
+                }));
+                rxs.push(rx);
+            }
+        }
+        self.cv.notify_all();
+        let mut vcpus = Vec::new();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let st = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| {
+                    SnapshotError::Inconsistent(format!(
+                        "vCPU {i} did not hand over its state within 10 s"
+                    ))
+                })?
+                .map_err(SnapshotError::State)?;
+            vcpus.push(st);
+        }
+        Ok(vcpus)
     }
 }
 
@@ -340,6 +482,11 @@ struct Slice {
     first_page: u64,
 }
 
+/// Check that the built-in guest's slices fit `cfg`.
+pub(crate) fn slices_of_cfg(cfg: &VmConfig) -> Result<(), VmError> {
+    slices_of(cfg).map(|_| ())
+}
+
 /// The built-in guest's workload slices, one per vCPU.
 fn slices_of(cfg: &VmConfig) -> Result<Vec<Slice>, VmError> {
     let area = cfg.workload_bytes.unwrap_or(cfg.mem_bytes - cpl3::WORKLOAD);
@@ -368,7 +515,7 @@ fn slices_of(cfg: &VmConfig) -> Result<Vec<Slice>, VmError> {
 /// A created VM, not yet running.
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     mem: Arc<GuestMem>,
     vcpus: Vec<VcpuFd>,
     slices: Vec<Slice>,
@@ -481,12 +628,12 @@ impl Vm {
         let n = vcpus.len();
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            _vm: Arc::new(vm),
             mem,
             vcpus,
             slices,
             cfg,
-            shared: Shared::new(t0),
+            shared: Shared::new(t0, n),
             devices: None,
             irqchip: false,
             pager: None,
@@ -507,14 +654,15 @@ impl Vm {
         last_heartbeat: Vec<u32>,
     ) -> Result<Vm, VmError> {
         let slices = slices_of(&cfg)?;
+        let n = vcpus.len();
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            _vm: Arc::new(vm),
             mem,
             vcpus,
             slices,
             cfg,
-            shared: Shared::new(t0),
+            shared: Shared::new(t0, n),
             devices: None,
             irqchip: false,
             pager,
@@ -579,12 +727,12 @@ impl Vm {
         let n = vcpus.len();
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            _vm: Arc::new(vm),
             mem,
             vcpus,
             slices: Vec::new(),
             cfg,
-            shared: Shared::new(t0),
+            shared: Shared::new(t0, n),
             devices: Some(devices),
             irqchip,
             pager: None,
@@ -662,6 +810,15 @@ impl Vm {
                 })?;
             threads.push(h);
         }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            *self
+                .shared
+                .pthreads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
+                threads.iter().map(|t| t.as_pthread_t()).collect();
+        }
         if let Some(p) = &mut pager {
             p.launch()?;
         }
@@ -683,6 +840,8 @@ impl Vm {
             stopped: false,
             irqchip: self.irqchip,
             pager,
+            migration: None,
+            migrated: false,
         })
     }
 }
@@ -692,6 +851,8 @@ pub(crate) enum Msg {
     Failed(VmError),
     Exited,
     Api(crate::api::ApiRequest, Sender<crate::api::ApiReply>),
+    /// An outgoing migration switched over: the guest runs elsewhere; stop the vCPUs.
+    Migrated,
 }
 
 fn rip(vcpu: &VcpuFd) -> u64 {
@@ -705,10 +866,14 @@ fn vcpu_loop(
     devices: Option<&crate::devices::LegacyDevices>,
     tx: &Sender<Msg>,
 ) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
+    shared.cpus[id as usize].tid.store(tid, SeqCst);
     let r = run_vcpu(id, &mut vcpu, shared, devices, tx);
     if let Err(e) = r {
         let _ = tx.send(Msg::Failed(e));
     }
+    shared.cpus[id as usize].exited.store(true, SeqCst);
     let _ = tx.send(Msg::Exited);
 }
 
@@ -799,11 +964,23 @@ fn run_vcpu(
                 b[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
                 let v = u32::from_le_bytes(b);
                 match port {
-                    abi::PORT_HEARTBEAT => send(Event::Heartbeat {
-                        vcpu: id,
-                        n: v,
-                        t_us: now_us(),
-                    }),
+                    abi::PORT_HEARTBEAT => {
+                        let c = &shared.cpus[id as usize];
+                        if v >= 1 {
+                            let now = mono_ns();
+                            let _ = c.first_hb_ns.compare_exchange(0, now, SeqCst, SeqCst);
+                            let last = c.last_hb_ns.swap(now, SeqCst);
+                            if last != 0 {
+                                c.max_gap_ns.fetch_max(now.saturating_sub(last), SeqCst);
+                            }
+                        }
+                        c.last_n.store(v, SeqCst);
+                        send(Event::Heartbeat {
+                            vcpu: id,
+                            n: v,
+                            t_us: now_us(),
+                        })
+                    }
                     abi::PORT_PHASE if v == abi::PHASE_READY => send(Event::Ready {
                         vcpu: id,
                         t_us: now_us(),
@@ -888,7 +1065,7 @@ fn run_vcpu(
 /// A running VM.
 pub struct RunningVm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     mem: Arc<GuestMem>,
     slices: Vec<Slice>,
     cfg: VmConfig,
@@ -905,6 +1082,10 @@ pub struct RunningVm {
     last_n: Vec<u32>,
     irqchip: bool,
     pager: Option<crate::restore::Pager>,
+    /// An outgoing or incoming migration of this VM.
+    migration: Option<crate::migration::Migration>,
+    /// The guest left for another host (outgoing migration switched over).
+    migrated: bool,
 }
 
 impl fmt::Debug for RunningVm {
@@ -926,11 +1107,7 @@ impl RunningVm {
     }
 
     fn is_paused(&self) -> bool {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .paused
+        self.shared.is_paused()
     }
 
     fn answer(&mut self, req: crate::api::ApiRequest) -> crate::api::ApiReply {
@@ -965,6 +1142,11 @@ impl RunningVm {
                 Ok(info) => (200, json!(info)),
                 Err(e) => (500, json!({ "error": uffd::error_chain(&e) })),
             },
+            ApiRequest::Migrate(req) => self.start_migration(req),
+            ApiRequest::MigrateStatus => match &self.migration {
+                Some(m) => (200, m.status.json()),
+                None => (404, json!({ "error": "no migration" })),
+            },
             ApiRequest::Stats => (
                 200,
                 json!({
@@ -983,52 +1165,118 @@ impl RunningVm {
         }
     }
 
-    fn kick_until(&self, done: impl Fn() -> bool) {
-        use std::os::unix::thread::JoinHandleExt;
-        // A kick can land outside KVM_RUN and be lost: repeat until the vCPUs answer.
-        while !done() {
-            for t in &self.threads {
-                if !t.is_finished() {
-                    // SAFETY: pthread_kill on a thread we own and have not joined.
-                    unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-                }
+    /// Pause every vCPU (returns when all are parked or finished).
+    pub fn pause(&self) {
+        self.shared.pause();
+    }
+
+    fn start_migration(&mut self, req: crate::migration::MigrateRequest) -> crate::api::ApiReply {
+        use serde_json::json;
+        if req.resume {
+            let Some(m) = &self.migration else {
+                return (404, json!({ "error": "no migration to resume" }));
+            };
+            if m.status.get().state != "postcopy-paused" {
+                return (
+                    409,
+                    json!({ "error": format!("the migration is {}, not postcopy-paused", m.status.get().state) }),
+                );
             }
-            thread::sleep(Duration::from_micros(500));
+            return match m.resume.as_ref().map(|r| r.send(req.to.clone())) {
+                Some(Ok(())) => (202, m.status.json()),
+                _ => (
+                    409,
+                    json!({ "error": "this side cannot resume the migration" }),
+                ),
+            };
+        }
+        if self.migration.as_ref().is_some_and(|m| m.busy()) || self.migrated {
+            return (
+                409,
+                json!({ "error": "a migration is already running or done" }),
+            );
+        }
+        if self.cfg.linux.is_some() {
+            return (
+                400,
+                json!({ "error": "migration of Linux guests is not supported yet (serial and i8042 state)" }),
+            );
+        }
+        if self.shared.cpus.iter().any(|c| c.exited.load(SeqCst)) {
+            return (
+                400,
+                json!({ "error": "a vCPU has already stopped (its workload finished): nothing to migrate" }),
+            );
+        }
+        let msr_list = match self._kvm.get_msr_index_list() {
+            Ok(l) => l.as_slice().to_vec(),
+            Err(e) => {
+                return (
+                    500,
+                    json!({ "error": format!("KVM_GET_MSR_INDEX_LIST: {e}") }),
+                );
+            }
+        };
+        let ctx = crate::migration::source::SourceCtx {
+            shared: self.shared.clone(),
+            vm: self._vm.clone(),
+            mem: self.mem.clone(),
+            msr_list,
+            irqchip: self.irqchip,
+            cfg: self.cfg.clone(),
+            slices: self.slices.iter().map(|s| (s.start, s.len)).collect(),
+            tx: self.api_tx.clone(),
+        };
+        let status = crate::migration::Status::new("source", Some(req.mode));
+        let (rtx, rrx) = mpsc::channel();
+        let st = status.clone();
+        let th = thread::Builder::new()
+            .name("migration-out".into())
+            .spawn(move || crate::migration::source::run(ctx, req, st, rrx));
+        match th {
+            Ok(th) => {
+                self.migration = Some(crate::migration::Migration {
+                    status: status.clone(),
+                    resume: Some(rtx),
+                    thread: Some(th),
+                });
+                (202, status.json())
+            }
+            Err(e) => (
+                500,
+                json!({ "error": format!("cannot start the migration thread: {e}") }),
+            ),
         }
     }
 
-    /// Pause every vCPU (returns when all are parked or finished).
-    pub fn pause(&self) {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .paused = true;
-        self.shared.pause_req.store(true, SeqCst);
-        let running = || self.threads.iter().filter(|t| !t.is_finished()).count() as u32;
-        self.kick_until(|| self.shared.parked.load(SeqCst) >= running());
+    /// The migration's status, if this VM has one (either side).
+    pub fn migration_status(&self) -> Option<crate::migration::Status> {
+        self.migration.as_ref().map(|m| m.status.clone())
+    }
+
+    pub(crate) fn attach_migration(&mut self, m: crate::migration::Migration) {
+        self.migration = Some(m);
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    pub(crate) fn failure_sender(&self) -> Sender<Msg> {
+        self.api_tx.clone()
+    }
+
+    fn migration_busy(&self) -> bool {
+        self.migration.as_ref().is_some_and(|m| m.busy())
     }
 
     /// Resume paused vCPUs.
     pub fn resume(&self) {
-        self.shared.pause_req.store(false, SeqCst);
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .paused = false;
-        self.shared.cv.notify_all();
+        self.shared.resume();
     }
 
     fn stop_vcpus(&self) {
-        self.shared.stop_req.store(true, SeqCst);
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stop = true;
-        self.shared.cv.notify_all();
-        self.kick_until(|| self.threads.iter().all(|t| t.is_finished()));
+        self.shared.stop_vcpus();
     }
 
     fn absorb(&mut self, e: &Event) {
@@ -1075,6 +1323,11 @@ impl RunningVm {
                 }
                 Ok(Msg::Failed(e)) => return Err(e),
                 Ok(Msg::Exited) => self.live -= 1,
+                Ok(Msg::Migrated) => {
+                    self.migrated = true;
+                    self.stopped = true;
+                    self.stop_vcpus();
+                }
                 Ok(Msg::Api(req, reply)) => {
                     let r = self.answer(req);
                     let _ = reply.send(r);
@@ -1148,7 +1401,7 @@ impl RunningVm {
         page_checksums: bool,
         t0: Instant,
     ) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
-        use crate::snapshot::{self as snap, SnapshotError, StateError, VcpuState, VmState};
+        use crate::snapshot::{self as snap, SnapshotError, StateError, VmState};
         let kvm_fail = |what: &'static str| {
             move |source| SnapshotError::State(StateError::Kvm { what, source })
         };
@@ -1158,39 +1411,7 @@ impl RunningVm {
             .map_err(kvm_fail("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        let n = self.threads.len();
-        let mut rxs = Vec::new();
-        {
-            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..n {
-                let (tx, rx) = mpsc::channel();
-                let msrs = msr_list.clone();
-                let lapic = self.irqchip;
-                st.jobs[i] = Some(Box::new(move |v: &mut VcpuFd| {
-                    // Complete the exit the vCPU last took (an `in` whose data we supplied,
-                    // an `out`) before reading its registers: KVM_RUN with immediate_exit
-                    // finishes it and returns at once.
-                    v.set_kvm_immediate_exit(1);
-                    let _ = v.run();
-                    v.set_kvm_immediate_exit(0);
-                    let _ = tx.send(VcpuState::save(v, &msrs, lapic));
-                }));
-                rxs.push(rx);
-            }
-        }
-        self.shared.cv.notify_all();
-        let mut vcpus = Vec::new();
-        for (i, rx) in rxs.into_iter().enumerate() {
-            let st = rx
-                .recv_timeout(Duration::from_secs(10))
-                .map_err(|_| {
-                    SnapshotError::Inconsistent(format!(
-                        "vCPU {i} did not hand over its state within 10 s"
-                    ))
-                })?
-                .map_err(SnapshotError::State)?;
-            vcpus.push(st);
-        }
+        let vcpus = self.shared.save_vcpus(&msr_list, self.irqchip)?;
         let vm_state = VmState::save(&self._vm, self.irqchip).map_err(SnapshotError::State)?;
         std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
             what: "creating",
@@ -1268,9 +1489,14 @@ impl RunningVm {
     ) -> Result<RunSummary, VmError> {
         let deadline = Instant::now() + timeout;
         let mut failure = None;
-        while self.live > 0 {
+        while self.live > 0 || (self.migration_busy() && failure.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
+            let tick = if self.live > 0 {
+                left
+            } else {
+                left.min(Duration::from_millis(50))
+            };
+            match self.rx.recv_timeout(tick) {
                 Ok(Msg::Event(e)) => {
                     self.absorb(&e);
                     on_event(&e);
@@ -1280,10 +1506,16 @@ impl RunningVm {
                     self.stop_vcpus();
                 }
                 Ok(Msg::Exited) => self.live -= 1,
+                Ok(Msg::Migrated) => {
+                    self.migrated = true;
+                    self.stopped = true;
+                    self.stop_vcpus();
+                }
                 Ok(Msg::Api(req, reply)) => {
                     let r = self.answer(req);
                     let _ = reply.send(r);
                 }
+                Err(RecvTimeoutError::Timeout) if self.live == 0 && Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => {
                     failure.get_or_insert(VmError::Timeout(timeout));
                     self.stop_vcpus();
@@ -1324,6 +1556,26 @@ impl RunningVm {
                 });
             }
         }
+        let mut matches_source = None;
+        if self.cfg.workload == Workload::Verify
+            && let Some(src) = self
+                .migration
+                .as_ref()
+                .and_then(|m| m.status.get().source_checksums)
+        {
+            for (i, want) in src.iter().enumerate() {
+                let got = self.summary.get(i).and_then(|s| s.checksum.as_deref());
+                let got =
+                    got.and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+                if got != Some(*want) {
+                    return Err(VmError::Migration(format!(
+                        "vCPU {i}: `verify` computed {} here, but the source's memory had {want:#018x} at switchover",
+                        got.map_or("nothing".into(), |g| format!("{g:#018x}"))
+                    )));
+                }
+            }
+            matches_source = Some(true);
+        }
         Ok(RunSummary {
             boot_to_first_heartbeat_us: self.first_hb,
             vcpus: self.summary.clone(),
@@ -1334,6 +1586,9 @@ impl RunningVm {
             config: self.cfg.clone(),
             first_run_us: self.first_run_us(),
             pager,
+            migrated: self.migrated,
+            migration: self.migration.as_ref().map(|m| m.status.json()),
+            matches_source,
         })
     }
 

@@ -1,0 +1,357 @@
+//! `faultline bench migrate` (and `faultline demo`): live-migrate a microVM between two
+//! `faultline run` processes over TCP loopback, as a user would, and report what both sides
+//! measured.
+//!
+//! The shapes are the QEMU anchor's (`../shared/anchors/qemu-postcopy`): a 1 GiB guest whose
+//! workload uses 512 MiB (`dirty`: rewrites one word in every page in a loop; `read`: every
+//! 100 ms reads one page in 64), links `unlimited`, `10g` (1.25 GB/s) and `1g` (125 MB/s) as a
+//! cap on the migration's own bandwidth (QEMU's `max-bandwidth`), modes precopy, postcopy and
+//! hybrid, pre-copy given up after 20 s, downtime limit 300 ms.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::BenchError;
+
+/// One migration to run.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// Memory the workload uses, MiB.
+    pub hot_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `dirty`, `read`, `random`.
+    pub workload: String,
+    /// `precopy`, `postcopy`, `hybrid`.
+    pub mode: String,
+    /// Bytes per second; 0: unlimited.
+    pub bandwidth: u64,
+    /// Pre-copy downtime limit, ms.
+    pub downtime_limit_ms: u64,
+    /// Pre-copy deadline, ms.
+    pub deadline_ms: u64,
+    /// Keep the destination running this long after the migration (to show it goes on).
+    pub after_ms: u64,
+}
+
+/// The anchor's link names and their caps in bytes per second.
+pub const LINKS: [(&str, u64); 3] = [
+    ("unlimited", 0),
+    ("10g", 1_250_000_000),
+    ("1g", 125_000_000),
+];
+
+/// A child `faultline` that is killed if dropped.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, Value), BenchError> {
+    let (code, b) = vmm::api::call(sock, method, path, body, Duration::from_secs(30))
+        .map_err(BenchError::Run)?;
+    Ok((code, serde_json::from_str(&b).unwrap_or(Value::Null)))
+}
+
+fn wait_sock(p: &Path, child: &mut Proc) -> Result<(), BenchError> {
+    let t = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(st)) = child.0.try_wait() {
+            return Err(BenchError::Run(format!(
+                "the {} process exited early ({st})",
+                child.1
+            )));
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(BenchError::Run(format!("{} did not start", child.1)));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16, BenchError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| BenchError::Run(format!("no free port: {e}")))?;
+    Ok(l.local_addr()
+        .map_err(|e| BenchError::Run(e.to_string()))?
+        .port())
+}
+
+/// Collect the `{"event":"summary"}` line of a child's `--json-events` output.
+fn summary_reader(
+    out: Option<std::process::ChildStdout>,
+) -> std::thread::JoinHandle<Option<Value>> {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut summary = None;
+        if let Some(o) = out {
+            for line in std::io::BufReader::new(o).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["event"] == "summary"
+                {
+                    summary = Some(v);
+                }
+            }
+        }
+        summary
+    })
+}
+
+/// What [`run_one`] observed.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The source's final `GET /migrate` (state, error, stats).
+    pub status: Value,
+    /// The destination's summary line (`faultline run --json-events`), when it ran.
+    pub dest_summary: Option<Value>,
+}
+
+/// Migrate once. `progress` receives the source's status about every 200 ms.
+pub fn run_one(
+    exe: &Path,
+    dir: &Path,
+    s: &Shape,
+    mut progress: impl FnMut(&Value),
+) -> Result<Outcome, BenchError> {
+    let src_sock = dir.join("src.sock");
+    let dst_sock = dir.join("dst.sock");
+    for p in [&src_sock, &dst_sock] {
+        let _ = std::fs::remove_file(p);
+    }
+    let port = free_port()?;
+    let mem = format!("{}M", s.mem_mib);
+    let hot = format!("{}M", s.hot_mib);
+    let vcpus = s.vcpus.to_string();
+    let spawn = |args: &[&str], name: &'static str, out: Stdio| -> Result<Proc, BenchError> {
+        Command::new(exe)
+            .args(args)
+            .stdout(out)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(|c| Proc(c, name))
+            .map_err(|e| BenchError::Run(format!("cannot start {}: {e}", exe.display())))
+    };
+    let src_args = [
+        "run",
+        "--mem",
+        &mem,
+        "--vcpus",
+        &vcpus,
+        "--guest",
+        &s.workload,
+        "--workload-mem",
+        &hot,
+        "--api-sock",
+        src_sock.to_str().unwrap_or_default(),
+        "--seconds",
+        "600",
+        "--json-events",
+    ];
+    let mut src = spawn(&src_args, "source", Stdio::piped())?;
+    let src_reader = summary_reader(src.0.stdout.take());
+    let incoming = format!("tcp:127.0.0.1:{port}");
+    let dst_args = [
+        "run",
+        "--incoming",
+        &incoming,
+        "--api-sock",
+        dst_sock.to_str().unwrap_or_default(),
+        "--json-events",
+    ];
+    let mut dst = spawn(&dst_args, "destination", Stdio::piped())?;
+    let reader = summary_reader(dst.0.stdout.take());
+    wait_sock(&src_sock, &mut src)?;
+    // Wait until every vCPU has filled its memory and beats.
+    let t = Instant::now();
+    loop {
+        let (_, st) = api(&src_sock, "GET", "/vm/stats", "")?;
+        let ready = st["vcpus"].as_array().is_some_and(|v| {
+            !v.is_empty() && v.iter().all(|c| c["heartbeats"].as_u64() >= Some(3))
+        });
+        if ready {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Run(
+                "the source guest did not start beating".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = json!({
+        "to": incoming,
+        "mode": s.mode,
+        "max_bandwidth": s.bandwidth,
+        "downtime_limit_ms": s.downtime_limit_ms,
+        "deadline_ms": s.deadline_ms,
+    });
+    let (code, v) = api(&src_sock, "PUT", "/migrate", &body.to_string())?;
+    if code != 202 {
+        return Err(BenchError::Run(format!("PUT /migrate: {code} {v}")));
+    }
+    let status = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let v = match api(&src_sock, "GET", "/migrate", "") {
+            Ok((_, v)) => v,
+            // The source exits once its migration is complete: its summary has the status.
+            Err(_) if matches!(src.0.try_wait(), Ok(Some(_))) || !src_sock.exists() => {
+                let _ = src.0.wait();
+                let sum = src_reader.join().ok().flatten();
+                break sum
+                    .map(|s| s["summary"]["migration"].clone())
+                    .filter(|m| !m.is_null())
+                    .ok_or_else(|| {
+                        BenchError::Run("the source exited without a migration summary".into())
+                    })?;
+            }
+            Err(e) => return Err(e),
+        };
+        progress(&v);
+        let st = v["state"].as_str().unwrap_or("");
+        if matches!(st, "completed" | "failed" | "cancelled" | "postcopy-paused") {
+            break v;
+        }
+    };
+    if status["state"] == "completed" {
+        std::thread::sleep(Duration::from_millis(s.after_ms));
+        let _ = wait_sock(&dst_sock, &mut dst);
+        let _ = api(&dst_sock, "PUT", "/vm/stop", "");
+    } else {
+        let _ = api(&src_sock, "PUT", "/vm/stop", "");
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if matches!(dst.0.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(dst);
+    let dest_summary = reader.join().ok().flatten();
+    drop(src);
+    Ok(Outcome {
+        status,
+        dest_summary,
+    })
+}
+
+/// One output line (the interface; keys and values as written there).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateLine {
+    /// `"migrate"`.
+    pub bench: &'static str,
+    /// `dirty` or `read`.
+    pub workload: String,
+    /// `unlimited`, `10g`, `1g`.
+    pub link: String,
+    /// `precopy`, `postcopy`, `hybrid`.
+    pub mode: String,
+    /// Every run converged.
+    pub converged: bool,
+    /// Runs that converged, of all runs (`"2/3"`).
+    pub converged_runs: String,
+    /// Medians of the converged runs (or of all runs for `total_ms`).
+    pub total_ms: f64,
+    /// Pause → destination resumed.
+    pub downtime_ms: f64,
+    /// Longest guest-visible pause from the heartbeats (gap − 100 ms).
+    pub max_pause_ms: f64,
+    /// vCPU time blocked on remote faults (sum over vCPUs).
+    pub blocktime_ms: f64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Remote fault latency, p50, µs.
+    pub fault_p50_us: f64,
+    /// p99.
+    pub fault_p99_us: f64,
+    /// Non-zero pages at switchover × 4096 (what `bytes` is compared with).
+    pub nonzero_bytes: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Run `runs` migrations of one cell and summarise them.
+pub fn cell(
+    exe: &Path,
+    dir: &Path,
+    shape: &Shape,
+    link: &str,
+    runs: usize,
+) -> Result<MigrateLine, BenchError> {
+    let mut stats = Vec::new();
+    let mut conv = 0;
+    let mut totals = Vec::new();
+    for _ in 0..runs {
+        let o = run_one(exe, dir, shape, |_| {})?;
+        let st = &o.status["stats"];
+        totals.push(st["total_ms"].as_f64().unwrap_or(f64::NAN));
+        if o.status["state"] == "completed" {
+            conv += 1;
+            stats.push(st.clone());
+        } else if o.status["state"] != "cancelled" {
+            return Err(BenchError::Run(format!(
+                "{} {} {link}: {}",
+                shape.workload, shape.mode, o.status
+            )));
+        }
+    }
+    let m = |k: &str| median(stats.iter().filter_map(|s| s[k].as_f64()).collect());
+    let lat = |k: &str| {
+        median(
+            stats
+                .iter()
+                .filter_map(|s| s["fault_latency_us"][k].as_f64())
+                .collect(),
+        )
+    };
+    Ok(MigrateLine {
+        bench: "migrate",
+        workload: shape.workload.clone(),
+        link: link.into(),
+        mode: shape.mode.clone(),
+        converged: conv == runs,
+        converged_runs: format!("{conv}/{runs}"),
+        total_ms: if conv > 0 {
+            m("total_ms")
+        } else {
+            median(totals)
+        },
+        downtime_ms: m("downtime_ms"),
+        max_pause_ms: m("max_pause_ms"),
+        blocktime_ms: m("blocktime_ms"),
+        bytes: m("bytes") as u64,
+        fault_p50_us: lat("p50"),
+        fault_p99_us: lat("p99"),
+        nonzero_bytes: median(
+            stats
+                .iter()
+                .filter_map(|s| s["nonzero_pages"].as_f64())
+                .collect(),
+        ) as u64
+            * 4096,
+    })
+}
+
+/// A scratch directory for sockets.
+pub fn scratch() -> Result<PathBuf, BenchError> {
+    let d = std::env::temp_dir().join(format!("faultline-mig-{}", std::process::id()));
+    std::fs::create_dir_all(&d).map_err(|e| BenchError::Run(format!("{}: {e}", d.display())))?;
+    Ok(d)
+}

@@ -1,0 +1,302 @@
+//! `faultline migrate`, `faultline demo` (a post-copy live migration) and `faultline bench
+//! migrate`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vmm::migration::{Endpoint, MigrationMode};
+
+/// `faultline migrate` options.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The source VM's API socket.
+    #[arg(long)]
+    api_sock: std::path::PathBuf,
+    /// The destination (`faultline run --incoming ...`): tcp:HOST:PORT or unix:PATH.
+    #[arg(long, required_unless_present = "resume")]
+    to: Option<Endpoint>,
+    /// precopy, postcopy or hybrid.
+    #[arg(long, default_value = "postcopy")]
+    mode: MigrationMode,
+    /// Cap on the migration's bandwidth: bytes per second (K/M/G suffixes) or bits with
+    /// `gbit`/`mbit` (e.g. 1gbit); 0: unlimited.
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    max_bandwidth: u64,
+    /// Pre-copy switches over when the rest fits this, ms.
+    #[arg(long, default_value_t = 300)]
+    downtime_limit_ms: u64,
+    /// Pre-copy gives up after this, ms (the guest runs on at the source).
+    #[arg(long, default_value_t = 20_000)]
+    deadline_ms: u64,
+    /// Reconnect a post-copy migration whose link was lost (optionally to a new --to).
+    #[arg(long)]
+    resume: bool,
+    /// Print only the final status as JSON (no progress line).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `1gbit`, `10Gbit`, `125M` (bytes/s), `0`.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let l = s.to_ascii_lowercase();
+    for (suffix, mul) in [("gbit", 1e9 / 8.0), ("mbit", 1e6 / 8.0)] {
+        if let Some(n) = l.strip_suffix(suffix) {
+            return n
+                .parse::<f64>()
+                .map(|v| (v * mul) as u64)
+                .map_err(|_| format!("'{s}' is not a rate (examples: 1gbit, 125M, 0)"));
+        }
+    }
+    crate::run::parse_size(s)
+}
+
+fn status_line(v: &Value) -> String {
+    format!(
+        "{:<16} round {:>2}  {:>5.1}%  {:>8.1} MB/s  {:>8.1} MiB left",
+        v["state"].as_str().unwrap_or("?"),
+        v["round"].as_u64().unwrap_or(0),
+        v["percent"].as_f64().unwrap_or(0.0),
+        v["rate_mbps"].as_f64().unwrap_or(0.0),
+        v["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+    )
+}
+
+pub fn migrate(a: &Args) -> Result<(), String> {
+    let body = json!({
+        "to": a.to,
+        "mode": a.mode,
+        "max_bandwidth": a.max_bandwidth,
+        "downtime_limit_ms": a.downtime_limit_ms,
+        "deadline_ms": a.deadline_ms,
+        "resume": a.resume,
+    });
+    let (code, b) = crate::snap::http_unix(
+        &a.api_sock,
+        "PUT",
+        "/migrate",
+        &body.to_string(),
+        Duration::from_secs(30),
+    )?;
+    if code != 202 {
+        return Err(format!("PUT /migrate refused ({code}): {b}"));
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let (_, b) =
+            crate::snap::http_unix(&a.api_sock, "GET", "/migrate", "", Duration::from_secs(30))?;
+        let v: Value = serde_json::from_str(&b).map_err(|e| format!("GET /migrate: {e}: {b}"))?;
+        if !a.json {
+            eprint!("\r{}", status_line(&v));
+        }
+        match v["state"].as_str().unwrap_or("") {
+            "completed" => {
+                if !a.json {
+                    eprintln!();
+                }
+                println!("{}", v["stats"]);
+                return Ok(());
+            }
+            "cancelled" | "failed" | "postcopy-paused" => {
+                if !a.json {
+                    eprintln!();
+                }
+                if a.json {
+                    println!("{v}");
+                }
+                return Err(format!(
+                    "migration {}: {}",
+                    v["state"].as_str().unwrap_or(""),
+                    v["error"].as_str().unwrap_or("")
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `faultline demo` options.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024)]
+    mem_mib: u64,
+    /// Memory the `dirty` workload rewrites, MiB.
+    #[arg(long, default_value_t = 512)]
+    hot_mib: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// precopy, postcopy or hybrid.
+    #[arg(long, default_value = "postcopy")]
+    mode: String,
+    /// Print the final statistics as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn demo(a: &DemoArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let dir = bench::migrate_bench::scratch().map_err(|e| uffd::error_chain(&e))?;
+    let shape = bench::migrate_bench::Shape {
+        mem_mib: a.mem_mib,
+        hot_mib: a.hot_mib,
+        vcpus: a.vcpus,
+        workload: "dirty".into(),
+        mode: a.mode.clone(),
+        bandwidth: 0,
+        downtime_limit_ms: 300,
+        deadline_ms: 20_000,
+        after_ms: 500,
+    };
+    if !a.json {
+        println!(
+            "faultline demo: a {} MiB microVM ({} vCPU, built-in guest rewriting {} MiB) live-migrated with {} over TCP loopback to a second faultline process",
+            a.mem_mib, a.vcpus, a.hot_mib, a.mode
+        );
+    }
+    let json = a.json;
+    let out = bench::migrate_bench::run_one(&exe, &dir, &shape, |v| {
+        if !json {
+            eprint!("\r  {}", status_line(v));
+        }
+    })
+    .map_err(|e| uffd::error_chain(&e));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    if !json {
+        eprintln!();
+    }
+    let st = &out.status;
+    if st["state"] != "completed" {
+        return Err(format!(
+            "migration {}: {}",
+            st["state"].as_str().unwrap_or("?"),
+            st["error"].as_str().unwrap_or("")
+        ));
+    }
+    let s = &st["stats"];
+    let d = &s["destination"];
+    if s["digest_verified"] != true {
+        return Err(format!("memory digest mismatch: {s}"));
+    }
+    let dest_ok = out
+        .dest_summary
+        .as_ref()
+        .map(|v| &v["summary"])
+        .filter(|v| v["stopped"] == true);
+    if json {
+        println!(
+            "{}",
+            json!({ "migration": s, "destination_summary": out.dest_summary })
+        );
+        return Ok(());
+    }
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  total        {:>9.1} ms   (setup {:.1} ms)",
+        f(&s["total_ms"]),
+        f(&s["setup_ms"])
+    );
+    println!(
+        "  downtime     {:>9.1} ms   (pause at the source -> vCPUs running at the destination)",
+        f(&s["downtime_ms"])
+    );
+    println!(
+        "  max pause    {:>9.1} ms   (longest heartbeat gap the guest saw, minus its 100 ms interval)",
+        f(&s["max_pause_ms"])
+    );
+    println!(
+        "  sent         {:>9.1} MiB  ({} pages, {} zero pages as counts, {} post-copy)",
+        f(&s["bytes"]) / 1048576.0,
+        s["pages"],
+        s["zero_pages"],
+        s["postcopy_pages"]
+    );
+    println!(
+        "  faults       {:>9}      remote, latency p50 {:.1} us, p99 {:.1} us, max {:.1} us; {} answered locally as zero",
+        s["faults_requested"],
+        f(&s["fault_latency_us"]["p50"]),
+        f(&s["fault_latency_us"]["p99"]),
+        f(&s["fault_latency_us"]["max"]),
+        d["zero_faults_local"]
+    );
+    println!(
+        "  blocktime    {:>9.1} ms   (vCPU time waiting for pages)",
+        f(&s["blocktime_ms"])
+    );
+    println!(
+        "  integrity    memory digest {} equal on both sides at switchover",
+        s["digest"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  heartbeats   the guest went on at the destination with beat {} (each vCPU)",
+        d["first_heartbeats"]
+    );
+    match dest_ok {
+        Some(v) => println!(
+            "  destination  ran {} ms more, then stopped through its API",
+            v["wall_ms"]
+        ),
+        None => println!("  destination  (no summary)"),
+    }
+    Ok(())
+}
+
+/// `faultline bench migrate`.
+pub fn bench(
+    json: bool,
+    runs: usize,
+    workloads: &[String],
+    links: &[String],
+    modes: &[String],
+    mem_mib: u64,
+    hot_mib: u64,
+) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let dir = bench::migrate_bench::scratch().map_err(|e| uffd::error_chain(&e))?;
+    for w in workloads {
+        for (link, bw) in bench::migrate_bench::LINKS {
+            if !links.iter().any(|l| l == link) {
+                continue;
+            }
+            for m in modes {
+                let shape = bench::migrate_bench::Shape {
+                    mem_mib,
+                    hot_mib,
+                    vcpus: 1,
+                    workload: w.clone(),
+                    mode: m.clone(),
+                    bandwidth: bw,
+                    downtime_limit_ms: 300,
+                    deadline_ms: 20_000,
+                    after_ms: 0,
+                };
+                let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
+                    .map_err(|e| uffd::error_chain(&e))?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&line).map_err(|e| e.to_string())?
+                    );
+                } else {
+                    println!(
+                        "{:<6} {:<9} {:<8} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",
+                        line.workload,
+                        line.link,
+                        line.mode,
+                        line.converged_runs,
+                        line.total_ms,
+                        line.downtime_ms,
+                        line.max_pause_ms,
+                        line.blocktime_ms,
+                        line.bytes as f64 / 1048576.0,
+                        line.fault_p50_us,
+                        line.fault_p99_us
+                    );
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
