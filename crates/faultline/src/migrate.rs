@@ -129,6 +129,12 @@ pub struct DemoArgs {
     /// precopy, postcopy or hybrid.
     #[arg(long, default_value = "postcopy")]
     mode: String,
+    /// The guest's workload: dirty, read or random.
+    #[arg(long, default_value = "dirty")]
+    guest: String,
+    /// Cap on the migration's bandwidth (as `faultline migrate --max-bandwidth`).
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    max_bandwidth: u64,
     /// Print the final statistics as one JSON object.
     #[arg(long)]
     json: bool,
@@ -141,17 +147,17 @@ pub fn demo(a: &DemoArgs) -> Result<(), String> {
         mem_mib: a.mem_mib,
         hot_mib: a.hot_mib,
         vcpus: a.vcpus,
-        workload: "dirty".into(),
+        workload: a.guest.clone(),
         mode: a.mode.clone(),
-        bandwidth: 0,
+        bandwidth: a.max_bandwidth,
         downtime_limit_ms: 300,
         deadline_ms: 20_000,
         after_ms: 500,
     };
     if !a.json {
         println!(
-            "faultline demo: a {} MiB microVM ({} vCPU, built-in guest rewriting {} MiB) live-migrated with {} over TCP loopback to a second faultline process",
-            a.mem_mib, a.vcpus, a.hot_mib, a.mode
+            "faultline demo: a {} MiB microVM ({} vCPU, built-in guest `{}` over {} MiB) live-migrated with {} over TCP loopback to a second faultline process",
+            a.mem_mib, a.vcpus, a.guest, a.hot_mib, a.mode
         );
     }
     let json = a.json;

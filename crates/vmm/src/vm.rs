@@ -349,10 +349,29 @@ impl Shared {
         }
     }
 
+    /// A guest-requested sleep that a pause or stop cuts short (the guest re-checks its clock
+    /// and sleeps again if it must).
+    fn sleep(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.pause_req.load(SeqCst) && !self.stop_req.load(SeqCst) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Pause every vCPU (returns when all are parked or finished).
     pub(crate) fn pause(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).paused = true;
         self.pause_req.store(true, SeqCst);
+        self.cv.notify_all();
         self.kick_until(|| self.parked.load(SeqCst) >= self.running());
     }
 
@@ -364,8 +383,8 @@ impl Shared {
     }
 
     pub(crate) fn stop_vcpus(&self) {
-        self.stop_req.store(true, SeqCst);
         self.state.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.stop_req.store(true, SeqCst);
         self.cv.notify_all();
         self.kick_until(|| self.running() == 0);
     }
@@ -1002,7 +1021,7 @@ fn run_vcpu(
                         }
                     }
                     abi::PORT_SLEEP_US => {
-                        thread::sleep(Duration::from_micros(u64::from(v.min(1_000_000))))
+                        shared.sleep(Duration::from_micros(u64::from(v.min(1_000_000))))
                     }
                     abi::PORT_DONE => {
                         send(Event::Done {

@@ -165,6 +165,7 @@ pub fn incoming(opts: &IncomingOptions) -> Result<RunningVm, MigrationError> {
             let _ = ack(&mut main, Err(e));
         })?;
     ack(&mut main, Ok(opts.verify))?;
+    main.set_buffers(super::source::MAIN_BUFFER);
     let mut prio = listener
         .accept(Duration::from_secs(10))
         .map_err(io_err("accepting the priority connection"))?
@@ -499,6 +500,7 @@ impl Engine {
 
     /// Serve faults until stopped.
     fn fault_loop(&self) {
+        super::source::set_nice(-10);
         let mut eb = EventBuffer::new(64);
         while !self.stop.load(SeqCst) {
             if !matches!(
@@ -653,6 +655,7 @@ fn receiver(
     tx: Sender<In>,
     bytes: Arc<AtomicU64>,
 ) {
+    super::source::set_nice(if prio { -10 } else { 5 });
     let mut buf = Vec::new();
     loop {
         let h = match sock.recv(&mut buf) {
@@ -993,6 +996,7 @@ impl Supervisor {
                 }
             };
             ack(&mut main, Ok(false))?;
+            main.set_buffers(super::source::MAIN_BUFFER);
             let Some(mut prio) = listener
                 .accept(Duration::from_secs(10))
                 .map_err(io_err("accepting the priority connection"))?

@@ -156,19 +156,25 @@ struct Sent {
     zero_pages: AtomicU64,
 }
 
-/// Send pages `[p, p + n)` as runs of data and (when `announce_zero` says so) zero runs.
+/// Send pages `[p, p + n)` as runs of data and (when `announce_zero` says so) zero runs,
+/// straight from guest memory.
+#[allow(clippy::too_many_arguments)]
 fn send_run(
     sock: &mut Sock,
     mem: &GuestMem,
     p: u64,
     n: u64,
-    buf: &mut Vec<u8>,
     rate: &RateLimit,
     urgent: bool,
     sent: &Sent,
     announce_zero: &dyn Fn(u64) -> bool,
 ) -> io::Result<()> {
-    read_pages(mem, p, n, buf);
+    // SAFETY: guest memory is plain bytes the guest may change concurrently: a page sent while
+    // it changes is caught by the dirty log and sent again (pre-copy), or cannot change any
+    // more (post-copy: the guest is paused here). The range was checked by `slice`.
+    let Some(buf) = (unsafe { mem.slice(p * PAGE, (n * PAGE) as usize) }) else {
+        return Err(io::Error::other("pages outside guest memory"));
+    };
     let mut i = 0;
     while i < n {
         let page = |k: u64| &buf[(k * PAGE) as usize..((k + 1) * PAGE) as usize];
@@ -197,13 +203,66 @@ fn send_run(
         } else {
             let data = &buf[(i * PAGE) as usize..(j * PAGE) as usize];
             rate.take(data.len() + super::wire::HEADER, urgent);
-            sock.send(Kind::Pages, (p + i) * PAGE, data)?;
+            sock.send_vectored(Kind::Pages, (p + i) * PAGE, data)?;
             sent.bytes.fetch_add(data.len() as u64 + 16, SeqCst);
             sent.pages.fetch_add(j - i, SeqCst);
         }
         i = j;
     }
     Ok(())
+}
+
+/// Send single pages (not contiguous) in one write: a frame each, zero pages as counts.
+fn send_pages(
+    sock: &mut Sock,
+    mem: &GuestMem,
+    pages: &[u64],
+    rate: &RateLimit,
+    sent: &Sent,
+) -> io::Result<()> {
+    use super::wire::Header;
+    let mut out = Vec::with_capacity(pages.len() * (PAGE as usize + 16));
+    for &p in pages {
+        // SAFETY: as in `send_run` (the guest is paused during post-copy).
+        let Some(pg) = (unsafe { mem.slice(p * PAGE, PAGE as usize) }) else {
+            return Err(io::Error::other("page outside guest memory"));
+        };
+        if is_zero(pg) {
+            let h = Header {
+                kind: Kind::Zero,
+                len: 4,
+                arg: p * PAGE,
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(&1u32.to_le_bytes());
+            sent.zero_pages.fetch_add(1, SeqCst);
+        } else {
+            let h = Header {
+                kind: Kind::Pages,
+                len: PAGE as u32,
+                arg: p * PAGE,
+            };
+            out.extend_from_slice(&h.encode());
+            out.extend_from_slice(pg);
+            sent.pages.fetch_add(1, SeqCst);
+        }
+    }
+    rate.take(out.len(), true);
+    io::Write::write_all(sock, &out)?;
+    sent.bytes.fetch_add(out.len() as u64, SeqCst);
+    Ok(())
+}
+
+/// Give the calling thread a scheduling priority: `nice` below 0 for the threads a faulting
+/// vCPU waits on, above 0 for the background stream. Best effort (needs CAP_SYS_NICE to go
+/// below 0).
+pub(crate) fn set_nice(nice: i32) {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only changes its
+    // scheduling weight.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+    }
 }
 
 /// Runs of set bits, at most `MAX_RUN` long.
@@ -290,6 +349,7 @@ fn connect(
         irqchip,
     };
     let (main, ack) = hello(ep, &h)?;
+    main.set_buffers(MAIN_BUFFER);
     h.channel = "priority".into();
     h.config = None;
     let (prio, _) = hello(ep, &h)?;
@@ -369,7 +429,6 @@ fn precopy_then_switch(
     t0: Instant,
 ) -> Result<Switched, MigrationError> {
     let mem = &*ctx.mem;
-    let mut buf = Vec::new();
     let mut sent_once = vec![0u64; maybe.len()];
     let mut rounds = 0u32;
     let mut postcopy = req.mode == MigrationMode::Postcopy;
@@ -393,7 +452,7 @@ fn precopy_then_switch(
             let mut last_report = Instant::now();
             for (p, n) in runs(&to_send) {
                 let once = &sent_once;
-                send_run(&mut c.main, mem, p, n, &mut buf, rate, false, sent, &|q| {
+                send_run(&mut c.main, mem, p, n, rate, false, sent, &|q| {
                     once[(q / 64) as usize] & (1 << (q % 64)) != 0
                 })
                 .map_err(io_err("sending pre-copy pages"))?;
@@ -502,7 +561,7 @@ fn precopy_then_switch(
     } else {
         for (p, n) in runs(&d) {
             let once = &sent_once;
-            if let Err(e) = send_run(&mut c.main, mem, p, n, &mut buf, rate, false, sent, &|q| {
+            if let Err(e) = send_run(&mut c.main, mem, p, n, rate, false, sent, &|q| {
                 once[(q / 64) as usize] & (1 << (q % 64)) != 0
             }) {
                 return before(io_err("sending the last dirty pages")(e));
@@ -593,8 +652,11 @@ impl Post {
 
 const NO_HINT: u64 = u64::MAX;
 
+/// Kernel socket buffer of the main connection (each side), bytes.
+pub(crate) const MAIN_BUFFER: usize = 128 << 10;
+
 fn pusher(post: &Post, mut sock: Sock) {
-    let mut buf = Vec::new();
+    set_nice(5);
     let mut cursor = 0;
     while !post.stop.load(SeqCst) && !post.is_lost() {
         while post.busy.load(SeqCst) > 0 && !post.stop.load(SeqCst) {
@@ -620,7 +682,6 @@ fn pusher(post: &Post, mut sock: Sock) {
             &post.mem,
             p,
             n,
-            &mut buf,
             &post.rate,
             false,
             &post.sent,
@@ -633,21 +694,12 @@ fn pusher(post: &Post, mut sock: Sock) {
     }
 }
 
-/// Answer requests on the priority connection: the page asked for (and the rest of its run),
-/// then, when the recent requests show a stride, the next pages of that stride.
-fn priority(post: &Post, mut sock: Sock) {
-    let mut rd = match sock.try_clone() {
-        Ok(s) => s,
-        Err(e) => {
-            post.lose(format!("priority connection: {e}"));
-            return;
-        }
-    };
+/// Read requests from the priority connection into a channel (so that answering never waits
+/// behind reading, and speculative pushes can stop the moment a request comes).
+fn request_reader(post: &Post, mut rd: Sock, tx: Sender<u64>) {
     let _ = rd.set_read_timeout(Some(Duration::from_millis(100)));
+    set_nice(-10);
     let mut buf = Vec::new();
-    let mut pbuf = Vec::new();
-    let mut history: Vec<u64> = Vec::with_capacity(16);
-    const DEPTH: u64 = 32;
     while !post.stop.load(SeqCst) && !post.is_lost() {
         let h = match rd.recv(&mut buf) {
             Ok(h) => h,
@@ -664,88 +716,109 @@ fn priority(post: &Post, mut sock: Sock) {
                 return;
             }
         };
-        if h.kind != Kind::Request || buf.len() != 4 || h.arg % PAGE != 0 {
+        if h.kind != Kind::Request
+            || buf.len() != 4
+            || h.arg % PAGE != 0
+            || h.arg / PAGE >= post.pages
+        {
             post.lose(format!(
-                "priority connection: unexpected {:?} frame",
-                h.kind
-            ));
-            return;
-        }
-        let p = h.arg / PAGE;
-        let n =
-            u64::from(u32::from_le_bytes(buf[..4].try_into().expect("4 bytes"))).clamp(1, MAX_RUN);
-        if p >= post.pages {
-            post.lose(format!(
-                "priority connection: request for page {p} beyond memory"
+                "priority connection: bad {:?} frame (page {:#x})",
+                h.kind, h.arg
             ));
             return;
         }
         post.busy.fetch_add(1, SeqCst);
-        post.requests.fetch_add(1, SeqCst);
-        let mut ok = true;
-        let mut q = p;
-        while q < (p + n).min(post.pages) && ok {
-            if post.todo.clear(q) {
-                let mut m = 1;
-                while m < MAX_RUN && q + m < post.pages && post.todo.clear(q + m) {
-                    m += 1;
-                }
-                ok = send_run(
-                    &mut sock,
-                    &post.mem,
-                    q,
-                    m,
-                    &mut pbuf,
-                    &post.rate,
-                    true,
-                    &post.sent,
-                    &|_| true,
-                )
-                .is_ok();
-                q += m;
-            } else {
-                q += 1;
-            }
+        if tx.send(h.arg / PAGE).is_err() {
+            return;
         }
-        post.hint.store(q.min(post.pages - 1), SeqCst);
-        // Stride: p - s and p - 2s were asked for recently.
-        let stride = history.iter().rev().find_map(|&a| {
-            let s = p.checked_sub(a).filter(|&s| s > 1 && s <= 4096)?;
-            history.contains(&(p.checked_sub(2 * s)?)).then_some(s)
-        });
-        if let Some(s) = stride {
-            for k in 1..=DEPTH {
-                let r = p + k * s;
-                if r >= post.pages || !ok {
-                    break;
+    }
+}
+
+/// Answer requests on the priority connection: the page asked for at once; then, when the
+/// recent requests show a stride, the next pages of that stride, a few at a time, stopping
+/// whenever a new request comes; otherwise the background stream goes on right after the
+/// page (locality).
+fn priority(post: &Post, mut sock: Sock) {
+    let rd = match sock.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            post.lose(format!("priority connection: {e}"));
+            return;
+        }
+    };
+    set_nice(-10);
+    let (tx, rx) = mpsc::channel();
+    let reader = thread::scope(|sc| {
+        sc.spawn(|| request_reader(post, rd, tx));
+        let mut history: Vec<u64> = Vec::with_capacity(16);
+        const DEPTH: u64 = 4096;
+        const CHUNK: u64 = 8;
+        // (next page, stride, pages left) of the speculative push.
+        let mut spec: Option<(u64, u64, u64)> = None;
+        let mut ok = true;
+        while ok && !post.stop.load(SeqCst) && !post.is_lost() {
+            let req = if spec.is_some() {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(p) => Some(p),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                if post.todo.clear(r) {
+            };
+            if let Some(p) = req {
+                post.requests.fetch_add(1, SeqCst);
+                if post.todo.clear(p) {
                     ok = send_run(
                         &mut sock,
                         &post.mem,
-                        r,
+                        p,
                         1,
-                        &mut pbuf,
                         &post.rate,
                         true,
                         &post.sent,
                         &|_| true,
                     )
                     .is_ok();
-                    post.stride_pages.fetch_add(1, SeqCst);
                 }
+                post.busy.fetch_sub(1, SeqCst);
+                let stride = history.iter().rev().find_map(|&a| {
+                    let s = p.checked_sub(a).filter(|&s| s > 1 && s <= 4096)?;
+                    history.contains(&(p.checked_sub(2 * s)?)).then_some(s)
+                });
+                match stride {
+                    Some(s) => spec = Some((p + s, s, DEPTH)),
+                    None => post.hint.store((p + 1).min(post.pages - 1), SeqCst),
+                }
+                if history.len() == 16 {
+                    history.remove(0);
+                }
+                history.push(p);
+                continue;
             }
+            // No request waiting: a few more pages of the stride.
+            let Some((mut next, s, mut left)) = spec else {
+                continue;
+            };
+            let mut batch = Vec::new();
+            while (batch.len() as u64) < CHUNK && left > 0 && next < post.pages {
+                if post.todo.clear(next) {
+                    batch.push(next);
+                }
+                next += s;
+                left -= 1;
+            }
+            if !batch.is_empty() {
+                ok = send_pages(&mut sock, &post.mem, &batch, &post.rate, &post.sent).is_ok();
+                post.stride_pages.fetch_add(batch.len() as u64, SeqCst);
+            }
+            spec = (left > 0 && next < post.pages).then_some((next, s, left));
         }
-        if history.len() == 16 {
-            history.remove(0);
-        }
-        history.push(p);
-        post.busy.fetch_sub(1, SeqCst);
         if !ok {
             post.lose("priority connection: send failed".into());
-            return;
         }
-    }
+    });
+    let _ = reader;
 }
 
 /// What the main connection's reader saw.

@@ -236,6 +236,29 @@ impl Sock {
         }
     }
 
+    /// Cap the kernel's send and receive buffers: the background stream then has little in
+    /// flight, so a page the pusher has claimed arrives soon after a vCPU asks for it.
+    pub fn set_buffers(&self, bytes: usize) {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        };
+        let v = bytes as libc::c_int;
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: a valid socket fd and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+
     fn tune(&self) {
         if let Sock::Tcp(s) = self {
             let _ = s.set_nodelay(true);
@@ -254,6 +277,28 @@ impl Sock {
         buf.extend_from_slice(&h.encode());
         buf.extend_from_slice(payload);
         self.write_all(&buf)
+    }
+
+    /// Write one frame with `writev`, straight from `payload` (no copy: guest memory goes to
+    /// the socket as it is).
+    pub fn send_vectored(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
+        let h = Header {
+            kind,
+            len: payload.len() as u32,
+            arg,
+        }
+        .encode();
+        let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Write a JSON frame.
@@ -288,6 +333,12 @@ impl Write for Sock {
         match self {
             Sock::Tcp(s) => s.write(b),
             Sock::Unix(s) => s.write(b),
+        }
+    }
+    fn write_vectored(&mut self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(b),
+            Sock::Unix(s) => s.write_vectored(b),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
