@@ -861,6 +861,7 @@ impl Vm {
             pager,
             migration: None,
             migrated: false,
+            final_seen: false,
         })
     }
 }
@@ -1105,6 +1106,8 @@ pub struct RunningVm {
     migration: Option<crate::migration::Migration>,
     /// The guest left for another host (outgoing migration switched over).
     migrated: bool,
+    /// Someone read the migration's final status through the API.
+    final_seen: bool,
 }
 
 impl fmt::Debug for RunningVm {
@@ -1163,7 +1166,12 @@ impl RunningVm {
             },
             ApiRequest::Migrate(req) => self.start_migration(req),
             ApiRequest::MigrateStatus => match &self.migration {
-                Some(m) => (200, m.status.json()),
+                Some(m) => {
+                    if m.status.is_final() {
+                        self.final_seen = true;
+                    }
+                    (200, m.status.json())
+                }
                 None => (404, json!({ "error": "no migration" })),
             },
             ApiRequest::Stats => (
@@ -1202,7 +1210,10 @@ impl RunningVm {
                 );
             }
             return match m.resume.as_ref().map(|r| r.send(req.to.clone())) {
-                Some(Ok(())) => (202, m.status.json()),
+                Some(Ok(())) => {
+                    m.status.update(|s| s.state = "resuming".into());
+                    (202, m.status.json())
+                }
                 _ => (
                     409,
                     json!({ "error": "this side cannot resume the migration" }),
@@ -1508,7 +1519,15 @@ impl RunningVm {
     ) -> Result<RunSummary, VmError> {
         let deadline = Instant::now() + timeout;
         let mut failure = None;
-        while self.live > 0 || (self.migration_busy() && failure.is_none()) {
+        // After an outgoing migration, linger (at most 5 s) until its final status has been
+        // read through the API, so `faultline migrate` can print it.
+        let mut linger: Option<Instant> = None;
+        while self.live > 0
+            || (self.migration_busy() && failure.is_none())
+            || (self.migrated
+                && !self.final_seen
+                && linger.get_or_insert_with(Instant::now).elapsed() < Duration::from_secs(5))
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             let tick = if self.live > 0 {
                 left

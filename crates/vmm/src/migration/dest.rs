@@ -643,7 +643,8 @@ impl Engine {
 enum In {
     End(Box<End>),
     Verdict(String),
-    Lost(String),
+    /// The connection of this generation was lost.
+    Lost(u32, String),
     Fatal(MigrationError),
 }
 
@@ -654,6 +655,7 @@ fn receiver(
     prio: bool,
     tx: Sender<In>,
     bytes: Arc<AtomicU64>,
+    generation: u32,
 ) {
     super::source::set_nice(if prio { -10 } else { 5 });
     let mut buf = Vec::new();
@@ -667,7 +669,7 @@ fn receiver(
                 } else {
                     format!("{} connection: {e}", if prio { "priority" } else { "main" })
                 };
-                let _ = tx.send(In::Lost(why));
+                let _ = tx.send(In::Lost(generation, why));
                 return;
             }
         };
@@ -756,6 +758,7 @@ impl Supervisor {
         for (s, is_prio) in [(main, false), (prio, true)] {
             let s = s.try_clone().map_err(io_err("socket setup"))?;
             let (e, m, t, b) = (self.engine.clone(), mem.clone(), tx.clone(), bytes.clone());
+            let g = self.recoveries;
             thread::Builder::new()
                 .name(
                     if is_prio {
@@ -765,7 +768,7 @@ impl Supervisor {
                     }
                     .into(),
                 )
-                .spawn(move || receiver(e, m, s, is_prio, t, b))
+                .spawn(move || receiver(e, m, s, is_prio, t, b, g))
                 .map_err(io_err("starting a receiver"))?;
         }
         Ok(())
@@ -848,7 +851,9 @@ impl Supervisor {
                     let _ = main.send_json(Kind::Error, &json!({"error": uffd::error_chain(&e)}));
                     return Err(e);
                 }
-                Ok(In::Lost(why)) => {
+                // The other receiver of a connection pair already replaced.
+                Ok(In::Lost(g, _)) if g != self.recoveries => {}
+                Ok(In::Lost(_, why)) => {
                     if report.is_some() {
                         // Everything is in; only the source's verdict is missing.
                         break None;

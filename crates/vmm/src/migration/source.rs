@@ -559,7 +559,9 @@ fn precopy_then_switch(
             .map(|((t, d), (m, s))| t | d | (m & !s))
             .collect();
     } else {
-        for (p, n) in runs(&d) {
+        // The pages dirtied during the last round, and since.
+        let last: Vec<u64> = to_send.iter().zip(&d).map(|(a, b)| a | b).collect();
+        for (p, n) in runs(&last) {
             let once = &sent_once;
             if let Err(e) = send_run(&mut c.main, mem, p, n, rate, false, sent, &|q| {
                 once[(q / 64) as usize] & (1 << (q % 64)) != 0
@@ -1028,6 +1030,9 @@ fn finish(
                     }
                 }
                 recoveries += 1;
+                // Requests read but not answered died with the old connection; the destination
+                // asks again for every page a vCPU still waits on.
+                post.busy.store(0, SeqCst);
                 *post.lost.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 post.stop.store(false, SeqCst);
                 let (tx2, rx2) = mpsc::channel();
