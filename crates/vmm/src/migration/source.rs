@@ -750,7 +750,7 @@ fn priority(post: &Post, mut sock: Sock) {
     };
     set_nice(-10);
     let (tx, rx) = mpsc::channel();
-    let reader = thread::scope(|sc| {
+    thread::scope(|sc| {
         sc.spawn(|| request_reader(post, rd, tx));
         let mut history: Vec<u64> = Vec::with_capacity(16);
         const DEPTH: u64 = 4096;
@@ -820,7 +820,6 @@ fn priority(post: &Post, mut sock: Sock) {
             post.lose("priority connection: send failed".into());
         }
     });
-    let _ = reader;
 }
 
 /// What the main connection's reader saw.
