@@ -247,7 +247,8 @@ fn send_pages(
             sent.pages.fetch_add(1, SeqCst);
         }
     }
-    rate.take(out.len(), true);
+    // Speculative: it waits for the link like the background stream.
+    rate.take(out.len(), false);
     io::Write::write_all(sock, &out)?;
     sent.bytes.fetch_add(out.len() as u64, SeqCst);
     Ok(())
@@ -654,6 +655,9 @@ impl Post {
 
 const NO_HINT: u64 = u64::MAX;
 
+/// For sends already paid for.
+static UNLIMITED: std::sync::LazyLock<RateLimit> = std::sync::LazyLock::new(|| RateLimit::new(0));
+
 /// Kernel socket buffer of the main connection (each side), bytes.
 pub(crate) const MAIN_BUFFER: usize = 128 << 10;
 
@@ -664,6 +668,12 @@ fn pusher(post: &Post, mut sock: Sock) {
         while post.busy.load(SeqCst) > 0 && !post.stop.load(SeqCst) {
             thread::yield_now();
         }
+        if post.todo.next_set(cursor, post.pages).is_none() {
+            return;
+        }
+        // Pay for the run before claiming its pages: a claimed page is on the wire at once,
+        // never waiting for the link while a vCPU waits for it.
+        post.rate.take((MAX_RUN * PAGE) as usize + 16, false);
         let h = post.hint.swap(NO_HINT, SeqCst);
         if h != NO_HINT {
             cursor = h;
@@ -675,6 +685,7 @@ fn pusher(post: &Post, mut sock: Sock) {
         while n < MAX_RUN && p + n < post.pages && post.todo.clear(p + n) {
             n += 1;
         }
+        post.rate.refund(((MAX_RUN - n) * PAGE) as usize);
         if n == 0 {
             cursor = p + 1;
             continue;
@@ -684,7 +695,7 @@ fn pusher(post: &Post, mut sock: Sock) {
             &post.mem,
             p,
             n,
-            &post.rate,
+            &UNLIMITED,
             false,
             &post.sent,
             &|_| true,

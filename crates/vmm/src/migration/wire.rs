@@ -517,6 +517,13 @@ impl RateLimit {
         self.bytes_per_s > 0.0
     }
 
+    /// Give back tokens taken for bytes that were not sent.
+    pub fn refund(&self, bytes: usize) {
+        if self.limited() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).1 += bytes as f64;
+        }
+    }
+
     /// Wait until `bytes` may be sent. `urgent`: a vCPU waits for them.
     pub fn take(&self, bytes: usize, urgent: bool) {
         if !self.limited() {
