@@ -537,15 +537,18 @@ fn bad_streams_are_refused() {
     let _ = read_frame(&mut p);
     s.write_all(&frame(3, 4096, 1 << 40)).unwrap();
     s.write_all(&[7u8; 4096]).unwrap();
-    let (kind, err) = read_frame(&mut s);
-    assert_eq!(kind, 13, "an Error frame");
-    assert!(
-        text(&err).contains("outside guest memory"),
-        "{}",
-        text(&err)
-    );
+    // The answer is an Error frame, unless the exiting destination's close overtakes it.
+    let mut h = [0u8; 16];
+    if s.read_exact(&mut h).is_ok() {
+        assert_eq!(h[0], 13, "an Error frame");
+    }
     let d = dst.finish(Duration::from_secs(10));
     assert!(!d.status.success());
+    assert!(
+        text(&d.stderr).contains("outside guest memory"),
+        "{}",
+        text(&d.stderr)
+    );
 }
 
 fn connect(port: u16) -> TcpStream {
