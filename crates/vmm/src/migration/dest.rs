@@ -818,11 +818,8 @@ impl Supervisor {
                         .map_err(|x| MigrationError::Uffd(uffd::error_chain(&x)))?;
                 }
             }
-            if left == 0
-                && report.is_none()
-                && let Some(en) = &end
-            {
-                let r = self.report(en, &bytes, postcopy_ms);
+            if left == 0 && report.is_none() && end.is_some() {
+                let r = self.report(&bytes, postcopy_ms);
                 main.send_json(Kind::Done, &r)
                     .map_err(io_err("sending Done"))?;
                 report = Some(r);
@@ -901,7 +898,7 @@ impl Supervisor {
         }))
     }
 
-    fn report(&self, end: &End, bytes: &AtomicU64, postcopy_ms: f64) -> DestReport {
+    fn report(&self, bytes: &AtomicU64, postcopy_ms: f64) -> DestReport {
         // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
         super::wait_for(Duration::from_secs(2), || {
             self.shared
@@ -930,7 +927,6 @@ impl Supervisor {
             .iter()
             .map(|c| (c.first_hb_ns.load(SeqCst) != 0).then(|| c.last_n.load(SeqCst)))
             .collect();
-        let _ = end;
         let mut r = DestReport {
             heads_us: heads,
             gaps_us: gaps,

@@ -371,7 +371,6 @@ fn migrate(
     let id = mono_ns() ^ (u64::from(std::process::id()) << 40);
     let mut c = connect(&to, id, req.mode, Some(&ctx.cfg), ctx.irqchip, false)?;
     let mem = &*ctx.mem;
-    let pages = mem.size() / PAGE;
     let rate = Arc::new(RateLimit::new(req.max_bandwidth));
     let sent = Arc::new(Sent::default());
     set_dirty_log(&ctx.vm, mem, true)?;
@@ -380,9 +379,7 @@ fn migrate(
         ctx.shared.reset_gaps();
         let maybe = scan(mem);
         let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
-        precopy_then_switch(
-            ctx, req, status, &mut c, &rate, &sent, maybe, pages, setup_ms, t0,
-        )
+        precopy_then_switch(ctx, req, status, &mut c, &rate, &sent, maybe, setup_ms, t0)
     })();
     let out = match r {
         Ok(Switched::Before(e)) | Err(e) => {
@@ -425,7 +422,6 @@ fn precopy_then_switch(
     rate: &Arc<RateLimit>,
     sent: &Arc<Sent>,
     maybe: Vec<u64>,
-    pages: u64,
     setup_ms: f64,
     t0: Instant,
 ) -> Result<Switched, MigrationError> {
@@ -607,7 +603,6 @@ fn precopy_then_switch(
             &crate::snapshot::state::encode(&vm_state, &vcpus),
         )
         .map_err(io_err("sending the vCPU state (the source stays paused)"))?;
-    let _ = pages;
     Ok(Switched::After(AfterSwitch {
         pause,
         postcopy,
@@ -964,7 +959,6 @@ fn finish(
             Vec::new()
         };
         let mut last = Instant::now();
-        let start_left = post.todo.count();
         let mut end_sent = false;
         let outcome = loop {
             if !end_sent && handles.first().is_none_or(|h| h.is_finished()) && !post.is_lost() {
@@ -993,7 +987,6 @@ fn finish(
                     s.remaining_bytes = left * PAGE;
                     s.rate_mbps = sent.bytes.load(SeqCst) as f64 / secs / 1e6;
                 });
-                let _ = start_left;
             }
         };
         post.stop.store(true, SeqCst);
