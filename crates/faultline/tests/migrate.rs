@@ -493,10 +493,13 @@ fn read_frame(s: &mut impl Read) -> (u8, Vec<u8>) {
 #[test]
 fn bad_streams_are_refused() {
     kvm_present();
+    // Unix sockets: a TCP port picked ahead could be taken meanwhile (or self-connected).
     // Wrong version.
-    let port = free_port();
-    let dst = destination(&format!("tcp:127.0.0.1:{port}"), &[]);
-    let mut s = connect(port);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mig.sock");
+    let _ = std::fs::remove_file(&path);
+    let dst = destination(&format!("unix:{}", path.display()), &[]);
+    let mut s = connect(&path);
     let body = hello_json(99);
     s.write_all(&frame(1, body.len() as u32, 0)).unwrap();
     s.write_all(body.as_bytes()).unwrap();
@@ -521,9 +524,11 @@ fn bad_streams_are_refused() {
     );
 
     // Not a migration stream at all.
-    let port = free_port();
-    let dst = destination(&format!("tcp:127.0.0.1:{port}"), &[]);
-    let mut s = connect(port);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mig.sock");
+    let _ = std::fs::remove_file(&path);
+    let dst = destination(&format!("unix:{}", path.display()), &[]);
+    let mut s = connect(&path);
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let d = dst.finish(Duration::from_secs(10));
     assert!(!d.status.success());
@@ -534,15 +539,17 @@ fn bad_streams_are_refused() {
     );
 
     // A valid hello, then pages outside guest memory.
-    let port = free_port();
-    let dst = destination(&format!("tcp:127.0.0.1:{port}"), &[]);
-    let mut s = connect(port);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mig.sock");
+    let _ = std::fs::remove_file(&path);
+    let dst = destination(&format!("unix:{}", path.display()), &[]);
+    let mut s = connect(&path);
     let body = hello_json(1);
     s.write_all(&frame(1, body.len() as u32, 0)).unwrap();
     s.write_all(body.as_bytes()).unwrap();
     let (_, ack) = read_frame(&mut s);
     assert_eq!(serde_json::from_slice::<Value>(&ack).unwrap()["ok"], true);
-    let mut p = connect(port);
+    let mut p = connect(&path);
     let ph = r#"{"protocol":"faultline-migrate","version":1,"id":1,"channel":"priority","mode":"postcopy"}"#;
     p.write_all(&frame(1, ph.len() as u32, 0)).unwrap();
     p.write_all(ph.as_bytes()).unwrap();
@@ -563,15 +570,16 @@ fn bad_streams_are_refused() {
     );
 }
 
-fn connect(port: u16) -> TcpStream {
+fn connect(path: &Path) -> std::os::unix::net::UnixStream {
     let t = Instant::now();
     loop {
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(path) {
             return s;
         }
         assert!(
             t.elapsed() < Duration::from_secs(20),
-            "no listener on {port}"
+            "no listener on {}",
+            path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
