@@ -1,0 +1,326 @@
+//! DMA translation: the client's memory as the device sees it.
+//!
+//! A mapping that came with an fd is `mmap`ed here and accessed directly; one without an fd
+//! is reached through `DMA_READ` / `DMA_WRITE` messages to the client that mapped it. Every
+//! access is checked against the mappings and their permissions before a byte moves, and may
+//! span several mappings (scatter-gather). The table is behind a read-write lock: any number
+//! of device threads copy at once, and an unmap waits for them before the memory goes away.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Weak;
+
+use crate::proto::{DMA_READ, DMA_WRITE};
+
+use super::session::Session;
+
+/// A DMA access the device may not make.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DmaError {
+    /// Part of the range is not mapped.
+    #[error("DMA to {address:#x}+{len:#x}: {hole:#x} is not mapped by the client")]
+    Unmapped {
+        /// Start.
+        address: u64,
+        /// Length.
+        len: u64,
+        /// First unmapped address.
+        hole: u64,
+    },
+    /// The mapping does not allow this direction.
+    #[error("DMA {dir} at {address:#x}: the mapping is not {dir}able")]
+    Permission {
+        /// "read" or "write".
+        dir: &'static str,
+        /// Address.
+        address: u64,
+    },
+    /// Bus mastering is off in the command register, or the device is stopped for migration.
+    #[error("DMA refused: {0}")]
+    Disabled(&'static str),
+    /// A message-based transfer failed.
+    #[error("DMA through the client's socket failed: {0}")]
+    Message(String),
+}
+
+/// One mapping.
+pub(crate) struct Mapping {
+    pub(crate) size: u64,
+    pub(crate) flags: u32,
+    /// Host address of the mapping when an fd came with it.
+    host: Option<(usize, OwnedFd)>,
+    /// The session that mapped it (message-based DMA goes there; it unmaps on disconnect).
+    pub(crate) owner: u64,
+    pub(crate) session: Weak<Session>,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if let Some((addr, _)) = self.host {
+            // SAFETY: `addr` is a mapping of `size` bytes made in `DmaTable::map`; the table's
+            // write lock is held by whoever drops it, so no copy is using it.
+            unsafe { libc::munmap(addr as *mut libc::c_void, self.size as usize) };
+        }
+    }
+}
+
+/// The device's DMA mappings.
+#[derive(Default)]
+pub(crate) struct DmaTable {
+    maps: BTreeMap<u64, Mapping>,
+}
+
+/// A failure to map.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// Overlaps an existing mapping.
+    #[error("{address:#x}+{size:#x} overlaps an existing mapping")]
+    Overlap {
+        /// Start.
+        address: u64,
+        /// Size.
+        size: u64,
+    },
+    /// Too many mappings.
+    #[error("more than {0} DMA mappings")]
+    TooMany(usize),
+    /// mmap of the client's fd failed.
+    #[error("mmap of the client's fd at offset {offset:#x}, {size:#x} bytes")]
+    Mmap {
+        /// Offset.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing mapped exactly there.
+    #[error("no mapping is exactly {address:#x}+{size:#x}")]
+    NotMapped {
+        /// Start.
+        address: u64,
+        /// Size.
+        size: u64,
+    },
+}
+
+impl MapError {
+    /// errno for the error reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MapError::Overlap { .. } => libc::EEXIST,
+            MapError::TooMany(_) => libc::ENOSPC,
+            MapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::EINVAL),
+            MapError::NotMapped { .. } => libc::ENOENT,
+        }
+    }
+}
+
+/// One piece of a scatter-gather list.
+pub(crate) enum Piece<'a> {
+    /// Directly mapped: host address.
+    Host(usize),
+    /// Through messages to this session.
+    Message(&'a Weak<Session>),
+}
+
+impl DmaTable {
+    pub(crate) const MAX_MAPS: usize = 4096;
+
+    pub(crate) fn regions(&self) -> Vec<(u64, u64)> {
+        self.maps.iter().map(|(&a, m)| (a, m.size)).collect()
+    }
+
+    pub(crate) fn map(
+        &mut self,
+        address: u64,
+        size: u64,
+        flags: u32,
+        fd: Option<(OwnedFd, u64)>,
+        owner: u64,
+        session: Weak<Session>,
+    ) -> Result<(), MapError> {
+        let end = address + size;
+        let overlaps = self
+            .maps
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&a, m)| a + m.size > address);
+        if overlaps {
+            return Err(MapError::Overlap { address, size });
+        }
+        if self.maps.len() >= Self::MAX_MAPS {
+            return Err(MapError::TooMany(Self::MAX_MAPS));
+        }
+        let host = match fd {
+            Some((fd, offset)) => {
+                let mut prot = 0;
+                if flags & DMA_READ != 0 {
+                    prot |= libc::PROT_READ;
+                }
+                if flags & DMA_WRITE != 0 {
+                    prot |= libc::PROT_WRITE;
+                }
+                // SAFETY: a new shared mapping of the client's fd; the kernel checks the fd,
+                // offset and size, and the result is only used within `size` bytes.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        size as usize,
+                        prot.max(libc::PROT_READ),
+                        libc::MAP_SHARED,
+                        fd.as_raw_fd(),
+                        offset as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(MapError::Mmap {
+                        offset,
+                        size,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Some((p as usize, fd))
+            }
+            None => None,
+        };
+        self.maps.insert(
+            address,
+            Mapping {
+                size,
+                flags,
+                host,
+                owner,
+                session,
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn unmap(&mut self, address: u64, size: u64) -> Result<Mapping, MapError> {
+        match self.maps.get(&address) {
+            Some(m) if m.size == size => Ok(self.maps.remove(&address).expect("present")),
+            _ => Err(MapError::NotMapped { address, size }),
+        }
+    }
+
+    pub(crate) fn unmap_all(&mut self, owner: Option<u64>) -> Vec<(u64, u64)> {
+        let gone: Vec<u64> = self
+            .maps
+            .iter()
+            .filter(|(_, m)| owner.is_none_or(|o| m.owner == o))
+            .map(|(&a, _)| a)
+            .collect();
+        gone.into_iter()
+            .map(|a| {
+                let m = self.maps.remove(&a).expect("present");
+                (a, m.size)
+            })
+            .collect()
+    }
+
+    /// Split `address..address+len` into pieces, checking every byte is mapped with `need`.
+    pub(crate) fn translate(
+        &self,
+        address: u64,
+        len: u64,
+        need: u32,
+    ) -> Result<Vec<(Piece<'_>, u64, u64)>, DmaError> {
+        let end = address.checked_add(len).ok_or(DmaError::Unmapped {
+            address,
+            len,
+            hole: u64::MAX,
+        })?;
+        let mut out = Vec::new();
+        let mut at = address;
+        while at < end {
+            let (start, m) = self
+                .maps
+                .range(..=at)
+                .next_back()
+                .filter(|(a, m)| **a + m.size > at)
+                .ok_or(DmaError::Unmapped {
+                    address,
+                    len,
+                    hole: at,
+                })?;
+            if m.flags & need != need {
+                return Err(DmaError::Permission {
+                    dir: if need == DMA_WRITE { "writ" } else { "read" },
+                    address: at,
+                });
+            }
+            let n = (start + m.size).min(end) - at;
+            let piece = match &m.host {
+                Some((host, _)) => Piece::Host(host + (at - start) as usize),
+                None => Piece::Message(&m.session),
+            };
+            out.push((piece, at, n));
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn memfd(size: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a valid NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a new descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
+        fd
+    }
+
+    #[test]
+    fn translate_checks_holes_permissions_and_spans() {
+        let mut t = DmaTable::default();
+        t.map(
+            0x1000,
+            0x1000,
+            DMA_READ | DMA_WRITE,
+            Some((memfd(0x1000), 0)),
+            1,
+            Weak::new(),
+        )
+        .unwrap();
+        t.map(
+            0x2000,
+            0x1000,
+            DMA_READ,
+            Some((memfd(0x1000), 0)),
+            1,
+            Weak::new(),
+        )
+        .unwrap();
+        assert_eq!(t.translate(0x1800, 0x1000, DMA_READ).unwrap().len(), 2);
+        assert!(matches!(
+            t.translate(0x1800, 0x1000, DMA_WRITE),
+            Err(DmaError::Permission { .. })
+        ));
+        assert_eq!(
+            t.translate(0x2800, 0x1000, DMA_READ).err(),
+            Some(DmaError::Unmapped {
+                address: 0x2800,
+                len: 0x1000,
+                hole: 0x3000
+            })
+        );
+        assert!(t.translate(u64::MAX, 2, DMA_READ).is_err());
+        assert!(matches!(
+            t.map(0x1fff, 2, DMA_READ, None, 1, Weak::new()),
+            Err(MapError::Overlap { .. })
+        ));
+        assert!(t.unmap(0x1000, 0x800).is_err());
+        t.unmap(0x1000, 0x1000).unwrap();
+        assert_eq!(t.unmap_all(Some(2)), vec![]);
+        assert_eq!(t.unmap_all(Some(1)), vec![(0x2000, 0x1000)]);
+    }
+}
