@@ -1,6 +1,7 @@
 //! `faultline`: the command line. Thin: parsing and printing; the work is in the crates.
 
 mod demo;
+mod device;
 mod migrate;
 mod run;
 mod snap;
@@ -40,6 +41,11 @@ enum Cmd {
     /// An external page-fault handler: receives a restoring VMM's userfaultfd over a Unix
     /// socket and serves its pages from the snapshot.
     PageServer(snap::PageServerArgs),
+    /// vfio-user devices: serve one as a process, or probe any vfio-user server.
+    Device {
+        #[command(subcommand)]
+        cmd: device::DeviceCmd,
+    },
     /// Report what this kernel's userfaultfd supports.
     Probe {
         /// One JSON object instead of text.
@@ -353,6 +359,12 @@ fn main() -> ExitCode {
         ),
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
+        Cmd::Device {
+            cmd: device::DeviceCmd::Serve(a),
+        } => device::serve(&a),
+        Cmd::Device {
+            cmd: device::DeviceCmd::Probe(a),
+        } => device::probe(&a),
         Cmd::Snapshot(a) => snap::snapshot(&a),
         Cmd::Restore(a) => snap::restore(&a),
         Cmd::PageServer(a) => snap::page_server(&a),
