@@ -5,6 +5,7 @@
 pub mod migrate_bench;
 pub mod restore_bench;
 pub mod uffd_bench;
+pub mod vfu_bench;
 pub mod vm_bench;
 
 use thiserror::Error;

@@ -139,7 +139,8 @@ pub fn probe(a: &ProbeArgs) -> Result<(), String> {
         .map_or(0, |r| r.size.min(4096)) as usize;
     let mut cfg = vec![0u8; cfg_size];
     if cfg_size > 0 {
-        c.config_read(0, &mut cfg).map_err(|e| uffd::error_chain(&e))?;
+        c.config_read(0, &mut cfg)
+            .map_err(|e| uffd::error_chain(&e))?;
     }
     let mut sizes = [0u64; 6];
     for r in c.regions().iter().take(6) {
@@ -191,8 +192,16 @@ pub fn probe(a: &ProbeArgs) -> Result<(), String> {
     println!(
         "  device: flags={:#x}{}{} regions={} irqs={}",
         info.flags,
-        if info.flags & proto::DEVICE_FLAGS_PCI != 0 { " pci" } else { "" },
-        if info.flags & proto::DEVICE_FLAGS_RESET != 0 { " reset" } else { "" },
+        if info.flags & proto::DEVICE_FLAGS_PCI != 0 {
+            " pci"
+        } else {
+            ""
+        },
+        if info.flags & proto::DEVICE_FLAGS_RESET != 0 {
+            " reset"
+        } else {
+            ""
+        },
         info.num_regions,
         info.num_irqs
     );
@@ -233,6 +242,9 @@ pub fn probe(a: &ProbeArgs) -> Result<(), String> {
         None => println!("  migration: not offered"),
     }
     println!();
-    print!("{}", pci::lspci::describe_with_sizes("00:00.0", &cfg, &sizes));
+    print!(
+        "{}",
+        pci::lspci::describe_with_sizes("00:00.0", &cfg, &sizes)
+    );
     Ok(())
 }

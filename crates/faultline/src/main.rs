@@ -86,6 +86,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 512)]
         hot_mib: u64,
     },
+    /// vfio-user: region round trip, DMA throughput, IRQ trigger to eventfd wake-up, beside
+    /// rust-vmm's vfio-user, memcpy and a bare eventfd.
+    #[command(name = "vfio-user")]
+    VfioUser {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Fewer samples (for tests).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
         /// JSON lines.
@@ -240,6 +251,29 @@ fn bench_uffd(
     .map_err(|e| uffd::error_chain(&e))
 }
 
+fn bench_vfu(json: bool, quick: bool) -> Result<(), String> {
+    if !json {
+        println!(
+            "{:<10} {:<10} {:>10} {:>10} {:>8}",
+            "case", "impl", "p50_us", "p99_us", "GB/s"
+        );
+    }
+    bench::vfu_bench::run(quick, |l| {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(l).expect("plain struct serialises")
+            );
+        } else {
+            println!(
+                "{:<10} {:<10} {:>10.2} {:>10.2} {:>8.2}",
+                l.case, l.r#impl, l.p50_us, l.p99_us, l.gbps
+            );
+        }
+    })
+    .map_err(|e| uffd::error_chain(&e))
+}
+
 fn bench_vm(json: bool, boots: usize, seconds: f64) -> Result<(), String> {
     if !(seconds > 0.0 && seconds <= 600.0) {
         return Err("--seconds must be in (0, 600]".into());
@@ -359,6 +393,9 @@ fn main() -> ExitCode {
         ),
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
+        Cmd::Bench {
+            which: BenchCmd::VfioUser { json, quick },
+        } => bench_vfu(json, quick),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),
         } => device::serve(&a),
