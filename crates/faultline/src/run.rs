@@ -28,6 +28,10 @@ pub struct Args {
     /// Guest memory backend: anon, memfd, hugepages.
     #[arg(long, default_value = "anon")]
     backend: Backend,
+    /// Attach the vfio-user device at this socket to the guest's PCI bus (repeatable; guest
+    /// memory becomes a memfd shared with the devices). `--guest devices` drives them.
+    #[arg(long = "vfio-user", value_name = "SOCKET")]
+    vfio_user: Vec<std::path::PathBuf>,
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
@@ -94,6 +98,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             initrd: a.initrd.clone(),
             cmdline: a.cmdline.clone(),
         }),
+        vfio_user: a.vfio_user.clone(),
     };
     let running = match &a.incoming {
         Some(ep) => {

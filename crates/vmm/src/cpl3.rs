@@ -56,11 +56,14 @@ const PTE_W: u64 = 1 << 1;
 const PTE_U: u64 = 1 << 2;
 const PTE_PS: u64 = 1 << 7;
 
-/// Write the GDT, TSS and identity page tables for `mem_size` bytes of guest memory.
+/// Write the GDT, TSS and identity page tables for `mem_size` bytes of guest memory,
+/// mapping `map_bytes` (at least `mem_size`; more to reach device BARs above memory).
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     mem_size: u64,
+    map_bytes: u64,
 ) -> Result<(), vm_memory::GuestMemoryError> {
+    let mem_size = map_bytes.max(mem_size);
     // GDT: null, kernel code/data, user data (5), user code (6), TSS (8-9).
     let mut gdt = [0u64; 10];
     gdt[1] = 0x00af_9b00_0000_ffff;

@@ -35,6 +35,9 @@ pub struct VmConfig {
     pub backend: Backend,
     /// Boot this Linux kernel instead of the built-in guest (the workload fields are unused).
     pub linux: Option<crate::linux::LinuxBoot>,
+    /// vfio-user device sockets to attach to the PCI bus (guest memory becomes a memfd).
+    #[serde(default)]
+    pub vfio_user: Vec<std::path::PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -48,6 +51,7 @@ impl Default for VmConfig {
             seed: 1,
             backend: Backend::Anonymous,
             linux: None,
+            vfio_user: Vec::new(),
         }
     }
 }
@@ -92,6 +96,15 @@ pub enum Event {
         vcpu: u32,
         /// Host time, µs.
         t_us: u64,
+    },
+    /// A value the guest reported (`PORT_KEY`, `PORT_VALUE`).
+    Value {
+        /// vCPU.
+        vcpu: u32,
+        /// Key (`abi::KEY_*`).
+        key: u32,
+        /// Value.
+        value: u32,
     },
     /// The workload finished.
     Done {
@@ -200,6 +213,9 @@ pub enum VmError {
     /// A migration failed after the guest started here.
     #[error("migration: {0}")]
     Migration(String),
+    /// Attaching vfio-user devices failed.
+    #[error("devices: {0}")]
+    Devices(String),
 }
 
 /// Per-vCPU results.
@@ -249,6 +265,12 @@ pub struct RunSummary {
     /// `verify` after an incoming migration: the guest's checksums equal the source's at
     /// switchover.
     pub matches_source: Option<bool>,
+    /// Values the guest reported: (key, value), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reports: Vec<(u32, u32)>,
+    /// vfio-user devices on the PCI bus and what went through them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::devices::pci::DeviceStats>,
 }
 
 /// Work a parked vCPU thread does on its own vCPU (saving state for a snapshot).
@@ -541,6 +563,7 @@ pub struct Vm {
     cfg: VmConfig,
     shared: Arc<Shared>,
     devices: Option<Arc<crate::devices::LegacyDevices>>,
+    pci: Option<Arc<crate::devices::pci::PciBus>>,
     irqchip: bool,
     pager: Option<crate::restore::Pager>,
     last_heartbeat: Vec<u32>,
@@ -597,10 +620,29 @@ impl Vm {
         }
         let slices = slices_of(&cfg)?;
 
-        let (kvm, vm, mem) = kvm_vm_memory(&cfg, false)?;
-        cpl3::write_tables(mem.mem(), cfg.mem_bytes).map_err(|source| VmError::GuestWrite {
-            what: "page tables and GDT",
-            source,
+        let with_pci = !cfg.vfio_user.is_empty();
+        let mut cfg = cfg;
+        if with_pci {
+            if cfg.mem_bytes > crate::devices::pci::MMIO_BASE {
+                return Err(VmError::Config(format!(
+                    "with vfio-user devices guest memory must end below the PCI window at {:#x}",
+                    crate::devices::pci::MMIO_BASE
+                )));
+            }
+            // Devices DMA into guest memory through its memfd.
+            cfg.backend = Backend::Memfd;
+        }
+        let irqchip = with_pci
+            && Kvm::new()
+                .map(|k| k.check_extension(kvm_ioctls::Cap::Irqchip))
+                .unwrap_or(false);
+        let (kvm, vm, mem) = kvm_vm_memory(&cfg, irqchip)?;
+        let map_bytes = if with_pci { 4 << 30 } else { cfg.mem_bytes };
+        cpl3::write_tables(mem.mem(), cfg.mem_bytes, map_bytes).map_err(|source| {
+            VmError::GuestWrite {
+                what: "page tables and GDT",
+                source,
+            }
         })?;
         mem.write(cpl3::CODE, guest::image())
             .map_err(|source| VmError::GuestWrite {
@@ -642,19 +684,49 @@ impl Vm {
             );
             vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
             vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+            if irqchip {
+                // Software-enable the LAPIC so device MSIs are accepted (they stay pending
+                // in IRR: the built-in guest runs with interrupts off and polls).
+                let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+                lapic.regs[0xf1] |= 1; // SVR bit 8: APIC software enable
+                vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+                vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+            }
             vcpus.push(vcpu);
         }
         let n = vcpus.len();
+        let vm = Arc::new(vm);
+        let pci = if with_pci {
+            let memfd = mem.memfd().ok_or_else(|| {
+                VmError::Config("vfio-user devices need memfd guest memory".into())
+            })?;
+            Some(Arc::new(
+                crate::devices::pci::PciBus::new(
+                    vm.clone(),
+                    irqchip,
+                    &cfg.vfio_user,
+                    memfd,
+                    cfg.mem_bytes,
+                )
+                .map_err(|e| VmError::Devices(uffd::error_chain(&e)))?,
+            ))
+        } else {
+            None
+        };
         Ok(Vm {
             _kvm: kvm,
-            _vm: Arc::new(vm),
+            _vm: vm,
+            pci,
             mem,
             vcpus,
             slices,
             cfg,
             shared: Shared::new(t0, n),
             devices: None,
-            irqchip: false,
+            irqchip,
             pager: None,
             last_heartbeat: vec![0; n],
         })
@@ -683,6 +755,7 @@ impl Vm {
             cfg,
             shared: Shared::new(t0, n),
             devices: None,
+            pci: None,
             irqchip: false,
             pager,
             last_heartbeat,
@@ -753,6 +826,7 @@ impl Vm {
             cfg,
             shared: Shared::new(t0, n),
             devices: Some(devices),
+            pci: None,
             irqchip,
             pager: None,
             last_heartbeat: vec![0; n],
@@ -820,9 +894,19 @@ impl Vm {
             let tx = tx.clone();
             let shared = self.shared.clone();
             let devices = self.devices.clone();
+            let pci = self.pci.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu-{i}"))
-                .spawn(move || vcpu_loop(i as u32, vcpu, &shared, devices.as_deref(), &tx))
+                .spawn(move || {
+                    vcpu_loop(
+                        i as u32,
+                        vcpu,
+                        &shared,
+                        devices.as_deref(),
+                        pci.as_deref(),
+                        &tx,
+                    )
+                })
                 .map_err(|source| VmError::Host {
                     what: "a vCPU thread",
                     source,
@@ -859,6 +943,8 @@ impl Vm {
             stopped: false,
             irqchip: self.irqchip,
             pager,
+            pci: self.pci,
+            reports: Vec::new(),
             migration: None,
             migrated: false,
             final_seen: false,
@@ -884,12 +970,13 @@ fn vcpu_loop(
     mut vcpu: VcpuFd,
     shared: &Shared,
     devices: Option<&crate::devices::LegacyDevices>,
+    pci: Option<&crate::devices::pci::PciBus>,
     tx: &Sender<Msg>,
 ) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
     shared.cpus[id as usize].tid.store(tid, SeqCst);
-    let r = run_vcpu(id, &mut vcpu, shared, devices, tx);
+    let r = run_vcpu(id, &mut vcpu, shared, devices, pci, tx);
     if let Err(e) = r {
         let _ = tx.send(Msg::Failed(e));
     }
@@ -921,6 +1008,7 @@ fn run_vcpu(
     vcpu: &mut VcpuFd,
     shared: &Shared,
     devices: Option<&crate::devices::LegacyDevices>,
+    pci: Option<&crate::devices::pci::PciBus>,
     tx: &Sender<Msg>,
 ) -> Result<(), VmError> {
     use crate::devices::PioResult;
@@ -929,6 +1017,7 @@ fn run_vcpu(
     };
     let now_us = || shared.t0.elapsed().as_micros() as u64;
     let mut checksum_lo = 0u32;
+    let mut key = 0u32;
     let mut log = Vec::new();
     loop {
         if shared.stop_req.load(SeqCst) {
@@ -979,6 +1068,33 @@ fn run_vcpu(
                     data.fill(0xff);
                 }
             }
+            VcpuExit::IoOut(port, data)
+                if pci.is_some() && crate::devices::pci::PciBus::claims_port(port) =>
+            {
+                if let Some(p) = pci {
+                    p.pio_write(port, data);
+                }
+            }
+            VcpuExit::IoIn(port, data)
+                if pci.is_some() && crate::devices::pci::PciBus::claims_port(port) =>
+            {
+                if let Some(p) = pci {
+                    p.pio_read(port, data);
+                }
+            }
+            VcpuExit::MmioRead(addr, data) if pci.is_some() => {
+                if let Some(p) = pci
+                    && !p.mmio(addr, data, false)
+                {
+                    data.fill(0xff);
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) if pci.is_some() => {
+                if let Some(p) = pci {
+                    let mut d = data.to_vec();
+                    p.mmio(addr, &mut d, true);
+                }
+            }
             VcpuExit::IoOut(port, data) => {
                 let mut b = [0u8; 4];
                 b[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
@@ -1006,6 +1122,12 @@ fn run_vcpu(
                         t_us: now_us(),
                     }),
                     abi::PORT_CHECKSUM_LO => checksum_lo = v,
+                    abi::PORT_KEY => key = v,
+                    abi::PORT_VALUE => send(Event::Value {
+                        vcpu: id,
+                        key,
+                        value: v,
+                    }),
                     abi::PORT_CHECKSUM_HI => send(Event::Checksum {
                         vcpu: id,
                         value: format!("{:#018x}", (u64::from(v) << 32) | u64::from(checksum_lo)),
@@ -1025,6 +1147,30 @@ fn run_vcpu(
                         shared.sleep(Duration::from_micros(u64::from(v.min(1_000_000))))
                     }
                     abi::PORT_DONE => {
+                        if pci.is_some()
+                            && let Ok(lapic) = vcpu.get_lapic()
+                        {
+                            // Device MSIs delivered through irqfd wait in the LAPIC's IRR
+                            // (the guest runs with interrupts off): report them.
+                            for v in 32..256usize {
+                                let reg = 0x200 + 0x10 * (v / 32);
+                                let word = u32::from_le_bytes(
+                                    lapic.regs[reg..reg + 4]
+                                        .iter()
+                                        .map(|&b| b as u8)
+                                        .collect::<Vec<u8>>()
+                                        .try_into()
+                                        .unwrap_or([0; 4]),
+                                );
+                                if word & (1 << (v % 32)) != 0 {
+                                    send(Event::Value {
+                                        vcpu: id,
+                                        key: abi::KEY_VMM_LAPIC_IRR,
+                                        value: v as u32,
+                                    });
+                                }
+                            }
+                        }
                         send(Event::Done {
                             vcpu: id,
                             code: v,
@@ -1102,6 +1248,8 @@ pub struct RunningVm {
     last_n: Vec<u32>,
     irqchip: bool,
     pager: Option<crate::restore::Pager>,
+    pci: Option<Arc<crate::devices::pci::PciBus>>,
+    reports: Vec<(u32, u32)>,
     /// An outgoing or incoming migration of this VM.
     migration: Option<crate::migration::Migration>,
     /// The guest left for another host (outgoing migration switched over).
@@ -1335,6 +1483,7 @@ impl RunningVm {
                 s.done_us = Some(t_us);
             }
             Event::Log { .. } => {}
+            Event::Value { key, value, .. } => self.reports.push((key, value)),
             Event::Reset { .. } => {
                 self.stopped = true;
                 self.stop_vcpus();
@@ -1627,6 +1776,8 @@ impl RunningVm {
             migrated: self.migrated,
             migration: self.migration.as_ref().map(|m| m.status.json()),
             matches_source,
+            reports: self.reports.clone(),
+            devices: self.pci.as_ref().map(|p| p.stats()).unwrap_or_default(),
         })
     }
 

@@ -2,6 +2,8 @@
 //! i8042 controller whose only job is the reset line. Emulation is `vm-superio`'s; this module
 //! wires it to the bus and to KVM (interrupts through an irqfd).
 
+pub mod pci;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -9,11 +9,27 @@
 //! | `0x0f04` DONE | 32 | the workload finished with this exit code; the vCPU stops |
 //! | `0x0f05` PHASE | 32 | progress marker (1: memory filled, workload loop starts) |
 //! | `0x0f06` SLEEP_US | 32 | the vCPU sleeps this many microseconds (a guest without a kernel has no idle) |
+//! | `0x0f07` KEY | 32 | a result key (`KEY_*`) for the next VALUE |
+//! | `0x0f08` VALUE | 32 | the value for the last KEY; the VMM reports `(key, value)` |
+//! | `0x0cf8` PCI_ADDR | 32 | PCI configuration mechanism #1: `0x8000_0000 \| bus << 16 \| dev << 11 \| fn << 8 \| reg` (`devices` only) |
+//! | `0x0cfc` PCI_DATA | 32 | the configuration dword at PCI_ADDR (`devices` uses only 32-bit accesses, `reg` dword-aligned) |
 //!
 //! Registers at a workload's entry: `rdi` = slice start (guest-virtual = guest-physical),
 //! `rsi` = slice length in bytes, `rdx` = index of the slice's first page in the workload area,
 //! `rcx` = TSC ticks per 100 ms, `r8` = run time in TSC ticks (0: the workload's own end),
 //! `r9` = seed. `rsp` is a private stack; `rflags` = 0x3002 (IOPL 3).
+//!
+//! The `devices` workload (only on the vCPU whose `rdx` is 0; the others report DONE 0 at
+//! once) reports, in this order:
+//! 1. heartbeat 0;
+//! 2. [`KEY_PCI_DEVICE`] for every device 0..31 of bus 0 (function 0) whose vendor is not
+//!    `0xffff`, in device order (the host bridge included);
+//! 3. then, again in device order, for each [`PCI_ID_GPIO`]: [`KEY_GPIO_ITERATIONS`],
+//!    [`KEY_GPIO_MISMATCHES`]; for each [`PCI_ID_DMA`]: [`KEY_BAR_MMAP_WRITTEN`],
+//!    [`KEY_DMA_COMPLETED_REG`], [`KEY_DMA_OK`], [`KEY_DMA_FAILED`];
+//! 4. DONE: 0 if every tested device passed (or none was found), else 1.
+//!
+//! It makes no checksum report.
 
 /// Heartbeat.
 pub const PORT_HEARTBEAT: u16 = 0x0f00;
@@ -29,6 +45,53 @@ pub const PORT_DONE: u16 = 0x0f04;
 pub const PORT_PHASE: u16 = 0x0f05;
 /// Sleep, in microseconds.
 pub const PORT_SLEEP_US: u16 = 0x0f06;
+
+/// Result key; the next VALUE belongs to it.
+pub const PORT_KEY: u16 = 0x0f07;
+/// Result value for the last KEY.
+pub const PORT_VALUE: u16 = 0x0f08;
+/// PCI configuration mechanism #1: address register (32-bit).
+pub const PORT_PCI_ADDR: u16 = 0x0cf8;
+/// PCI configuration mechanism #1: data register (`PORT_PCI_DATA + (reg & 3)`).
+pub const PORT_PCI_DATA: u16 = 0x0cfc;
+
+/// Key: a PCI function was found; value: `vendor | device << 16` (configuration dword 0).
+pub const KEY_PCI_DEVICE: u32 = 1;
+/// Key: GPIO loopback mismatches; value: the number of byte reads (two per iteration, at
+/// BAR2 + 1 and BAR2 + 5) that did not return what was written to BAR2 + 0 / BAR2 + 4.
+pub const KEY_GPIO_MISMATCHES: u32 = 2;
+/// Key: DMA copies that completed with status 1 and the right data; value: their number.
+pub const KEY_DMA_OK: u32 = 3;
+/// Key: DMA copies that timed out (2 s), completed with a status other than 1, or left wrong
+/// data; value: their number (`DMA_ITERATIONS - ok`).
+pub const KEY_DMA_FAILED: u32 = 4;
+/// Key: the DMA engine's completed-count register (BAR0 + 0x18) after the copies; value: it.
+pub const KEY_DMA_COMPLETED_REG: u32 = 5;
+/// Key: GPIO loopback iterations done; value: [`GPIO_ITERATIONS`].
+pub const KEY_GPIO_ITERATIONS: u32 = 6;
+/// Key: the guest stored [`BAR_MMAP_MAGIC`] at DMA BAR2 + [`BAR_MMAP_OFFSET`] (one 8-byte
+/// store); value: its low 32 bits.
+pub const KEY_BAR_MMAP_WRITTEN: u32 = 7;
+/// Reported by the VMM (not the guest) when a vCPU of a VM with PCI devices finishes: one
+/// report per vector pending in the vCPU's LAPIC IRR, i.e. a device MSI that reached the
+/// guest through eventfd -> KVM irqfd with no VMM thread involved.
+pub const KEY_VMM_LAPIC_IRR: u32 = 0x100;
+
+/// `vendor | device << 16` of the GPIO card (gpio-pci-idio-16 register layout, in BAR2).
+pub const PCI_ID_GPIO: u32 = 0x0dc8_494f;
+/// `vendor | device << 16` of the DMA engine.
+pub const PCI_ID_DMA: u32 = 0x0d3a_fa17;
+/// GPIO loopback iterations (`k` = 0..256).
+pub const GPIO_ITERATIONS: u32 = 256;
+/// DMA copies per DMA engine.
+pub const DMA_ITERATIONS: u32 = 32;
+/// Bytes per DMA copy: from slice + `DMA_LEN` to slice + 1 MiB; the descriptor is at the
+/// slice's start.
+pub const DMA_LEN: u32 = 0x1_0000;
+/// The magic the guest stores at DMA BAR2 + [`BAR_MMAP_OFFSET`].
+pub const BAR_MMAP_MAGIC: u64 = 0x5EED_F00D_CAFE_0001;
+/// Offset in the DMA engine's BAR2 of the magic's store (the part mapped into the guest).
+pub const BAR_MMAP_OFFSET: u64 = 0x1000;
 
 /// Phase: memory filled; the workload's main loop starts.
 pub const PHASE_READY: u32 = 1;

@@ -22,6 +22,7 @@ faultline_guest_start:
     .quad .Lwl_read - faultline_guest_start
     .quad .Lwl_random - faultline_guest_start
     .quad .Lwl_verify - faultline_guest_start
+    .quad .Lwl_devices - faultline_guest_start
 
     # r12 = slice base, r13 = slice bytes, rbx = first page index, r14 = TSC ticks / 100 ms,
     # r15 = TSC deadline (all ones: none), rbp = seed; [rsp] = heartbeats, [rsp+8] = last one.
@@ -282,6 +283,279 @@ faultline_guest_start:
 .Lrand_end:
     FL_FINISH
 
+# devices: only the vCPU whose first page index (rbx) is 0 works; the others report done 0.
+# Pass 1 reports every function 0 on bus 0; pass 2 tests the GPIO cards and DMA engines.
+# rbp = device number, r15d = exit code (0, or 1 once a test failed).
+.Lwl_devices:
+    FL_PROLOGUE
+    xor eax, eax
+    test rbx, rbx
+    jnz .Ldev_done
+    xor r15d, r15d
+    xor ebp, ebp
+.Ldev_list:
+    mov ecx, ebp
+    shl ecx, 11
+    call .Lpci_rd
+    cmp ax, 0xffff
+    je .Ldev_list_next
+    mov ecx, {key_pci}
+    call .Lkv
+.Ldev_list_next:
+    inc ebp
+    cmp ebp, 32
+    jb .Ldev_list
+    xor ebp, ebp
+.Ldev_test:
+    mov ecx, ebp
+    shl ecx, 11
+    call .Lpci_rd
+    cmp eax, {id_gpio}
+    jne .Ldev_test_dma
+    call .Ldev_gpio
+    jmp .Ldev_test_next
+.Ldev_test_dma:
+    cmp eax, {id_dma}
+    jne .Ldev_test_next
+    call .Ldev_dma
+.Ldev_test_next:
+    inc ebp
+    cmp ebp, 32
+    jb .Ldev_test
+    mov eax, r15d
+.Ldev_done:
+    mov dx, {done}
+    out dx, eax
+    jmp .Ldev_done
+
+# eax = PCI configuration dword at ecx = dev << 11 | reg (bus 0). Clobbers rdx.
+.Lpci_rd:
+    mov eax, ecx
+    or eax, 0x80000000
+    mov dx, {pci_addr}
+    out dx, eax
+    mov dx, {pci_data}
+    in eax, dx
+    ret
+
+# PCI configuration dword at ecx = dev << 11 | reg (bus 0) = eax. Clobbers rdx, r10.
+.Lpci_wr:
+    mov r10d, eax
+    mov eax, ecx
+    or eax, 0x80000000
+    mov dx, {pci_addr}
+    out dx, eax
+    mov eax, r10d
+    mov dx, {pci_data}
+    out dx, eax
+    ret
+
+# rax = address of the memory BAR at configuration register ecx = dev << 11 | reg (64-bit
+# BARs: with the next register). Clobbers rdx, r11.
+.Lpci_bar:
+    call .Lpci_rd
+    mov r11d, eax
+    and r11d, -16
+    and eax, 6
+    cmp eax, 4
+    jne .Lpci_bar_end
+    add ecx, 4
+    call .Lpci_rd
+    sub ecx, 4
+    shl rax, 32
+    or r11, rax
+.Lpci_bar_end:
+    mov rax, r11
+    ret
+
+# report key ecx with value eax. Clobbers rax, rdx, r10.
+.Lkv:
+    mov r10d, eax
+    mov eax, ecx
+    mov dx, {key}
+    out dx, eax
+    mov eax, r10d
+    mov dx, {value}
+    out dx, eax
+    ret
+
+# GPIO card at device ebp (gpio-pci-idio-16 layout in BAR2): for k in 0..256 write k to
+# output byte BAR2+0 and !k to BAR2+4, read them back from input bytes BAR2+1 / BAR2+5.
+# Clobbers rax, rcx, rdx, rdi, r8, r10, r11.
+.Ldev_gpio:
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x18
+    call .Lpci_bar
+    mov rdi, rax
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x04
+    mov eax, 6                                  # memory space + bus master
+    call .Lpci_wr
+    xor ecx, ecx
+    xor r8d, r8d
+.Lgpio_loop:
+    mov byte ptr [rdi], cl
+    mov dl, cl
+    not dl
+    mov byte ptr [rdi + 4], dl
+    mov al, byte ptr [rdi + 1]
+    cmp al, cl
+    je .Lgpio_hi
+    inc r8d
+.Lgpio_hi:
+    mov al, byte ptr [rdi + 5]
+    cmp al, dl
+    je .Lgpio_next
+    inc r8d
+.Lgpio_next:
+    inc ecx
+    cmp ecx, {gpio_iters}
+    jb .Lgpio_loop
+    mov ecx, {key_gpio_iters}
+    mov eax, {gpio_iters}
+    call .Lkv
+    mov ecx, {key_gpio_mis}
+    mov eax, r8d
+    call .Lkv
+    mov eax, 1
+    test r8d, r8d
+    cmovnz r15d, eax
+    ret
+
+# DMA engine at device ebp: r8 = BAR0 (registers, MSI-X table at 0x800), r9 = BAR2 (device
+# memory), then r9d = copies ok; rbx (saved) = copies failed, rsi = copy number.
+# Clobbers rax, rcx, rdx, rsi, rdi, r8 - r11.
+.Ldev_dma:
+    push rbx
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x04
+    mov eax, 6                                  # memory space + bus master
+    call .Lpci_wr
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x10
+    call .Lpci_bar
+    mov r8, rax
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x18
+    call .Lpci_bar
+    mov r9, rax
+    # MSI-X: walk the capability list (at most 16 steps) for id 0x11
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, 0x34
+    call .Lpci_rd
+    movzx esi, al
+    mov edi, 16
+.Lmsix_walk:
+    and esi, 0xfc
+    jz .Lmsix_done
+    mov ecx, ebp
+    shl ecx, 11
+    or ecx, esi
+    call .Lpci_rd
+    cmp al, 0x11
+    je .Lmsix_found
+    movzx esi, ah
+    dec edi
+    jnz .Lmsix_walk
+    jmp .Lmsix_done
+.Lmsix_found:
+    or eax, 0x80000000                          # MSI-X enable
+    call .Lpci_wr
+    mov dword ptr [r8 + 0x800], 0xfee00000      # table entry 0: addr lo, addr hi, data, control
+    mov dword ptr [r8 + 0x804], 0
+    mov dword ptr [r8 + 0x808], 0x41
+    mov dword ptr [r8 + 0x80c], 0
+.Lmsix_done:
+    movabs rax, {bar_magic}
+    mov qword ptr [r9 + {bar_off}], rax
+    mov ecx, {key_bar}
+    mov eax, {bar_magic_lo}
+    call .Lkv
+    xor esi, esi
+    xor r9d, r9d
+    xor ebx, ebx
+    movabs r10, {fill_mul}
+.Ldma_iter:
+    # src word j = (i * FILL_MUL) ^ j at slice + DMA_LEN; dst (slice + 1 MiB) zeroed
+    mov r11, rsi
+    imul r11, r10
+    xor edi, edi
+.Ldma_fill:
+    mov rax, r11
+    xor rax, rdi
+    mov [r12 + {dma_len} + rdi * 8], rax
+    mov qword ptr [r12 + 0x100000 + rdi * 8], 0
+    inc edi
+    cmp edi, {dma_len} / 8
+    jb .Ldma_fill
+    # descriptor at the slice's start: src, dst, len, flags 1, status 0, 0
+    lea rax, [r12 + {dma_len}]
+    mov [r12], rax
+    lea rax, [r12 + 0x100000]
+    mov [r12 + 8], rax
+    mov dword ptr [r12 + 16], {dma_len}
+    mov dword ptr [r12 + 20], 1
+    mov dword ptr [r12 + 24], 0
+    mov dword ptr [r12 + 28], 0
+    mov qword ptr [r8 + 0x08], r12              # descriptor address
+    mov dword ptr [r8 + 0x10], 1                # doorbell
+    FL_RDTSC
+    imul rdi, r14, 20                           # 2 s
+    add rdi, rax
+.Ldma_poll:
+    mov eax, dword ptr [r12 + 24]
+    test eax, eax
+    jnz .Ldma_status
+    FL_RDTSC
+    cmp rax, rdi
+    jae .Ldma_bad
+    mov eax, 20
+    mov dx, {sleep}
+    out dx, eax
+    jmp .Ldma_poll
+.Ldma_status:
+    cmp eax, 1
+    jne .Ldma_bad
+    xor edi, edi
+.Ldma_cmp:
+    mov rax, r11
+    xor rax, rdi
+    cmp rax, [r12 + 0x100000 + rdi * 8]
+    jne .Ldma_bad
+    inc edi
+    cmp edi, {dma_len} / 8
+    jb .Ldma_cmp
+    inc r9d
+    jmp .Ldma_next
+.Ldma_bad:
+    inc ebx
+.Ldma_next:
+    inc esi
+    cmp esi, {dma_iters}
+    jb .Ldma_iter
+    mov eax, dword ptr [r8 + 0x18]              # completed count
+    mov ecx, {key_dma_done}
+    call .Lkv
+    mov ecx, {key_dma_ok}
+    mov eax, r9d
+    call .Lkv
+    mov ecx, {key_dma_failed}
+    mov eax, ebx
+    call .Lkv
+    mov eax, 1
+    test ebx, ebx
+    cmovnz r15d, eax
+    cmp r9d, {dma_iters}
+    cmovne r15d, eax
+    pop rbx
+    ret
+
     .balign 8
     .globl faultline_guest_end
 faultline_guest_end:
@@ -297,6 +571,25 @@ faultline_guest_end:
     fill_mul = const abi::FILL_MUL,
     ck_init = const abi::CHECKSUM_INIT,
     ck_mul = const abi::CHECKSUM_MUL,
+    key = const abi::PORT_KEY,
+    value = const abi::PORT_VALUE,
+    pci_addr = const abi::PORT_PCI_ADDR,
+    pci_data = const abi::PORT_PCI_DATA,
+    key_pci = const abi::KEY_PCI_DEVICE,
+    key_gpio_iters = const abi::KEY_GPIO_ITERATIONS,
+    key_gpio_mis = const abi::KEY_GPIO_MISMATCHES,
+    key_bar = const abi::KEY_BAR_MMAP_WRITTEN,
+    key_dma_done = const abi::KEY_DMA_COMPLETED_REG,
+    key_dma_ok = const abi::KEY_DMA_OK,
+    key_dma_failed = const abi::KEY_DMA_FAILED,
+    id_gpio = const abi::PCI_ID_GPIO,
+    id_dma = const abi::PCI_ID_DMA,
+    gpio_iters = const abi::GPIO_ITERATIONS,
+    dma_iters = const abi::DMA_ITERATIONS,
+    dma_len = const abi::DMA_LEN,
+    bar_magic = const abi::BAR_MMAP_MAGIC,
+    bar_magic_lo = const abi::BAR_MMAP_MAGIC as u32,
+    bar_off = const abi::BAR_MMAP_OFFSET,
 );
 
 unsafe extern "C" {

@@ -26,16 +26,21 @@ pub enum Workload {
     Random,
     /// Checksum the slice as it is and report it.
     Verify,
+    /// Drive the PCI devices from user mode (vCPU 0 only): list bus 0 through configuration
+    /// mechanism #1, loop the GPIO card's outputs back, run DMA copies with the DMA engine,
+    /// and report the results as `(key, value)` pairs (see [`abi`]).
+    Devices,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Fill,
         Workload::Dirty,
         Workload::Read,
         Workload::Random,
         Workload::Verify,
+        Workload::Devices,
     ];
 
     /// Index in the guest image's entry table.
@@ -46,6 +51,7 @@ impl Workload {
             Workload::Read => 2,
             Workload::Random => 3,
             Workload::Verify => 4,
+            Workload::Devices => 5,
         }
     }
 
@@ -57,6 +63,7 @@ impl Workload {
             Workload::Read => "read",
             Workload::Random => "random",
             Workload::Verify => "verify",
+            Workload::Devices => "devices",
         }
     }
 
@@ -81,7 +88,7 @@ impl FromStr for Workload {
             .find(|w| w.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify)"
+                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices)"
                 )
             })
     }
@@ -138,6 +145,43 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown workload")
         );
+    }
+
+    #[test]
+    fn entry_table_follows_all() {
+        for (i, w) in Workload::ALL.into_iter().enumerate() {
+            assert_eq!(w.index(), i, "{w}");
+        }
+        let mut entries: Vec<u64> = Workload::ALL
+            .iter()
+            .map(|w| entry_offset(w.index()))
+            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        assert_eq!(entries.len(), Workload::ALL.len());
+    }
+
+    #[test]
+    fn devices_workload() {
+        let w = Workload::Devices;
+        assert_eq!(w.index(), 5);
+        assert_eq!(w.name(), "devices");
+        assert_eq!("devices".parse::<Workload>().unwrap(), w);
+        assert!(!w.runs_forever());
+        assert_eq!(Workload::ALL.last(), Some(&w));
+        // Its code follows every other workload's.
+        let e = entry_offset(w.index());
+        for o in &Workload::ALL[..5] {
+            assert!(entry_offset(o.index()) < e, "{o}");
+        }
+        assert_eq!(abi::PCI_ID_GPIO & 0xffff, 0x494f);
+        assert_eq!(abi::PCI_ID_GPIO >> 16, 0x0dc8);
+        assert_eq!(abi::PCI_ID_DMA & 0xffff, 0xfa17);
+        assert_eq!(abi::PCI_ID_DMA >> 16, 0x0d3a);
+        assert_eq!(abi::BAR_MMAP_MAGIC as u32, 0xCAFE_0001);
+        // The DMA scratch (descriptor, source, destination) fits a 2 MiB slice.
+        assert!(0x10_0000 + u64::from(abi::DMA_LEN) <= 2 << 20);
+        assert!(u64::from(abi::DMA_LEN) >= 32);
     }
 
     #[test]

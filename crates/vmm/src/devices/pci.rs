@@ -1,0 +1,650 @@
+//! A PCI bus for vfio-user devices: a host bridge at 00:00.0 and each device at 00:NN.0.
+//!
+//! - Configuration mechanism #1 on ports 0xCF8 (address) and 0xCFC..0xCFF (data); a device's
+//!   config space is its own (read and written through the vfio-user client), the bridge's is
+//!   a [`pci::ConfigSpace`].
+//! - Memory BARs are placed from [`MMIO_BASE`] up (firmware's job, done before the guest
+//!   starts). Guest MMIO to a BAR exits to the VMM and becomes a `REGION_READ` / `WRITE`,
+//!   except where the device offers sparse mmap areas: those are mapped from the device's fd
+//!   straight into the guest as KVM memory slots, so the guest's accesses never exit.
+//! - Guest memory is shared with each device as one DMA mapping of its memfd.
+//! - MSI-X: the VMM gives the device one eventfd per vector and registers it as a KVM irqfd
+//!   on its own GSI; guest writes to the MSI-X table are forwarded to the device and also
+//!   turned into the GSI's MSI route. A device's interrupt reaches the guest's LAPIC with no
+//!   VMM thread in the path. Doorbells the device offers as ioeventfds
+//!   (`GET_REGION_IO_FDS`) are registered with KVM on the BAR address: those guest writes do
+//!   not exit either.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry,
+};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde::Serialize;
+use vfu::client::Client;
+use vfu::proto;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where memory BARs start.
+pub const MMIO_BASE: u64 = 0xe000_0000;
+/// End of the BAR window (the LAPIC and IOAPIC live above).
+pub const MMIO_END: u64 = 0xfec0_0000;
+/// First GSI used for MSI-X vectors.
+const MSI_GSI_BASE: u32 = 24;
+/// First KVM memory slot for BAR mappings.
+const BAR_SLOT_BASE: u32 = 8;
+
+/// Attaching a vfio-user device.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The client failed.
+    #[error("vfio-user device at {path}")]
+    Client {
+        /// Socket.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: vfu::client::ClientError,
+    },
+    /// Not a PCI device or no config space.
+    #[error("vfio-user device at {path}: {what}")]
+    Device {
+        /// Socket.
+        path: PathBuf,
+        /// What.
+        what: String,
+    },
+    /// A KVM call failed.
+    #[error("{what}")]
+    Kvm {
+        /// What.
+        what: &'static str,
+        /// errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// mmap of a sparse area failed.
+    #[error("mapping a BAR area of {path}")]
+    Mmap {
+        /// Socket.
+        path: PathBuf,
+        /// errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Out of BAR space or devices.
+    #[error("{0}")]
+    NoRoom(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BarMap {
+    addr: u64,
+    size: u64,
+}
+
+struct Mapped {
+    host: usize,
+    size: usize,
+}
+
+/// Per-device counters.
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct DeviceStats {
+    /// Socket.
+    pub path: String,
+    /// Slot on bus 0.
+    pub slot: u32,
+    /// Vendor and device ID.
+    pub id: String,
+    /// MMIO exits forwarded as REGION_READ/WRITE.
+    pub mmio_exits: u64,
+    /// Config-space accesses forwarded.
+    pub config_accesses: u64,
+    /// MSI-X vectors wired eventfd -> irqfd.
+    pub irqfd_vectors: u32,
+    /// MSI routes (re)programmed from guest writes to the MSI-X table.
+    pub msi_routes_set: u64,
+    /// BAR areas mapped into the guest (no exits).
+    pub mapped_areas: u32,
+    /// Doorbells registered as KVM ioeventfds (no exits).
+    pub ioeventfds: u32,
+    /// Failed forwards (the device refused or went away).
+    pub errors: u64,
+}
+
+struct Dev {
+    path: PathBuf,
+    slot: u32,
+    client: Client,
+    bars: [Option<BarMap>; 6],
+    msix: Option<pci::MsixCap>,
+    /// Shadow of the MSI-X table as the guest wrote it: per vector [lo, hi, data, ctrl].
+    table: Mutex<Vec<[u32; 4]>>,
+    gsi_base: u32,
+    _efds: Vec<EventFd>,
+    _mapped: Vec<Mapped>,
+    mmio_exits: AtomicU64,
+    config_accesses: AtomicU64,
+    routes_set: AtomicU64,
+    errors: AtomicU64,
+    id: u32,
+    mapped_areas: u32,
+    ioeventfds: u32,
+    _io_fds: Vec<EventFd>,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the VM (and its slot) is gone before the bus is dropped.
+        unsafe { libc::munmap(self.host as *mut libc::c_void, self.size) };
+    }
+}
+
+/// The bus.
+pub struct PciBus {
+    address: AtomicU32,
+    bridge: Mutex<pci::ConfigSpace>,
+    devs: Vec<Dev>,
+    vm: Arc<VmFd>,
+    routes: Mutex<Vec<kvm_irq_routing_entry>>,
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AttachError {
+    move |source| AttachError::Kvm { what, source }
+}
+
+impl PciBus {
+    /// A bus with the host bridge and these vfio-user devices attached: BARs placed, guest
+    /// memory (`memfd`, `mem_size` bytes at guest-physical 0) mapped for DMA, sparse areas
+    /// and ioeventfds registered with KVM, MSI-X vectors wired to irqfds (`irqchip`).
+    pub fn new(
+        vm: Arc<VmFd>,
+        irqchip: bool,
+        paths: &[PathBuf],
+        memfd: &std::fs::File,
+        mem_size: u64,
+    ) -> Result<PciBus, AttachError> {
+        let bridge = pci::ConfigBuilder::new(pci::Ids {
+            vendor: 0x8086,
+            device: 0x29c0, // Q35 host bridge
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x1100,
+            class: 0x060000,
+            revision: 0,
+        })
+        .build()
+        .map_err(|e| AttachError::NoRoom(format!("host bridge: {e}")))?;
+        let mut bus = PciBus {
+            address: AtomicU32::new(0),
+            bridge: Mutex::new(bridge),
+            devs: Vec::new(),
+            vm,
+            routes: Mutex::new(Vec::new()),
+        };
+        if irqchip {
+            // The default routes for the IOAPIC pins, which a new routing table replaces.
+            let mut r = bus.routes.lock().unwrap_or_else(|e| e.into_inner());
+            for pin in 0..24u32 {
+                let mut e = kvm_irq_routing_entry {
+                    gsi: pin,
+                    type_: KVM_IRQ_ROUTING_IRQCHIP,
+                    ..Default::default()
+                };
+                e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
+                e.u.irqchip.pin = pin;
+                r.push(e);
+            }
+        }
+        let mut next_mmio = MMIO_BASE;
+        let mut next_slot = BAR_SLOT_BASE;
+        let mut next_gsi = MSI_GSI_BASE;
+        for (i, p) in paths.iter().enumerate() {
+            let d = bus.attach(
+                p,
+                i as u32 + 1,
+                irqchip,
+                memfd,
+                mem_size,
+                &mut next_mmio,
+                &mut next_slot,
+                &mut next_gsi,
+            )?;
+            bus.devs.push(d);
+        }
+        Ok(bus)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &self,
+        path: &Path,
+        slot: u32,
+        irqchip: bool,
+        memfd: &std::fs::File,
+        mem_size: u64,
+        next_mmio: &mut u64,
+        next_slot: &mut u32,
+        next_gsi: &mut u32,
+    ) -> Result<Dev, AttachError> {
+        let cerr = |source| AttachError::Client {
+            path: path.to_path_buf(),
+            source,
+        };
+        let derr = |what: String| AttachError::Device {
+            path: path.to_path_buf(),
+            what,
+        };
+        if slot > 31 {
+            return Err(AttachError::NoRoom("more than 31 devices on bus 0".into()));
+        }
+        let client = Client::connect(path, Duration::from_secs(5)).map_err(cerr)?;
+        let info = client.device_info();
+        if info.flags & proto::DEVICE_FLAGS_PCI == 0 {
+            return Err(derr("not a PCI device".into()));
+        }
+        let cfg_size = client
+            .region(proto::PCI_CONFIG_REGION)
+            .map_or(0, |r| r.size);
+        if cfg_size < 256 {
+            return Err(derr(format!("config region of {cfg_size} bytes")));
+        }
+        let mut cfg = vec![0u8; 256];
+        client.config_read(0, &mut cfg).map_err(cerr)?;
+        let id = u32::from_le_bytes(cfg[0..4].try_into().expect("4 bytes"));
+        // Place memory BARs.
+        let mut bars: [Option<BarMap>; 6] = Default::default();
+        let mut b = 0usize;
+        while b < 6 {
+            let size = client.region(b as u32).map_or(0, |r| r.size);
+            let raw = u32::from_le_bytes(cfg[0x10 + 4 * b..0x14 + 4 * b].try_into().expect("4"));
+            let wide = raw & 0b111 == 0b100;
+            if size == 0 || raw & 1 == 1 {
+                b += 1;
+                continue; // absent, or an I/O BAR (not placed: the guest has no I/O window)
+            }
+            if !size.is_power_of_two() || size > 1 << 30 {
+                return Err(derr(format!("BAR {b}: size {size:#x}")));
+            }
+            let addr = next_mmio.div_ceil(size) * size;
+            if addr + size > MMIO_END {
+                return Err(AttachError::NoRoom(format!(
+                    "no room for BAR {b} ({size:#x} bytes) of {}",
+                    path.display()
+                )));
+            }
+            *next_mmio = addr + size;
+            client
+                .config_write(0x10 + 4 * b as u64, &(addr as u32).to_le_bytes())
+                .map_err(cerr)?;
+            if wide {
+                client
+                    .config_write(0x14 + 4 * b as u64, &0u32.to_le_bytes())
+                    .map_err(cerr)?;
+            }
+            bars[b] = Some(BarMap { addr, size });
+            b += if wide { 2 } else { 1 };
+        }
+        // Guest memory for DMA.
+        client
+            .dma_map_fd(
+                0,
+                mem_size,
+                memfd.as_raw_fd(),
+                0,
+                proto::DMA_READ | proto::DMA_WRITE,
+            )
+            .map_err(cerr)?;
+        // Sparse mmap areas straight into the guest.
+        let mut mapped = Vec::new();
+        let mut mapped_areas = 0;
+        for (bi, bar) in bars.iter().enumerate() {
+            let (Some(bar), Some(r)) = (bar, client.region(bi as u32)) else {
+                continue;
+            };
+            let Some(fd) = &r.fd else { continue };
+            for &(off, size) in &r.sparse {
+                let prot = libc::PROT_READ
+                    | if r.flags & proto::REGION_WRITE != 0 {
+                        libc::PROT_WRITE
+                    } else {
+                        0
+                    };
+                // SAFETY: a new shared mapping of the device's fd, `size` bytes at the offset
+                // it gave; used only as guest memory for the slot registered below.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        size as usize,
+                        prot,
+                        libc::MAP_SHARED,
+                        fd.as_raw_fd(),
+                        (r.mmap_offset + off) as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(AttachError::Mmap {
+                        path: path.to_path_buf(),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                mapped.push(Mapped {
+                    host: p as usize,
+                    size: size as usize,
+                });
+                let region = kvm_bindings::kvm_userspace_memory_region {
+                    slot: *next_slot,
+                    flags: 0,
+                    guest_phys_addr: bar.addr + off,
+                    memory_size: size,
+                    userspace_addr: p as u64,
+                };
+                *next_slot += 1;
+                // SAFETY: the slot is backed by the mapping above, which lives in `Dev` for
+                // as long as the bus (and so the VM it serves) does.
+                unsafe { self.vm.set_user_memory_region(region) }
+                    .map_err(kvm("KVM_SET_USER_MEMORY_REGION (BAR area)"))?;
+                mapped_areas += 1;
+            }
+        }
+        // Doorbells as ioeventfds.
+        let mut io_fds = Vec::new();
+        for (bi, bar) in bars.iter().enumerate() {
+            let Some(bar) = bar else { continue };
+            let subs = match client.region_io_fds(bi as u32) {
+                Ok(s) => s,
+                Err(vfu::client::ClientError::Server { .. }) => continue, // not offered
+                Err(e) => return Err(cerr(e)),
+            };
+            for (sub, fd) in subs {
+                if sub.offset + sub.size > bar.size || sub.kind != 0 {
+                    continue;
+                }
+                // SAFETY: the fd came from the device over SCM_RIGHTS and is ours alone.
+                let efd = unsafe {
+                    <EventFd as std::os::fd::FromRawFd>::from_raw_fd(
+                        std::os::fd::IntoRawFd::into_raw_fd(fd),
+                    )
+                };
+                let addr = IoEventAddress::Mmio(bar.addr + sub.offset);
+                let r = if sub.flags & 1 != 0 {
+                    match sub.size {
+                        4 => self.vm.register_ioevent(&efd, &addr, sub.datamatch as u32),
+                        8 => self.vm.register_ioevent(&efd, &addr, sub.datamatch),
+                        _ => continue,
+                    }
+                } else {
+                    self.vm.register_ioevent(&efd, &addr, NoDatamatch)
+                };
+                r.map_err(kvm("KVM_IOEVENTFD"))?;
+                io_fds.push(efd);
+            }
+        }
+        let ioeventfds = io_fds.len() as u32;
+        // MSI-X vectors -> eventfds -> irqfds.
+        let msix_count = client
+            .irqs()
+            .get(proto::IRQ_MSIX as usize)
+            .map_or(0, |i| i.count);
+        let msix = find_msix(&client, &cfg).filter(|_| msix_count > 0 && irqchip);
+        let mut efds = Vec::new();
+        let gsi_base = *next_gsi;
+        if let Some(m) = msix {
+            for v in 0..m.vectors.min(msix_count) {
+                let e =
+                    EventFd::new(libc::EFD_CLOEXEC).map_err(|e| derr(format!("eventfd: {e}")))?;
+                self.vm
+                    .register_irqfd(&e, gsi_base + v)
+                    .map_err(kvm("KVM_IRQFD"))?;
+                efds.push(e);
+            }
+            let raw: Vec<i32> = efds.iter().map(|e| e.as_raw_fd()).collect();
+            client
+                .set_irq_eventfds(proto::IRQ_MSIX, 0, &raw)
+                .map_err(cerr)?;
+            *next_gsi += efds.len() as u32;
+        }
+        let vectors = efds.len();
+        Ok(Dev {
+            path: path.to_path_buf(),
+            slot,
+            client,
+            bars,
+            msix,
+            table: Mutex::new(vec![[0, 0, 0, 1]; vectors]),
+            gsi_base,
+            _efds: efds,
+            _mapped: mapped,
+            mmio_exits: AtomicU64::new(0),
+            config_accesses: AtomicU64::new(0),
+            routes_set: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            id,
+            mapped_areas,
+            ioeventfds,
+            _io_fds: io_fds,
+        })
+    }
+
+    /// Whether `port` belongs to the bus.
+    pub fn claims_port(port: u16) -> bool {
+        (0xcf8..=0xcff).contains(&port)
+    }
+
+    fn config(&self, write: bool, port: u16, data: &mut [u8]) {
+        let a = self.address.load(Ordering::SeqCst);
+        let bus = (a >> 16) & 0xff;
+        let dev = (a >> 11) & 0x1f;
+        let func = (a >> 8) & 7;
+        let reg = u64::from(a & 0xfc) + u64::from(port - 0xcfc);
+        if a & 0x8000_0000 == 0 || bus != 0 || func != 0 {
+            if !write {
+                data.fill(0xff);
+            }
+            return;
+        }
+        if dev == 0 {
+            let mut b = self.bridge.lock().unwrap_or_else(|e| e.into_inner());
+            let r = if write {
+                b.write(reg as usize, data).map(|_| ())
+            } else {
+                b.read(reg as usize, data)
+            };
+            if r.is_err() && !write {
+                data.fill(0xff);
+            }
+            return;
+        }
+        let Some(d) = self.devs.iter().find(|d| d.slot == dev) else {
+            if !write {
+                data.fill(0xff);
+            }
+            return;
+        };
+        d.config_accesses.fetch_add(1, Ordering::Relaxed);
+        let r = if write {
+            d.client.config_write(reg, data)
+        } else {
+            d.client.config_read(reg, data)
+        };
+        if r.is_err() {
+            d.errors.fetch_add(1, Ordering::Relaxed);
+            if !write {
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// A guest `out`.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        if port == 0xcf8 && data.len() == 4 {
+            self.address.store(
+                u32::from_le_bytes(data.try_into().expect("4 bytes")),
+                Ordering::SeqCst,
+            );
+        } else if port >= 0xcfc {
+            let mut d = data.to_vec();
+            self.config(true, port, &mut d);
+        }
+    }
+
+    /// A guest `in`.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if port == 0xcf8 && data.len() == 4 {
+            data.copy_from_slice(&self.address.load(Ordering::SeqCst).to_le_bytes());
+        } else if port >= 0xcfc {
+            self.config(false, port, data);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn find(&self, addr: u64, len: usize) -> Option<(&Dev, u32, u64)> {
+        self.devs.iter().find_map(|d| {
+            d.bars.iter().enumerate().find_map(|(i, b)| {
+                let b = (*b)?;
+                (addr >= b.addr && addr + len as u64 <= b.addr + b.size).then_some((
+                    d,
+                    i as u32,
+                    addr - b.addr,
+                ))
+            })
+        })
+    }
+
+    /// A guest MMIO access; false if no BAR is there.
+    pub fn mmio(&self, addr: u64, data: &mut [u8], write: bool) -> bool {
+        let Some((d, bar, off)) = self.find(addr, data.len()) else {
+            return false;
+        };
+        d.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        let r = if write {
+            d.client.region_write(bar, off, data)
+        } else {
+            d.client.region_read(bar, off, data)
+        };
+        if r.is_err() {
+            d.errors.fetch_add(1, Ordering::Relaxed);
+            if !write {
+                data.fill(0xff);
+            }
+        }
+        if write
+            && let Some(m) = d.msix
+            && u32::from(m.table_bar) == bar
+        {
+            let start = u64::from(m.table_offset);
+            if off >= start && off + data.len() as u64 <= start + m.table_len() {
+                self.snoop_table(d, off - start, data);
+            }
+        }
+        true
+    }
+
+    fn snoop_table(&self, d: &Dev, rel: u64, data: &[u8]) {
+        let v = (rel / 16) as usize;
+        let changed = {
+            let mut t = d.table.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(e) = t.get_mut(v) else { return };
+            let mut bytes = [0u8; 16];
+            for (i, w) in e.iter().enumerate() {
+                bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            let o = (rel % 16) as usize;
+            let n = data.len().min(16 - o);
+            bytes[o..o + n].copy_from_slice(&data[..n]);
+            for (i, w) in e.iter_mut().enumerate() {
+                *w = u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4"));
+            }
+            *e
+        };
+        let gsi = d.gsi_base + v as u32;
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|r| r.gsi != gsi);
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = changed[0];
+        e.u.msi.address_hi = changed[1];
+        e.u.msi.data = changed[2];
+        routes.push(e);
+        if let Ok(table) = KvmIrqRouting::from_entries(&routes)
+            && self.vm.set_gsi_routing(&table).is_ok()
+        {
+            d.routes_set.fetch_add(1, Ordering::Relaxed);
+        } else {
+            d.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Read device `i`'s region (for host-side checks).
+    pub fn region_read(
+        &self,
+        i: usize,
+        region: u32,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<(), String> {
+        let d = self.devs.get(i).ok_or("no such device")?;
+        d.client
+            .region_read(region, off, buf)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Counters per device.
+    pub fn stats(&self) -> Vec<DeviceStats> {
+        self.devs
+            .iter()
+            .map(|d| DeviceStats {
+                path: d.path.display().to_string(),
+                slot: d.slot,
+                id: format!("{:04x}:{:04x}", d.id & 0xffff, d.id >> 16),
+                mmio_exits: d.mmio_exits.load(Ordering::Relaxed),
+                config_accesses: d.config_accesses.load(Ordering::Relaxed),
+                irqfd_vectors: d._efds.len() as u32,
+                msi_routes_set: d.routes_set.load(Ordering::Relaxed),
+                mapped_areas: d.mapped_areas,
+                ioeventfds: d.ioeventfds,
+                errors: d.errors.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+fn find_msix(client: &Client, cfg: &[u8]) -> Option<pci::MsixCap> {
+    if u16::from_le_bytes([cfg[6], cfg[7]]) & pci::STATUS_CAP_LIST == 0 {
+        return None;
+    }
+    let mut p = (cfg[0x34] & 0xfc) as usize;
+    for _ in 0..48 {
+        if p < 0x40 || p + 12 > cfg.len() {
+            return None;
+        }
+        if cfg[p] == pci::CAP_MSIX {
+            let ctl = u16::from_le_bytes([cfg[p + 2], cfg[p + 3]]);
+            let t = u32::from_le_bytes(cfg[p + 4..p + 8].try_into().ok()?);
+            let b = u32::from_le_bytes(cfg[p + 8..p + 12].try_into().ok()?);
+            let _ = client;
+            return Some(pci::MsixCap {
+                offset: p,
+                vectors: u32::from(ctl & 0x7ff) + 1,
+                table_bar: (t & 7) as u8,
+                table_offset: t & !7,
+                pba_bar: (b & 7) as u8,
+                pba_offset: b & !7,
+            });
+        }
+        p = (cfg[p + 1] & 0xfc) as usize;
+        if p == 0 {
+            return None;
+        }
+    }
+    None
+}
