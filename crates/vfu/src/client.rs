@@ -279,18 +279,18 @@ impl Client {
                 Vec::new()
             };
             let fd = r.fds.pop();
-            if info.flags & REGION_MMAP != 0 && fd.is_none() {
-                return Err(ClientError::Protocol {
-                    cmd,
-                    what: format!("region {index} says mappable but came without an fd"),
-                });
+            let mut flags = info.flags;
+            if flags & REGION_MMAP != 0 && fd.is_none() {
+                // libvfio-user's sample server does this: treat the region as trapped
+                // (every access through REGION_READ/WRITE), which is always correct.
+                flags &= !REGION_MMAP;
             }
             return Ok(Region {
                 index,
-                flags: info.flags,
+                flags,
                 size: info.size,
                 mmap_offset: info.offset,
-                sparse,
+                sparse: if fd.is_some() { sparse } else { Vec::new() },
                 fd,
             });
         }
@@ -476,8 +476,27 @@ impl Client {
         self.dma_served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// REGION_READ.
+    /// Most data bytes in one message each way: the server's `max_data_xfer_size` (what it
+    /// accepts) and ours (what we accept: the default we advertised).
+    fn max_data(&self) -> usize {
+        self.server_caps
+            .max_data_xfer_size
+            .min(DEFAULT_MAX_DATA_XFER) as usize
+    }
+
+    /// REGION_READ (split into messages of at most the negotiated `max_data_xfer_size`).
     pub fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        if buf.len() <= self.max_data() {
+            return self.region_read_one(region, offset, buf);
+        }
+        let chunk = self.max_data();
+        for (i, part) in buf.chunks_mut(chunk).enumerate() {
+            self.region_read_one(region, offset.saturating_add((i * chunk) as u64), part)?;
+        }
+        Ok(())
+    }
+
+    fn region_read_one(&self, region: u32, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
         let cmd = Command::RegionRead;
         let a = RegionAccess {
             offset,
@@ -505,8 +524,19 @@ impl Client {
         Ok(())
     }
 
-    /// REGION_WRITE.
+    /// REGION_WRITE (split into messages of at most the negotiated `max_data_xfer_size`).
     pub fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        if data.len() <= self.max_data() {
+            return self.region_write_one(region, offset, data);
+        }
+        let chunk = self.max_data();
+        for (i, part) in data.chunks(chunk).enumerate() {
+            self.region_write_one(region, offset.saturating_add((i * chunk) as u64), part)?;
+        }
+        Ok(())
+    }
+
+    fn region_write_one(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         let a = RegionAccess {
             offset,
             region,

@@ -95,6 +95,17 @@ pub enum MapError {
         #[source]
         source: std::io::Error,
     },
+    /// The client's file ends before `offset + size`: touching the rest would raise SIGBUS
+    /// in the server process.
+    #[error("{size:#x} bytes at offset {offset:#x} of a {file_size:#x}-byte file")]
+    PastEnd {
+        /// Offset.
+        offset: u64,
+        /// Size.
+        size: u64,
+        /// Size of the client's file.
+        file_size: u64,
+    },
     /// Nothing mapped exactly there.
     #[error("no mapping is exactly {address:#x}+{size:#x}")]
     NotMapped {
@@ -112,6 +123,7 @@ impl MapError {
             MapError::Overlap { .. } => libc::EEXIST,
             MapError::TooMany(_) => libc::ENOSPC,
             MapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::EINVAL),
+            MapError::PastEnd { .. } => libc::EINVAL,
             MapError::NotMapped { .. } => libc::ENOENT,
         }
     }
@@ -155,6 +167,23 @@ impl DmaTable {
         }
         let host = match fd {
             Some((fd, offset)) => {
+                // A regular file (a memfd, a hugetlbfs or tmpfs file) maps past its end, but
+                // the first touch there kills this process with SIGBUS: refuse it up front.
+                // SAFETY: an all-zero `stat` is a valid value for fstat to fill.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat of a descriptor we own into a local struct.
+                if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0
+                    && st.st_mode & libc::S_IFMT == libc::S_IFREG
+                    && offset
+                        .checked_add(size)
+                        .is_none_or(|e| e > st.st_size as u64)
+                {
+                    return Err(MapError::PastEnd {
+                        offset,
+                        size,
+                        file_size: st.st_size as u64,
+                    });
+                }
                 let mut prot = 0;
                 if flags & DMA_READ != 0 {
                     prot |= libc::PROT_READ;

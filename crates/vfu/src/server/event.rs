@@ -276,8 +276,11 @@ impl Server {
         let _ = self.ctl(libc::EPOLL_CTL_DEL, s.sock.as_raw_fd(), token, true);
         lock(&self.sh.sources).remove(&token);
         lock(&SESSIONS).remove(&s.id);
+        s.fail_pending();
         s.dev.forget_session(s.id);
         let _ = s.sock.shutdown(std::net::Shutdown::Both);
+        // After the shutdown: a request sent from now on fails at once.
+        s.fail_pending();
     }
 
     /// Serve until [`ShutdownHandle::shutdown`].

@@ -715,13 +715,19 @@ impl DeviceContext {
         if self.0.irq_counts[0] == 0 {
             return Delivery::Dropped;
         }
-        lock(&self.0.config).set_intx_status(level);
+        // The status bit follows the line; the command register's INTx Disable keeps the
+        // function from signalling it (clearing that bit re-asserts, see `config_access`).
+        let disabled = {
+            let mut cfg = lock(&self.0.config);
+            cfg.set_intx_status(level);
+            cfg.command() & pci::CMD_INTX_DISABLE != 0
+        };
         let mut irq = lock(&self.0.irq);
         irq.intx_level = level;
         if !level {
             return Delivery::Dropped;
         }
-        if irq.intx_masked || !self.signal(&irq, IRQ_INTX, 0) {
+        if irq.intx_masked || disabled || !self.signal(&irq, IRQ_INTX, 0) {
             self.0.stats.latched.fetch_add(1, Ordering::Relaxed);
             return Delivery::Pending;
         }
@@ -778,25 +784,35 @@ impl DeviceContext {
     /// Read client memory at `address` (may span mappings).
     pub fn dma_read(&self, address: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.dma_check()?;
-        let table = self.0.dma.read().unwrap_or_else(|e| e.into_inner());
-        let pieces = table.translate(address, buf.len() as u64, DMA_READ)?;
-        let mut done = 0usize;
-        for (p, at, n) in pieces {
-            let dst = &mut buf[done..done + n as usize];
-            match p {
-                // SAFETY: `translate` checked that `host..host+n` lies inside a live mapping,
-                // kept alive by the read lock held for the whole copy.
-                Piece::Host(host) => unsafe {
-                    std::ptr::copy_nonoverlapping(host as *const u8, dst.as_mut_ptr(), dst.len())
-                },
-                Piece::Message(s) => {
-                    let s = s
-                        .upgrade()
-                        .ok_or(DmaError::Message("the client has gone".into()))?;
-                    s.dma_read(at, dst)?;
+        let mut by_message = Vec::new();
+        {
+            let table = self.0.dma.read().unwrap_or_else(|e| e.into_inner());
+            let pieces = table.translate(address, buf.len() as u64, DMA_READ)?;
+            let mut done = 0usize;
+            for (p, at, n) in pieces {
+                let dst = &mut buf[done..done + n as usize];
+                match p {
+                    // SAFETY: `translate` checked that `host..host+n` lies inside a live
+                    // mapping, kept alive by the read lock held for the whole copy.
+                    Piece::Host(host) => unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            host as *const u8,
+                            dst.as_mut_ptr(),
+                            dst.len(),
+                        )
+                    },
+                    Piece::Message(s) => by_message.push((s.clone(), at, done, n as usize)),
                 }
+                done += n as usize;
             }
-            done += n as usize;
+        }
+        // Message round trips run without the table lock, so a client that goes away (its
+        // mappings removed under the write lock) never waits on a reply that cannot come.
+        for (s, at, off, n) in by_message {
+            let s = s
+                .upgrade()
+                .ok_or(DmaError::Message("the client has gone".into()))?;
+            s.dma_read(at, &mut buf[off..off + n])?;
         }
         Ok(())
     }
@@ -804,25 +820,29 @@ impl DeviceContext {
     /// Write client memory at `address` (may span mappings).
     pub fn dma_write(&self, address: u64, data: &[u8]) -> Result<(), DmaError> {
         self.dma_check()?;
-        let table = self.0.dma.read().unwrap_or_else(|e| e.into_inner());
-        let pieces = table.translate(address, data.len() as u64, DMA_WRITE)?;
-        let mut done = 0usize;
-        for (p, at, n) in pieces {
-            let src = &data[done..done + n as usize];
-            match p {
-                // SAFETY: `translate` checked the range is inside a live writable mapping,
-                // kept alive by the read lock.
-                Piece::Host(host) => unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len())
-                },
-                Piece::Message(s) => {
-                    let s = s
-                        .upgrade()
-                        .ok_or(DmaError::Message("the client has gone".into()))?;
-                    s.dma_write(at, src)?;
+        let mut by_message = Vec::new();
+        {
+            let table = self.0.dma.read().unwrap_or_else(|e| e.into_inner());
+            let pieces = table.translate(address, data.len() as u64, DMA_WRITE)?;
+            let mut done = 0usize;
+            for (p, at, n) in pieces {
+                let src = &data[done..done + n as usize];
+                match p {
+                    // SAFETY: `translate` checked the range is inside a live writable
+                    // mapping, kept alive by the read lock.
+                    Piece::Host(host) => unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len())
+                    },
+                    Piece::Message(s) => by_message.push((s.clone(), at, done, n as usize)),
                 }
+                done += n as usize;
             }
-            done += n as usize;
+        }
+        for (s, at, off, n) in by_message {
+            let s = s
+                .upgrade()
+                .ok_or(DmaError::Message("the client has gone".into()))?;
+            s.dma_write(at, &data[off..off + n])?;
         }
         Ok(())
     }

@@ -128,6 +128,12 @@ impl Session {
         // A reply nobody waits for (late, or made up by the client) is dropped.
     }
 
+    /// The connection is gone: fail the DMA requests waiting for replies on it now, rather
+    /// than when their timeout expires.
+    pub(crate) fn fail_pending(&self) {
+        lock(&self.pending).clear();
+    }
+
     pub(crate) fn has_backlog(&self) -> bool {
         !lock(&self.state).backlog.is_empty()
     }
