@@ -1154,14 +1154,10 @@ fn run_vcpu(
                             // (the guest runs with interrupts off): report them.
                             for v in 32..256usize {
                                 let reg = 0x200 + 0x10 * (v / 32);
-                                let word = u32::from_le_bytes(
-                                    lapic.regs[reg..reg + 4]
-                                        .iter()
-                                        .map(|&b| b as u8)
-                                        .collect::<Vec<u8>>()
-                                        .try_into()
-                                        .unwrap_or([0; 4]),
-                                );
+                                let r = &lapic.regs[reg..reg + 4];
+                                let word = u32::from_le_bytes([
+                                    r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8,
+                                ]);
                                 if word & (1 << (v % 32)) != 0 {
                                     send(Event::Value {
                                         vcpu: id,

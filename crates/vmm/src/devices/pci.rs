@@ -391,7 +391,7 @@ impl PciBus {
             .irqs()
             .get(proto::IRQ_MSIX as usize)
             .map_or(0, |i| i.count);
-        let msix = find_msix(&client, &cfg).filter(|_| msix_count > 0 && irqchip);
+        let msix = find_msix(&cfg).filter(|_| msix_count > 0 && irqchip);
         let mut efds = Vec::new();
         let gsi_base = *next_gsi;
         if let Some(m) = msix {
@@ -618,7 +618,7 @@ impl PciBus {
     }
 }
 
-fn find_msix(client: &Client, cfg: &[u8]) -> Option<pci::MsixCap> {
+fn find_msix(cfg: &[u8]) -> Option<pci::MsixCap> {
     if u16::from_le_bytes([cfg[6], cfg[7]]) & pci::STATUS_CAP_LIST == 0 {
         return None;
     }
@@ -631,7 +631,6 @@ fn find_msix(client: &Client, cfg: &[u8]) -> Option<pci::MsixCap> {
             let ctl = u16::from_le_bytes([cfg[p + 2], cfg[p + 3]]);
             let t = u32::from_le_bytes(cfg[p + 4..p + 8].try_into().ok()?);
             let b = u32::from_le_bytes(cfg[p + 8..p + 12].try_into().ok()?);
-            let _ = client;
             return Some(pci::MsixCap {
                 offset: p,
                 vectors: u32::from(ctl & 0x7ff) + 1,
