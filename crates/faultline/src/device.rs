@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use vfu::client::Client;
-use vfu::devices::{dma, gpio};
+use vfu::devices::{dma, gpio, sample};
 use vfu::proto;
 use vfu::server::Server;
 
@@ -27,6 +27,9 @@ pub enum Kind {
     Gpio,
     /// DMA copy engine with MSI-X.
     Dma,
+    /// The device of libvfio-user's `samples/server` (dead:beef: BAR0 timer, BAR1 with sparse
+    /// mmap, INTx, DMA, PRE_COPY migration), so libvfio-user's own client can test us.
+    Sample,
 }
 
 /// `device serve`.
@@ -46,6 +49,9 @@ pub struct ServeArgs {
     /// GPIO: inputs are not wired to outputs.
     #[arg(long)]
     no_loopback: bool,
+    /// Exit when the last client disconnects (as libvfio-user's samples do).
+    #[arg(long)]
+    once: bool,
 }
 
 /// `device probe`.
@@ -81,6 +87,15 @@ fn add(server: &Server, kind: Kind, path: &std::path::Path, loopback: bool) -> R
                 .attach(server, path)
                 .map_err(|e| err(&e))?;
         }
+        Kind::Sample => {
+            let s = sample::Sample::new();
+            let d = sample::Sample::description()
+                .realize(s.clone())
+                .map_err(|e| err(&e))?
+                .attach(server, path)
+                .map_err(|e| err(&e))?;
+            s.start(d.context());
+        }
     }
     eprintln!("faultline: serving {kind:?} at {}", path.display());
     Ok(())
@@ -89,6 +104,9 @@ fn add(server: &Server, kind: Kind, path: &std::path::Path, loopback: bool) -> R
 /// Run `device serve`.
 pub fn serve(a: &ServeArgs) -> Result<(), String> {
     let server = Server::new(true).map_err(|e| uffd::error_chain(&e))?;
+    if a.once {
+        server.exit_when_idle();
+    }
     add(&server, a.kind, &a.socket, !a.no_loopback)?;
     for spec in &a.also {
         let (k, p) = spec

@@ -17,7 +17,7 @@ pub const HEADER_SIZE: usize = 16;
 pub const VERSION_MAJOR: u16 = 0;
 /// Protocol minor version spoken.
 pub const VERSION_MINOR: u16 = 1;
-/// Default (and minimum) `max_data_xfer_size` (1 MiB).
+/// Default `max_data_xfer_size` (1 MiB), also the most this server accepts and sends.
 pub const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;
 /// Default `max_msg_fds` when the peer does not say.
 pub const DEFAULT_MAX_MSG_FDS: u32 = 1;
@@ -673,11 +673,9 @@ impl Caps {
         let doc: CapsDoc = serde_json::from_slice(s)
             .map_err(|e| ProtoError::Version(format!("bad capabilities JSON: {e}")))?;
         let c = doc.capabilities;
-        if c.max_data_xfer_size < 4096 {
-            return Err(ProtoError::Version(format!(
-                "max_data_xfer_size {} is below 4096",
-                c.max_data_xfer_size
-            )));
+        // No minimum in the specification; libvfio-user's sample client says 1024.
+        if c.max_data_xfer_size == 0 {
+            return Err(ProtoError::Version("max_data_xfer_size 0".into()));
         }
         Ok(c)
     }
@@ -1136,7 +1134,13 @@ mod tests {
         let c = Caps::from_json(br#"{"capabilities":{"twin_socket":{"supported":true}}}"#).unwrap();
         assert_eq!(c, Caps::default());
         assert!(Caps::from_json(b"{nope").is_err());
-        assert!(Caps::from_json(br#"{"capabilities":{"max_data_xfer_size":1}}"#).is_err());
+        assert!(Caps::from_json(br#"{"capabilities":{"max_data_xfer_size":0}}"#).is_err());
+        assert_eq!(
+            Caps::from_json(br#"{"capabilities":{"max_data_xfer_size":1024}}"#)
+                .unwrap()
+                .max_data_xfer_size,
+            1024
+        );
     }
 
     #[test]

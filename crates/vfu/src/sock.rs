@@ -43,7 +43,36 @@ pub struct Message {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Send one message: `parts` concatenated, `fds` attached.
+/// How long [`send`] waits on a non-blocking socket whose peer reads nothing.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Wait until `fd` is ready for `events` (`POLLIN`/`POLLOUT`) or `timeout` passes. `Ok(false)`:
+/// timed out. Hang-ups and errors count as ready (the next read or write reports them).
+pub fn wait_for(fd: RawFd, events: i16, timeout: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(n > 0);
+    }
+}
+
+/// Send one message: `parts` concatenated, `fds` attached. On a non-blocking socket it waits
+/// for room up to [`SEND_TIMEOUT`].
 pub fn send(sock: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<()> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut sent = 0usize;
@@ -60,11 +89,26 @@ pub fn send(sock: &UnixStream, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<()>
             iov.push(IoSlice::new(&p[skip..]));
             skip = 0;
         }
-        let n = if first && !fds.is_empty() {
-            sendmsg_fds(sock.as_raw_fd(), &iov, fds)?
+        let r = if first && !fds.is_empty() {
+            sendmsg_fds(sock.as_raw_fd(), &iov, fds)
         } else {
             use std::io::Write;
-            (&*sock).write_vectored(&iov)?
+            (&*sock).write_vectored(&iov)
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A non-blocking socket whose peer is not reading: wait for room, bounded.
+                if !wait_for(sock.as_raw_fd(), libc::POLLOUT, SEND_TIMEOUT)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer read nothing for {SEND_TIMEOUT:?}"),
+                    ));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed"));
@@ -202,4 +246,85 @@ pub fn recv(sock: &UnixStream, max_size: u32) -> Result<Message, RecvError> {
         payload,
         fds,
     })
+}
+
+/// Receives messages from a non-blocking socket a piece at a time, keeping a partly received
+/// message between calls, so a peer that stops mid-message holds up nobody but itself.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    head: [u8; HEADER_SIZE],
+    got: usize,
+    header: Option<Header>,
+    payload: Vec<u8>,
+    filled: usize,
+    fds: Vec<OwnedFd>,
+}
+
+impl Assembler {
+    /// A fresh assembler (no message started).
+    pub fn new() -> Assembler {
+        Assembler::default()
+    }
+
+    /// Whether part of a message has arrived.
+    pub fn is_partial(&self) -> bool {
+        self.got > 0
+    }
+
+    /// Read what `sock` has. `Ok(Some)`: a whole message; `Ok(None)`: the socket has no more
+    /// for now (what arrived is kept). Messages over `max_size` bytes are refused by header.
+    pub fn poll(&mut self, sock: &UnixStream, max_size: u32) -> Result<Option<Message>, RecvError> {
+        while self.got < HEADER_SIZE {
+            match recv_head(sock.as_raw_fd(), &mut self.head[self.got..]) {
+                Ok((0, _)) if self.got == 0 => return Err(RecvError::Closed),
+                Ok((0, _)) => {
+                    return Err(RecvError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a header",
+                    )));
+                }
+                Ok((n, f)) => {
+                    self.got += n;
+                    self.fds.extend(f);
+                    if self.fds.len() > MAX_FDS {
+                        return Err(RecvError::TooManyFds(self.fds.len()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+        let header = match self.header {
+            Some(h) => h,
+            None => {
+                let h = Header::decode(&self.head, max_size).map_err(RecvError::Header)?;
+                self.payload = vec![0u8; h.size as usize - HEADER_SIZE];
+                self.filled = 0;
+                self.header = Some(h);
+                h
+            }
+        };
+        while self.filled < self.payload.len() {
+            match (&*sock).read(&mut self.payload[self.filled..]) {
+                Ok(0) => {
+                    return Err(RecvError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a message",
+                    )));
+                }
+                Ok(n) => self.filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(RecvError::Io(e)),
+            }
+        }
+        let msg = Message {
+            header,
+            payload: std::mem::take(&mut self.payload),
+            fds: std::mem::take(&mut self.fds),
+        };
+        *self = Assembler::default();
+        Ok(Some(msg))
+    }
 }

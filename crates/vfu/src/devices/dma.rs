@@ -167,12 +167,17 @@ impl DmaEngine {
         let mut w = self.worker.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_none() {
             let (tx, rx) = channel::<(u64, u32)>();
-            let me = self.clone();
-            let ctx = dev.clone();
+            // Weak handles: the worker must not keep the device (which owns the sender) alive,
+            // or it would never see the channel close and never exit.
+            let me = Arc::downgrade(self);
+            let ctx = dev.downgrade();
             std::thread::Builder::new()
                 .name("dma-engine".into())
                 .spawn(move || {
                     while let Ok((first, n)) = rx.recv() {
+                        let (Some(me), Some(ctx)) = (me.upgrade(), ctx.upgrade()) else {
+                            break;
+                        };
                         me.run(&ctx, first, n);
                     }
                 })

@@ -3,3 +3,4 @@
 
 pub mod dma;
 pub mod gpio;
+pub mod sample;

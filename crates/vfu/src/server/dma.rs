@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::proto::{DMA_READ, DMA_WRITE};
 
@@ -52,6 +53,29 @@ pub(crate) struct Mapping {
     /// The session that mapped it (message-based DMA goes there; it unmaps on disconnect).
     pub(crate) owner: u64,
     pub(crate) session: Weak<Session>,
+    /// Dirty pages (one bit a page of the logging page size, counted from the page that
+    /// holds the mapping's first byte) while DMA logging is on; empty otherwise.
+    dirty: Vec<AtomicU64>,
+}
+
+impl Mapping {
+    fn bitmap_for(start: u64, size: u64, page: u64) -> Vec<AtomicU64> {
+        let pages = (start + size - 1) / page - start / page + 1;
+        (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    fn mark(&self, start: u64, page: u64, at: u64, len: u64) {
+        if self.dirty.is_empty() || len == 0 {
+            return;
+        }
+        let first = at / page - start / page;
+        let last = (at + len - 1) / page - start / page;
+        for p in first..=last {
+            if let Some(w) = self.dirty.get((p / 64) as usize) {
+                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Drop for Mapping {
@@ -68,6 +92,8 @@ impl Drop for Mapping {
 #[derive(Default)]
 pub(crate) struct DmaTable {
     maps: BTreeMap<u64, Mapping>,
+    /// DMA dirty-page logging: the page size, while on.
+    log_page: Option<u64>,
 }
 
 /// A failure to map.
@@ -214,6 +240,10 @@ impl DmaTable {
             }
             None => None,
         };
+        let dirty = match self.log_page {
+            Some(page) => Mapping::bitmap_for(address, size, page),
+            None => Vec::new(),
+        };
         self.maps.insert(
             address,
             Mapping {
@@ -222,6 +252,7 @@ impl DmaTable {
                 host,
                 owner,
                 session,
+                dirty,
             },
         );
         Ok(())
@@ -249,6 +280,94 @@ impl DmaTable {
             .collect()
     }
 
+    /// Start dirty-page logging with pages of `page` bytes (a power of two); restarting
+    /// clears what was logged.
+    pub(crate) fn log_start(&mut self, page: u64) {
+        self.log_page = Some(page);
+        for (&a, m) in self.maps.iter_mut() {
+            m.dirty = Mapping::bitmap_for(a, m.size, page);
+        }
+    }
+
+    /// Stop logging and drop the bitmaps.
+    pub(crate) fn log_stop(&mut self) {
+        self.log_page = None;
+        for m in self.maps.values_mut() {
+            m.dirty = Vec::new();
+        }
+    }
+
+    /// The logging page size, if logging.
+    pub(crate) fn log_page(&self) -> Option<u64> {
+        self.log_page
+    }
+
+    /// Mark `address..address+len` dirty (written by the device some other way than
+    /// through [`translate`](DmaTable::translate)). Unmapped parts are ignored.
+    pub(crate) fn mark_dirty(&self, address: u64, len: u64) {
+        let Some(page) = self.log_page else { return };
+        let end = address.saturating_add(len);
+        for (&a, m) in self.maps.range(..end) {
+            let (lo, hi) = (a.max(address), (a + m.size).min(end));
+            if lo < hi {
+                m.mark(a, page, lo, hi - lo);
+            }
+        }
+    }
+
+    /// The dirty bitmap of `iova..iova+len` in `page`-byte pages (the logging page size),
+    /// one bit a page, in 64-bit words; reported pages are cleared. Pages of no mapping read
+    /// as clean.
+    pub(crate) fn log_report(&self, iova: u64, len: u64, page: u64) -> Result<Vec<u8>, String> {
+        let Some(lp) = self.log_page else {
+            return Err("DMA logging is not started".into());
+        };
+        if page != lp {
+            return Err(format!("report page size {page}, logging with {lp}"));
+        }
+        if len == 0 || iova % page != 0 || iova.checked_add(len).is_none() {
+            return Err(format!("report range {iova:#x}+{len:#x}"));
+        }
+        let pages = len.div_ceil(page);
+        if pages > (1 << 32) {
+            return Err(format!("report of {pages} pages"));
+        }
+        let mut words = vec![0u64; pages.div_ceil(64) as usize];
+        let end = iova + len;
+        for (&a, m) in self.maps.range(..end) {
+            if a + m.size <= iova || m.dirty.is_empty() {
+                continue;
+            }
+            let lo = a.max(iova);
+            let hi = (a + m.size).min(end);
+            for addr in (lo / page * page..hi).step_by(page as usize) {
+                let p = addr / page - a / page;
+                let bit = 1u64 << (p % 64);
+                let w = &m.dirty[(p / 64) as usize];
+                if w.fetch_and(!bit, Ordering::Relaxed) & bit != 0 {
+                    let out = (addr - iova) / page;
+                    words[(out / 64) as usize] |= 1 << (out % 64);
+                }
+            }
+        }
+        Ok(words.iter().flat_map(|w| w.to_ne_bytes()).collect())
+    }
+
+    /// The sessions serving `address..address+len` (checked for `need`), for DMA through
+    /// messages even where the memory is mapped: (session, address, length) pieces.
+    pub(crate) fn by_message(
+        &self,
+        address: u64,
+        len: u64,
+        need: u32,
+    ) -> Result<Vec<(Weak<Session>, u64, u64)>, DmaError> {
+        let pieces = self.translate_inner(address, len, need, false)?;
+        Ok(pieces
+            .into_iter()
+            .map(|(start, at, n)| (self.maps[&start].session.clone(), at, n))
+            .collect())
+    }
+
     /// Split `address..address+len` into pieces, checking every byte is mapped with `need`.
     pub(crate) fn translate(
         &self,
@@ -256,6 +375,29 @@ impl DmaTable {
         len: u64,
         need: u32,
     ) -> Result<Vec<(Piece<'_>, u64, u64)>, DmaError> {
+        let pieces = self.translate_inner(address, len, need, true)?;
+        Ok(pieces
+            .into_iter()
+            .map(|(start, at, n)| {
+                let m = &self.maps[&start];
+                let piece = match &m.host {
+                    Some((host, _)) => Piece::Host(host + (at - start) as usize),
+                    None => Piece::Message(&m.session),
+                };
+                (piece, at, n)
+            })
+            .collect())
+    }
+
+    /// The checked pieces as (mapping start, address, length); host-mapped writes are
+    /// logged dirty when `log` (message-based writes are the client's to log).
+    fn translate_inner(
+        &self,
+        address: u64,
+        len: u64,
+        need: u32,
+        log: bool,
+    ) -> Result<Vec<(u64, u64, u64)>, DmaError> {
         let end = address.checked_add(len).ok_or(DmaError::Unmapped {
             address,
             len,
@@ -281,12 +423,19 @@ impl DmaTable {
                 });
             }
             let n = (start + m.size).min(end) - at;
-            let piece = match &m.host {
-                Some((host, _)) => Piece::Host(host + (at - start) as usize),
-                None => Piece::Message(&m.session),
-            };
-            out.push((piece, at, n));
+            out.push((*start, at, n));
             at += n;
+        }
+        if log
+            && need & DMA_WRITE != 0
+            && let Some(page) = self.log_page
+        {
+            for &(start, at, n) in &out {
+                let m = &self.maps[&start];
+                if m.host.is_some() {
+                    m.mark(start, page, at, n);
+                }
+            }
         }
         Ok(out)
     }

@@ -55,6 +55,10 @@ struct Shared {
     shutdown: EventFd,
     paths: Mutex<Vec<PathBuf>>,
     log: bool,
+    /// Sessions open now.
+    live: AtomicU64,
+    /// Stop when the last client goes ([`Server::exit_when_idle`]).
+    exit_when_idle: AtomicBool,
 }
 
 /// The vfio-user server: serves every attached device's clients.
@@ -100,6 +104,8 @@ impl Server {
                 shutdown,
                 paths: Mutex::new(Vec::new()),
                 log,
+                live: AtomicU64::new(0),
+                exit_when_idle: AtomicBool::new(false),
             }),
         };
         s.ctl(
@@ -115,6 +121,17 @@ impl Server {
     /// The epoll fd: readable when [`process`](Server::process) has work.
     pub fn poll_fd(&self) -> RawFd {
         self.sh.epoll.as_raw_fd()
+    }
+
+    /// Make [`run`](Server::run) return once a client has come and the last one has gone
+    /// (libvfio-user's samples serve one client and exit; so does `device serve --once`).
+    pub fn exit_when_idle(&self) {
+        self.sh.exit_when_idle.store(true, Ordering::SeqCst);
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> u64 {
+        self.sh.live.load(Ordering::SeqCst)
     }
 
     /// A handle that stops [`run`](Server::run).
@@ -199,11 +216,19 @@ impl Server {
             Source::Listener(l, dev) => loop {
                 match l.accept() {
                     Ok((stream, _)) => {
-                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                        // Non-blocking: messages are assembled piecewise (a client that
+                        // stalls mid-message holds up only itself); sends wait for room
+                        // up to `sock::SEND_TIMEOUT`.
+                        if let Err(e) = stream.set_nonblocking(true) {
+                            if self.sh.log {
+                                eprintln!("vfio-user: {}: accept: {e}", dev.name());
+                            }
+                            continue;
+                        }
                         let id = self.sh.next.fetch_add(1, Ordering::Relaxed);
                         let fd = stream.as_raw_fd();
                         let s = Arc::new(Session::new(id, stream, dev.clone()));
+                        self.sh.live.fetch_add(1, Ordering::SeqCst);
                         lock(&SESSIONS).insert(id, Arc::downgrade(&s));
                         if self.sh.log {
                             eprintln!("vfio-user: {}: client {id} connected", dev.name());
@@ -281,6 +306,25 @@ impl Server {
         let _ = s.sock.shutdown(std::net::Shutdown::Both);
         // After the shutdown: a request sent from now on fails at once.
         s.fail_pending();
+        // The ioeventfds handed to this client go with it.
+        let me = Arc::downgrade(s);
+        let gone: Vec<(u64, RawFd)> = lock(&self.sh.sources)
+            .iter()
+            .filter_map(|(&t, src)| match &**src {
+                Source::IoEvent(w, efd, _) if w.ptr_eq(&me) => Some((t, efd.as_raw_fd())),
+                _ => None,
+            })
+            .collect();
+        for (t, fd) in gone {
+            let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, t, true);
+            lock(&self.sh.sources).remove(&t);
+        }
+        if self.sh.live.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.sh.exit_when_idle.load(Ordering::SeqCst)
+        {
+            self.sh.stop.store(true, Ordering::SeqCst);
+            let _ = self.sh.shutdown.write(1);
+        }
     }
 
     /// Serve until [`ShutdownHandle::shutdown`].

@@ -122,6 +122,31 @@ pub trait DeviceOps: Send + Sync + 'static {
     fn config_notice(&self, dev: &DeviceContext, change: ConfigChange) {
         let _ = (dev, change);
     }
+
+    /// The migration state machine takes a step to `to` (one arc of the VFIO v2 graph:
+    /// RUNNING <-> STOP, RUNNING <-> PRE_COPY, PRE_COPY -> STOP_COPY, STOP <-> STOP_COPY,
+    /// STOP <-> RESUMING). An error puts the device in the ERROR state. Default: nothing.
+    fn migration_transition(&self, dev: &DeviceContext, to: MigState) -> Result<(), DeviceError> {
+        let _ = (dev, to);
+        Ok(())
+    }
+
+    /// For a device that owns its migration stream
+    /// ([`DeviceDescription::device_migration_stream`]): the next bytes of state, in
+    /// PRE_COPY (while running) or STOP_COPY. `Ok(0)`: nothing more in this state.
+    fn migration_read(&self, dev: &DeviceContext, buf: &mut [u8]) -> Result<usize, DeviceError> {
+        let _ = (dev, buf);
+        Ok(0)
+    }
+
+    /// For a device that owns its migration stream: bytes from the source, in RESUMING, in
+    /// order. Returns how many it took.
+    fn migration_write(&self, dev: &DeviceContext, data: &[u8]) -> Result<usize, DeviceError> {
+        let _ = (dev, data);
+        Err(DeviceError::invalid(
+            "this device does not take a migration stream",
+        ))
+    }
 }
 
 /// A BAR as described.
@@ -186,6 +211,8 @@ pub struct DeviceDescription {
     msi: u32,
     msix: u32,
     ioevents: Vec<IoEventSpec>,
+    device_stream: bool,
+    dma_without_bus_master: bool,
 }
 
 impl DeviceDescription {
@@ -200,7 +227,28 @@ impl DeviceDescription {
             msi: 0,
             msix: 0,
             ioevents: Vec::new(),
+            device_stream: false,
+            dma_without_bus_master: false,
         }
+    }
+
+    /// The device produces and consumes the whole migration data stream itself, through
+    /// [`DeviceOps::migration_read`] and [`DeviceOps::migration_write`], as libvfio-user's
+    /// devices do (and the framework adds nothing: config space and MSI-X are then the
+    /// client's to restore). Without it the stream is the framework's versioned blob
+    /// (config space, MSI-X, and [`DeviceOps::save`]).
+    pub fn device_migration_stream(mut self) -> DeviceDescription {
+        self.device_stream = true;
+        self
+    }
+
+    /// Allow DMA while the command register's Bus Master bit is clear. A real PCI function
+    /// must not master the bus then, and by default the framework refuses; libvfio-user does
+    /// not check the bit and its clients never set it, so a device that must work with them
+    /// opts out here.
+    pub fn dma_without_bus_master(mut self) -> DeviceDescription {
+        self.dma_without_bus_master = true;
+        self
     }
 
     fn apply(
@@ -365,6 +413,8 @@ impl DeviceDescription {
             dma: RwLock::new(DmaTable::default()),
             bars,
             ioevents: self.ioevents,
+            device_stream: self.device_stream,
+            dma_without_bus_master: self.dma_without_bus_master,
             mig: Mutex::new(Migration {
                 state: MigState::Running,
                 out: Vec::new(),
@@ -524,6 +574,8 @@ pub(crate) struct Inner {
     pub(crate) dma: RwLock<DmaTable>,
     pub(crate) bars: [Option<BarState>; 6],
     pub(crate) ioevents: Vec<IoEventSpec>,
+    device_stream: bool,
+    dma_without_bus_master: bool,
     mig: Mutex<Migration>,
     running: AtomicBool,
     stats: IrqStats,
@@ -597,11 +649,28 @@ enum Mode {
 #[derive(Clone)]
 pub struct DeviceContext(pub(crate) Arc<Inner>);
 
+/// A handle that does not keep the device alive: for a device's own threads (a handle
+/// stored inside the device would be a reference cycle, and the device would never go).
+#[derive(Clone)]
+pub struct WeakDeviceContext(std::sync::Weak<Inner>);
+
+impl WeakDeviceContext {
+    /// The device, if it still exists.
+    pub fn upgrade(&self) -> Option<DeviceContext> {
+        self.0.upgrade().map(DeviceContext)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DeviceContext {
+    /// A handle that does not keep the device alive.
+    pub fn downgrade(&self) -> WeakDeviceContext {
+        WeakDeviceContext(Arc::downgrade(&self.0))
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.0.name
@@ -866,6 +935,70 @@ impl DeviceContext {
         Ok(())
     }
 
+    /// Read client memory at `address` through `DMA_READ` messages to the client that
+    /// mapped it, even where the mapping came with an fd (for devices that prefer messages,
+    /// or to test a client's handling of them).
+    pub fn dma_read_by_message(&self, address: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.dma_check()?;
+        let pieces = self
+            .0
+            .dma
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_message(address, buf.len() as u64, DMA_READ)?;
+        let mut done = 0usize;
+        for (s, at, n) in pieces {
+            let s = s
+                .upgrade()
+                .ok_or(DmaError::Message("the client has gone".into()))?;
+            s.dma_read(at, &mut buf[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Write client memory through `DMA_WRITE` messages (see
+    /// [`dma_read_by_message`](DeviceContext::dma_read_by_message)). The client logs these
+    /// pages dirty itself, as the protocol has it.
+    pub fn dma_write_by_message(&self, address: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.dma_check()?;
+        let pieces = self
+            .0
+            .dma
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_message(address, data.len() as u64, DMA_WRITE)?;
+        let mut done = 0usize;
+        for (s, at, n) in pieces {
+            let s = s
+                .upgrade()
+                .ok_or(DmaError::Message("the client has gone".into()))?;
+            s.dma_write(at, &data[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Mark client memory dirty for DMA logging, for writes the device made some way other
+    /// than [`dma_write`](DeviceContext::dma_write) / [`dma_copy`](DeviceContext::dma_copy)
+    /// (which log by themselves). Does nothing while logging is off.
+    pub fn dma_mark_dirty(&self, address: u64, len: u64) {
+        self.0
+            .dma
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .mark_dirty(address, len);
+    }
+
+    /// The DMA logging page size while the client has dirty-page logging on.
+    pub fn dma_logging(&self) -> Option<u64> {
+        self.0
+            .dma
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .log_page()
+    }
+
     /// Mapped DMA regions: (address, size).
     pub fn dma_regions(&self) -> Vec<(u64, u64)> {
         let t = self.0.dma.read().unwrap_or_else(|e| e.into_inner());
@@ -876,7 +1009,9 @@ impl DeviceContext {
         if !self.0.running.load(Ordering::Acquire) {
             return Err(DmaError::Disabled("the device is stopped for migration"));
         }
-        if lock(&self.0.config).command() & pci::CMD_BUS_MASTER == 0 {
+        if !self.0.dma_without_bus_master
+            && lock(&self.0.config).command() & pci::CMD_BUS_MASTER == 0
+        {
             return Err(DmaError::Disabled("bus mastering is off"));
         }
         Ok(())
@@ -978,20 +1113,57 @@ impl DeviceContext {
                 return Ok(());
             }
         }
-        if let Some(mem) = &bar.memory
-            && let Some(&(o, s)) = bar.spec.mmap_areas.iter().find(|&&(o, s)| overlaps(o, s))
-        {
-            if !inside(o, s) {
-                return Err(DeviceError::invalid("access straddles an mmap area"));
-            }
-            let ok = if write {
-                mem.write(offset, data)
-            } else {
-                mem.read(offset, data)
+        let Some(mem) = &bar.memory else {
+            return self.bar_callback(region, offset, data, write);
+        };
+        // Split at mmap-area edges: area bytes live in the BAR's memory, the rest goes to the
+        // device (an access may cover both, as libvfio-user's client's 12 KiB BAR1 write does).
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let area = bar
+                .spec
+                .mmap_areas
+                .iter()
+                .find(|&&(o, s)| at >= o && at < o + s)
+                .copied();
+            let (next, in_area) = match area {
+                Some((o, s)) => ((o + s).min(end), true),
+                None => {
+                    let next_area = bar
+                        .spec
+                        .mmap_areas
+                        .iter()
+                        .map(|&(o, _)| o)
+                        .filter(|&o| o > at)
+                        .min()
+                        .unwrap_or(end);
+                    (next_area.min(end), false)
+                }
             };
-            debug_assert!(ok, "checked against the BAR size");
-            return Ok(());
+            let piece = &mut data[(at - offset) as usize..(next - offset) as usize];
+            if in_area {
+                let ok = if write {
+                    mem.write(at, piece)
+                } else {
+                    mem.read(at, piece)
+                };
+                debug_assert!(ok, "checked against the BAR size");
+            } else {
+                self.bar_callback(region, at, piece, write)?;
+            }
+            at = next;
         }
+        Ok(())
+    }
+
+    fn bar_callback(
+        &self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+        write: bool,
+    ) -> Result<(), DeviceError> {
         if write {
             self.0.ops.region_write(self, region, offset, data)
         } else {
@@ -1162,15 +1334,17 @@ impl DeviceContext {
 
     // ---- migration v2 ----
 
-    /// Walk the state machine to `to` (through STOP where needed).
+    /// Walk the state machine to `to`, one arc at a time, along libvfio-user's (and VFIO's)
+    /// next-state table: RUNNING -> STOP_COPY goes through STOP, PRE_COPY -> STOP through
+    /// RUNNING, and so on. P2P states are not offered.
     pub(crate) fn set_migration_state(&self, to: MigState) -> Result<(), DeviceError> {
         use MigState::*;
         let bad =
             |from: MigState| DeviceError::invalid(format!("no transition {from:?} -> {to:?}"));
-        if !matches!(to, Running | Stop | StopCopy | Resuming) {
+        if !matches!(to, Running | Stop | StopCopy | Resuming | PreCopy) {
             return Err(DeviceError {
                 errno: libc::ENOTSUP,
-                msg: format!("state {to:?} (only STOP_COPY migration is offered)"),
+                msg: format!("state {to:?} (P2P states are not offered)"),
             });
         }
         loop {
@@ -1180,12 +1354,20 @@ impl DeviceContext {
             }
             let step = match (from, to) {
                 (Error, _) => return Err(bad(from)),
-                (Running, _) => Stop,
+                (Stop, PreCopy) => Running,
                 (Stop, t) => t,
+                (Running, PreCopy) => PreCopy,
+                (Running, _) => Stop,
+                (PreCopy, StopCopy) => StopCopy,
+                (PreCopy, _) => Running,
+                (StopCopy, PreCopy) => return Err(bad(from)),
                 (StopCopy | Resuming, _) => Stop,
                 _ => return Err(bad(from)),
             };
-            if let Err(e) = self.migration_step(from, step) {
+            let r = self
+                .migration_step(from, step)
+                .and_then(|()| self.0.ops.migration_transition(self, step));
+            if let Err(e) = r {
                 lock(&self.0.mig).state = Error;
                 return Err(e);
             }
@@ -1195,23 +1377,31 @@ impl DeviceContext {
 
     fn migration_step(&self, from: MigState, to: MigState) -> Result<(), DeviceError> {
         use MigState::*;
+        let framework = !self.0.device_stream;
         match (from, to) {
             (Running, Stop) => self.0.running.store(false, Ordering::Release),
             (Stop, Running) => {
                 self.0.running.store(true, Ordering::Release);
                 self.release_deferred();
             }
-            (Stop, StopCopy) => {
-                let blob = self.save_all()?;
-                let mut m = lock(&self.0.mig);
-                m.out = blob;
-                m.out_pos = 0;
+            // PRE_COPY: the device keeps running; in framework mode it has no early data.
+            (Running, PreCopy) | (PreCopy, Running) => {}
+            (Stop | PreCopy, StopCopy) => {
+                self.0.running.store(false, Ordering::Release);
+                if framework {
+                    let blob = self.save_all()?;
+                    let mut m = lock(&self.0.mig);
+                    m.out = blob;
+                    m.out_pos = 0;
+                }
             }
             (StopCopy, Stop) => lock(&self.0.mig).out.clear(),
             (Stop, Resuming) => lock(&self.0.mig).incoming.clear(),
             (Resuming, Stop) => {
-                let data = std::mem::take(&mut lock(&self.0.mig).incoming);
-                self.load_all(&data)?;
+                if framework {
+                    let data = std::mem::take(&mut lock(&self.0.mig).incoming);
+                    self.load_all(&data)?;
+                }
             }
             _ => return Err(DeviceError::invalid(format!("{from:?} -> {to:?}"))),
         }
@@ -1219,12 +1409,27 @@ impl DeviceContext {
     }
 
     pub(crate) fn mig_data_read(&self, max: usize) -> Result<Vec<u8>, DeviceError> {
-        let mut m = lock(&self.0.mig);
-        if m.state != MigState::StopCopy {
+        let state = lock(&self.0.mig).state;
+        if !matches!(state, MigState::StopCopy | MigState::PreCopy) {
             return Err(DeviceError::invalid(format!(
-                "MIG_DATA_READ in state {:?}",
-                m.state
+                "MIG_DATA_READ in state {state:?}"
             )));
+        }
+        if self.0.device_stream {
+            let mut buf = vec![0u8; max];
+            let n = self.0.ops.migration_read(self, &mut buf)?;
+            if n > max {
+                return Err(DeviceError {
+                    errno: libc::EIO,
+                    msg: format!("the device returned {n} bytes of state for {max}"),
+                });
+            }
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        let mut m = lock(&self.0.mig);
+        if m.state == MigState::PreCopy {
+            return Ok(Vec::new());
         }
         let n = (m.out.len() - m.out_pos).min(max);
         let v = m.out[m.out_pos..m.out_pos + n].to_vec();
@@ -1232,14 +1437,19 @@ impl DeviceContext {
         Ok(v)
     }
 
-    pub(crate) fn mig_data_write(&self, data: &[u8]) -> Result<(), DeviceError> {
-        let mut m = lock(&self.0.mig);
-        if m.state != MigState::Resuming {
+    /// Returns how many bytes were taken.
+    pub(crate) fn mig_data_write(&self, data: &[u8]) -> Result<usize, DeviceError> {
+        let state = lock(&self.0.mig).state;
+        if state != MigState::Resuming {
             return Err(DeviceError::invalid(format!(
-                "MIG_DATA_WRITE in state {:?}",
-                m.state
+                "MIG_DATA_WRITE in state {state:?}"
             )));
         }
+        if self.0.device_stream {
+            let n = self.0.ops.migration_write(self, data)?;
+            return Ok(n.min(data.len()));
+        }
+        let mut m = lock(&self.0.mig);
         if m.incoming.len() + data.len() > 64 << 20 {
             return Err(DeviceError {
                 errno: libc::EFBIG,
@@ -1247,7 +1457,7 @@ impl DeviceContext {
             });
         }
         m.incoming.extend_from_slice(data);
-        Ok(())
+        Ok(data.len())
     }
 
     /// Device state: `"VFUS"`, version 1, then length-prefixed config space, MSI-X table

@@ -14,7 +14,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::{DeviceContext, DeviceError, DmaError, DmaNotice, IoEventSpec, NUM_IRQS, lock};
 use crate::proto::*;
-use crate::sock::{self, Message, RecvError};
+use crate::sock::{self, Assembler, Message, RecvError};
 
 /// Per-connection state.
 pub(crate) struct Session {
@@ -26,6 +26,8 @@ pub(crate) struct Session {
     pending: Mutex<HashMap<u16, mpsc::Sender<Message>>>,
     next_id: AtomicU16,
     serving: Mutex<Option<ThreadId>>,
+    /// The message being received (the socket is non-blocking).
+    reader: Mutex<Assembler>,
     /// ioeventfds handed out by GET_REGION_IO_FDS, for the server loop to watch.
     pub(crate) new_ioevents: Mutex<Vec<(EventFd, IoEventSpec)>>,
 }
@@ -80,6 +82,7 @@ impl Session {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU16::new(0x8000),
             serving: Mutex::new(None),
+            reader: Mutex::new(Assembler::new()),
             new_ioevents: Mutex::new(Vec::new()),
         }
     }
@@ -100,9 +103,10 @@ impl Session {
     fn serve_inner(&self) -> Outcome {
         let msg = match lock(&self.state).backlog.pop_front() {
             Some(m) => m,
-            None => match sock::recv(&self.sock, max_in()) {
-                Ok(m) => m,
-                Err(RecvError::Idle) => return Outcome::Continue,
+            None => match lock(&self.reader).poll(&self.sock, max_in()) {
+                Ok(Some(m)) => m,
+                // Nothing more for now (perhaps half a message): serve the others meanwhile.
+                Ok(None) | Err(RecvError::Idle) => return Outcome::Continue,
                 Err(RecvError::Closed) => return Outcome::Close("client closed".into()),
                 Err(RecvError::Header(e)) => {
                     // The stream cannot be resynchronised; say why, then drop it.
@@ -141,10 +145,9 @@ impl Session {
     fn handle(&self, msg: Message) -> Outcome {
         let h = msg.header;
         let negotiated = lock(&self.state).negotiated;
-        let max_data = lock(&self.state)
-            .client
-            .max_data_xfer_size
-            .min(DEFAULT_MAX_DATA_XFER);
+        // What a request may carry is bounded by what this server advertised; the client's
+        // own max_data_xfer_size bounds what we send it (DMA messages).
+        let max_data = server_caps().max_data_xfer_size;
         let req = parse_request(&h, &msg.payload, msg.fds.len(), max_data);
         let result = match req {
             Err(e) => Err(DeviceError {
@@ -343,13 +346,16 @@ impl Session {
                 };
                 let mut p = m.as_bytes().to_vec();
                 p.extend(d);
+                // Padded to the size asked, as libvfio-user replies (its client reads exactly
+                // that much); `size` says how much is data.
+                p.resize(8 + size as usize, 0);
                 none(p)
             }
             Request::MigDataWrite { data } => {
-                dev.mig_data_write(&data)?;
+                let taken = dev.mig_data_write(&data)?;
                 let m = MigData {
                     argsz: 8,
-                    size: data.len() as u32,
+                    size: taken as u32,
                 };
                 none(m.as_bytes().to_vec())
             }
@@ -398,10 +404,12 @@ impl Session {
             p.extend(caps);
         } else {
             // Too small for the capabilities: the client learns the size it needs from
-            // argsz and asks again; say there are none in this reply.
+            // argsz and asks again; say there are none in this reply, and send no fd (as
+            // libvfio-user does: its client receives this reply with no room for fds).
             let mut short = info;
             short.cap_offset = 0;
             p = short.as_bytes().to_vec();
+            fds.clear();
         }
         Ok((p, fds))
     }
@@ -470,7 +478,14 @@ impl Session {
         data: &[u8],
     ) -> Result<(Vec<u8>, Vec<OwnedFd>), DeviceError> {
         let feature = f.flags & FEATURE_MASK;
-        let supported = matches!(feature, FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE);
+        let supported = matches!(
+            feature,
+            FEATURE_MIGRATION
+                | FEATURE_MIG_DEVICE_STATE
+                | FEATURE_DMA_LOGGING_START
+                | FEATURE_DMA_LOGGING_STOP
+                | FEATURE_DMA_LOGGING_REPORT
+        );
         if !supported {
             return Err(DeviceError {
                 errno: libc::ENOTSUP,
@@ -487,14 +502,87 @@ impl Session {
             Ok((p, Vec::new()))
         };
         if f.flags & FEATURE_PROBE != 0 {
-            if f.flags & FEATURE_SET != 0 && feature == FEATURE_MIGRATION {
-                return Err(DeviceError::invalid("the migration feature is get-only"));
+            let set = f.flags & FEATURE_SET != 0;
+            let get = f.flags & FEATURE_GET != 0;
+            let ok = match feature {
+                FEATURE_MIGRATION | FEATURE_DMA_LOGGING_REPORT => !set,
+                FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP => !get,
+                _ => true,
+            };
+            if !ok {
+                return Err(DeviceError::invalid(format!(
+                    "device feature {feature} does not take that direction"
+                )));
             }
             return reply(&[]);
         }
         match (feature, f.flags & FEATURE_SET != 0) {
-            (FEATURE_MIGRATION, false) => reply(&MIGRATION_STOP_COPY.to_ne_bytes()),
+            (FEATURE_MIGRATION, false) => {
+                reply(&(MIGRATION_STOP_COPY | MIGRATION_PRE_COPY).to_ne_bytes())
+            }
             (FEATURE_MIGRATION, true) => Err(DeviceError::invalid("migration is get-only")),
+            (FEATURE_DMA_LOGGING_START, true) => {
+                let page = data
+                    .get(..8)
+                    .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                    .ok_or_else(|| DeviceError::invalid("DMA_LOGGING_START without a page size"))?;
+                let ranges = data
+                    .get(8..12)
+                    .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                    .ok_or_else(|| DeviceError::invalid("DMA_LOGGING_START without num_ranges"))?;
+                if !page.is_power_of_two() || page < 512 {
+                    return Err(DeviceError::invalid(format!("logging page size {page}")));
+                }
+                // Ranges (16 bytes each) may narrow what is logged; logging all the mapped
+                // memory is a superset, which is what the report may return.
+                if data.len() < 16 + 16 * ranges as usize {
+                    return Err(DeviceError::invalid(format!(
+                        "DMA_LOGGING_START: {ranges} ranges announced, {} bytes sent",
+                        data.len()
+                    )));
+                }
+                self.dev
+                    .0
+                    .dma
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .log_start(page);
+                // The reply echoes the request, as libvfio-user's does (its client expects
+                // the same size back).
+                reply(data)
+            }
+            (FEATURE_DMA_LOGGING_STOP, true) => {
+                self.dev
+                    .0
+                    .dma
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .log_stop();
+                reply(data)
+            }
+            (FEATURE_DMA_LOGGING_REPORT, false) => {
+                let word = |i: usize| {
+                    data.get(i * 8..i * 8 + 8)
+                        .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                        .ok_or_else(|| DeviceError::invalid("DMA_LOGGING_REPORT: short request"))
+                };
+                let (iova, length, page) = (word(0)?, word(1)?, word(2)?);
+                let bitmap = self
+                    .dev
+                    .0
+                    .dma
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .log_report(iova, length, page)
+                    .map_err(DeviceError::invalid)?;
+                let mut body = data[..24].to_vec();
+                body.extend(bitmap);
+                reply(&body)
+            }
+            (FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP, false)
+            | (FEATURE_DMA_LOGGING_REPORT, true) => Err(DeviceError::invalid(format!(
+                "device feature {feature} does not take that direction"
+            ))),
             (_, false) => {
                 let mut b = (self.dev.migration_state() as u32).to_ne_bytes().to_vec();
                 b.extend(u32::MAX.to_ne_bytes());
@@ -518,7 +606,12 @@ impl Session {
     // ---- server-initiated DMA ----
 
     fn client_max_data(&self) -> usize {
-        lock(&self.state).client.max_data_xfer_size.max(4096) as usize
+        // The client's limit on DMA messages it receives (libvfio-user's sample client says
+        // 1 KiB and counts the messages).
+        lock(&self.state)
+            .client
+            .max_data_xfer_size
+            .clamp(1, DEFAULT_MAX_DATA_XFER) as usize
     }
 
     fn request(&self, cmd: Command, body: &[u8], data: &[u8]) -> Result<Message, DmaError> {
@@ -538,17 +631,24 @@ impl Session {
             // commands that arrive meanwhile for later.
             let deadline = std::time::Instant::now() + DMA_TIMEOUT;
             loop {
-                if std::time::Instant::now() > deadline {
-                    return Err(fail(format!("no reply to {cmd:?} within {DMA_TIMEOUT:?}")));
-                }
-                match sock::recv(&self.sock, max_in()) {
-                    Ok(m) if m.header.is_reply() && m.header.msg_id == id => {
+                let got = lock(&self.reader).poll(&self.sock, max_in());
+                match got {
+                    Ok(Some(m)) if m.header.is_reply() && m.header.msg_id == id => {
                         lock(&self.pending).remove(&id);
                         break m;
                     }
-                    Ok(m) if m.header.is_reply() => self.dispatch_reply(m),
-                    Ok(m) => lock(&self.state).backlog.push_back(m),
-                    Err(RecvError::Idle) => continue,
+                    Ok(Some(m)) if m.header.is_reply() => self.dispatch_reply(m),
+                    Ok(Some(m)) => lock(&self.state).backlog.push_back(m),
+                    Ok(None) | Err(RecvError::Idle) => {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        let ready = sock::wait_for(self.sock.as_raw_fd(), libc::POLLIN, left)
+                            .map_err(|e| fail(format!("waiting for {cmd:?} reply: {e}")))?;
+                        if !ready {
+                            return Err(fail(format!(
+                                "no reply to {cmd:?} within {DMA_TIMEOUT:?}"
+                            )));
+                        }
+                    }
                     Err(e) => return Err(fail(format!("waiting for {cmd:?} reply: {e}"))),
                 }
             }
