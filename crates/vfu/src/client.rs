@@ -9,7 +9,8 @@
 //! ([`Client::dma_map_local`]). All methods take `&self`: calls from several threads are
 //! serialised on the connection.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -94,6 +95,29 @@ pub trait DmaMemory: Send + Sync {
     fn read(&self, offset: u64, buf: &mut [u8]) -> bool;
     /// Copy `data` to `offset`; false if out of range.
     fn write(&self, offset: u64, data: &[u8]) -> bool;
+}
+
+/// Client memory mapped to the server with an fd, reached with pread/pwrite when the
+/// server uses messages anyway.
+struct FdMemory {
+    file: std::fs::File,
+    offset: u64,
+}
+
+impl DmaMemory for FdMemory {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let Some(at) = self.offset.checked_add(offset) else {
+            return false;
+        };
+        self.file.read_exact_at(buf, at).is_ok()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let Some(at) = self.offset.checked_add(offset) else {
+            return false;
+        };
+        self.file.write_all_at(data, at).is_ok()
+    }
 }
 
 struct Local {
@@ -260,7 +284,9 @@ impl Client {
                     what: format!("region {index}: {} fds", r.fds.len()),
                 });
             }
-            if info.flags & REGION_CAPS != 0 && info.argsz > argsz {
+            // A larger argsz means "ask again with this much room" (libvfio-user sets it
+            // without the CAPS flag, which it only sets once the capabilities fit).
+            if info.argsz > argsz {
                 if info.argsz > 65536 {
                     return Err(ClientError::Protocol {
                         cmd,
@@ -281,7 +307,7 @@ impl Client {
             let fd = r.fds.pop();
             let mut flags = info.flags;
             if flags & REGION_MMAP != 0 && fd.is_none() {
-                // libvfio-user's sample server does this: treat the region as trapped
+                // A server may say so without sending an fd: treat the region as trapped
                 // (every access through REGION_READ/WRITE), which is always correct.
                 flags &= !REGION_MMAP;
             }
@@ -394,6 +420,48 @@ impl Client {
             }
             return Ok(m);
         }
+    }
+
+    /// Serve the server's own requests (`DMA_READ` / `DMA_WRITE`) without sending a command,
+    /// until none comes for `idle` (or `limit` are served). A server that does DMA by itself
+    /// and reads only the reply it waits for (libvfio-user's do) needs its client quiet and
+    /// listening; [`call`](Client::region_read) serves them too, in passing. Returns how many
+    /// were served.
+    pub fn serve_requests(&self, idle: Duration, limit: usize) -> Result<usize, ClientError> {
+        let cmd = Command::DmaWrite;
+        let c = self.lock();
+        let mut served = 0;
+        while served < limit {
+            let ready = sock::wait_for(c.sock.as_raw_fd(), libc::POLLIN, idle)
+                .map_err(|source| ClientError::Io { cmd, source })?;
+            if !ready {
+                break;
+            }
+            let max = self
+                .server_caps
+                .max_data_xfer_size
+                .max(DEFAULT_MAX_DATA_XFER)
+                + MSG_OVERHEAD;
+            let m = match sock::recv(&c.sock, max) {
+                Ok(m) => m,
+                Err(RecvError::Closed) => return Err(ClientError::Disconnected(cmd)),
+                Err(e) => {
+                    return Err(ClientError::Protocol {
+                        cmd,
+                        what: e.to_string(),
+                    });
+                }
+            };
+            if m.header.is_reply() {
+                return Err(ClientError::Protocol {
+                    cmd,
+                    what: format!("a reply to message {} nobody sent", m.header.msg_id),
+                });
+            }
+            self.serve_dma(&c, m);
+            served += 1;
+        }
+        Ok(served)
     }
 
     fn serve_dma(&self, c: &Conn, m: Message) {
@@ -627,7 +695,28 @@ impl Client {
             address,
             size,
         };
+        // Keep the fd too: a server may still reach this memory through DMA_READ/WRITE
+        // messages (libvfio-user's sample server does, on purpose), served with pread/pwrite.
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds; the result is checked.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(ClientError::Io {
+                cmd: Command::DmaMap,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `dup` is a new descriptor we own.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
         self.call(Command::DmaMap, &[m.as_bytes()], &[fd])?;
+        self.lock().local.push(Local {
+            address,
+            size,
+            flags,
+            mem: Arc::new(FdMemory {
+                file: std::fs::File::from(dup),
+                offset,
+            }),
+        });
         Ok(())
     }
 
