@@ -9,11 +9,13 @@
 //! - [`server`]: the device framework. An author describes a device (IDs, BARs with
 //!   memfd-backed sparse mmap areas, PM / MSI / MSI-X / PCIe / extended capabilities,
 //!   ioeventfds) and implements [`server::DeviceOps`]; the framework owns config space, DMA
-//!   translation and interrupts, with a thread-safe data path, a poll fd, and several devices
+//!   translation and interrupts, DMA dirty-page logging and the migration v2 state machine
+//!   (STOP_COPY and PRE_COPY), with a thread-safe data path, a poll fd, and several devices
 //!   and clients per process.
 //! - [`client`]: what a VMM (or `faultline device probe`) uses to drive any vfio-user server.
-//! - [`devices`]: two example devices, a GPIO card with the register layout of Linux's
-//!   `gpio-pci-idio-16` driver and a DMA copy engine with MSI-X completion interrupts.
+//! - [`devices`]: example devices: a GPIO card with the register layout of Linux's
+//!   `gpio-pci-idio-16` driver, a DMA copy engine with MSI-X completion interrupts, and the
+//!   device of libvfio-user's `samples/server`, which libvfio-user's own client tests.
 //!
 //! Why not the `vfio_user` crate of rust-vmm: its server handles one client with one
 //! backend callback per command and leaves config space, interrupts and DMA to the device;
