@@ -3,7 +3,10 @@
 //!
 //! - `region-rw`: a 4-byte REGION_WRITE + REGION_READ round trip on the GPIO card's BAR 2
 //!   (our client and server over a Unix socket). Anchor: rust-vmm's `vfio_user` client and
-//!   server (Cloud Hypervisor's implementation) doing the same pair on a 4 KiB BAR.
+//!   server (Cloud Hypervisor's implementation) doing the same pair on a 4 KiB BAR; and, when
+//!   libvfio-user's samples are built (`scripts/libvfio-user.sh`, or a directory named by
+//!   `FAULTLINE_LIBVFIO_USER`), our client against libvfio-user's own `gpio-pci-idio-16`
+//!   server process doing the same pair on its BAR 2 (`impl: "libvfio-user"`).
 //! - `dma`: the DMA engine copying 64 MiB descriptors between two halves of a memfd the
 //!   client mapped (fd passing, so the server copies through its own mapping). Anchor:
 //!   `memcpy` of the same size in one process (the ceiling).
@@ -34,7 +37,7 @@ pub struct Line {
     pub bench: &'static str,
     /// `region-rw`, `dma`, `dma-msg`, `irq`.
     pub case: &'static str,
-    /// `faultline` or the anchor (`rust-vmm`, `memcpy`, `eventfd`).
+    /// `faultline` or the anchor (`rust-vmm`, `libvfio-user`, `memcpy`, `eventfd`).
     pub r#impl: &'static str,
     /// Median, µs (latency cases; for DMA, per descriptor).
     pub p50_us: f64,
@@ -503,7 +506,71 @@ fn wake_latency(n: usize, efd: &EventFd, fire: impl Fn()) -> Result<Vec<f64>, Be
     Ok(us)
 }
 
-/// Run every case; `f` gets each line.
+/// Where libvfio-user's samples are: `$FAULTLINE_LIBVFIO_USER`, else `.cache/libvfio-user/samples`
+/// under the current directory or an ancestor of this executable (a build in the repository).
+pub fn libvfio_user_samples() -> Option<std::path::PathBuf> {
+    let ok = |d: std::path::PathBuf| d.join("gpio-pci-idio-16").is_file().then_some(d);
+    if let Some(d) = std::env::var_os("FAULTLINE_LIBVFIO_USER") {
+        return ok(d.into());
+    }
+    let mut starts = vec![std::env::current_dir().ok()];
+    starts.push(std::env::current_exe().ok());
+    starts
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p.ancestors().map(Path::to_path_buf).collect::<Vec<_>>())
+        .find_map(|a| ok(a.join(".cache/libvfio-user/samples")))
+}
+
+/// Kills and reaps a child process on drop.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Our client against libvfio-user's `gpio-pci-idio-16` sample (its server, its process).
+fn region_rw_libvfio_user(dir: &Path, samples: &Path, n: usize) -> Result<Vec<f64>, BenchError> {
+    let sock = dir.join("libvfio-user-gpio.sock");
+    let child = std::process::Command::new(samples.join("gpio-pci-idio-16"))
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::Run(format!("start libvfio-user's gpio-pci-idio-16: {e}")))?;
+    let _child = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        if Instant::now() > deadline {
+            return Err(BenchError::Run(
+                "libvfio-user's gpio-pci-idio-16 did not create its socket within 5 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = Client::connect(&sock, Duration::from_secs(5))
+        .map_err(|e| run_err("connect to libvfio-user")(&e))?;
+    let mut us = Vec::with_capacity(n);
+    let mut b = [0u8; 4];
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        c.region_write(2, 0, &(i as u32).to_le_bytes())
+            .map_err(|e| run_err("libvfio-user write")(&e))?;
+        c.region_read(2, 0, &mut b)
+            .map_err(|e| run_err("libvfio-user read")(&e))?;
+        if i >= n / 10 {
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(us)
+}
+
+/// Run every case; `f` gets each line. Without libvfio-user's samples (see
+/// [`libvfio_user_samples`]) its region-rw line is left out, and a note says so on stderr.
 pub fn run(quick: bool, mut f: impl FnMut(&Line)) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("faultline-bench-vfu-{}", std::process::id()));
     let (served, engine, ctx) = serve(&dir)?;
@@ -520,6 +587,18 @@ pub fn run(quick: bool, mut f: impl FnMut(&Line)) -> Result<(), BenchError> {
         region_rw_anchor(&dir, n)?,
         0.0,
     ));
+    match libvfio_user_samples() {
+        Some(samples) => f(&line(
+            "region-rw",
+            "libvfio-user",
+            region_rw_libvfio_user(&dir, &samples, n)?,
+            0.0,
+        )),
+        None => eprintln!(
+            "faultline bench: libvfio-user's samples not found (run scripts/libvfio-user.sh, or \
+             set FAULTLINE_LIBVFIO_USER to their directory): no libvfio-user region-rw line"
+        ),
+    }
     let (mib, runs) = if quick { (16, 4) } else { (64, 16) };
     let (us, g) = dma_ours(&dir, &engine, mib, runs)?;
     f(&line("dma", "faultline", us, g));
