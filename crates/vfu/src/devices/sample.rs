@@ -57,9 +57,8 @@ struct State {
     transferred: u64,
     /// RESUMING received less than a whole stream.
     resumed_short: bool,
-    /// Timer: the epoch second it fires at, and a generation to cancel older arms.
+    /// Timer: the epoch second it fires at (re-arming replaces it, as `setitimer` does).
     timer: Option<i64>,
-    generation: u64,
 }
 
 /// The sample device.
@@ -81,7 +80,6 @@ impl Sample {
                 transferred: 0,
                 resumed_short: false,
                 timer: None,
-                generation: 0,
             }),
             wake: Condvar::new(),
             fired: std::sync::atomic::AtomicU64::new(0),
@@ -123,13 +121,11 @@ impl Sample {
 
     fn arm(&self, st: &mut State, at: i64) {
         st.timer = Some(at);
-        st.generation += 1;
         self.wake.notify_all();
     }
 
     fn disarm(&self, st: &mut State) {
         st.timer = None;
-        st.generation += 1;
         self.wake.notify_all();
     }
 

@@ -83,6 +83,9 @@ impl ShutdownHandle {
 
 const SHUTDOWN_TOKEN: u64 = 0;
 
+/// Session ids, unique in the process.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
 impl Server {
     /// An empty server. `log`: print connection events on stderr.
     pub fn new(log: bool) -> Result<Server, ServeError> {
@@ -225,7 +228,9 @@ impl Server {
                             }
                             continue;
                         }
-                        let id = self.sh.next.fetch_add(1, Ordering::Relaxed);
+                        // Process-wide: sessions are found by id in a global table, and a
+                        // process may run several servers.
+                        let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
                         let fd = stream.as_raw_fd();
                         let s = Arc::new(Session::new(id, stream, dev.clone()));
                         self.sh.live.fetch_add(1, Ordering::SeqCst);
