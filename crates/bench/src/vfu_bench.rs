@@ -185,6 +185,11 @@ fn serve(
 fn region_rw_ours(dir: &Path, n: usize) -> Result<Vec<f64>, BenchError> {
     let c = Client::connect(&dir.join("gpio.sock"), Duration::from_secs(5))
         .map_err(|e| run_err("connect")(&e))?;
+    region_rw(&c, n)
+}
+
+/// `n` timed 4-byte write + read pairs on BAR 2 (after n/10 warm-up pairs).
+fn region_rw(c: &Client, n: usize) -> Result<Vec<f64>, BenchError> {
     let mut us = Vec::with_capacity(n);
     let mut b = [0u8; 4];
     for i in 0..n + n / 10 {
@@ -554,19 +559,7 @@ fn region_rw_libvfio_user(dir: &Path, samples: &Path, n: usize) -> Result<Vec<f6
     }
     let c = Client::connect(&sock, Duration::from_secs(5))
         .map_err(|e| run_err("connect to libvfio-user")(&e))?;
-    let mut us = Vec::with_capacity(n);
-    let mut b = [0u8; 4];
-    for i in 0..n + n / 10 {
-        let t = Instant::now();
-        c.region_write(2, 0, &(i as u32).to_le_bytes())
-            .map_err(|e| run_err("libvfio-user write")(&e))?;
-        c.region_read(2, 0, &mut b)
-            .map_err(|e| run_err("libvfio-user read")(&e))?;
-        if i >= n / 10 {
-            us.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    Ok(us)
+    region_rw(&c, n)
 }
 
 /// Run every case; `f` gets each line. Without libvfio-user's samples (see
