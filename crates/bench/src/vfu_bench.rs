@@ -467,11 +467,19 @@ fn irq_ours(
     c.set_irq_eventfds(IRQ_MSIX, 0, &[efd.as_raw_fd()])
         .map_err(|e| run_err("set irqs")(&e))?;
     // MSI-X on, vector 0 unmasked.
-    let msix = 0x60u64; // the engine's MSI-X capability offset
-    c.config_write(msix + 2, &0x8001u16.to_le_bytes())
+    let mut cfg = vec![0u8; 256];
+    c.config_read(0, &mut cfg)
+        .map_err(|e| run_err("config read")(&e))?;
+    let msix = pci::MsixCap::find(&cfg)
+        .ok_or_else(|| BenchError::Run("the DMA engine shows no MSI-X capability".into()))?;
+    c.config_write(msix.offset as u64 + 2, &0x8001u16.to_le_bytes())
         .map_err(|e| run_err("msix enable")(&e))?;
-    c.region_write(0, 0x800 + 12, &0u32.to_le_bytes())
-        .map_err(|e| run_err("unmask")(&e))?;
+    c.region_write(
+        u32::from(msix.table_bar),
+        u64::from(msix.table_offset) + 12,
+        &0u32.to_le_bytes(),
+    )
+    .map_err(|e| run_err("unmask")(&e))?;
     wake_latency(n, &efd, || {
         ctx.trigger(0);
     })

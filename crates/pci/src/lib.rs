@@ -247,6 +247,39 @@ pub struct MsixCap {
 }
 
 impl MsixCap {
+    /// The MSI-X capability of a function, found by walking the capability list of its
+    /// config space bytes (as a client reads them); `None` without one or on a broken list.
+    pub fn find(cfg: &[u8]) -> Option<MsixCap> {
+        if cfg.len() < 0x40 || u16::from_le_bytes([cfg[6], cfg[7]]) & STATUS_CAP_LIST == 0 {
+            return None;
+        }
+        let mut p = (cfg[0x34] & 0xfc) as usize;
+        // At most 48 capabilities fit in 192 bytes: a longer walk is a loop.
+        for _ in 0..48 {
+            if p < 0x40 || p + 12 > cfg.len() {
+                return None;
+            }
+            if cfg[p] == CAP_MSIX {
+                let ctl = u16::from_le_bytes([cfg[p + 2], cfg[p + 3]]);
+                let t = u32::from_le_bytes(cfg[p + 4..p + 8].try_into().ok()?);
+                let b = u32::from_le_bytes(cfg[p + 8..p + 12].try_into().ok()?);
+                return Some(MsixCap {
+                    offset: p,
+                    vectors: u32::from(ctl & 0x7ff) + 1,
+                    table_bar: (t & 7) as u8,
+                    table_offset: t & !7,
+                    pba_bar: (b & 7) as u8,
+                    pba_offset: b & !7,
+                });
+            }
+            p = (cfg[p + 1] & 0xfc) as usize;
+            if p == 0 {
+                return None;
+            }
+        }
+        None
+    }
+
     /// Bytes of the table.
     pub fn table_len(&self) -> u64 {
         u64::from(self.vectors) * MSIX_ENTRY_SIZE as u64
@@ -959,6 +992,28 @@ mod tests {
         let mut b = [0; 4];
         cs.read(off, &mut b).unwrap();
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn msix_found_by_walking_the_bytes() {
+        let cs = sample();
+        let found = MsixCap::find(cs.bytes()).expect("the sample has MSI-X");
+        let own = cs.msix_cap().expect("the sample has MSI-X");
+        assert_eq!(found.offset, own.offset);
+        assert_eq!(found.vectors, 8);
+        assert_eq!((found.table_bar, found.table_offset), (0, 0x800));
+        assert_eq!((found.pba_bar, found.pba_offset), (0, 0xc00));
+        // A list that points at itself ends; a cleared capability-list bit means none.
+        let mut looped = cs.bytes().to_vec();
+        let first = looped[0x34] as usize;
+        looped[0x34] = first as u8;
+        looped[first] = 0x05; // not MSI-X
+        looped[first + 1] = first as u8;
+        assert!(MsixCap::find(&looped).is_none());
+        let mut none = cs.bytes().to_vec();
+        none[6] &= !(STATUS_CAP_LIST as u8);
+        assert!(MsixCap::find(&none).is_none());
+        assert!(MsixCap::find(&none[..0x20]).is_none());
     }
 
     #[test]

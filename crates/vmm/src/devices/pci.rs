@@ -391,7 +391,7 @@ impl PciBus {
             .irqs()
             .get(proto::IRQ_MSIX as usize)
             .map_or(0, |i| i.count);
-        let msix = find_msix(&cfg).filter(|_| msix_count > 0 && irqchip);
+        let msix = pci::MsixCap::find(&cfg).filter(|_| msix_count > 0 && irqchip);
         let mut efds = Vec::new();
         let gsi_base = *next_gsi;
         if let Some(m) = msix {
@@ -616,34 +616,4 @@ impl PciBus {
             })
             .collect()
     }
-}
-
-fn find_msix(cfg: &[u8]) -> Option<pci::MsixCap> {
-    if u16::from_le_bytes([cfg[6], cfg[7]]) & pci::STATUS_CAP_LIST == 0 {
-        return None;
-    }
-    let mut p = (cfg[0x34] & 0xfc) as usize;
-    for _ in 0..48 {
-        if p < 0x40 || p + 12 > cfg.len() {
-            return None;
-        }
-        if cfg[p] == pci::CAP_MSIX {
-            let ctl = u16::from_le_bytes([cfg[p + 2], cfg[p + 3]]);
-            let t = u32::from_le_bytes(cfg[p + 4..p + 8].try_into().ok()?);
-            let b = u32::from_le_bytes(cfg[p + 8..p + 12].try_into().ok()?);
-            return Some(pci::MsixCap {
-                offset: p,
-                vectors: u32::from(ctl & 0x7ff) + 1,
-                table_bar: (t & 7) as u8,
-                table_offset: t & !7,
-                pba_bar: (b & 7) as u8,
-                pba_offset: b & !7,
-            });
-        }
-        p = (cfg[p + 1] & 0xfc) as usize;
-        if p == 0 {
-            return None;
-        }
-    }
-    None
 }
