@@ -59,7 +59,7 @@ impl Drop for Proc {
 
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, Value), BenchError> {
     let (code, b) = vmm::api::call(sock, method, path, body, Duration::from_secs(30))
-        .map_err(BenchError::Run)?;
+        .map_err(|e| BenchError::Run(uffd::error_chain(&e)))?;
     Ok((code, serde_json::from_str(&b).unwrap_or(Value::Null)))
 }
 

@@ -129,16 +129,13 @@ pub fn one(
     .map_err(err)?;
     let expect = r.checksums.clone();
     let upfront = r.bytes_read_upfront;
-    let running = r.vm.start().map_err(err)?;
+    let running = vmm::RunningVm::start_with(r.vm, r.pager).map_err(err)?;
     let mem = running.memory().clone();
     let s = running
         .wait(Duration::from_secs(300), |_| {})
         .map_err(err)?;
     for (i, v) in s.vcpus.iter().enumerate() {
-        let got = v
-            .checksum
-            .as_deref()
-            .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+        let got = v.checksum;
         if got != expect.get(i).copied() {
             return Err(BenchError::Run(format!(
                 "{}: vCPU {i} verify checksum {:?} differs from the snapshot's",

@@ -37,7 +37,7 @@ pub struct DirtyLine {
     pub ratio: f64,
 }
 
-fn vm_err(e: vmm::VmError) -> BenchError {
+fn vm_err(e: impl std::error::Error) -> BenchError {
     BenchError::Run(uffd::error_chain(&e))
 }
 

@@ -32,6 +32,10 @@ pub struct Args {
     /// memory becomes a memfd shared with the devices). `--guest devices` drives them.
     #[arg(long = "vfio-user", value_name = "SOCKET")]
     vfio_user: Vec<std::path::PathBuf>,
+    /// Give the built-in guest KVM's in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT; its
+    /// state then travels with snapshots and migrations.
+    #[arg(long)]
+    irqchip: bool,
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
@@ -99,11 +103,12 @@ pub fn run(a: &Args) -> Result<(), String> {
             cmdline: a.cmdline.clone(),
         }),
         vfio_user: a.vfio_user.clone(),
+        irqchip: a.irqchip,
     };
     let running = match &a.incoming {
         Some(ep) => {
             eprintln!("faultline run: waiting for a migration on {ep}");
-            let r = vmm::migration::incoming(&vmm::migration::IncomingOptions {
+            let r = vmm::RunningVm::incoming(&vmm::migration::IncomingOptions {
                 listen: ep.clone(),
                 verify: a.verify,
                 recover_timeout: Duration::from_secs(a.recover_timeout),
@@ -187,7 +192,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             println!(
                 "  vCPU {}: checksum {}, {} heartbeats, max gap {:.1} ms, exit code {}",
                 v.vcpu,
-                v.checksum.as_deref().unwrap_or("-"),
+                v.checksum.map_or("-".into(), vmm::hex::fmt),
                 v.heartbeats,
                 v.max_gap_us as f64 / 1e3,
                 v.exit_code.map_or("-".into(), |c| c.to_string())

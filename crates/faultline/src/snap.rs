@@ -27,7 +27,16 @@ pub struct SnapshotArgs {
 }
 
 /// A minimal HTTP/1.1 request over a Unix socket (what `curl --unix-socket` does).
-pub use vmm::api::call as http_unix;
+/// One request to a VM's API socket (see [`vmm::api::call`]).
+pub fn http_unix(
+    sock: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    vmm::api::call(sock, method, path, body, timeout).map_err(|e| uffd::error_chain(&e))
+}
 
 pub fn snapshot(a: &SnapshotArgs) -> Result<(), String> {
     let dir = std::path::absolute(&a.out).map_err(|e| format!("--out: {e}"))?;
@@ -102,7 +111,7 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
     let heartbeats = r.heartbeats.clone();
     let index = r.index.clone();
     let r_vcpus = r.checksums.len();
-    let running = r.vm.start().map_err(|e| uffd::error_chain(&e))?;
+    let running = vmm::RunningVm::start_with(r.vm, r.pager).map_err(|e| uffd::error_chain(&e))?;
     let mem = running.memory().clone();
     let slices: Vec<(u64, u64, u64)> = (0..r_vcpus).map(|i| running.slice(i)).collect();
     let _api = match &a.api_sock {
@@ -119,7 +128,10 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
         let sender = running.api_sender();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs_f64(secs));
-            let _ = sender.ask(vmm::api::ApiRequest::Stop, Duration::from_secs(30));
+            let _ = sender.ask(
+                vmm::controller::Command::Stop,
+                Some(Duration::from_secs(30)),
+            );
         });
     }
     let json = a.json_events;
@@ -159,14 +171,11 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
     }
     if a.verify {
         for (i, v) in summary.vcpus.iter().enumerate() {
-            let got = v
-                .checksum
-                .as_deref()
-                .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok());
+            let got = v.checksum;
             if got != expect.get(i).copied() {
                 return Err(format!(
                     "vCPU {i}: verify reports {} but the snapshot recorded {:#018x}: restored memory differs",
-                    v.checksum.as_deref().unwrap_or("nothing"),
+                    v.checksum.map_or("nothing".into(), vmm::hex::fmt),
                     expect.get(i).copied().unwrap_or(0)
                 ));
             }

@@ -232,7 +232,20 @@ fn control_api_pause_resume_stop_over_a_unix_socket() {
         assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Pause only once every vCPU beats (its fill phase is slow on a loaded machine): the
+    // pause must fall between heartbeats to show as a gap.
+    loop {
+        let st: serde_json::Value =
+            serde_json::from_str(&http(&sock, "GET", "/vm/stats").1).unwrap();
+        if st["vcpus"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2 && v.iter().all(|c| c["heartbeats"].as_u64() >= Some(1)))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no heartbeats: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (code, body) = http(&sock, "GET", "/vm");
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();

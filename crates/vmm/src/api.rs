@@ -1,87 +1,60 @@
-//! The control API: REST over a Unix socket, usable with `curl --unix-socket`.
+//! The control API: REST over a Unix socket, usable with `curl --unix-socket`. This is the
+//! only place that knows HTTP: it turns requests into the controller's typed [`Command`]s and
+//! its [`Response`]s and [`ControlError`]s into status codes and JSON.
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /vm` | `{"state":"running"\|"paused","config":{..}}` |
-//! | `PUT /vm/pause` | 204 once every vCPU is parked |
-//! | `PUT /vm/resume` | 204 |
+//! | `GET /vm` | `{"state":"running"\|"paused"\|"stopping","paused_by":[..],"config":{..}}` |
+//! | `PUT /vm/pause` | 204 once every vCPU is parked (the operator's pause) |
+//! | `PUT /vm/resume` | 204 when the vCPUs run again; 409 if a snapshot or a migration still holds its own pause, or the guest migrated away |
 //! | `PUT /vm/stop` | 204; the VM stops and `faultline run` prints its summary |
 //! | `GET /vm/stats` | uptime, exits, per-vCPU heartbeats and longest gap |
-//! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written (pauses, snapshots, resumes unless it was paused) |
+//! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written, when it is written (pauses, snapshots, resumes unless someone else holds a pause); 409 for a VM with parts a snapshot cannot carry, or while a snapshot or migration runs |
 //! | `PUT /migrate` with `{"to": "tcp:HOST:PORT", "mode": "postcopy", "max_bandwidth": 0, "downtime_limit_ms": 300}` | 202; the migration runs in the background (`{"resume": true}` reconnects a post-copy whose link was lost) |
 //! | `GET /migrate` | state (`setup`, `precopy`, `switchover`, `postcopy`, `postcopy-paused`, `completed`, `cancelled`, `failed`), progress, error, final statistics |
 //!
-//! The HTTP server runs on its own thread and never touches the VM: it hands each request to
-//! the VM's controller over a channel and waits for the answer (as Firecracker's API thread
-//! does), so no request ever runs on a vCPU thread.
+//! Each request is served on a thread of its own and never touches the VM: it hands the
+//! command to the VM's controller and waits for the answer (as Firecracker's API thread does),
+//! so no request runs on a vCPU thread and a slow one (a snapshot) holds up no other.
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-/// A request the controller answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApiRequest {
-    /// `PUT /snapshot/create`.
-    SnapshotCreate {
-        /// Where to write it.
-        dir: PathBuf,
-        /// Record a CRC per page as well.
-        page_checksums: bool,
-    },
-    /// `GET /vm`.
-    GetVm,
-    /// `PUT /vm/pause`.
-    Pause,
-    /// `PUT /vm/resume`.
-    Resume,
-    /// `PUT /vm/stop`.
-    Stop,
-    /// `GET /vm/stats`.
-    Stats,
-    /// `PUT /migrate`: start a migration, or resume one whose link was lost.
-    Migrate(crate::migration::MigrateRequest),
-    /// `GET /migrate`: the migration's state, progress and statistics.
-    MigrateStatus,
+use crate::controller::{Command, ControlError, ControlHandle, Reply, Response};
+use crate::snapshot::SnapshotError;
+
+/// An HTTP status and a JSON body (`Value::Null`: no body).
+pub type HttpReply = (u16, Value);
+
+/// Requests served at once; more get 503.
+const MAX_IN_FLIGHT: usize = 32;
+/// How long a quick command may take before the API answers 503.
+const QUICK: Duration = Duration::from_secs(30);
+
+fn error(code: u16, msg: impl std::fmt::Display) -> HttpReply {
+    (code, json!({ "error": msg.to_string() }))
 }
 
-/// The controller's answer: an HTTP status and a JSON body (`Value::Null`: no body).
-pub type ApiReply = (u16, Value);
-
-/// Sends requests to a VM's controller.
-#[derive(Clone)]
-pub struct ApiSender(pub(crate) Sender<crate::vm::Msg>);
-
-impl ApiSender {
-    /// Ask the controller; `None` if it is gone or does not answer within `timeout`.
-    pub fn ask(&self, req: ApiRequest, timeout: Duration) -> Option<ApiReply> {
-        let (tx, rx) = mpsc::channel();
-        self.0.send(crate::vm::Msg::Api(req, tx)).ok()?;
-        rx.recv_timeout(timeout).ok()
-    }
-}
-
-fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<ApiRequest, ApiReply> {
+/// Parse a request into a command (or the HTTP error that answers it).
+pub fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<Command, HttpReply> {
     use tiny_http::Method::{Get, Put};
     let path = url.split('?').next().unwrap_or("");
-    let (want_get, req) = match path {
+    let (want_get, cmd) = match path {
         "/snapshot/create" => {
             let v: Value = serde_json::from_str(body)
-                .map_err(|e| (400, json!({ "error": format!("body is not JSON: {e}") })))?;
+                .map_err(|e| error(400, format!("body is not JSON: {e}")))?;
             let Some(dir) = v.get("snapshot_dir").and_then(Value::as_str) else {
-                return Err((
-                    400,
-                    json!({ "error": "missing \"snapshot_dir\" (a directory path)" }),
-                ));
+                return Err(error(400, "missing \"snapshot_dir\" (a directory path)"));
             };
             (
                 false,
-                ApiRequest::SnapshotCreate {
+                Command::SnapshotCreate {
                     dir: PathBuf::from(dir),
                     page_checksums: v
                         .get("page_checksums")
@@ -90,35 +63,62 @@ fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<ApiRequest
                 },
             )
         }
-        "/migrate" if *method == Get => (true, ApiRequest::MigrateStatus),
+        "/migrate" if *method == Get => (true, Command::MigrateStatus),
         "/migrate" => {
-            let r: crate::migration::MigrateRequest = serde_json::from_str(body).map_err(|e| {
-                (
-                    400,
-                    json!({ "error": format!("bad migration request: {e}") }),
-                )
-            })?;
+            let r: crate::migration::MigrateRequest = serde_json::from_str(body)
+                .map_err(|e| error(400, format!("bad migration request: {e}")))?;
             if r.to.is_none() && !r.resume {
-                return Err((
-                    400,
-                    json!({ "error": "missing \"to\" (tcp:HOST:PORT or unix:PATH)" }),
-                ));
+                return Err(error(400, "missing \"to\" (tcp:HOST:PORT or unix:PATH)"));
             }
-            (false, ApiRequest::Migrate(r))
+            (false, Command::Migrate(r))
         }
-        "/vm" => (true, ApiRequest::GetVm),
-        "/vm/stats" => (true, ApiRequest::Stats),
-        "/vm/pause" => (false, ApiRequest::Pause),
-        "/vm/resume" => (false, ApiRequest::Resume),
-        "/vm/stop" => (false, ApiRequest::Stop),
-        _ => return Err((404, json!({ "error": format!("no such resource: {path}") }))),
+        "/vm" => (true, Command::GetVm),
+        "/vm/stats" => (true, Command::Stats),
+        "/vm/pause" => (false, Command::Pause),
+        "/vm/resume" => (false, Command::Resume),
+        "/vm/stop" => (false, Command::Stop),
+        _ => return Err(error(404, format!("no such resource: {path}"))),
     };
     match (want_get, method) {
-        (true, Get) | (false, Put) => Ok(req),
-        _ => Err((
+        (true, Get) | (false, Put) => Ok(cmd),
+        _ => Err(error(
             405,
-            json!({ "error": format!("{method} not allowed on {path}; use {}", if want_get { "GET" } else { "PUT" }) }),
+            format!(
+                "{method} not allowed on {path}; use {}",
+                if want_get { "GET" } else { "PUT" }
+            ),
         )),
+    }
+}
+
+/// The HTTP form of the controller's answer.
+pub fn http(reply: Reply) -> HttpReply {
+    match reply {
+        Ok(Response::Vm(v)) => (200, json!(v)),
+        Ok(Response::Done) => (204, Value::Null),
+        Ok(Response::Stats(s)) => (200, json!(s)),
+        Ok(Response::Snapshot(info)) => (200, json!(info)),
+        Ok(Response::MigrationStarted(st)) => (202, st),
+        Ok(Response::Migration(st)) => (200, st),
+        Err(e) => {
+            let code = match &e {
+                ControlError::Snapshot(SnapshotError::Uncarried(_)) => 409,
+                ControlError::Snapshot(SnapshotError::Finished) => 400,
+                ControlError::Snapshot(_) => 500,
+                ControlError::Busy(_)
+                | ControlError::StillPaused(_)
+                | ControlError::HandedOver
+                | ControlError::NotResumable(_)
+                | ControlError::CannotResumeHere
+                | ControlError::MigrationDone
+                | ControlError::Uncarried(_) => 409,
+                ControlError::NoMigration => 404,
+                ControlError::Finished => 400,
+                ControlError::Kvm(_) | ControlError::Thread { .. } => 500,
+                ControlError::Gone => 503,
+            };
+            error(code, uffd::error_chain(&e))
+        }
     }
 }
 
@@ -130,31 +130,61 @@ pub fn call(
     path: &str,
     body: &str,
     timeout: Duration,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), CallError> {
     use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .map_err(|e| format!("cannot connect to the API socket {}: {e}", sock.display()))?;
+    let io = |what: &'static str| move |source| CallError::Io { what, source };
+    let mut s =
+        std::os::unix::net::UnixStream::connect(sock).map_err(|source| CallError::Connect {
+            path: sock.to_path_buf(),
+            source,
+        })?;
     s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(io("setting the timeout"))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
-    .map_err(|e| format!("API request: {e}"))?;
+    .map_err(io("sending the request"))?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)
-        .map_err(|e| format!("API answer: {e}"))?;
+        .map_err(io("reading the answer"))?;
     let status = resp
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP answer: {resp:.80}"))?;
+        .ok_or_else(|| CallError::NotHttp(resp.chars().take(80).collect()))?;
     let body = resp
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// An API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Nobody listens on the socket.
+    #[error("cannot connect to the API socket {}", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Cause (errno kept).
+        #[source]
+        source: io::Error,
+    },
+    /// The exchange failed.
+    #[error("API {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Cause (errno kept).
+        #[source]
+        source: io::Error,
+    },
+    /// The answer is not HTTP.
+    #[error("not an HTTP answer: {0}")]
+    NotHttp(String),
 }
 
 /// The API server thread; removes its socket when dropped.
@@ -164,9 +194,38 @@ pub struct ApiServer {
     path: PathBuf,
 }
 
+fn serve(mut req: tiny_http::Request, to: &ControlHandle) {
+    let mut body = String::new();
+    let _ = std::io::Read::take(req.as_reader(), 1 << 16).read_to_string(&mut body);
+    let (code, body) = match route(req.method(), req.url(), &body) {
+        Ok(cmd) => {
+            // A snapshot answers when it is written, however long that takes; the controller
+            // answers everything else at once.
+            let timeout = match cmd {
+                Command::SnapshotCreate { .. } => None,
+                _ => Some(QUICK),
+            };
+            http(to.ask(cmd, timeout))
+        }
+        Err(reply) => reply,
+    };
+    let resp = if body.is_null() {
+        tiny_http::Response::from_string("").with_status_code(code)
+    } else {
+        tiny_http::Response::from_string(body.to_string())
+            .with_status_code(code)
+            .with_header(
+                "Content-Type: application/json"
+                    .parse::<tiny_http::Header>()
+                    .expect("static header parses"),
+            )
+    };
+    let _ = req.respond(resp);
+}
+
 impl ApiServer {
     /// Listen on `path` (an existing socket file there is replaced) and forward to `to`.
-    pub fn start(path: &Path, to: ApiSender) -> io::Result<ApiServer> {
+    pub fn start(path: &Path, to: ControlHandle) -> io::Result<ApiServer> {
         if path.exists() {
             std::fs::remove_file(path)?;
         }
@@ -175,28 +234,26 @@ impl ApiServer {
         );
         let s = server.clone();
         let thread = thread::Builder::new().name("api".into()).spawn(move || {
-            for mut req in s.incoming_requests() {
-                let mut body = String::new();
-                let _ = std::io::Read::take(req.as_reader(), 1 << 16).read_to_string(&mut body);
-                let (code, body) = match route(req.method(), req.url(), &body) {
-                    Ok(r) => to.ask(r, Duration::from_secs(30)).unwrap_or((
-                        503,
-                        json!({ "error": "the VM is not answering (stopped?)" }),
-                    )),
-                    Err(reply) => reply,
-                };
-                let resp = if body.is_null() {
-                    tiny_http::Response::from_string("").with_status_code(code)
-                } else {
-                    tiny_http::Response::from_string(body.to_string())
-                        .with_status_code(code)
-                        .with_header(
-                            "Content-Type: application/json"
-                                .parse::<tiny_http::Header>()
-                                .expect("static header parses"),
-                        )
-                };
-                let _ = req.respond(resp);
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            for req in s.incoming_requests() {
+                if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, SeqCst);
+                    let (code, body) = error(503, "too many requests in progress");
+                    let _ = req.respond(
+                        tiny_http::Response::from_string(body.to_string()).with_status_code(code),
+                    );
+                    continue;
+                }
+                let (to, n) = (to.clone(), in_flight.clone());
+                let spawned = thread::Builder::new()
+                    .name("api-request".into())
+                    .spawn(move || {
+                        serve(req, &to);
+                        n.fetch_sub(1, SeqCst);
+                    });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, SeqCst);
+                }
             }
         })?;
         Ok(ApiServer {

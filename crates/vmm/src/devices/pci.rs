@@ -21,9 +21,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KvmIrqRouting, kvm_irq_routing_entry,
-};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use serde::Serialize;
 use vfu::client::Client;
@@ -34,8 +31,6 @@ use vmm_sys_util::eventfd::EventFd;
 pub const MMIO_BASE: u64 = 0xe000_0000;
 /// End of the BAR window (the LAPIC and IOAPIC live above).
 pub const MMIO_END: u64 = 0xfec0_0000;
-/// First GSI used for MSI-X vectors.
-const MSI_GSI_BASE: u32 = 24;
 /// First KVM memory slot for BAR mappings.
 const BAR_SLOT_BASE: u32 = 8;
 
@@ -77,6 +72,9 @@ pub enum AttachError {
         #[source]
         source: std::io::Error,
     },
+    /// Interrupt routes could not be set up.
+    #[error("interrupt routes")]
+    Irq(#[source] crate::vstate::irq::IrqError),
     /// Out of BAR space or devices.
     #[error("{0}")]
     NoRoom(String),
@@ -152,7 +150,7 @@ pub struct PciBus {
     bridge: Mutex<pci::ConfigSpace>,
     devs: Vec<Dev>,
     vm: Arc<VmFd>,
-    routes: Mutex<Vec<kvm_irq_routing_entry>>,
+    irq: Arc<crate::vstate::irq::Interrupts>,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AttachError {
@@ -162,10 +160,10 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AttachError {
 impl PciBus {
     /// A bus with the host bridge and these vfio-user devices attached: BARs placed, guest
     /// memory (`memfd`, `mem_size` bytes at guest-physical 0) mapped for DMA, sparse areas
-    /// and ioeventfds registered with KVM, MSI-X vectors wired to irqfds (`irqchip`).
+    /// and ioeventfds registered with KVM, MSI-X vectors wired to irqfds (when `irq` has the
+    /// in-kernel irqchip).
     pub fn new(
-        vm: Arc<VmFd>,
-        irqchip: bool,
+        irq: Arc<crate::vstate::irq::Interrupts>,
         paths: &[PathBuf],
         memfd: &std::fs::File,
         mem_size: u64,
@@ -184,53 +182,33 @@ impl PciBus {
             address: AtomicU32::new(0),
             bridge: Mutex::new(bridge),
             devs: Vec::new(),
-            vm,
-            routes: Mutex::new(Vec::new()),
+            vm: irq.vm().clone(),
+            irq,
         };
-        if irqchip {
-            // The default routes for the IOAPIC pins, which a new routing table replaces.
-            let mut r = bus.routes.lock().unwrap_or_else(|e| e.into_inner());
-            for pin in 0..24u32 {
-                let mut e = kvm_irq_routing_entry {
-                    gsi: pin,
-                    type_: KVM_IRQ_ROUTING_IRQCHIP,
-                    ..Default::default()
-                };
-                e.u.irqchip.irqchip = kvm_bindings::KVM_IRQCHIP_IOAPIC;
-                e.u.irqchip.pin = pin;
-                r.push(e);
-            }
-        }
         let mut next_mmio = MMIO_BASE;
         let mut next_slot = BAR_SLOT_BASE;
-        let mut next_gsi = MSI_GSI_BASE;
         for (i, p) in paths.iter().enumerate() {
             let d = bus.attach(
                 p,
                 i as u32 + 1,
-                irqchip,
                 memfd,
                 mem_size,
                 &mut next_mmio,
                 &mut next_slot,
-                &mut next_gsi,
             )?;
             bus.devs.push(d);
         }
         Ok(bus)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attach(
         &self,
         path: &Path,
         slot: u32,
-        irqchip: bool,
         memfd: &std::fs::File,
         mem_size: u64,
         next_mmio: &mut u64,
         next_slot: &mut u32,
-        next_gsi: &mut u32,
     ) -> Result<Dev, AttachError> {
         let cerr = |source| AttachError::Client {
             path: path.to_path_buf(),
@@ -391,23 +369,27 @@ impl PciBus {
             .irqs()
             .get(proto::IRQ_MSIX as usize)
             .map_or(0, |i| i.count);
-        let msix = pci::MsixCap::find(&cfg).filter(|_| msix_count > 0 && irqchip);
+        let msix = pci::MsixCap::find(&cfg).filter(|_| msix_count > 0 && self.irq.irqchip());
         let mut efds = Vec::new();
-        let gsi_base = *next_gsi;
+        let mut gsi_base = 0;
         if let Some(m) = msix {
-            for v in 0..m.vectors.min(msix_count) {
+            let vectors = m.vectors.min(msix_count);
+            gsi_base = self
+                .irq
+                .allocate_msi_gsis(vectors)
+                .map_err(AttachError::Irq)?;
+            for v in 0..vectors {
                 let e =
                     EventFd::new(libc::EFD_CLOEXEC).map_err(|e| derr(format!("eventfd: {e}")))?;
-                self.vm
+                self.irq
                     .register_irqfd(&e, gsi_base + v)
-                    .map_err(kvm("KVM_IRQFD"))?;
+                    .map_err(AttachError::Irq)?;
                 efds.push(e);
             }
             let raw: Vec<i32> = efds.iter().map(|e| e.as_raw_fd()).collect();
             client
                 .set_irq_eventfds(proto::IRQ_MSIX, 0, &raw)
                 .map_err(cerr)?;
-            *next_gsi += efds.len() as u32;
         }
         let vectors = efds.len();
         Ok(Dev {
@@ -564,20 +546,11 @@ impl PciBus {
             *e
         };
         let gsi = d.gsi_base + v as u32;
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes.retain(|r| r.gsi != gsi);
-        let mut e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
-            ..Default::default()
+        let msg = crate::vstate::irq::MsiMessage {
+            address: u64::from(changed[0]) | (u64::from(changed[1]) << 32),
+            data: changed[2],
         };
-        e.u.msi.address_lo = changed[0];
-        e.u.msi.address_hi = changed[1];
-        e.u.msi.data = changed[2];
-        routes.push(e);
-        if let Ok(table) = KvmIrqRouting::from_entries(&routes)
-            && self.vm.set_gsi_routing(&table).is_ok()
-        {
+        if self.irq.set_msi_route(gsi, msg).is_ok() {
             d.routes_set.fetch_add(1, Ordering::Relaxed);
         } else {
             d.errors.fetch_add(1, Ordering::Relaxed);

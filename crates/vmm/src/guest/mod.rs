@@ -3,8 +3,11 @@
 
 pub mod abi;
 mod code;
+mod event;
+pub mod telemetry;
 
 pub use code::{MAGIC, entry_offset, image};
+pub use event::Event;
 
 use std::fmt;
 use std::str::FromStr;

@@ -17,10 +17,13 @@ use super::{
     Bits, DestReport, End, Endpoint, Hello, HelloAck, Latency, Migration, MigrationError, PROTOCOL,
     Status, Switch, VERSION, bytes_to_words, io_err, max_pause_ms, mix, page_hash, words_to_bytes,
 };
+use crate::config::VmConfig;
+use crate::guest::Workload;
 use crate::memory::{Backend, GuestMem};
-use crate::restore::build_vcpus;
-use crate::vm::{Msg, RunningVm, Shared, Vm, VmError, kvm_vm_with, mono_ns};
-use crate::{VmConfig, Workload};
+use crate::vstate::control::mono_ns;
+use crate::vstate::kvm::create_vm;
+use crate::vstate::machine::{Parts, build_vcpus};
+use crate::vstate::{Failure, Notifier, PauseOwner, VcpuControl, Vm, VmError};
 
 /// `faultline run --incoming` options.
 #[derive(Debug, Clone)]
@@ -117,24 +120,38 @@ fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
             "migration of Linux guests is not supported yet (serial and i8042 state)".into(),
         ));
     }
-    if cfg.mem_bytes > crate::cpl3::MAX_MEM || cfg.mem_bytes % (2 << 20) != 0 || cfg.mem_bytes == 0
-    {
-        return Err(MigrationError::Invalid(format!(
-            "guest memory of {} bytes is not supported here",
-            cfg.mem_bytes
-        )));
+    if cfg.mem_bytes % (2 << 20) != 0 || cfg.mem_bytes == 0 {
+        return Err(MigrationError::Config(
+            crate::config::ConfigError::MemAlignment(cfg.mem_bytes),
+        ));
     }
-    if cfg.vcpus == 0 || u64::from(cfg.vcpus) > crate::cpl3::MAX_VCPUS {
-        return Err(MigrationError::Invalid(format!("{} vCPUs", cfg.vcpus)));
+    if !cfg.vfio_user.is_empty() {
+        return Err(MigrationError::Invalid(
+            "the source VM has vfio-user devices, whose state a migration does not carry yet"
+                .into(),
+        ));
     }
-    crate::vm::slices_of_cfg(&cfg).map_err(MigrationError::Vm)?;
+    cfg.check_builtin().map_err(MigrationError::Config)?;
+    cfg.slices().map_err(MigrationError::Config)?;
     cfg.backend = Backend::Anonymous;
     Ok(cfg)
 }
 
-/// Wait for a source, receive the VM and start it. Returns once the guest runs here; post-copy
-/// (if any) goes on in the background, visible through `GET /migrate` and the summary.
-pub fn incoming(opts: &IncomingOptions) -> Result<RunningVm, MigrationError> {
+/// An incoming migration whose guest runs here: post-copy (if any) goes on in the background
+/// on its own thread, visible through [`Status`].
+pub struct Incoming {
+    /// The migration's status and thread, for the VM's controller.
+    pub(crate) migration: Migration,
+}
+
+/// Wait for a source, receive the VM and start it with `start` (which launches the vCPUs and
+/// returns their control); failures after that are reported to `notify`. Returns once the
+/// guest runs here.
+pub fn incoming(
+    opts: &IncomingOptions,
+    notify: Notifier,
+    start: impl FnOnce(Vm) -> Result<Arc<VcpuControl>, VmError>,
+) -> Result<Incoming, MigrationError> {
     let listener = opts
         .listen
         .listen()
@@ -159,11 +176,18 @@ pub fn incoming(opts: &IncomingOptions) -> Result<RunningVm, MigrationError> {
         GuestMem::new(cfg.mem_bytes, Backend::Anonymous)
             .map_err(|e| MigrationError::Vm(VmError::Memory(e)))?,
     );
-    let (kvm, vm) = kvm_vm_with(&mem, hello.irqchip, false)
-        .map_err(MigrationError::Vm)
+    let (kvm, vm, irqchip) = create_vm(&mem, hello.irqchip, false)
+        .map_err(|e| MigrationError::Vm(e.into()))
         .inspect_err(|e| {
             let _ = ack(&mut main, Err(e));
         })?;
+    if irqchip != hello.irqchip {
+        let e = MigrationError::Invalid(
+            "the source VM has an in-kernel irqchip, which this host's KVM does not offer".into(),
+        );
+        let _ = ack(&mut main, Err(&e));
+        return Err(e);
+    }
     ack(&mut main, Ok(opts.verify))?;
     main.set_buffers(super::source::MAIN_BUFFER);
     let mut prio = listener
@@ -178,16 +202,33 @@ pub fn incoming(opts: &IncomingOptions) -> Result<RunningVm, MigrationError> {
     }
     ack(&mut prio, Ok(opts.verify))?;
     let status = Status::new("destination", Some(hello.mode));
-    let r = receive(
-        opts, listener, main, prio, hello, cfg, mem, kvm, vm, t0, &status,
-    );
-    r.map(|(mut running, thread)| {
-        running.attach_migration(Migration {
+    let thread = receive(
+        opts,
+        listener,
+        main,
+        prio,
+        hello,
+        cfg,
+        Parts {
+            kvm,
+            vm,
+            irqchip,
+            mem,
+            vcpus: Vec::new(),
+            cfg: VmConfig::default(),
+            t0,
+            last_heartbeat: Vec::new(),
+        },
+        &status,
+        notify,
+        start,
+    )?;
+    Ok(Incoming {
+        migration: Migration {
             status,
             resume: None,
             thread: Some(thread),
-        });
-        running
+        },
     })
 }
 
@@ -219,12 +260,12 @@ fn receive(
     prio: Sock,
     hello: Hello,
     mut cfg: VmConfig,
-    mem: Arc<GuestMem>,
-    kvm: kvm_ioctls::Kvm,
-    vm: kvm_ioctls::VmFd,
-    t0: Instant,
+    mut parts: Parts,
     status: &Status,
-) -> Result<(RunningVm, thread::JoinHandle<()>), MigrationError> {
+    notify: Notifier,
+    start: impl FnOnce(Vm) -> Result<Arc<VcpuControl>, VmError>,
+) -> Result<thread::JoinHandle<()>, MigrationError> {
+    let mem = parts.mem.clone();
     let pages = mem.size() / PAGE;
     let hashes: Hashes = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
     let mut rounds = 0u32;
@@ -320,12 +361,7 @@ fn receive(
     }
     let switch_t = Instant::now();
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)
-        .map_err(|e| {
-            fail(
-                &mut main,
-                MigrationError::State(crate::snapshot::SnapshotError::State(e)),
-            )
-        })?;
+        .map_err(|e| fail(&mut main, MigrationError::State(e)))?;
     // Post-copy: drop stale copies of needed pages, then let userfaultfd catch every access.
     let engine = match &needed {
         Some(words) => {
@@ -336,29 +372,22 @@ fn receive(
         None => None,
     };
     vm_state
-        .restore(&vm)
-        .map_err(|e| MigrationError::State(crate::snapshot::SnapshotError::State(e)))
-        .map_err(|e| fail(&mut main, e))?;
-    let vcpus = build_vcpus(&kvm, &vm, &vcpu_states, &cfg, opts.verify)
-        .map_err(|e| fail(&mut main, MigrationError::Restore(e)))?;
+        .restore(&parts.vm)
+        .map_err(|e| fail(&mut main, MigrationError::State(e)))?;
+    parts.vcpus = build_vcpus(&parts.kvm, &parts.vm, &vcpu_states, &cfg, opts.verify)
+        .map_err(|e| fail(&mut main, MigrationError::Build(e)))?;
     if opts.verify {
         cfg.workload = Workload::Verify;
         cfg.run_for = None;
     }
-    let vm = Vm::from_parts(
-        kvm,
-        vm,
-        mem.clone(),
-        vcpus,
-        cfg,
-        t0,
-        None,
-        sw.heartbeats.clone(),
-    )
-    .map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
-    let running = vm
-        .start()
-        .map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
+    parts.cfg = cfg;
+    parts.last_heartbeat = sw.heartbeats.clone();
+    let vm = Vm::from_parts(parts).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
+    if sw.paused {
+        // The operator had paused the guest at the source: it lands paused.
+        vm.control().hold(PauseOwner::Operator);
+    }
+    let control = start(vm).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
     let resume_ns = mono_ns();
     main.send(Kind::Resumed, 0, b"{}")
         .map_err(io_err("telling the source the guest runs"))?;
@@ -376,8 +405,8 @@ fn receive(
         engine,
         mem: mem.clone(),
         hashes,
-        shared: running.shared(),
-        vm_tx: running.failure_sender(),
+        control,
+        notify,
         status: status.clone(),
         resume_ns,
         switch_t,
@@ -391,7 +420,7 @@ fn receive(
         .name("migration-in".into())
         .spawn(move || sup.run(main, prio, listener))
         .map_err(io_err("starting the migration thread"))?;
-    Ok((running, th))
+    Ok(th)
 }
 
 /// The post-copy fault server of the destination.
@@ -712,8 +741,8 @@ struct Supervisor {
     engine: Option<Arc<Engine>>,
     mem: Arc<GuestMem>,
     hashes: Hashes,
-    shared: Arc<Shared>,
-    vm_tx: Sender<Msg>,
+    control: Arc<VcpuControl>,
+    notify: Notifier,
     status: Status,
     resume_ns: u64,
     switch_t: Instant,
@@ -742,7 +771,7 @@ impl Supervisor {
                     s.state = "failed".into();
                     s.error = Some(msg.clone());
                 });
-                let _ = self.vm_tx.send(Msg::Failed(VmError::Migration(msg)));
+                self.notify.fail(Failure::Migration(Box::new(e)));
             }
         }
     }
@@ -834,12 +863,7 @@ impl Supervisor {
             match rx.recv_timeout(Duration::from_millis(10)) {
                 Ok(In::End(e)) => {
                     if let Some(c) = &e.checksums {
-                        let v = c
-                            .iter()
-                            .map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|_| protocol("a checksum in End is not hex"))?;
-                        self.status.update(|s| s.source_checksums = Some(v));
+                        self.status.update(|s| s.source_checksums = Some(c.clone()));
                     }
                     end = Some(*e);
                 }
@@ -901,13 +925,13 @@ impl Supervisor {
     fn report(&self, bytes: &AtomicU64, postcopy_ms: f64) -> DestReport {
         // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
         super::wait_for(Duration::from_secs(2), || {
-            self.shared
+            self.control
                 .cpus
                 .iter()
                 .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
         });
         let heads = self
-            .shared
+            .control
             .cpus
             .iter()
             .map(|c| match c.first_hb_ns.load(SeqCst) {
@@ -916,13 +940,13 @@ impl Supervisor {
             })
             .collect();
         let gaps = self
-            .shared
+            .control
             .cpus
             .iter()
             .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
             .collect();
         let first = self
-            .shared
+            .control
             .cpus
             .iter()
             .map(|c| (c.first_hb_ns.load(SeqCst) != 0).then(|| c.last_n.load(SeqCst)))
@@ -935,7 +959,7 @@ impl Supervisor {
             recoveries: self.recoveries,
             postcopy_ms,
             bytes: bytes.load(SeqCst),
-            blocktime_ms: vec![0.0; self.shared.cpus.len()],
+            blocktime_ms: vec![0.0; self.control.cpus.len()],
             ..Default::default()
         };
         if let Some(e) = &self.engine {
@@ -947,7 +971,7 @@ impl Supervisor {
             r.fault_latency_us =
                 Latency::of(e.lat_ns.lock().unwrap_or_else(|x| x.into_inner()).clone());
             let block = e.block_ns.lock().unwrap_or_else(|x| x.into_inner());
-            for (i, c) in self.shared.cpus.iter().enumerate() {
+            for (i, c) in self.control.cpus.iter().enumerate() {
                 let tid = c.tid.load(SeqCst);
                 r.blocktime_ms[i] = block.get(&tid).copied().unwrap_or(0) as f64 / 1e6;
             }

@@ -69,7 +69,7 @@
 //! the same from its guest's serial heartbeats).
 
 pub(crate) mod dest;
-pub(crate) mod source;
+pub mod source;
 pub mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -80,7 +80,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-pub use dest::{IncomingOptions, incoming};
+pub use dest::{Incoming, IncomingOptions, incoming};
 pub use wire::Endpoint;
 
 /// The protocol's name, in every hello.
@@ -183,7 +183,7 @@ pub struct Hello {
     pub mode: MigrationMode,
     /// The VM (main channel of a new migration).
     #[serde(default)]
-    pub config: Option<crate::VmConfig>,
+    pub config: Option<crate::config::VmConfig>,
     /// Whether the VM has the in-kernel irqchip.
     #[serde(default)]
     pub irqchip: bool,
@@ -213,6 +213,9 @@ pub struct Switch {
     pub heartbeats: Vec<u32>,
     /// Pre-copy rounds done.
     pub rounds: u32,
+    /// The operator had paused the guest: it stays paused at the destination.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Sent when every page has been sent (JSON).
@@ -226,7 +229,8 @@ pub struct End {
     pub gaps_us: Vec<u64>,
     /// Each slice's checksum at switchover (when the destination asked).
     #[serde(default)]
-    pub checksums: Option<Vec<String>>,
+    #[serde(with = "crate::hex::opt_vec")]
+    pub checksums: Option<Vec<u64>>,
 }
 
 /// Latency percentiles, µs.
@@ -347,18 +351,27 @@ pub enum MigrationError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Saving or restoring vCPU/VM state failed.
-    #[error("vCPU/VM state")]
-    State(#[source] crate::snapshot::SnapshotError),
+    /// Reading, decoding or restoring VM state failed.
+    #[error("VM state")]
+    State(#[source] crate::vstate::StateError),
+    /// Saving the vCPUs' state failed.
+    #[error("saving vCPU state")]
+    Save(#[source] crate::vstate::SaveError),
     /// The VM could not be built or started.
     #[error("VM")]
-    Vm(#[source] crate::VmError),
+    Vm(#[source] crate::vstate::VmError),
+    /// The configuration received cannot work here.
+    #[error("VM configuration")]
+    Config(#[source] crate::config::ConfigError),
     /// userfaultfd failed.
     #[error("userfaultfd: {0}")]
     Uffd(String),
-    /// The VM could not be rebuilt from the state.
-    #[error("rebuilding the VM")]
-    Restore(#[source] crate::restore::RestoreError),
+    /// The vCPUs could not be rebuilt from the state.
+    #[error("rebuilding the vCPUs")]
+    Build(#[source] crate::vstate::machine::BuildError),
+    /// Guest memory could not be read.
+    #[error("reading guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
     /// Memory differs between the two sides.
     #[error("integrity: {0}")]
     Integrity(String),

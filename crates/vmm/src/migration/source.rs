@@ -16,12 +16,14 @@ use super::{
     MigrationMode, PROTOCOL, Status, Switch, VERSION, io_err, is_zero, max_pause_ms, mix,
     page_hash, words_to_bytes,
 };
+use crate::config::VmConfig;
 use crate::memory::{Backend, GuestMem};
-use crate::vm::{Msg, Shared, VmConfig, mono_ns};
+use crate::vstate::control::mono_ns;
+use crate::vstate::{Notice, Notifier, PauseOwner, VcpuControl};
 
 /// What the migration thread needs of the running VM.
-pub(crate) struct SourceCtx {
-    pub(crate) shared: Arc<Shared>,
+pub struct SourceCtx {
+    pub(crate) control: Arc<VcpuControl>,
     pub(crate) vm: Arc<VmFd>,
     pub(crate) mem: Arc<GuestMem>,
     pub(crate) msr_list: Vec<u32>,
@@ -29,7 +31,7 @@ pub(crate) struct SourceCtx {
     pub(crate) cfg: VmConfig,
     /// (guest-physical start, length) of each workload slice.
     pub(crate) slices: Vec<(u64, u64)>,
-    pub(crate) tx: Sender<Msg>,
+    pub(crate) notify: Notifier,
 }
 
 /// How long to wait for the destination to answer a hello, or to resume after the state.
@@ -38,7 +40,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 const RECOVER_WAIT: Duration = Duration::from_secs(3600);
 
 /// Run a migration to its end; the status says how it went.
-pub(crate) fn run(
+pub fn run(
     ctx: SourceCtx,
     req: MigrateRequest,
     status: Status,
@@ -376,7 +378,7 @@ fn migrate(
     set_dirty_log(&ctx.vm, mem, true)?;
     let r = (|| {
         dirty_log(&ctx.vm, mem)?; // clear
-        ctx.shared.reset_gaps();
+        ctx.control.reset_gaps();
         let maybe = scan(mem);
         let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
         precopy_then_switch(ctx, req, status, &mut c, &rate, &sent, maybe, setup_ms, t0)
@@ -385,7 +387,7 @@ fn migrate(
         Ok(Switched::Before(e)) | Err(e) => {
             // The guest never left: it runs on here.
             let _ = set_dirty_log(&ctx.vm, mem, false);
-            ctx.shared.resume();
+            ctx.control.resume(PauseOwner::Migration);
             return Err(e);
         }
         Ok(Switched::After(out)) => out,
@@ -514,10 +516,12 @@ fn precopy_then_switch(
     // Switchover.
     status.update(|s| s.state = "switchover".into());
     let pause = Instant::now();
-    ctx.shared.pause();
+    // The operator's pause (if any) travels with the guest: it stays paused where it lands.
+    let operator_paused = ctx.control.paused_by().contains(&PauseOwner::Operator);
+    ctx.control.pause(PauseOwner::Migration);
     let now = mono_ns();
     let tails_us = ctx
-        .shared
+        .control
         .cpus
         .iter()
         .map(|c| match c.last_hb_ns.load(SeqCst) {
@@ -526,13 +530,13 @@ fn precopy_then_switch(
         })
         .collect();
     let gaps_us = ctx
-        .shared
+        .control
         .cpus
         .iter()
         .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
         .collect();
     let heartbeats = ctx
-        .shared
+        .control
         .cpus
         .iter()
         .map(|c| c.last_n.load(SeqCst))
@@ -568,22 +572,19 @@ fn precopy_then_switch(
         }
     }
     let msr_list = &ctx.msr_list;
-    let vcpus = match ctx.shared.save_vcpus(msr_list, ctx.irqchip) {
+    let vcpus = match ctx.control.save_vcpus(msr_list, ctx.irqchip) {
+        Ok(v) => v,
+        Err(e) => return before(MigrationError::Save(e)),
+    };
+    let vm_state = match crate::vstate::VmState::save(&ctx.vm, ctx.irqchip) {
         Ok(v) => v,
         Err(e) => return before(MigrationError::State(e)),
-    };
-    let vm_state = match crate::snapshot::VmState::save(&ctx.vm, ctx.irqchip) {
-        Ok(v) => v,
-        Err(e) => {
-            return before(MigrationError::State(
-                crate::snapshot::SnapshotError::State(e),
-            ));
-        }
     };
     let sw = Switch {
         postcopy,
         heartbeats,
         rounds,
+        paused: operator_paused,
     };
     let r = (|| -> io::Result<()> {
         c.main.send_json(Kind::Switch, &sw)?;
@@ -900,7 +901,8 @@ fn finish(
         }
     };
     // The guest now runs at the destination.
-    let _ = ctx.tx.send(Msg::Migrated);
+    ctx.control.hand_over();
+    ctx.notify.send(Notice::Migrated);
     let _ = set_dirty_log(&ctx.vm, &ctx.mem, false);
     status.update(|s| {
         s.state = if sw.postcopy {
@@ -926,17 +928,19 @@ fn finish(
     });
     let total_needed = popcount(&sw.needed);
     let want_checksums = c.ack.want_checksums;
-    let checksums = want_checksums.then(|| {
-        ctx.slices
-            .iter()
-            .map(|&(s, l)| {
-                ctx.mem
-                    .read(s, l as usize)
-                    .map(|b| format!("{:#018x}", crate::guest::abi::checksum_bytes(&b)))
-                    .unwrap_or_default()
-            })
-            .collect::<Vec<_>>()
-    });
+    let checksums = want_checksums
+        .then(|| {
+            ctx.slices
+                .iter()
+                .map(|&(s, l)| {
+                    ctx.mem
+                        .read(s, l as usize)
+                        .map(|b| crate::guest::abi::checksum_bytes(&b))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(MigrationError::GuestMemory)?;
     let end = End {
         downtime_us: downtime.as_micros() as u64,
         tails_us: sw.tails_us.clone(),

@@ -16,6 +16,7 @@
 //! starts), and chunk by chunk on first fault by `lazy` and `prefetch` restores (a chunk that
 //! fails stops the VM with an error naming it; its pages are never served).
 
+mod create;
 pub mod source;
 pub mod state;
 
@@ -27,9 +28,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::config::VmConfig;
 use crate::memory::GuestMem;
-use crate::vm::VmConfig;
 
+pub use create::create;
 pub use source::{SnapshotSource, WorkingSet};
 pub use state::{StateError, VcpuState, VmState};
 
@@ -120,6 +122,19 @@ pub enum SnapshotError {
     /// Reading guest memory failed.
     #[error("guest memory")]
     Memory(#[source] vm_memory::GuestMemoryError),
+    /// The VM has parts whose state a snapshot cannot carry yet: rather than drop them, the
+    /// snapshot is refused, naming them.
+    #[error("this VM cannot be snapshotted yet: a snapshot would not carry {}", .0.join(", "))]
+    Uncarried(Vec<String>),
+    /// A vCPU's workload has finished: there is nothing left to snapshot.
+    #[error("a vCPU has already stopped (its workload finished): nothing to snapshot")]
+    Finished,
+    /// The vCPUs' or the VM's state could not be saved.
+    #[error("saving vCPU/VM state")]
+    Save(#[source] crate::vstate::SaveError),
+    /// The running machine failed a request (reading a slice's checksum).
+    #[error("the VM")]
+    Machine(#[source] crate::vstate::VmError),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
@@ -165,7 +180,8 @@ pub struct Manifest {
     /// The built-in guest's slices, one per vCPU.
     pub slices: Vec<SliceInfo>,
     /// The checksum of each slice at snapshot (what the guest's `verify` computes), `0x` hex.
-    pub checksums: Vec<String>,
+    #[serde(with = "crate::hex::vec")]
+    pub checksums: Vec<u64>,
     /// The last heartbeat number seen from each vCPU before the pause.
     pub heartbeats: Vec<u32>,
     /// Guest memory: the file, its size (= the guest's memory) and non-zero pages.
@@ -706,8 +722,9 @@ pub struct SnapshotInfo {
     pub nonzero_pages: u64,
     /// Bytes written to the memory file.
     pub bytes_written: u64,
-    /// Per-vCPU slice checksums (what `verify` must report after a restore).
-    pub checksums: Vec<String>,
+    /// Per-vCPU slice checksums (what `verify` must report after a restore), `0x` hex.
+    #[serde(with = "crate::hex::vec")]
+    pub checksums: Vec<u64>,
     /// Last heartbeat number per vCPU.
     pub heartbeats: Vec<u32>,
 }

@@ -1,0 +1,207 @@
+//! What to run: the VM's configuration and the layout of the built-in guest's workload area.
+//!
+//! The bottom layer: nothing here touches KVM or memory; every other module may use it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cpl3;
+use crate::guest::Workload;
+use crate::memory::Backend;
+
+/// What to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Guest memory in bytes (a multiple of 2 MiB).
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The built-in guest's workload.
+    pub workload: Workload,
+    /// Bytes of the workload area used (split among vCPUs); `None`: all of it.
+    pub workload_bytes: Option<u64>,
+    /// Run time; `None`: until the workload ends (`dirty` and `read` never do).
+    pub run_for: Option<Duration>,
+    /// Seed of the `random` workload.
+    pub seed: u64,
+    /// What backs guest memory.
+    pub backend: Backend,
+    /// Boot this Linux kernel instead of the built-in guest (the workload fields are unused).
+    pub linux: Option<crate::linux::LinuxBoot>,
+    /// vfio-user device sockets to attach to the PCI bus (guest memory becomes a memfd).
+    #[serde(default)]
+    pub vfio_user: Vec<PathBuf>,
+    /// Give the built-in guest KVM's in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT where
+    /// KVM offers them (Linux guests and VMs with devices always ask for it).
+    #[serde(default)]
+    pub irqchip: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+            workload: Workload::Fill,
+            workload_bytes: None,
+            run_for: None,
+            seed: 1,
+            backend: Backend::Anonymous,
+            linux: None,
+            vfio_user: Vec::new(),
+            irqchip: false,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Too few or too many vCPUs.
+    #[error("vcpus must be 1..={max}")]
+    Vcpus {
+        /// The largest number supported.
+        max: u64,
+    },
+    /// Too few or too many vCPUs for a Linux guest (its MP table).
+    #[error("Linux boot supports 1..={max} vCPUs (MP table)")]
+    LinuxVcpus {
+        /// The largest number supported.
+        max: u32,
+    },
+    /// More memory than the built-in guest's page tables map.
+    #[error("memory above {} GiB is not supported by the built-in guest", max >> 30)]
+    MemTooLarge {
+        /// The limit in bytes.
+        max: u64,
+    },
+    /// Not more memory than the built-in guest's fixed layout.
+    #[error("memory must be more than {} MiB (the built-in guest's fixed layout)", min >> 20)]
+    MemTooSmall {
+        /// The fixed layout's size in bytes.
+        min: u64,
+    },
+    /// Memory is not a whole number of 2 MiB pages.
+    #[error("memory must be a non-zero multiple of 2 MiB (got {0} bytes)")]
+    MemAlignment(u64),
+    /// The workload area does not fit.
+    #[error("workload area of {} MiB does not fit in {} MiB of memory", area >> 20, mem >> 20)]
+    WorkloadArea {
+        /// Bytes asked for.
+        area: u64,
+        /// Guest memory.
+        mem: u64,
+    },
+    /// A vCPU's share of the workload area is below 1 MiB.
+    #[error("each vCPU needs at least 1 MiB of workload memory")]
+    SliceTooSmall,
+    /// With devices, memory must end below the PCI window.
+    #[error("with vfio-user devices guest memory must end below the PCI window at {limit:#x}")]
+    PciWindow {
+        /// Where the window starts.
+        limit: u64,
+    },
+}
+
+/// One vCPU's slice of the workload area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    /// Guest-physical start.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Index of its first page within the workload area.
+    pub first_page: u64,
+}
+
+impl VmConfig {
+    /// Check the memory and vCPU limits of the built-in guest.
+    pub fn check_builtin(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || u64::from(self.vcpus) > cpl3::MAX_VCPUS {
+            return Err(ConfigError::Vcpus {
+                max: cpl3::MAX_VCPUS,
+            });
+        }
+        if self.mem_bytes > cpl3::MAX_MEM {
+            return Err(ConfigError::MemTooLarge { max: cpl3::MAX_MEM });
+        }
+        if self.mem_bytes <= cpl3::WORKLOAD {
+            return Err(ConfigError::MemTooSmall {
+                min: cpl3::WORKLOAD,
+            });
+        }
+        Ok(())
+    }
+
+    /// The built-in guest's workload slices, one per vCPU.
+    pub fn slices(&self) -> Result<Vec<Slice>, ConfigError> {
+        let area = self
+            .workload_bytes
+            .unwrap_or(self.mem_bytes.saturating_sub(cpl3::WORKLOAD));
+        if self.mem_bytes <= cpl3::WORKLOAD || area > self.mem_bytes - cpl3::WORKLOAD {
+            return Err(ConfigError::WorkloadArea {
+                area,
+                mem: self.mem_bytes,
+            });
+        }
+        let per = (area / u64::from(self.vcpus.max(1))) & !((1 << 20) - 1);
+        if per < (1 << 20) {
+            return Err(ConfigError::SliceTooSmall);
+        }
+        Ok((0..u64::from(self.vcpus))
+            .map(|i| Slice {
+                start: cpl3::WORKLOAD + i * per,
+                len: per,
+                first_page: i * per / 4096,
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_split_the_area_per_vcpu() {
+        let cfg = VmConfig {
+            mem_bytes: 64 << 20,
+            vcpus: 2,
+            ..Default::default()
+        };
+        let s = cfg.slices().unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].start, cpl3::WORKLOAD);
+        assert_eq!(s[1].start, s[0].start + s[0].len);
+        assert_eq!(s[1].first_page, s[0].len / 4096);
+        let small = VmConfig {
+            mem_bytes: cpl3::WORKLOAD,
+            ..Default::default()
+        };
+        assert!(matches!(
+            small.check_builtin(),
+            Err(ConfigError::MemTooSmall { .. })
+        ));
+        let huge = VmConfig {
+            workload_bytes: Some(1 << 40),
+            ..Default::default()
+        };
+        assert!(matches!(
+            huge.slices(),
+            Err(ConfigError::WorkloadArea { .. })
+        ));
+    }
+
+    #[test]
+    fn old_configs_parse_without_the_new_fields() {
+        let mut v = serde_json::to_value(VmConfig::default()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("irqchip");
+        o.remove("vfio_user");
+        let cfg: VmConfig = serde_json::from_value(v).unwrap();
+        assert!(!cfg.irqchip);
+    }
+}

@@ -1,0 +1,208 @@
+//! Serving a lazily restored VM's page faults for as long as it runs: the in-process fault
+//! loop over the snapshot's memory file (recording or pushing the working set), or an external
+//! handler process whose death stops the VM instead of leaving vCPUs blocked.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::thread::{self, JoinHandle};
+
+use memx::FaultLoop;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::snapshot::{SnapshotError, SnapshotSource, WorkingSet};
+use crate::vstate::{Failure, Notifier};
+
+/// The page-fault handler failed.
+#[derive(Debug, Error)]
+pub enum PagerError {
+    /// The external handler closed its connection.
+    #[error(
+        "the external page-fault handler at {} closed its connection (it exited or crashed); vCPUs waiting on its pages cannot go on",
+        .0.display()
+    )]
+    HandlerGone(PathBuf),
+    /// The in-process fault loop failed.
+    #[error("fault loop")]
+    FaultLoop(#[source] memx::LoopError),
+    /// The recorded working set could not be stored.
+    #[error("storing the working set")]
+    WorkingSet(#[source] SnapshotError),
+    /// A host resource could not be set up.
+    #[error("cannot set up {what}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// Cause (errno kept).
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the restore's page-fault handler did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PagerReport {
+    /// `local` (in-process fault loop) or `external`.
+    pub handler: String,
+    /// Faults served (in-process only).
+    pub faults: u64,
+    /// Pages mapped in total (faults, prefetch, zero pages).
+    pub pages: u64,
+    /// Of which zero pages.
+    pub zero_pages: u64,
+    /// Pages pushed by the prefetcher.
+    pub prefetched_pages: u64,
+    /// Bytes read from the memory file.
+    pub bytes_read: u64,
+    /// Fault service time, p50 and p99, µs.
+    pub fault_p50_us: f64,
+    /// p99.
+    pub fault_p99_us: f64,
+    /// Pages the source could not produce (poisoned).
+    pub errors: u64,
+    /// The last such error.
+    pub last_error: Option<String>,
+    /// Pages recorded as the working set (written beside the snapshot when the VM ends).
+    pub working_set_pages: usize,
+}
+
+/// Serves a lazily restored VM's page faults for as long as it runs.
+pub struct Pager {
+    pub(super) kind: PagerKind,
+    /// Working-set offsets to push once the vCPUs run (not before: the push would compete
+    /// with setting up the VM and delay its first instruction).
+    pub(super) prefetch: Option<(Vec<u64>, usize)>,
+    pub(super) record_to: Option<PathBuf>,
+    pub(super) watcher: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
+}
+
+pub(super) enum PagerKind {
+    Local {
+        fl: FaultLoop,
+        source: Arc<SnapshotSource>,
+        recording: bool,
+    },
+    External {
+        conn: UnixStream,
+        /// The VMM keeps its copy: while it is open, faults stay blocked (never silently
+        /// filled with zeros) even after the handler is gone.
+        _uffd: uffd::Uffd,
+        path: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for Pager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pager").finish_non_exhaustive()
+    }
+}
+
+impl Pager {
+    /// Start watching for handler failure: a closed hand-off connection stops the VM.
+    pub(crate) fn watch(&mut self, notify: Notifier) -> Result<(), PagerError> {
+        let PagerKind::External { conn, path, .. } = &self.kind else {
+            return Ok(());
+        };
+        let conn = conn.try_clone().map_err(|source| PagerError::Host {
+            what: "the page-fault handler watcher",
+            source,
+        })?;
+        let path = path.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let h = thread::Builder::new()
+            .name("handler-watch".into())
+            .spawn(move || {
+                while !st.load(SeqCst) {
+                    let mut p = libc::pollfd {
+                        fd: conn.as_fd().as_raw_fd(),
+                        events: libc::POLLIN | libc::POLLRDHUP,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    let r = unsafe { libc::poll(&mut p, 1, 50) };
+                    if r > 0 {
+                        let mut b = [0u8; 64];
+                        if matches!((&conn).read(&mut b), Ok(0) | Err(_)) {
+                            notify.fail(Failure::Pager(Box::new(PagerError::HandlerGone(
+                                path.clone(),
+                            ))));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|source| PagerError::Host {
+                what: "the page-fault handler watcher",
+                source,
+            })?;
+        self.watcher = Some((h, stop));
+        Ok(())
+    }
+
+    /// Begin pushing the working set, if there is one (called once the vCPUs are started).
+    pub(crate) fn launch(&mut self) -> Result<(), PagerError> {
+        if let (Some((offsets, batch)), PagerKind::Local { fl, .. }) =
+            (self.prefetch.take(), &mut self.kind)
+        {
+            fl.prefetch(offsets, batch).map_err(PagerError::FaultLoop)?;
+        }
+        Ok(())
+    }
+
+    /// Counters so far.
+    pub fn report(&self) -> PagerReport {
+        match &self.kind {
+            PagerKind::Local { fl, source, .. } => {
+                let s = fl.stats();
+                PagerReport {
+                    handler: "local".into(),
+                    faults: s.faults,
+                    pages: s.pages,
+                    zero_pages: s.zero_pages,
+                    prefetched_pages: s.populated_pages,
+                    bytes_read: source.bytes_read(),
+                    fault_p50_us: s.latency.p50_ns as f64 / 1e3,
+                    fault_p99_us: s.latency.p99_ns as f64 / 1e3,
+                    errors: s.errors,
+                    last_error: s.last_error.clone(),
+                    working_set_pages: source.working_set().len(),
+                }
+            }
+            PagerKind::External { .. } => PagerReport {
+                handler: "external".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Stop serving; store the recorded working set if any. Returns the final report.
+    pub(crate) fn finish(mut self) -> Result<PagerReport, PagerError> {
+        if let Some((h, stop)) = self.watcher.take() {
+            stop.store(true, SeqCst);
+            let _ = h.join();
+        }
+        let report = self.report();
+        if let PagerKind::Local {
+            fl,
+            source,
+            recording,
+        } = self.kind
+        {
+            fl.stop().map_err(PagerError::FaultLoop)?;
+            if recording && let Some(dir) = &self.record_to {
+                let ws = WorkingSet {
+                    pages: source.working_set(),
+                };
+                if !ws.pages.is_empty() {
+                    ws.store(dir).map_err(PagerError::WorkingSet)?;
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,582 @@
+//! The machine: KVM, guest memory, vCPUs and devices, created ([`Vm`]) and then running
+//! ([`Machine`]). It knows nothing of the API, snapshots or migrations: those drive it
+//! through [`VcpuControl`] and read it through [`Machine`]'s accessors.
+
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use super::control::{SaveError, VcpuControl};
+use super::error::VmError;
+use super::irq::Interrupts;
+use super::kvm::{KvmError, apic_cpuid, create_vm, kvm_err, reset_fpu};
+use super::notice::Notifier;
+use super::state::{StateError, VcpuState, VmState};
+use super::vcpu::{VcpuContext, install_signal_handlers, vcpu_thread};
+use crate::config::{ConfigError, Slice, VmConfig};
+use crate::cpl3;
+use crate::devices::LegacyDevices;
+use crate::devices::pci::{MMIO_BASE, PciBus};
+use crate::guest::{self, Workload, abi};
+use crate::memory::{Backend, GuestMem};
+
+/// A created VM, not yet running.
+pub struct Vm {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: Arc<GuestMem>,
+    vcpus: Vec<VcpuFd>,
+    slices: Vec<Slice>,
+    cfg: VmConfig,
+    control: Arc<VcpuControl>,
+    legacy: Option<Arc<LegacyDevices>>,
+    pci: Option<Arc<PciBus>>,
+    irq: Arc<Interrupts>,
+    last_heartbeat: Vec<u32>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// The parts a restore or an incoming migration built (see [`Vm::from_parts`]).
+pub struct Parts {
+    /// `/dev/kvm`.
+    pub kvm: Kvm,
+    /// The VM, its state already restored.
+    pub vm: VmFd,
+    /// Whether it has the in-kernel irqchip.
+    pub irqchip: bool,
+    /// Guest memory (slot 0).
+    pub mem: Arc<GuestMem>,
+    /// vCPUs, their state already restored.
+    pub vcpus: Vec<VcpuFd>,
+    /// The configuration.
+    pub cfg: VmConfig,
+    /// The time origin.
+    pub t0: Instant,
+    /// Last heartbeat number per vCPU.
+    pub last_heartbeat: Vec<u32>,
+}
+
+impl Vm {
+    /// Create the VM: KVM, memory, the built-in guest and its tables, vCPUs at their entry
+    /// (or, with `cfg.linux`, a Linux kernel).
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        if cfg.linux.is_some() {
+            return Self::new_linux(cfg, t0);
+        }
+        cfg.check_builtin()?;
+        let slices = cfg.slices()?;
+        let with_pci = !cfg.vfio_user.is_empty();
+        let mut cfg = cfg;
+        if with_pci {
+            if cfg.mem_bytes > MMIO_BASE {
+                return Err(ConfigError::PciWindow { limit: MMIO_BASE }.into());
+            }
+            // Devices DMA into guest memory through its memfd.
+            cfg.backend = Backend::Memfd;
+        }
+        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+        let (kvm, vm, irqchip) = create_vm(&mem, cfg.irqchip || with_pci, false)?;
+        let map_bytes = if with_pci { 4 << 30 } else { cfg.mem_bytes };
+        cpl3::write_tables(mem.mem(), cfg.mem_bytes, map_bytes).map_err(|source| {
+            VmError::GuestWrite {
+                what: "page tables and GDT",
+                source,
+            }
+        })?;
+        mem.write(cpl3::CODE, guest::image())
+            .map_err(|source| VmError::GuestWrite {
+                what: "the built-in guest",
+                source,
+            })?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let entry = guest::entry_offset(cfg.workload.index());
+        let mut vcpus = Vec::new();
+        for (i, s) in slices.iter().enumerate() {
+            let vcpu = vm
+                .create_vcpu(i as u64)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&cpl3::user_mode_sregs(sregs))
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+            let run_ticks = cfg
+                .run_for
+                .map_or(0, |d| {
+                    (d.as_micros() as u64).saturating_mul(u64::from(khz)) / 1000
+                })
+                .max(u64::from(cfg.run_for.is_some()));
+            let regs = cpl3::entry_regs(
+                entry,
+                i as u64,
+                s.start,
+                s.len,
+                s.first_page,
+                u64::from(khz) * 100,
+                run_ticks,
+                cfg.seed.wrapping_add(i as u64),
+            );
+            vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+            if irqchip {
+                // Software-enable the LAPIC so MSIs are accepted (they stay pending in IRR:
+                // the built-in guest runs with interrupts off and polls).
+                let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+                lapic.regs[0xf1] |= 1; // SVR bit 8: APIC software enable
+                vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+                vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                })
+                .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+            }
+            vcpus.push(vcpu);
+        }
+        let vm = Arc::new(vm);
+        let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
+        let pci = if with_pci {
+            let memfd = mem
+                .memfd()
+                .expect("with devices guest memory is a memfd (set above)");
+            Some(Arc::new(
+                PciBus::new(irq.clone(), &cfg.vfio_user, memfd, cfg.mem_bytes)
+                    .map_err(VmError::Devices)?,
+            ))
+        } else {
+            None
+        };
+        let n = vcpus.len();
+        Ok(Vm {
+            kvm,
+            vm,
+            mem,
+            vcpus,
+            slices,
+            cfg,
+            control: Arc::new(VcpuControl::new(t0, n)),
+            legacy: None,
+            pci,
+            irq,
+            last_heartbeat: vec![0; n],
+        })
+    }
+
+    /// A VM over restored parts (a snapshot's or an incoming migration's): the irqchip they
+    /// were built with is kept, so a later snapshot carries it again.
+    pub fn from_parts(p: Parts) -> Result<Vm, VmError> {
+        let slices = p.cfg.slices()?;
+        let n = p.vcpus.len();
+        let vm = Arc::new(p.vm);
+        let control = VcpuControl::new(p.t0, n);
+        for (c, &hb) in control.cpus.iter().zip(&p.last_heartbeat) {
+            c.last_n.store(hb, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Vm {
+            kvm: p.kvm,
+            irq: Arc::new(Interrupts::new(vm.clone(), p.irqchip)),
+            vm,
+            mem: p.mem,
+            vcpus: p.vcpus,
+            slices,
+            cfg: p.cfg,
+            control: Arc::new(control),
+            legacy: None,
+            pci: None,
+            last_heartbeat: p.last_heartbeat,
+        })
+    }
+
+    /// A Linux VM: in-kernel irqchip and PIT where KVM offers them, COM1 on an irqfd, the
+    /// i8042 reset line, the kernel loaded by `linux-loader`.
+    fn new_linux(cfg: VmConfig, t0: Instant) -> Result<Vm, VmError> {
+        let boot = cfg.linux.clone().expect("called for Linux configurations");
+        if cfg.vcpus == 0 || cfg.vcpus > crate::mptable::MAX_CPUS {
+            return Err(ConfigError::LinuxVcpus {
+                max: crate::mptable::MAX_CPUS,
+            }
+            .into());
+        }
+        let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
+        let (kvm, vm, irqchip) = create_vm(&mem, true, false)?;
+        let vm = Arc::new(vm);
+        let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
+        let com1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            VmError::Host {
+                what: "the COM1 interrupt eventfd",
+                source,
+            }
+        })?;
+        if irqchip {
+            vm.register_irqfd(&com1, crate::devices::COM1_GSI)
+                .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+        }
+        let legacy = Arc::new(LegacyDevices::new(com1, Box::new(std::io::stdout())));
+        let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
+        crate::mptable::write(mem.mem(), cfg.vcpus).map_err(VmError::MpTable)?;
+        crate::acpi::write(mem.mem(), cfg.vcpus).map_err(|source| VmError::GuestWrite {
+            what: "ACPI tables",
+            source,
+        })?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..cfg.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&apic_cpuid(&cpuid, i))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            vcpus.push(vcpu);
+        }
+        // The boot CPU enters the kernel; the others wait for the kernel's INIT/SIPI (with an
+        // in-kernel irqchip, KVM keeps application processors in wait-for-SIPI).
+        let vcpu = &vcpus[0];
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&(entry.sregs)(sregs))
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&entry.regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+        let n = vcpus.len();
+        Ok(Vm {
+            kvm,
+            vm,
+            mem,
+            vcpus,
+            slices: Vec::new(),
+            cfg,
+            control: Arc::new(VcpuControl::new(t0, n)),
+            legacy: Some(legacy),
+            pci: None,
+            irq,
+            last_heartbeat: vec![0; n],
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// Pause and stop control (a VM may be held paused before it starts).
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Last heartbeat number per vCPU (carried over from a snapshot or a migration).
+    pub fn last_heartbeats(&self) -> &[u32] {
+        &self.last_heartbeat
+    }
+
+    /// Start the vCPU threads; they report to `notify`.
+    pub fn launch(self, notify: Notifier) -> Result<Machine, VmError> {
+        install_signal_handlers()?;
+        let mut threads = Vec::new();
+        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+            let notify = notify.clone();
+            let control = self.control.clone();
+            let legacy = self.legacy.clone();
+            let pci = self.pci.clone();
+            let h = thread::Builder::new()
+                .name(format!("vcpu-{i}"))
+                .spawn(move || {
+                    let ctx = VcpuContext {
+                        control: &control,
+                        legacy: legacy.as_deref(),
+                        pci: pci.as_deref(),
+                        notify: &notify,
+                    };
+                    vcpu_thread(i as u32, vcpu, ctx)
+                })
+                .map_err(|source| VmError::Host {
+                    what: "a vCPU thread",
+                    source,
+                })?;
+            threads.push(h);
+        }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            self.control
+                .set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        }
+        Ok(Machine {
+            kvm: self.kvm,
+            vm: self.vm,
+            mem: self.mem,
+            slices: self.slices,
+            cfg: self.cfg,
+            control: self.control,
+            threads: Mutex::new(threads),
+            legacy: self.legacy,
+            pci: self.pci,
+            irq: self.irq,
+        })
+    }
+}
+
+/// The built-in guest's entry registers for `workload` on vCPU `i` (fresh start, no run
+/// time limit).
+pub fn entry_regs_for(
+    vcpu: &VcpuFd,
+    cfg: &VmConfig,
+    i: usize,
+    workload: Workload,
+) -> Result<kvm_bindings::kvm_regs, VmError> {
+    let slices = cfg.slices()?;
+    let s = slices.get(i).ok_or(VmError::NoSlice(i))?;
+    let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+    Ok(cpl3::entry_regs(
+        guest::entry_offset(workload.index()),
+        i as u64,
+        s.start,
+        s.len,
+        s.first_page,
+        u64::from(khz) * 100,
+        0,
+        cfg.seed.wrapping_add(i as u64),
+    ))
+}
+
+/// Create vCPUs with the saved states (and, for `verify`, at that workload's entry).
+pub fn build_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    states: &[VcpuState],
+    cfg: &VmConfig,
+    verify: bool,
+) -> Result<Vec<VcpuFd>, BuildError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::new();
+    for (i, st) in states.iter().enumerate() {
+        let vcpu = vm
+            .create_vcpu(i as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        st.restore(&vcpu)
+            .map_err(|source| BuildError::State { vcpu: i, source })?;
+        if verify {
+            let regs = entry_regs_for(&vcpu, cfg, i, Workload::Verify)?;
+            vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Building vCPUs from saved state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A KVM call failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A vCPU's state could not be restored.
+    #[error("restoring vCPU {vcpu}'s state")]
+    State {
+        /// The vCPU.
+        vcpu: usize,
+        /// Cause.
+        #[source]
+        source: StateError,
+    },
+    /// The configuration does not fit.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// A part of the VM whose state neither snapshots nor migrations carry yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uncarried(pub String);
+
+impl std::fmt::Display for Uncarried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How the vCPU threads ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Every thread returned.
+    All,
+    /// A thread panicked.
+    Panicked,
+    /// A thread did not return in time (held inside `KVM_RUN` by the kernel).
+    Stuck,
+}
+
+/// A running VM: vCPU threads, memory, devices.
+pub struct Machine {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: Arc<GuestMem>,
+    slices: Vec<Slice>,
+    cfg: VmConfig,
+    control: Arc<VcpuControl>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    legacy: Option<Arc<LegacyDevices>>,
+    pci: Option<Arc<PciBus>>,
+    irq: Arc<Interrupts>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Machine {
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMem> {
+        &self.mem
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    /// Pause, stop and per-vCPU tracking.
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// The VM file descriptor.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The VM's interrupt routes.
+    pub fn interrupts(&self) -> &Arc<Interrupts> {
+        &self.irq
+    }
+
+    /// Whether the VM has the in-kernel irqchip.
+    pub fn irqchip(&self) -> bool {
+        self.irq.irqchip()
+    }
+
+    /// The workload slices of the built-in guest.
+    pub fn slices(&self) -> &[Slice] {
+        &self.slices
+    }
+
+    /// The PCI bus, if the VM has devices.
+    pub fn pci(&self) -> Option<&Arc<PciBus>> {
+        self.pci.as_ref()
+    }
+
+    /// The MSRs KVM lists for saving.
+    pub fn msr_list(&self) -> Result<Vec<u32>, KvmError> {
+        Ok(self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec())
+    }
+
+    /// The parts of this VM whose state cannot be carried by a snapshot or a migration yet:
+    /// those refuse such a VM by these names rather than drop the parts.
+    pub fn uncarried(&self) -> Vec<Uncarried> {
+        let mut v = Vec::new();
+        if self.legacy.is_some() {
+            v.push(Uncarried("the Linux guest's serial port (COM1)".into()));
+            v.push(Uncarried("the Linux guest's i8042 controller".into()));
+        }
+        if let Some(p) = &self.pci {
+            for d in p.stats() {
+                v.push(Uncarried(format!(
+                    "vfio-user device {} at {} (PCI slot {})",
+                    d.id, d.path, d.slot
+                )));
+            }
+        }
+        v
+    }
+
+    /// Save the VM's and every vCPU's state. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<(VmState, Vec<VcpuState>), SaveError> {
+        let msrs = self.msr_list()?;
+        let vcpus = self.control.save_vcpus(&msrs, self.irqchip())?;
+        let vm = VmState::save(&self.vm, self.irqchip()).map_err(SaveError::Vm)?;
+        Ok((vm, vcpus))
+    }
+
+    /// The host's checksum of vCPU `i`'s slice (the same function the guest computes).
+    pub fn host_checksum(&self, i: usize) -> Result<u64, VmError> {
+        let sl = self.slices.get(i).copied().ok_or(VmError::NoSlice(i))?;
+        let bytes =
+            self.mem
+                .read(sl.start, sl.len as usize)
+                .map_err(|source| VmError::GuestWrite {
+                    what: "(reading) a workload slice",
+                    source,
+                })?;
+        Ok(abi::checksum_bytes(&bytes))
+    }
+
+    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether every vCPU thread is still in its loop.
+    pub fn all_running(&self) -> bool {
+        !self.threads().iter().any(|t| t.is_finished())
+    }
+
+    /// Stop every vCPU and wait for the threads (see [`join`](Self::join)).
+    pub fn stop_and_join(&self) -> Joined {
+        if self.threads().is_empty() {
+            return Joined::All;
+        }
+        self.control.stop();
+        self.join()
+    }
+
+    /// Wait for the vCPU threads, which must be finishing, at most
+    /// [`STOP_DEADLINE`](super::control::STOP_DEADLINE): a thread still running then is left
+    /// behind (it ends with the process) rather than waited for forever.
+    pub fn join(&self) -> Joined {
+        let threads = std::mem::take(&mut *self.threads());
+        let deadline = Instant::now() + super::control::STOP_DEADLINE;
+        let mut r = Joined::All;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if !t.is_finished() {
+                r = Joined::Stuck;
+            } else if t.join().is_err() && r == Joined::All {
+                r = Joined::Panicked;
+            }
+        }
+        r
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}

@@ -1,0 +1,277 @@
+//! The controller on real KVM: typed commands answered while the guest runs, pause owners,
+//! long work off the control loop, refusals by name, and the irqchip through two snapshots.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm::controller::{Command, ControlError, ControlHandle, Response, RunState};
+use vmm::restore::{AfterRestore, RestoreMode, RestoreOptions};
+use vmm::snapshot::SnapshotError;
+use vmm::vstate::PauseOwner;
+use vmm::{Event, RunningVm, Vm, VmConfig, Workload};
+
+const QUICK: Option<Duration> = Some(Duration::from_secs(10));
+
+fn dirty(mem_mib: u64, vcpus: u32) -> VmConfig {
+    VmConfig {
+        mem_bytes: mem_mib << 20,
+        vcpus,
+        workload: Workload::Dirty,
+        workload_bytes: Some(16 << 20),
+        ..VmConfig::default()
+    }
+}
+
+/// Run the controller until every vCPU has beaten once.
+fn until_heartbeats(running: &mut RunningVm, vcpus: u32) {
+    let mut seen = std::collections::HashSet::new();
+    let t = Instant::now();
+    while seen.len() < vcpus as usize {
+        assert!(t.elapsed() < Duration::from_secs(60), "no heartbeats");
+        if let Some(Event::Heartbeat { vcpu, n, .. }) =
+            running.next_event(Duration::from_secs(1)).unwrap()
+            && n >= 1
+        {
+            seen.insert(vcpu);
+        }
+    }
+}
+
+/// Run `f` against the controller from another thread while this one runs the VM; then stop.
+fn with_controller<T: Send + 'static>(
+    cfg: VmConfig,
+    f: impl FnOnce(ControlHandle, Arc<vmm::vstate::Machine>) -> T + Send + 'static,
+) -> (T, vmm::RunSummary) {
+    let vcpus = cfg.vcpus;
+    let mut running = Vm::new(cfg).unwrap().start().unwrap();
+    until_heartbeats(&mut running, vcpus);
+    let h = running.api_sender();
+    let m = running.machine().clone();
+    let t = std::thread::spawn(move || {
+        let r = f(h.clone(), m);
+        assert!(matches!(h.ask(Command::Stop, QUICK), Ok(Response::Done)));
+        r
+    });
+    let s = running.wait(Duration::from_secs(120), |_| {}).unwrap();
+    (t.join().unwrap(), s)
+}
+
+#[test]
+fn the_controller_answers_typed_commands() {
+    let (_, s) = with_controller(dirty(36, 2), |h, _| {
+        let Ok(Response::Vm(v)) = h.ask(Command::GetVm, QUICK) else {
+            panic!("GetVm")
+        };
+        assert_eq!(v.state, RunState::Running);
+        assert_eq!(v.config.vcpus, 2);
+        assert!(matches!(h.ask(Command::Pause, QUICK), Ok(Response::Done)));
+        let Ok(Response::Vm(v)) = h.ask(Command::GetVm, QUICK) else {
+            panic!("GetVm")
+        };
+        assert_eq!(v.state, RunState::Paused);
+        assert_eq!(v.paused_by, vec![PauseOwner::Operator]);
+        let Ok(Response::Stats(a)) = h.ask(Command::Stats, QUICK) else {
+            panic!("Stats")
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let Ok(Response::Stats(b)) = h.ask(Command::Stats, QUICK) else {
+            panic!("Stats")
+        };
+        assert!(a.paused && b.paused);
+        let beats = |s: &vmm::controller::VmStats| -> Vec<u32> {
+            s.vcpus.iter().map(|v| v.heartbeats).collect()
+        };
+        assert_eq!(beats(&a), beats(&b), "no heartbeat while paused");
+        assert!(matches!(h.ask(Command::Resume, QUICK), Ok(Response::Done)));
+        assert!(matches!(
+            h.ask(Command::MigrateStatus, QUICK),
+            Err(ControlError::NoMigration)
+        ));
+    });
+    assert!(s.stopped);
+    assert!(
+        s.vcpus.iter().all(|v| v.max_gap_us >= 250_000),
+        "the pause is a gap: {:?}",
+        s.vcpus
+    );
+}
+
+#[test]
+fn an_operator_resume_does_not_release_another_owners_pause() {
+    with_controller(dirty(36, 1), |h, m| {
+        let control = m.control();
+        // A migration's switchover holds its own pause.
+        control.pause(PauseOwner::Migration);
+        match h.ask(Command::Resume, QUICK) {
+            Err(ControlError::StillPaused(by)) => assert_eq!(by, vec![PauseOwner::Migration]),
+            other => panic!("an operator resume during switchover: {other:?}"),
+        }
+        assert!(control.is_paused());
+        let hb = control.cpus[0]
+            .last_n
+            .load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            control.cpus[0]
+                .last_n
+                .load(std::sync::atomic::Ordering::SeqCst),
+            hb,
+            "the guest ran during the switchover"
+        );
+        // An operator's pause outlives a snapshot's.
+        assert!(matches!(h.ask(Command::Pause, QUICK), Ok(Response::Done)));
+        control.resume(PauseOwner::Migration);
+        assert!(control.is_paused());
+        assert!(matches!(h.ask(Command::Resume, QUICK), Ok(Response::Done)));
+        assert!(!control.is_paused());
+    });
+}
+
+#[test]
+fn get_vm_is_answered_at_once_while_a_large_snapshot_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("snap");
+    let cfg = VmConfig {
+        workload_bytes: Some(768 << 20),
+        ..dirty(1024, 1)
+    };
+    let ((worst, during, info), _) = with_controller(cfg, move |h, _| {
+        let snap = {
+            let h = h.clone();
+            let out = out.clone();
+            std::thread::spawn(move || {
+                h.ask(
+                    Command::SnapshotCreate {
+                        dir: out,
+                        page_checksums: true,
+                    },
+                    None,
+                )
+            })
+        };
+        let (mut worst, mut during) = (Duration::ZERO, 0);
+        while !snap.is_finished() {
+            let t = Instant::now();
+            let r = h.ask(Command::GetVm, QUICK);
+            let took = t.elapsed();
+            if let Ok(Response::Vm(v)) = &r
+                && v.paused_by.contains(&PauseOwner::Snapshot)
+            {
+                during += 1;
+                worst = worst.max(took);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (worst, during, snap.join().unwrap())
+    });
+    let Ok(Response::Snapshot(info)) = info else {
+        panic!("the snapshot's own answer: {info:?}")
+    };
+    assert!(info.total_ms > 0.0);
+    assert!(during >= 3, "only {during} answers during the snapshot");
+    assert!(
+        worst < Duration::from_millis(100),
+        "GET /vm took {worst:?} during a snapshot"
+    );
+}
+
+#[test]
+fn a_second_snapshot_of_a_restored_vm_keeps_the_irqchip_and_lapic() {
+    if !vmm::vstate::kvm::has_irqchip() {
+        panic!("this test needs KVM's in-kernel irqchip, which this host does not offer");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("1"), dir.path().join("2"));
+    let cfg = VmConfig {
+        irqchip: true,
+        ..dirty(36, 2)
+    };
+    let mut running = Vm::new(cfg).unwrap().start().unwrap();
+    until_heartbeats(&mut running, 2);
+    running.snapshot(&first, false).unwrap();
+    running.stop();
+    let check = |d: &Path| {
+        let l = vmm::snapshot::load(d).unwrap();
+        assert!(l.manifest.irqchip, "{}: irqchip dropped", d.display());
+        assert_eq!(l.vm.irqchips.len(), 3, "PIC master, slave and IOAPIC");
+        for v in &l.vcpus {
+            let lapic = v.lapic.as_ref().expect("LAPIC state");
+            // The VMM software-enabled each LAPIC at creation (SVR bit 8).
+            assert_eq!(lapic.regs[0xf1] & 1, 1, "LAPIC state is the VM's");
+        }
+        l.vm.irqchips[2]
+    };
+    let ioapic = check(&first);
+    let r = vmm::restore::restore(
+        &first,
+        &RestoreOptions {
+            mode: RestoreMode::Eager,
+            then: AfterRestore::Resume,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut running = RunningVm::start_with(r.vm, r.pager).unwrap();
+    until_heartbeats(&mut running, 2);
+    assert!(running.machine().irqchip());
+    running.snapshot(&second, false).unwrap();
+    running.stop();
+    let again = check(&second);
+    use zerocopy::IntoBytes;
+    assert_eq!(
+        ioapic.as_bytes(),
+        again.as_bytes(),
+        "the IOAPIC came through"
+    );
+}
+
+#[test]
+fn a_vm_with_vfio_user_devices_is_refused_by_snapshot_and_migrate() {
+    use vfu::devices::gpio;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("gpio.sock");
+    let server = vfu::server::Server::new(false).unwrap();
+    gpio::Gpio::description()
+        .realize(gpio::Gpio::new(true))
+        .unwrap()
+        .attach(&server, &sock)
+        .unwrap();
+    let stop = server.shutdown_handle();
+    let serving = std::thread::spawn(move || server.run());
+    let cfg = VmConfig {
+        vfio_user: vec![sock.clone()],
+        ..dirty(36, 1)
+    };
+    let snap = dir.path().join("snap");
+    let (refusals, _) = with_controller(cfg, move |h, _| {
+        let s = h.ask(
+            Command::SnapshotCreate {
+                dir: snap.clone(),
+                page_checksums: false,
+            },
+            QUICK,
+        );
+        let m = h.ask(
+            Command::Migrate(
+                serde_json::from_str(r#"{"to":"unix:/nonexistent","mode":"postcopy"}"#).unwrap(),
+            ),
+            QUICK,
+        );
+        (s, m, snap.exists())
+    });
+    match refusals.0 {
+        Err(ControlError::Snapshot(SnapshotError::Uncarried(what))) => {
+            assert!(what[0].contains("vfio-user device"), "{what:?}");
+            assert!(what[0].contains(&sock.display().to_string()), "{what:?}");
+        }
+        other => panic!("snapshot of a VM with a device: {other:?}"),
+    }
+    match refusals.1 {
+        Err(ControlError::Uncarried(what)) => assert!(what[0].contains("vfio-user"), "{what:?}"),
+        other => panic!("migration of a VM with a device: {other:?}"),
+    }
+    assert!(!refusals.2, "nothing is written for a refused snapshot");
+    stop.shutdown();
+    serving.join().unwrap().unwrap();
+}
