@@ -6,7 +6,10 @@
 //!   server (Cloud Hypervisor's implementation) doing the same pair on a 4 KiB BAR; and, when
 //!   libvfio-user's samples are built (`scripts/libvfio-user.sh`, or a directory named by
 //!   `FAULTLINE_LIBVFIO_USER`), our client against libvfio-user's own `gpio-pci-idio-16`
-//!   server process doing the same pair on its BAR 2 (`impl: "libvfio-user"`).
+//!   server process doing the same pair on its BAR 2 (`impl: "libvfio-user"`; there the write
+//!   at 0x0 is the output register, counting pins, and the read at 0x0 is answered with the
+//!   library's zeroed buffer). The samples are built from the upstream sources in
+//!   `../shared/peers/libvfio-user`.
 //! - `dma`: the DMA engine copying 64 MiB descriptors between two halves of a memfd the
 //!   client mapped (fd passing, so the server copies through its own mapping). Anchor:
 //!   `memcpy` of the same size in one process (the ceiling).

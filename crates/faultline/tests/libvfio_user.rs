@@ -1,7 +1,13 @@
 //! Interoperability with libvfio-user, the reference vfio-user implementation: libvfio-user's
-//! own sample client (`samples/client`, vendored in `third_party/libvfio-user` and built by
-//! `scripts/libvfio-user.sh`) against `faultline device serve sample`, the device of
-//! libvfio-user's `samples/server`.
+//! own sample client (`samples/client`, built by `scripts/libvfio-user.sh` from the genuine
+//! upstream checkout in `../shared/peers/libvfio-user`, or `$FAULTLINE_LIBVFIO_USER_SRC`)
+//! against `faultline device serve sample`, the device of libvfio-user's `samples/server`.
+//! Missing sources or a failed build fail the test.
+//!
+//! The client of these upstream sources hardcodes BAR1 as 0x3000 bytes (the size of
+//! `samples/server`'s BAR1 before upstream's fix for #871; later upstream reads it from the
+//! region info), which our sample device keeps as BAR1's storage (in a 16 KiB BAR), so
+//! BAR1's CRC and the migration stream are checked over those 0x3000 bytes.
 //!
 //! The client negotiates, checks the IDs and regions, maps DMA, sets INTx, starts dirty-page
 //! logging, arms the BAR0 timer, serves the server's message DMA, checks the dirty bitmaps,
@@ -47,9 +53,10 @@ fn samples_dir() -> &'static Path {
             .expect("cannot run bash scripts/libvfio-user.sh");
         assert!(
             o.status.success(),
-            "scripts/libvfio-user.sh failed to build the vendored libvfio-user ({}); it needs \
-             gcc, pkg-config and libjson-c-dev (installed with apt-get when missing, which \
-             needs root):\n--- stdout\n{}\n--- stderr\n{}",
+            "scripts/libvfio-user.sh failed to build libvfio-user from the upstream sources in \
+             ../shared/peers/libvfio-user (or $FAULTLINE_LIBVFIO_USER_SRC) ({}); it needs \
+             those sources, gcc, pkg-config, meson, ninja, libjson-c-dev and libcmocka-dev \
+             (installed with apt-get when missing, which needs root):\n--- stdout\n{}\n--- stderr\n{}",
             o.status,
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)

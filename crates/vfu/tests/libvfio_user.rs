@@ -2,27 +2,43 @@
 //! [`vfu::client::Client`] against libvfio-user's sample servers (`samples/server` and
 //! `samples/gpio-pci-idio-16`), run as real processes.
 //!
-//! The C code is vendored in `third_party/libvfio-user` and built (once per test process,
-//! cached in `.cache/libvfio-user`) by `scripts/libvfio-user.sh`; a failed build fails the
-//! tests. Each test starts its own server on a socket in a temporary directory and kills it
-//! at the end, also on panic (printing the server's log then).
+//! The C code is the genuine upstream checkout in `../shared/peers/libvfio-user` (or
+//! `$FAULTLINE_LIBVFIO_USER_SRC`), built out of tree (once per test process, cached in
+//! `.cache/libvfio-user`) by `scripts/libvfio-user.sh`; missing sources or a failed build
+//! fail the tests. Each test starts its own server on a socket in a temporary directory and
+//! kills it at the end, also on panic (printing the server's log then).
 //!
 //! Behaviour of the samples the tests rely on (read from their sources):
 //!
-//! - gpio-pci-idio-16: BAR2 (256 bytes, trapped). A read at offset 0 returns `pin++ / 3` in
-//!   its first byte; every other access is accepted and ignored (other bytes read as the
-//!   library's zeroed buffer). Its migration stream is `pin` (4 bytes, native endian), sent
-//!   once after any BAR2 access.
+//! - gpio-pci-idio-16: BAR2 (256 bytes, trapped) models 16 pins, each a counter. A write
+//!   at offset 0x0 (pins 0-7) or 0x4 (pins 8-15) counts one for every pin whose bit is set
+//!   in the first byte written; a read at 0x1 (pins 0-7) or 0x5 (pins 8-15) returns a byte
+//!   with bit i set when that pin's count is a multiple of 3. Every other access is accepted
+//!   and ignored (other bytes read as the library's zeroed buffer). Its migration stream is
+//!   the 16 counters (`int pin[16]`, 64 bytes, native endian), sent once after any write
+//!   (and once at start). Two upstream quirks shape the migration test: its `read_data`
+//!   asserts that every `MIG_DATA_READ` asks for exactly 64 bytes (any other size aborts
+//!   the process), and its `write_data` stores the 64 bytes but returns 0, which the
+//!   library reports as a partial write: every `MIG_DATA_WRITE` fails with EINVAL although
+//!   the counters were loaded. See `gpio_sample_migration_to_a_second_server`.
 //! - server: BAR0 is an 8-byte `time_t`; writing `t` arms a timer for `t - now` seconds,
 //!   reading returns `now - t`. When the timer fires, it triggers INTx, then DMAs 4 KiB
-//!   ('A', 'B', 'C', 'D' 1 KiB chunks, read back in 2 KiB chunks) into the first two DMA
-//!   regions the client mapped: the second one (index 1) directly through its fd, the first
-//!   (index 0) through `DMA_WRITE` / `DMA_READ` messages to the client, and exits if either
-//!   fails. BAR1 is 0x3000 bytes of a file with the sparse mmap areas (0, 0x1000) and
-//!   (0x2000, 0x1000). Its BAR1 read handler ignores the offset (`memcpy(buf, bar1, count)`,
-//!   an upstream bug), so BAR1 is only read back at offset 0 here. Its migration stream in
-//!   STOP_COPY is BAR1 (0x3000 bytes) then BAR0 (the 8-byte `time_t`); STOP after STOP_COPY
-//!   and RUNNING after RESUMING assert that exactly that much was transferred.
+//!   ('A', 'B', 'C', 'D' 1 KiB chunks, read back in 2 KiB chunks, CRC-checked) into the
+//!   first two DMA regions the client mapped: the second one (index 1) directly through its
+//!   fd, the first (index 0) through `DMA_WRITE` / `DMA_READ` messages to the client, and
+//!   exits if either fails. BAR1 is [`BAR1_SIZE`] bytes of a file with the sparse mmap areas
+//!   (0, 0x1000) and (0x2000, 0x1000). Its BAR1 read handler ignores the offset
+//!   (`memcpy(buf, bar1, count)`, an upstream bug), so BAR1 is only read back at offset 0
+//!   here. Its migration stream in STOP_COPY is BAR1 then BAR0 (the 8-byte `time_t`); STOP
+//!   after STOP_COPY and RUNNING after RESUMING assert that exactly that much was
+//!   transferred.
+//!
+//! The upstream sources in `../shared/peers` predate the fix of nutanix/libvfio-user#871:
+//! the library rejects BAR sizes that are not a power of two, and the unmodified
+//! `samples/server` (BAR1 of 0x3000 bytes) exits at start ("BAR region size 12288 must be a
+//! power of 2"). `scripts/libvfio-user.sh` then builds that one sample with upstream's own
+//! fix (#872: BAR1 of 0x4000 bytes, nothing else changed); the library and the other
+//! samples are built unmodified.
 //!
 //! What libvfio-user does that a client must be ready for (each has a test here):
 //!
@@ -54,6 +70,8 @@ use zerocopy::FromBytes;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 const PAGE: u64 = 4096;
+/// BAR1 of `samples/server`: 0x4000 bytes since upstream's fix for #871 (0x3000 before).
+const BAR1_SIZE: u64 = 0x4000;
 
 /// The samples' directory: `scripts/libvfio-user.sh` is run once per test process (it does
 /// nothing when its stamp matches the sources), so a fresh clone builds on first use.
@@ -70,9 +88,10 @@ fn samples_dir() -> &'static Path {
             .expect("cannot run bash scripts/libvfio-user.sh");
         assert!(
             o.status.success(),
-            "scripts/libvfio-user.sh failed to build the vendored libvfio-user ({}); it needs \
-             gcc, pkg-config and libjson-c-dev (installed with apt-get when missing, which \
-             needs root):\n--- stdout\n{}\n--- stderr\n{}",
+            "scripts/libvfio-user.sh failed to build libvfio-user from the upstream sources in \
+             ../shared/peers/libvfio-user (or $FAULTLINE_LIBVFIO_USER_SRC) ({}); it needs \
+             those sources, gcc, pkg-config, meson, ninja, libjson-c-dev and libcmocka-dev \
+             (installed with apt-get when missing, which needs root):\n--- stdout\n{}\n--- stderr\n{}",
             o.status,
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
@@ -252,11 +271,46 @@ fn page(f: &File, index: u64) -> Vec<u8> {
 // gpio-pci-idio-16
 // ---------------------------------------------------------------------------------------
 
-/// One read of the GPIO card's input register (BAR2 offset 0).
-fn gpio_input(c: &Client) -> u8 {
-    let mut b = [0xffu8; 1];
-    c.region_read(2, 0, &mut b).unwrap();
+/// The GPIO card's 16 pin counters, as the sample keeps them (`int pin[16]`).
+type Pins = [i32; 16];
+
+/// Write `bits` to the output register of `bank` (0: pins 0-7 at 0x0, 1: pins 8-15 at 0x4):
+/// the card counts one for every pin whose bit is set.
+fn gpio_write(c: &Client, pins: &mut Pins, bank: usize, bits: u8) {
+    c.region_write(2, bank as u64 * 4, &[bits]).unwrap();
+    for i in 0..8 {
+        if bits & (1 << i) != 0 {
+            pins[bank * 8 + i] += 1;
+        }
+    }
+}
+
+/// One read of the input register of `bank` (0x1: pins 0-7, 0x5: pins 8-15).
+fn gpio_input(c: &Client, bank: usize) -> u8 {
+    let mut b = [0xa5u8; 1];
+    c.region_read(2, bank as u64 * 4 + 1, &mut b).unwrap();
     b[0]
+}
+
+/// What the input register of `bank` reads for `pins`: bit i set when pin i's count is a
+/// multiple of 3.
+fn gpio_expected(pins: &Pins, bank: usize) -> u8 {
+    (0..8).fold(0, |b, i| b | (u8::from(pins[bank * 8 + i] % 3 == 0) << i))
+}
+
+fn assert_gpio_inputs(c: &Client, pins: &Pins, when: &str) {
+    for bank in 0..2 {
+        assert_eq!(
+            gpio_input(c, bank),
+            gpio_expected(pins, bank),
+            "input bank {bank} {when} (pins {pins:?})"
+        );
+    }
+}
+
+/// The card's migration stream for `pins`.
+fn pins_bytes(pins: &Pins) -> Vec<u8> {
+    pins.iter().flat_map(|p| p.to_ne_bytes()).collect()
 }
 
 #[test]
@@ -287,17 +341,37 @@ fn gpio_sample_ids_bar2_registers_and_intx() {
         assert_eq!(c.region(r).unwrap().size, 0, "BAR{r} is not set up");
     }
 
-    // Input register: each read at offset 0 returns pin++ / 3.
-    let seq: Vec<u8> = (0..7).map(|_| gpio_input(&c)).collect();
-    assert_eq!(seq, [0, 0, 0, 1, 1, 1, 2]);
-    // Writes (output register) are accepted and change nothing; reads elsewhere do not
-    // advance the input sequence.
-    c.region_write(2, 0, &[0xa5]).unwrap();
-    c.region_write(2, 4, &[1, 2, 3, 4]).unwrap();
-    let mut other = [0xffu8; 4];
-    c.region_read(2, 4, &mut other).unwrap();
-    assert_eq!(other, [0; 4]);
-    assert_eq!(gpio_input(&c), 2, "8th read: pin 7 / 3");
+    // All counters start at 0 (a multiple of 3): every input bit is set.
+    let mut pins: Pins = [0; 16];
+    assert_eq!((gpio_input(&c, 0), gpio_input(&c, 1)), (0xff, 0xff));
+    // Each write counts the pins whose bits are set; the inputs follow count % 3.
+    gpio_write(&c, &mut pins, 0, 0b0000_0011);
+    assert_eq!(gpio_input(&c, 0), 0xfc, "pins 0 and 1 at 1");
+    gpio_write(&c, &mut pins, 0, 0b0000_0001);
+    gpio_write(&c, &mut pins, 0, 0b0000_0001);
+    assert_eq!(gpio_input(&c, 0), 0xfd, "pin 0 at 3, pin 1 at 1");
+    gpio_write(&c, &mut pins, 1, 0x80);
+    assert_eq!(gpio_input(&c, 1), 0x7f, "pin 15 at 1");
+    for bits in [0x5a, 0xff, 0x3c, 0x81] {
+        gpio_write(&c, &mut pins, 0, bits);
+        gpio_write(&c, &mut pins, 1, !bits);
+        assert_gpio_inputs(&c, &pins, &format!("after writing {bits:#x}"));
+    }
+    // Only the first byte of a write counts; reads do not count.
+    c.region_write(2, 4, &[0x01, 0xff, 0xff, 0xff]).unwrap();
+    pins[8] += 1;
+    assert_gpio_inputs(&c, &pins, "after a 4-byte write");
+    assert_gpio_inputs(&c, &pins, "read again");
+    // Writes elsewhere change nothing; reads elsewhere (the output registers too) are the
+    // library's zeroed buffer.
+    c.region_write(2, 2, &[0xff]).unwrap();
+    c.region_write(2, 0x10, &[0xff; 8]).unwrap();
+    assert_gpio_inputs(&c, &pins, "after writes outside the output registers");
+    for off in [0, 4, 8, 0xf8] {
+        let mut other = [0xa5u8; 4];
+        c.region_read(2, off, &mut other).unwrap();
+        assert_eq!(other, [0; 4], "BAR2 read at {off:#x}");
+    }
 
     // INTx: one vector, eventfd-capable; an eventfd is accepted.
     let intx = c.irqs()[IRQ_INTX as usize];
@@ -313,27 +387,78 @@ fn gpio_sample_ids_bar2_registers_and_intx() {
     s.assert_alive("at the end");
 }
 
-/// `save_state` / `load_state` (the client's whole-stream helpers) on the GPIO card, whose
-/// stream is `pin`. libvfio-user answers every `MIG_DATA_READ` with a message as long as
-/// the request asked for (`argsz` and `size` give the real length, the rest is zeros), which
-/// the client must accept.
+/// Migration of the GPIO card's 16 counters to a second card process.
+///
+/// The sample's `read_data` asserts that each `MIG_DATA_READ` asks for exactly its 64
+/// bytes, so the stream is read in 64-byte requests (not with [`Client::save_state`], whose
+/// larger requests would abort it). libvfio-user answers a `MIG_DATA_READ` with a message as
+/// long as the request asked for (`argsz` and `size` give the real length, the rest is
+/// zeros; the empty read at the end shows it), which the client must accept.
+///
+/// The sample's `write_data` copies the 64 bytes in but returns 0 instead of 64, and the
+/// library turns that into EINVAL ("migration data partial write of size=0"): with the
+/// genuine upstream a `MIG_DATA_WRITE` to this sample cannot succeed (so
+/// [`Client::load_state`] cannot either). The test asserts exactly that error, and that the
+/// counters did arrive: the destination, moved on to STOP and RUNNING, reads back the
+/// source's inputs.
 #[test]
-fn gpio_sample_save_and_load_state() {
-    let mut s = Sample::start("gpio-pci-idio-16");
-    let c = s.connect();
-    for _ in 0..8 {
-        gpio_input(&c);
+fn gpio_sample_migration_to_a_second_server() {
+    let mut src = Sample::start("gpio-pci-idio-16");
+    let c = src.connect();
+    let mut pins: Pins = [0; 16];
+    for (n, bits) in [0x01u8, 0x03, 0x07, 0x0f, 0xf0, 0x55]
+        .into_iter()
+        .enumerate()
+    {
+        gpio_write(&c, &mut pins, n % 2, bits);
     }
+    assert_gpio_inputs(&c, &pins, "on the source");
+
     let flags = c.migration_flags().unwrap().expect("migration offered");
     assert_ne!(flags & MIGRATION_STOP_COPY, 0, "{flags:#x}");
     assert_eq!(c.migration_state().unwrap(), MigState::Running);
-    let state = c.save_state().unwrap();
-    assert_eq!(state, 8i32.to_ne_bytes());
+    c.set_migration_state(MigState::StopCopy).unwrap();
+    assert_eq!(c.migration_state().unwrap(), MigState::StopCopy);
+    let stream = c.mig_data_read(64).unwrap();
+    assert_eq!(stream, pins_bytes(&pins), "the counters, native endian");
+    assert_eq!(c.mig_data_read(64).unwrap(), [0u8; 0], "sent once");
+    c.set_migration_state(MigState::Stop).unwrap();
     assert_eq!(c.migration_state().unwrap(), MigState::Stop);
-    c.load_state(&30i32.to_ne_bytes()).unwrap();
-    assert_eq!(c.migration_state().unwrap(), MigState::Running);
-    assert_eq!(gpio_input(&c), 10, "pin 30 restored");
-    s.assert_alive("at the end");
+    src.assert_alive("after STOP_COPY -> STOP");
+
+    let mut dst = Sample::start("gpio-pci-idio-16");
+    let d = dst.connect();
+    assert_eq!(
+        (gpio_input(&d, 0), gpio_input(&d, 1)),
+        (0xff, 0xff),
+        "a fresh card"
+    );
+    d.set_migration_state(MigState::Resuming).unwrap();
+    match d.mig_data_write(&stream) {
+        Err(ClientError::Server { errno, .. }) => assert_eq!(errno, libc::EINVAL),
+        r => panic!("MIG_DATA_WRITE to the genuine sample: {r:?} (EINVAL expected)"),
+    }
+    assert_eq!(d.migration_state().unwrap(), MigState::Resuming);
+    d.set_migration_state(MigState::Stop).unwrap();
+    d.set_migration_state(MigState::Running).unwrap();
+    assert_eq!(d.migration_state().unwrap(), MigState::Running);
+    assert_gpio_inputs(&d, &pins, "on the destination");
+    // The counters go on from the source's values.
+    let src_pins = pins;
+    gpio_write(&d, &mut pins, 0, 0xff);
+    assert_gpio_inputs(&d, &pins, "on the destination after a write");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        dst.log().contains("partial write of size=0"),
+        "destination log:\n{}",
+        dst.log()
+    );
+    dst.assert_alive("after resuming");
+
+    // The source runs again.
+    c.set_migration_state(MigState::Running).unwrap();
+    assert_gpio_inputs(&c, &src_pins, "on the source, running again");
+    src.assert_alive("at the end");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,7 +497,7 @@ fn sample_server_ids_regions_and_bar1_fd_with_sparse_areas() {
     assert_eq!(c.irqs()[IRQ_INTX as usize].count, 1);
 
     let bar1 = c.region(1).unwrap();
-    assert_eq!(bar1.size, 0x3000);
+    assert_eq!(bar1.size, BAR1_SIZE);
     assert_eq!(
         bar1.flags & (REGION_READ | REGION_WRITE | REGION_MMAP),
         REGION_READ | REGION_WRITE | REGION_MMAP,
@@ -382,7 +507,7 @@ fn sample_server_ids_regions_and_bar1_fd_with_sparse_areas() {
     let fd = bar1.fd.as_ref().expect("BAR1 comes with its fd");
     let bar1_file = File::from(fd.try_clone().unwrap());
 
-    let data = pattern(0x3000, 3);
+    let data = pattern(BAR1_SIZE as usize, 3);
     c.region_write(1, 0, &data).unwrap();
     for (off, len) in bar1.sparse.iter().copied() {
         let mut b = vec![0u8; len as usize];
@@ -405,9 +530,9 @@ fn sample_server_bar_access_reset_and_migration_to_a_second_server() {
     let mut src = Sample::start("server");
     let c = src.connect();
 
-    let data = pattern(0x3000, 7);
+    let data = pattern(BAR1_SIZE as usize, 7);
     c.region_write(1, 0, &data).unwrap();
-    let mut back = vec![0u8; 0x3000];
+    let mut back = vec![0u8; BAR1_SIZE as usize];
     c.region_read(1, 0, &mut back).unwrap();
     assert!(back == data, "BAR1 read back differs");
 
@@ -440,9 +565,16 @@ fn sample_server_bar_access_reset_and_migration_to_a_second_server() {
         }
         stream.extend(d);
     }
-    assert_eq!(stream.len(), 0x3000 + 8, "BAR1 then the time_t");
-    assert!(stream[..0x3000] == data[..], "BAR1 in the stream");
-    assert_eq!(stream[0x3000..], t.to_ne_bytes(), "BAR0 in the stream");
+    assert_eq!(stream.len(), BAR1_SIZE as usize + 8, "BAR1 then the time_t");
+    assert!(
+        stream[..BAR1_SIZE as usize] == data[..],
+        "BAR1 in the stream"
+    );
+    assert_eq!(
+        stream[BAR1_SIZE as usize..],
+        t.to_ne_bytes(),
+        "BAR0 in the stream"
+    );
     c.set_migration_state(MigState::Stop).unwrap();
     assert_eq!(c.migration_state().unwrap(), MigState::Stop);
     src.assert_alive("after STOP_COPY -> STOP");
@@ -452,7 +584,7 @@ fn sample_server_bar_access_reset_and_migration_to_a_second_server() {
     let d = dst.connect();
     d.load_state(&stream).unwrap();
     assert_eq!(d.migration_state().unwrap(), MigState::Running);
-    let mut moved = vec![0u8; 0x3000];
+    let mut moved = vec![0u8; BAR1_SIZE as usize];
     d.region_read(1, 0, &mut moved).unwrap();
     assert!(moved == data, "BAR1 on the destination");
     let delta = read_bar0(&d);
