@@ -14,7 +14,7 @@
 //! [`Header::decode`] checks every header from the peer: the magic, a known kind, no flags,
 //! and the payload length against the kind's exact size or bound ([`Kind::check`]), so no
 //! payload is read before its size is known to fit. Payloads with structure are parsed by
-//! checked functions ([`count`], [`crate::bitmap::bytes_to_words`]); nothing indexes a short
+//! checked functions ([`count`], and `bitmap::bytes_to_words` for bitmaps); nothing indexes a short
 //! payload. [`read_frame`] is the one reader of frames from a stream (fuzzed by the tests).
 
 use std::io::{self, Read, Write};
