@@ -6,6 +6,7 @@
 //! - [`bitmap`], [`digest`], [`status`]: page bitmaps, the memory digest, the state machine.
 //! - [`reader`], [`dirty`]: memory to read pages from ([`reader::PageReader`]) and the log
 //!   of written pages ([`dirty::DirtyLog`]).
+//! - [`precopy`]: pre-copy rounds (source) and their checked application (destination).
 //! - [`push`]: the source's post-copy engine; [`pull`]: the destination's, feeding pages into
 //!   a [`memx::FaultLoop`] through its [`memx::Installer`].
 //!
@@ -67,6 +68,7 @@
 pub mod bitmap;
 pub mod digest;
 pub mod dirty;
+pub mod precopy;
 pub mod proto;
 pub mod pull;
 pub mod push;
