@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use thiserror::Error;
-use uffd::{Range, ResolveError, Uffd, page_size};
+use uffd::{CopyMode, Range, ResolveError, Resolved, Uffd, page_size};
 
-use crate::control::{How, Mode, Region, resolve};
+use crate::control::{Mode, Region};
 use crate::stats::ShardStats;
 
 /// A fault (or a background request) waiting for its page.
@@ -149,6 +149,41 @@ pub enum InstallError {
     },
 }
 
+/// Map `pages` pages at `addr` (COPY of `data`, or ZEROPAGE; both wake the waiters). Returns
+/// the pages newly mapped, 0 if the first was present. Unlike the workers' resolve, an
+/// `EAGAIN` with nothing done is retried and then reported, never taken for "present": a page
+/// marked installed must be there.
+fn place(
+    uffd: &Uffd,
+    addr: usize,
+    pages: usize,
+    data: Option<&[u8]>,
+) -> Result<usize, ResolveError> {
+    let page = page_size();
+    let range = Range::from_pages(addr, pages).map_err(|_| ResolveError::ShortSource {
+        op: uffd::Op::Copy,
+        range: Range::page_of(addr),
+        given: pages * page,
+    })?;
+    let mut tries = 0;
+    loop {
+        let r = match data {
+            Some(d) => uffd.copy(range, d, CopyMode::empty()),
+            None => uffd.zeropage(range, false),
+        };
+        match r {
+            Ok(Resolved::Done(n)) => return Ok(n / page),
+            Ok(Resolved::AlreadyPresent) => return Ok(0),
+            Err(ResolveError::Partial { done, .. }) if done > 0 => return Ok(done / page),
+            Err(ResolveError::Partial { done: 0, .. }) if tries < 1000 => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// What an install did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Installed {
@@ -269,11 +304,8 @@ impl Installer {
             let t = &self.inner.targets[ti];
             let uffd = t.uffd.upgrade().ok_or(InstallError::Stopped)?;
             let n = left.min(pages - done);
-            let how = match data {
-                Some(d) => How::Copy(&d[done * page..(done + n) * page]),
-                None => How::Zero(n),
-            };
-            let mapped = resolve(&uffd, addr, how)
+            let data = data.map(|d| &d[done * page..(done + n) * page]);
+            let mapped = place(&uffd, addr, n, data)
                 .map_err(|source| InstallError::Resolve {
                     offset: off,
                     source,
