@@ -341,11 +341,7 @@ impl Sock {
     /// Write one frame (header and payload in one `write`, so a priority answer is one
     /// segment).
     pub fn send(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = Header {
-            kind,
-            len: payload.len() as u32,
-            arg,
-        };
+        let h = outgoing(kind, arg, payload)?;
         let mut buf = Vec::with_capacity(HEADER + payload.len());
         buf.extend_from_slice(&h.encode());
         buf.extend_from_slice(payload);
@@ -355,12 +351,7 @@ impl Sock {
     /// Write one frame with `writev`, straight from `payload` (no copy: guest memory goes to
     /// the socket as it is).
     pub fn send_vectored(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = Header {
-            kind,
-            len: payload.len() as u32,
-            arg,
-        }
-        .encode();
+        let h = outgoing(kind, arg, payload)?.encode();
         let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
@@ -400,6 +391,16 @@ impl AsFd for Sock {
             Sock::Unix(s) => s.as_fd(),
         }
     }
+}
+
+/// The header of a frame to send, checked as the peer will check it (`InvalidInput`: a frame
+/// the peer would refuse is never sent).
+fn outgoing(kind: Kind, arg: u64, payload: &[u8]) -> io::Result<Header> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "payload over 4 GiB"))?;
+    kind.check(len, arg)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(Header { kind, len, arg })
 }
 
 /// Reading a frame failed.
@@ -799,6 +800,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn frames_the_peer_would_refuse_are_not_sent() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut s = Sock::Unix(a);
+        for (kind, arg, len) in [
+            (Kind::Zero, 0, 2),
+            (Kind::Pages, 12, 4096),
+            (Kind::Pages, 0, 65 * 4096),
+            (Kind::Keepalive, 0, 1),
+        ] {
+            let e = s.send(kind, arg, &vec![0; len]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
+            let e = s.send_vectored(kind, arg, &vec![0; len]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
+        }
+        s.send(Kind::Keepalive, 0, &[]).unwrap();
     }
 
     #[test]
