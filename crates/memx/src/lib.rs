@@ -12,6 +12,9 @@
 //!   ([`Stats`]), and stopping cleanly: [`FaultLoop::stop`] serves every fault raised and every
 //!   answer owed; [`FaultLoop::finish`] also populates every page never touched.
 //!
+//! - [`Installer`]: pages pushed into the loop's memory from any thread (a migration
+//!   destination's receivers), settling the faults that wait on them.
+//!
 //! A page the source cannot produce is poisoned (`UFFDIO_POISON`): its reader gets `SIGBUS`,
 //! never wrong data and never an endless wait.
 //!
@@ -31,15 +34,21 @@
 //! # Ok(()) }
 //! ```
 
+mod control;
 mod fault_loop;
+mod install;
 mod mapping;
+mod prefetch;
 mod source;
 mod stats;
+mod worker;
 
-pub use fault_loop::{Config, FaultLoop, LoopError, Mode, Region, pin_to};
+pub use control::{Config, LoopError, Mode, Region, pin_to};
+pub use fault_loop::FaultLoop;
+pub use install::{InstallError, Installed, Installer};
 pub use mapping::{MapError, Mapping};
 pub use source::{
     AsyncSource, BufferSource, Completer, Completion, FileSource, Fill, PageCacheSource,
     PageSource, Request, SourceError, ZeroSource,
 };
-pub use stats::{Latency, Stats};
+pub use stats::{LOG2_BUCKETS, Latency, Stats};

@@ -1,5 +1,6 @@
 //! Fault-loop counters and the per-fault service-time histogram.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -17,8 +18,31 @@ pub(crate) struct ShardStats {
     pub async_requests: AtomicU64,
     pub populated_pages: AtomicU64,
     pub errors: AtomicU64,
+    pub installed_pages: AtomicU64,
+    pub installed_bytes: AtomicU64,
+    pub installed_zero: AtomicU64,
+    pub install_duplicates: AtomicU64,
+    pub settled_by_install: AtomicU64,
+    pub late_answers: AtomicU64,
     pub hist: Mutex<Histogram<u64>>,
+    pub log2: [AtomicU64; LOG2_BUCKETS],
+    pub blocktime: Mutex<HashMap<u32, u64>>,
+    pub blocktime_total: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// Buckets of [`Stats::latency_log2_us`].
+pub const LOG2_BUCKETS: usize = 32;
+
+/// The log2 bucket of a latency: `i` holds `[2^i, 2^(i+1))` µs, bucket 0 also everything
+/// under 1 µs, the last one everything above.
+pub(crate) fn log2_bucket(ns: u64) -> usize {
+    let us = ns / 1000;
+    if us == 0 {
+        0
+    } else {
+        (us.ilog2() as usize).min(LOG2_BUCKETS - 1)
+    }
 }
 
 pub(crate) fn new_histogram() -> Histogram<u64> {
@@ -38,16 +62,37 @@ impl ShardStats {
             async_requests: AtomicU64::new(0),
             populated_pages: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            installed_pages: AtomicU64::new(0),
+            installed_bytes: AtomicU64::new(0),
+            installed_zero: AtomicU64::new(0),
+            install_duplicates: AtomicU64::new(0),
+            settled_by_install: AtomicU64::new(0),
+            late_answers: AtomicU64::new(0),
             hist: Mutex::new(new_histogram()),
+            log2: std::array::from_fn(|_| AtomicU64::new(0)),
+            blocktime: Mutex::new(HashMap::new()),
+            blocktime_total: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
     }
 
-    pub fn record_latency(&self, ns: u64) {
+    /// One fault served in `ns`: the histogram, the log2 buckets, and the blocktime of the
+    /// faulting thread (`tid`, when the kernel reports it).
+    pub fn record_latency(&self, ns: u64, tid: Option<u32>) {
         self.hist
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(ns.max(1));
+        self.log2[log2_bucket(ns)].fetch_add(1, Relaxed);
+        self.blocktime_total.fetch_add(ns, Relaxed);
+        if let Some(t) = tid {
+            *self
+                .blocktime
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(t)
+                .or_default() += ns;
+        }
     }
 
     pub fn record_error(&self, msg: String) {
@@ -116,11 +161,36 @@ pub struct Stats {
     pub last_error: Option<String>,
     /// Per-fault service time.
     pub latency: Latency,
+    /// Pages installed through an [`Installer`](crate::Installer) (pushed or answered from
+    /// outside the loop), newly mapped.
+    pub pages_installed: u64,
+    /// Bytes of those installed with COPY.
+    pub bytes_installed: u64,
+    /// Of those, pages installed as zero pages.
+    pub zero_pages_installed: u64,
+    /// Installs that found the page already present (counted, not an error).
+    pub install_duplicates: u64,
+    /// Faults answered `Pending` by the source and settled by an install.
+    pub faults_settled_by_install: u64,
+    /// Answers through a [`Completer`](crate::Completer) for pages already installed (dropped).
+    pub late_answers: u64,
+    /// Per-fault service time as log2 buckets of µs, as QEMU's `postcopy-latency-dist`:
+    /// bucket `i` counts faults served in `[2^i, 2^(i+1))` µs (bucket 0 also those under
+    /// 1 µs, the last bucket everything longer).
+    pub latency_log2_us: Vec<u64>,
+    /// Time each faulting thread spent blocked, ns, by thread id (only with the kernel's
+    /// `UFFD_FEATURE_THREAD_ID`; see [`FaultLoop::thread_ids`](crate::FaultLoop::thread_ids)).
+    pub blocktime_ns: BTreeMap<u32, u64>,
+    /// Time all faulting threads spent blocked, ns (also without thread ids).
+    pub blocktime_total_ns: u64,
 }
 
 impl Stats {
     pub(crate) fn merge(shards: &[&ShardStats]) -> Self {
-        let mut s = Stats::default();
+        let mut s = Stats {
+            latency_log2_us: vec![0; LOG2_BUCKETS],
+            ..Stats::default()
+        };
         let mut h = new_histogram();
         for sh in shards {
             s.faults += sh.faults.load(Relaxed);
@@ -132,6 +202,24 @@ impl Stats {
             s.async_requests += sh.async_requests.load(Relaxed);
             s.populated_pages += sh.populated_pages.load(Relaxed);
             s.errors += sh.errors.load(Relaxed);
+            s.pages_installed += sh.installed_pages.load(Relaxed);
+            s.bytes_installed += sh.installed_bytes.load(Relaxed);
+            s.zero_pages_installed += sh.installed_zero.load(Relaxed);
+            s.install_duplicates += sh.install_duplicates.load(Relaxed);
+            s.faults_settled_by_install += sh.settled_by_install.load(Relaxed);
+            s.late_answers += sh.late_answers.load(Relaxed);
+            s.blocktime_total_ns += sh.blocktime_total.load(Relaxed);
+            for (b, x) in s.latency_log2_us.iter_mut().zip(&sh.log2) {
+                *b += x.load(Relaxed);
+            }
+            for (t, ns) in sh
+                .blocktime
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                *s.blocktime_ns.entry(*t).or_default() += ns;
+            }
             if let Some(e) = sh
                 .last_error
                 .lock()

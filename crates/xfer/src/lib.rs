@@ -1,0 +1,77 @@
+//! Page transfer for live migration, shared by VM and process migration; no KVM dependency.
+//!
+//! - [`wire`]: frames (a 16-byte header and a bounded payload), the two transports (TCP and
+//!   Unix stream sockets), listeners and endpoints, the bandwidth cap.
+//! - [`proto`]: the handshake (hello, answer, the main and priority connections).
+//! - [`bitmap`], [`digest`], [`status`]: page bitmaps, the memory digest, the state machine.
+//! - [`reader`], [`dirty`]: memory to read pages from ([`reader::PageReader`]) and the log
+//!   of written pages ([`dirty::DirtyLog`]).
+//! - [`precopy`]: pre-copy rounds (source) and their checked application (destination).
+//! - [`push`]: the source's post-copy engine; [`pull`]: the destination's, feeding pages into
+//!   a [`memx::FaultLoop`] through its [`memx::Installer`].
+//!
+//! # Protocol, version 1
+//! This crate speaks version 1 of `faultline-migrate` unchanged (frames, JSON payloads and
+//! their order as the VMM's own migration code has sent them), so a migration between old
+//! and new code works. One frame kind is new, [`wire::Kind::Keepalive`]; the engines never
+//! send it on their own (an old peer would refuse it as unknown).
+//!
+//! Two connections from the source to the destination's listener: **main** (hello, pages in
+//! the background, state, control) and **priority** (requests and their answers).
+//!
+//! ```text
+//!  source                                              destination
+//!  main:  Hello{protocol,version,id,channel:main,config} ─▶ checks; prepares memory
+//!         ◀──────────────────────────────── HelloAck{ok | error}
+//!  prio:  Hello{channel:priority,id} ────────────────▶
+//!         ◀──────────────────────────────── HelloAck
+//!  [precopy, hybrid]  Round, Pages*, Zero* ... (repeat) ▶ written into memory
+//!  pause
+//!  main:  Switch{postcopy,...}, [Needed bitmap], State ─▶ restores; (post-copy: uffd)
+//!         ◀──────────────────────────────── Resumed        (downtime = pause → Resumed)
+//!  [post-copy]  Pages*/Zero* (background push) ──────▶ Installer: COPY / ZEROPAGE
+//!  prio:        ◀──────────────── Request{page}   (a fault on a page still at the source)
+//!               Pages/Zero (that page, then its stride) ▶ Installer, wakes the thread
+//!  main:  End{...} ──────────────────────────────────▶ (every page sent)
+//!         ◀──────────────────────────────── Done{report, digest}  (every page in)
+//!         Verdict{digest of the frozen source memory} ▶ compared: completed
+//!  [link lost in post-copy]  source: postcopy-paused; reconnect with Hello{resume:true}
+//!         ◀──────────────────────────────── Recover{bitmap of pages still needed}
+//!         post-copy goes on; the destination asks again for the pages threads wait on
+//! ```
+//!
+//! ## Frames
+//! | kind | # | direction | payload (checked before use) |
+//! |---|---|---|---|
+//! | Hello | 1 | S→D | JSON [`proto::Hello`], ≤ 1 MiB |
+//! | HelloAck | 2 | D→S | JSON [`proto::HelloAck`], ≤ 1 MiB |
+//! | Pages | 3 | S→D | 1..=64 whole pages at `arg` (page-aligned) |
+//! | Zero | 4 | S→D | exactly a `u32` count ≥ 1 of zero pages at `arg` |
+//! | Round | 5 | S→D | JSON `{round, pages}` |
+//! | Switch | 6 | S→D | JSON |
+//! | State | 7 | S→D | machine state, ≤ 16 MiB |
+//! | Needed | 8 | S→D | bitmap, whole `u64` words, exactly the memory's pages, ≤ 2 MiB |
+//! | Resumed | 9 | D→S | JSON `{}` |
+//! | Request | 10 | D→S (prio) | exactly a `u32` count (1..=64) of pages at `arg` |
+//! | End | 11 | S→D | JSON |
+//! | Done | 12 | D→S | JSON report |
+//! | Error | 13 | both | JSON `{"error": ..}` |
+//! | Recover | 14 | D→S | bitmap as `Needed` |
+//! | Cancel | 15 | S→D | JSON `{"reason": ..}` |
+//! | Verdict | 16 | S→D | JSON `{"digest": "0x%016x"}` ([`digest::hex`]) |
+//! | Keepalive | 17 | both | empty (new; optional) |
+//!
+//! ## States
+//! See [`status`]: `setup → precopy → switchover → (postcopy ⇄ postcopy-paused → resuming)
+//! → completed`, `cancelled` before switchover, `failed` from anywhere not final.
+
+pub mod bitmap;
+pub mod digest;
+pub mod dirty;
+pub mod precopy;
+pub mod proto;
+pub mod pull;
+pub mod push;
+pub mod reader;
+pub mod status;
+pub mod wire;

@@ -1,0 +1,309 @@
+//! The handshake of protocol version 1: the hello on each connection, its answer, and the
+//! connection pair (main, priority) both sides set up.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::wire::{Endpoint, Kind, Listener, RecvError, Sock};
+
+/// The protocol's name, in every hello.
+pub const PROTOCOL: &str = "faultline-migrate";
+/// The protocol version. This crate speaks version 1 unchanged, so old and new peers migrate
+/// between each other; [`Kind::Keepalive`] is the only addition, sent only when enabled.
+pub const VERSION: u32 = 1;
+/// Kernel socket buffer of the main connection (each side), bytes: the background stream
+/// then has little in flight, so a page the pusher has claimed arrives soon after it is asked.
+pub const MAIN_BUFFER: usize = 128 << 10;
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Iterative pre-copy, then stop-and-copy.
+    Precopy,
+    /// State first, memory on demand and in the background.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy.
+    Hybrid,
+}
+
+impl MigrationMode {
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Precopy => "precopy",
+            Self::Postcopy => "postcopy",
+            Self::Hybrid => "hybrid",
+        }
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Self::Precopy),
+            "postcopy" => Ok(Self::Postcopy),
+            "hybrid" => Ok(Self::Hybrid),
+            _ => Err(format!(
+                "unknown migration mode '{s}' (precopy, postcopy, hybrid)"
+            )),
+        }
+    }
+}
+
+/// Which connection of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// Hello, background pages, state, control.
+    Main,
+    /// Requests and their answers.
+    Priority,
+}
+
+/// The first frame on each connection (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL`].
+    pub protocol: String,
+    /// [`VERSION`].
+    pub version: u32,
+    /// This migration's id (the priority connection and recoveries name it).
+    pub id: u64,
+    /// Which connection this is.
+    pub channel: Channel,
+    /// A recovery of a post-copy migration.
+    #[serde(default)]
+    pub resume: bool,
+    /// The mode.
+    pub mode: MigrationMode,
+    /// What is migrated (a VM's configuration; main channel of a new migration), as the
+    /// embedding program defines it.
+    #[serde(default)]
+    pub config: Option<Value>,
+    /// Whether the VM has the in-kernel irqchip.
+    #[serde(default)]
+    pub irqchip: bool,
+}
+
+impl Hello {
+    /// A hello of this protocol for the main channel.
+    pub fn new(id: u64, mode: MigrationMode, resume: bool, config: Option<Value>) -> Hello {
+        Hello {
+            protocol: PROTOCOL.into(),
+            version: VERSION,
+            id,
+            channel: Channel::Main,
+            resume,
+            mode,
+            config,
+            irqchip: false,
+        }
+    }
+}
+
+/// The destination's answer (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The destination's protocol version.
+    pub version: u32,
+    /// Whether it accepts.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The destination runs `verify` and wants the source's checksums at switchover.
+    #[serde(default)]
+    pub want_checksums: bool,
+}
+
+/// The handshake failed.
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    /// Connecting failed.
+    #[error("connecting to {endpoint}")]
+    Connect {
+        /// Where.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting failed.
+    #[error("accepting a connection")]
+    Accept(#[source] std::io::Error),
+    /// Nobody connected in time.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// Sending a frame failed.
+    #[error("sending the {0:?} frame")]
+    Send(Kind, #[source] std::io::Error),
+    /// Receiving a frame failed.
+    #[error("receiving the handshake")]
+    Recv(#[source] RecvError),
+    /// Another frame came.
+    #[error("expected a {want:?} frame, got {got:?}")]
+    Unexpected {
+        /// The kind expected.
+        want: Kind,
+        /// The kind that came.
+        got: Kind,
+    },
+    /// The JSON did not parse.
+    #[error("malformed {0:?} frame")]
+    Malformed(Kind, #[source] serde_json::Error),
+    /// Not our protocol or version.
+    #[error("protocol {protocol} version {version} is not ours ({PROTOCOL} version {VERSION})")]
+    Version {
+        /// Their protocol name.
+        protocol: String,
+        /// Their version.
+        version: u32,
+    },
+    /// The peer refused.
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    /// The second connection is not this migration's priority channel.
+    #[error("the second connection is not this migration's priority channel")]
+    NotPriority,
+    /// A socket option could not be set.
+    #[error("socket setup")]
+    Setup(#[source] std::io::Error),
+}
+
+fn recv_json<T: for<'de> Deserialize<'de>>(s: &mut Sock, want: Kind) -> Result<T, HandshakeError> {
+    let mut buf = Vec::new();
+    let h = s.recv(&mut buf).map_err(HandshakeError::Recv)?;
+    if h.kind != want {
+        return Err(HandshakeError::Unexpected { want, got: h.kind });
+    }
+    serde_json::from_slice(&buf).map_err(|e| HandshakeError::Malformed(want, e))
+}
+
+/// Source: connect to `ep`, send `h`, and wait (at most `timeout`) for an accepting answer.
+pub fn hello(
+    ep: &Endpoint,
+    h: &Hello,
+    timeout: Duration,
+) -> Result<(Sock, HelloAck), HandshakeError> {
+    let mut s = ep
+        .connect(Duration::from_secs(10))
+        .map_err(|source| HandshakeError::Connect {
+            endpoint: ep.to_string(),
+            source,
+        })?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(HandshakeError::Setup)?;
+    s.send_json(Kind::Hello, h)
+        .map_err(|e| HandshakeError::Send(Kind::Hello, e))?;
+    let ack: HelloAck = recv_json(&mut s, Kind::HelloAck)?;
+    if !ack.ok || ack.version != VERSION {
+        return Err(HandshakeError::Refused(format!(
+            "its protocol version {}, ours {VERSION}: {}",
+            ack.version,
+            ack.error.clone().unwrap_or_default()
+        )));
+    }
+    s.set_read_timeout(None).map_err(HandshakeError::Setup)?;
+    Ok((s, ack))
+}
+
+/// Source: open the main connection with `h`, then the priority connection.
+pub fn connect_pair(
+    ep: &Endpoint,
+    h: &Hello,
+    timeout: Duration,
+) -> Result<(Sock, Sock, HelloAck), HandshakeError> {
+    let (main, ack) = hello(ep, h, timeout)?;
+    main.set_buffers(MAIN_BUFFER);
+    let mut p = h.clone();
+    p.channel = Channel::Priority;
+    p.config = None;
+    let (prio, _) = hello(ep, &p, timeout)?;
+    Ok((main, prio, ack))
+}
+
+/// Destination: read the hello on a new connection and check protocol and version.
+pub fn read_hello(s: &mut Sock) -> Result<Hello, HandshakeError> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(HandshakeError::Setup)?;
+    let h: Hello = recv_json(s, Kind::Hello)?;
+    if h.protocol != PROTOCOL || h.version != VERSION {
+        return Err(HandshakeError::Version {
+            protocol: h.protocol,
+            version: h.version,
+        });
+    }
+    Ok(h)
+}
+
+/// Destination: answer a hello (`Err`: refuse, with the reason).
+pub fn ack(s: &mut Sock, r: Result<bool, String>) -> Result<(), HandshakeError> {
+    let a = match r {
+        Ok(want_checksums) => HelloAck {
+            version: VERSION,
+            ok: true,
+            error: None,
+            want_checksums,
+        },
+        Err(e) => HelloAck {
+            version: VERSION,
+            ok: false,
+            error: Some(e),
+            want_checksums: false,
+        },
+    };
+    s.send_json(Kind::HelloAck, &a)
+        .map_err(|e| HandshakeError::Send(Kind::HelloAck, e))
+}
+
+/// Destination: accept the main connection (its hello checked by `check`, which accepts with
+/// `Ok(want_checksums)` or refuses), then the priority connection of the same migration.
+pub fn accept_pair(
+    l: &Listener,
+    timeout: Duration,
+    check: impl FnOnce(&Hello) -> Result<bool, String>,
+) -> Result<(Sock, Sock, Hello), HandshakeError> {
+    let mut main = l
+        .accept(timeout)
+        .map_err(HandshakeError::Accept)?
+        .ok_or(HandshakeError::Timeout(timeout))?;
+    let h = match read_hello(&mut main) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = ack(&mut main, Err(uffd::error_chain(&e)));
+            return Err(e);
+        }
+    };
+    let want = match check(&h) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ack(&mut main, Err(e.clone()));
+            return Err(HandshakeError::Refused(e));
+        }
+    };
+    ack(&mut main, Ok(want))?;
+    main.set_buffers(MAIN_BUFFER);
+    let wait = Duration::from_secs(10);
+    let mut prio = l
+        .accept(wait)
+        .map_err(HandshakeError::Accept)?
+        .ok_or(HandshakeError::Timeout(wait))?;
+    let p = read_hello(&mut prio)?;
+    if p.channel != Channel::Priority || p.id != h.id {
+        let _ = ack(
+            &mut prio,
+            Err("not this migration's priority channel".into()),
+        );
+        return Err(HandshakeError::NotPriority);
+    }
+    ack(&mut prio, Ok(want))?;
+    for s in [&main, &prio] {
+        s.set_read_timeout(None).map_err(HandshakeError::Setup)?;
+    }
+    Ok((main, prio, h))
+}

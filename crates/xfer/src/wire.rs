@@ -1,0 +1,849 @@
+//! The migration wire format: 16-byte frame headers, their checks, the two transports (TCP and
+//! Unix stream sockets), and the bandwidth cap shared by both connections.
+//!
+//! A frame is a header followed by `len` bytes of payload:
+//!
+//! | bytes | field | meaning |
+//! |---|---|---|
+//! | 0 | `kind` | [`Kind`] |
+//! | 1 | `flags` | 0 (reserved; a frame with other flags is refused) |
+//! | 2..4 | `magic` | `0x464c` (`"FL"`, little-endian): catches a stream out of step |
+//! | 4..8 | `len` | payload bytes, little-endian; at most [`Kind::max_len`] |
+//! | 8..16 | `arg` | little-endian; meaning per kind (a guest-physical address for pages) |
+//!
+//! [`Header::decode`] checks every header from the peer: the magic, a known kind, no flags,
+//! and the payload length against the kind's exact size or bound ([`Kind::check`]), so no
+//! payload is read before its size is known to fit. Payloads with structure are parsed by
+//! checked functions ([`count`], and `bitmap::bytes_to_words` for bitmaps); nothing indexes a short
+//! payload. [`read_frame`] is the one reader of frames from a stream (fuzzed by the tests).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// The frame magic.
+pub const MAGIC: u16 = 0x464c;
+/// Header size.
+pub const HEADER: usize = 16;
+/// Page size on the wire.
+pub const PAGE: u64 = 4096;
+/// Most pages in one `Pages` frame.
+pub const MAX_RUN: u64 = 64;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Source → destination, first frame on each connection: JSON [`super::Hello`].
+    Hello = 1,
+    /// Destination → source: JSON [`super::HelloAck`].
+    HelloAck = 2,
+    /// Source → destination: `len / 4096` whole pages at guest-physical `arg`.
+    Pages = 3,
+    /// Source → destination: zero pages at `arg`; payload: `u32` count.
+    Zero = 4,
+    /// Source → destination: a pre-copy round begins; payload: JSON `{round, pages}`.
+    Round = 5,
+    /// Source → destination: the guest is paused; JSON [`super::Switch`] follows.
+    Switch = 6,
+    /// Source → destination: the machine state (for a VM, the snapshot `state.bin` encoding).
+    State = 7,
+    /// Source → destination: bitmap of pages the destination must still receive, from page
+    /// `arg` (bit `i` of byte `j`: page `arg + 8j + i`).
+    Needed = 8,
+    /// Destination → source: the vCPUs run. JSON `{}`.
+    Resumed = 9,
+    /// Destination → source (priority connection): a vCPU faulted on page `arg`; payload:
+    /// `u32` pages wanted.
+    Request = 10,
+    /// Source → destination: every page has been sent. JSON [`super::End`].
+    End = 11,
+    /// Destination → source: every page is in. JSON [`super::DestReport`].
+    Done = 12,
+    /// Either way: the sender gives up. JSON `{"error": ..}`.
+    Error = 13,
+    /// Destination → source after a `resume` hello: the pages still needed (bitmap from
+    /// `arg`, as `Needed`).
+    Recover = 14,
+    /// Source → destination: the migration is cancelled (pre-copy gave up); JSON
+    /// `{"reason": ..}`. The source guest runs on.
+    Cancel = 15,
+    /// Source → destination: the source's digest of guest memory at switchover, computed
+    /// from its (frozen) memory. JSON `{"digest": "0x.."}`.
+    Verdict = 16,
+    /// Either way, either connection: nothing to say, the link is alive; empty payload.
+    /// New in this crate: an engine sends it only when configured to (a peer of the old code
+    /// would refuse it as an unknown kind).
+    Keepalive = 17,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Pages,
+            4 => Zero,
+            5 => Round,
+            6 => Switch,
+            7 => State,
+            8 => Needed,
+            9 => Resumed,
+            10 => Request,
+            11 => End,
+            12 => Done,
+            13 => Error,
+            14 => Recover,
+            15 => Cancel,
+            16 => Verdict,
+            17 => Keepalive,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Kind::Pages => (MAX_RUN * PAGE) as u32,
+            Kind::Zero | Kind::Request => 4,
+            Kind::Keepalive => 0,
+            Kind::State => 16 << 20,
+            // 64 GiB of memory: 2 MiB of bitmap.
+            Kind::Needed | Kind::Recover => 2 << 20,
+            _ => 1 << 20,
+        }
+    }
+
+    /// Check a payload length (and the argument) against this kind: the exact size where the
+    /// kind has one (`Zero` and `Request`: a `u32`; `Keepalive`: nothing), whole aligned pages
+    /// for `Pages`, whole `u64` words for bitmaps, and [`max_len`](Self::max_len) for all.
+    pub fn check(self, len: u32, arg: u64) -> Result<(), FrameError> {
+        let max = self.max_len();
+        if len > max {
+            return Err(FrameError::TooLong {
+                kind: self,
+                len,
+                max,
+            });
+        }
+        let exact = |want: u32| {
+            if len == want {
+                Ok(())
+            } else {
+                Err(FrameError::Length {
+                    kind: self,
+                    len,
+                    want,
+                })
+            }
+        };
+        match self {
+            Kind::Zero | Kind::Request => exact(4),
+            Kind::Keepalive => exact(0),
+            Kind::Pages if len == 0 || u64::from(len) % PAGE != 0 || arg % PAGE != 0 => {
+                Err(FrameError::Unaligned { arg, len })
+            }
+            Kind::Needed | Kind::Recover if len % 8 != 0 => Err(FrameError::Length {
+                kind: self,
+                len,
+                want: len / 8 * 8,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The `u32` count of a `Zero` or `Request` payload: exactly 4 bytes, at least 1, at most
+/// `max` (the peer's sizes are bounded before use).
+pub fn count(kind: Kind, payload: &[u8], max: u32) -> Result<u32, FrameError> {
+    let b: [u8; 4] = payload.try_into().map_err(|_| FrameError::Length {
+        kind,
+        len: payload.len() as u32,
+        want: 4,
+    })?;
+    let n = u32::from_le_bytes(b);
+    if n == 0 || n > max {
+        return Err(FrameError::Count { kind, n, max });
+    }
+    Ok(n)
+}
+
+/// A frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Kind.
+    pub kind: Kind,
+    /// Payload length.
+    pub len: u32,
+    /// Argument.
+    pub arg: u64,
+}
+
+/// A frame that breaks the format.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// Not our magic: the stream is not a migration stream or is out of step.
+    #[error(
+        "bad frame magic {0:#06x} (expected {MAGIC:#06x}): not a faultline migration stream, or out of step"
+    )]
+    Magic(u16),
+    /// Unknown kind.
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    /// Reserved flags set.
+    #[error("frame flags {0:#x} are reserved")]
+    Flags(u8),
+    /// Too long for its kind.
+    #[error("{kind:?} frame of {len} bytes (at most {max})")]
+    TooLong {
+        /// Kind.
+        kind: Kind,
+        /// Claimed length.
+        len: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// A payload of the wrong size for its kind.
+    #[error("{kind:?} frame of {len} bytes (must be {want})")]
+    Length {
+        /// Kind.
+        kind: Kind,
+        /// Claimed length.
+        len: u32,
+        /// The size it must have.
+        want: u32,
+    },
+    /// A count (pages) of 0 or over the bound.
+    #[error("{kind:?} frame counts {n} pages (1..={max})")]
+    Count {
+        /// Kind.
+        kind: Kind,
+        /// The count.
+        n: u32,
+        /// The bound.
+        max: u32,
+    },
+    /// A pages frame that is not whole pages, or not page-aligned.
+    #[error("pages frame at {arg:#x} of {len} bytes: not whole, aligned pages")]
+    Unaligned {
+        /// Address.
+        arg: u64,
+        /// Length.
+        len: u32,
+    },
+}
+
+impl Header {
+    /// Encode.
+    pub fn encode(&self) -> [u8; HEADER] {
+        let mut b = [0u8; HEADER];
+        b[0] = self.kind as u8;
+        b[2..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.arg.to_le_bytes());
+        b
+    }
+
+    /// Decode and check a header from untrusted bytes.
+    pub fn decode(b: &[u8; HEADER]) -> Result<Header, FrameError> {
+        let magic = u16::from_le_bytes([b[2], b[3]]);
+        if magic != MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let kind = Kind::from_u8(b[0]).ok_or(FrameError::Kind(b[0]))?;
+        if b[1] != 0 {
+            return Err(FrameError::Flags(b[1]));
+        }
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let arg = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        kind.check(len, arg)?;
+        Ok(Header { kind, len, arg })
+    }
+}
+
+/// A connected stream: TCP or Unix.
+#[derive(Debug)]
+pub enum Sock {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl Sock {
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shut both directions down (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Read timeout (`None`: block).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(t),
+            Sock::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Write timeout (`None`: block).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(t),
+            Sock::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Cap the kernel's send and receive buffers: the background stream then has little in
+    /// flight, so a page the pusher has claimed arrives soon after a vCPU asks for it.
+    pub fn set_buffers(&self, bytes: usize) {
+        let fd = match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        };
+        let v = bytes as libc::c_int;
+        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            // SAFETY: a valid socket fd and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+
+    fn tune(&self) {
+        if let Sock::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+    }
+
+    /// Write one frame (header and payload in one `write`, so a priority answer is one
+    /// segment).
+    pub fn send(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
+        let h = outgoing(kind, arg, payload)?;
+        let mut buf = Vec::with_capacity(HEADER + payload.len());
+        buf.extend_from_slice(&h.encode());
+        buf.extend_from_slice(payload);
+        self.write_all(&buf)
+    }
+
+    /// Write one frame with `writev`, straight from `payload` (no copy: guest memory goes to
+    /// the socket as it is).
+    pub fn send_vectored(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
+        let h = outgoing(kind, arg, payload)?.encode();
+        let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Write a JSON frame.
+    pub fn send_json<T: serde::Serialize>(&mut self, kind: Kind, v: &T) -> io::Result<()> {
+        let body = serde_json::to_vec(v).map_err(io::Error::other)?;
+        self.send(kind, 0, &body)
+    }
+
+    /// Read one frame into `buf` (resized to the payload, which [`Header::decode`] bounded).
+    pub fn recv(&mut self, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
+        read_frame(self, buf)
+    }
+
+    /// Wait at most `timeout` for the connection to be readable (data, end of stream or an
+    /// error): wait this way, then [`recv`](Self::recv), rather than with a read timeout,
+    /// which could split a frame.
+    pub fn poll_readable(&self, timeout: Duration) -> io::Result<bool> {
+        Ok(uffd::poll_in(&[self.as_fd()], Some(timeout))? & 1 != 0)
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Tcp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// The header of a frame to send, checked as the peer will check it (`InvalidInput`: a frame
+/// the peer would refuse is never sent).
+fn outgoing(kind: Kind, arg: u64, payload: &[u8]) -> io::Result<Header> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "payload over 4 GiB"))?;
+    kind.check(len, arg)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(Header { kind, len, arg })
+}
+
+/// Reading a frame failed.
+#[derive(Debug, Error)]
+pub enum RecvError {
+    /// The peer closed the connection cleanly between frames.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The stream ended inside a frame.
+    #[error("the connection ended inside a frame")]
+    Truncated,
+    /// Reading failed (errno kept).
+    #[error("reading a frame")]
+    Io(#[source] io::Error),
+    /// The header breaks the format.
+    #[error("malformed frame")]
+    Frame(#[source] FrameError),
+}
+
+impl RecvError {
+    /// Whether the link is gone (closed, cut, or failing), as opposed to a peer that broke the
+    /// format.
+    pub fn is_link(&self) -> bool {
+        !matches!(self, RecvError::Frame(_))
+    }
+}
+
+fn read_full(r: &mut impl Read, b: &mut [u8]) -> Result<usize, io::Error> {
+    let mut got = 0;
+    while got < b.len() {
+        match r.read(&mut b[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Read one frame from `r` into `buf`: the header is decoded and checked before a byte of the
+/// payload is read, so a peer's length is bounded before use.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
+    let mut h = [0u8; HEADER];
+    match read_full(r, &mut h).map_err(RecvError::Io)? {
+        0 => return Err(RecvError::Closed),
+        HEADER => {}
+        _ => return Err(RecvError::Truncated),
+    }
+    let h = Header::decode(&h).map_err(RecvError::Frame)?;
+    buf.resize(h.len as usize, 0);
+    if read_full(r, buf).map_err(RecvError::Io)? != buf.len() {
+        return Err(RecvError::Truncated);
+    }
+    Ok(h)
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(b),
+            Sock::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(b),
+            Sock::Unix(s) => s.write(b),
+        }
+    }
+    fn write_vectored(&mut self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(b),
+            Sock::Unix(s) => s.write_vectored(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where to migrate to / listen on: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Endpoint {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("tcp:") {
+            if a.rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return Err(format!("'{s}': expected tcp:HOST:PORT"));
+            }
+            Ok(Endpoint::Tcp(a.into()))
+        } else if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(format!("'{s}': expected unix:PATH"));
+            }
+            Ok(Endpoint::Unix(p.into()))
+        } else {
+            Err(format!("'{s}': expected tcp:HOST:PORT or unix:PATH"))
+        }
+    }
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Endpoint> for String {
+    fn from(e: Endpoint) -> String {
+        e.to_string()
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Connect, retrying until `timeout` (the destination may still be starting).
+    pub fn connect(&self, timeout: Duration) -> io::Result<Sock> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = match self {
+                Endpoint::Tcp(a) => TcpStream::connect(a).map(Sock::Tcp),
+                Endpoint::Unix(p) => UnixStream::connect(p).map(Sock::Unix),
+            };
+            match r {
+                Ok(s) => {
+                    s.tune();
+                    return Ok(s);
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Listen.
+    pub fn listen(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Endpoint::Tcp(a) => {
+                let l = TcpListener::bind(a)?;
+                l.set_nonblocking(true)?;
+                Listener::Tcp(l)
+            }
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = UnixListener::bind(p)?;
+                l.set_nonblocking(true)?;
+                Listener::Unix(l, p.clone())
+            }
+        })
+    }
+}
+
+/// A listening socket (non-blocking; [`Listener::accept`] waits with a timeout).
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix, with its path (removed on drop).
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Accept one connection, waiting at most `timeout` (`Ok(None)`: none came).
+    pub fn accept(&self, timeout: Duration) -> io::Result<Option<Sock>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Sock::Tcp(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Sock::Unix(s)),
+            };
+            match r {
+                Ok(s) => {
+                    match &s {
+                        Sock::Tcp(t) => t.set_nonblocking(false)?,
+                        Sock::Unix(u) => u.set_nonblocking(false)?,
+                    }
+                    s.tune();
+                    return Ok(Some(s));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The bound address, as an endpoint (a TCP port 0 becomes the real port).
+    pub fn endpoint(&self) -> io::Result<Endpoint> {
+        Ok(match self {
+            Listener::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A token bucket over both connections: the link's capacity, as QEMU's `max-bandwidth`.
+/// Priority senders (pages a vCPU waits for) take tokens first: the background sender waits
+/// while any priority send is queued.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_s: f64,
+    state: Mutex<(Instant, f64)>,
+    urgent: AtomicUsize,
+}
+
+impl RateLimit {
+    /// `bytes_per_s` of 0: unlimited.
+    pub fn new(bytes_per_s: u64) -> RateLimit {
+        RateLimit {
+            bytes_per_s: bytes_per_s as f64,
+            state: Mutex::new((Instant::now(), 0.0)),
+            urgent: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether there is a cap.
+    pub fn limited(&self) -> bool {
+        self.bytes_per_s > 0.0
+    }
+
+    /// Give back tokens taken for bytes that were not sent.
+    pub fn refund(&self, bytes: usize) {
+        if self.limited() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).1 += bytes as f64;
+        }
+    }
+
+    /// Wait until `bytes` may be sent. `urgent`: a vCPU waits for them.
+    pub fn take(&self, bytes: usize, urgent: bool) {
+        if !self.limited() {
+            return;
+        }
+        if urgent {
+            self.urgent.fetch_add(1, SeqCst);
+        }
+        // Burst: 2 ms of the link, at least 64 KiB.
+        let burst = (self.bytes_per_s * 0.002).max(65536.0);
+        loop {
+            if !urgent && self.urgent.load(SeqCst) > 0 {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            let wait = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let tokens =
+                    (st.1 + now.duration_since(st.0).as_secs_f64() * self.bytes_per_s).min(burst);
+                st.0 = now;
+                if tokens >= bytes as f64 || (tokens >= 0.0 && bytes as f64 > burst) {
+                    st.1 = tokens - bytes as f64;
+                    None
+                } else {
+                    st.1 = tokens;
+                    Some((bytes as f64 - tokens) / self.bytes_per_s)
+                }
+            };
+            match wait {
+                None => break,
+                Some(s) => std::thread::sleep(Duration::from_secs_f64(s.min(0.01))),
+            }
+        }
+        if urgent {
+            self.urgent.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        for (kind, len, arg) in [
+            (Kind::Hello, 100, 0),
+            (Kind::Pages, 8192, 0x10_0000),
+            (Kind::Zero, 4, 0x2000),
+            (Kind::Verdict, 10, 0),
+        ] {
+            let h = Header { kind, len, arg };
+            assert_eq!(Header::decode(&h.encode()), Ok(h));
+        }
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let good = Header {
+            kind: Kind::Pages,
+            len: 4096,
+            arg: 4096,
+        }
+        .encode();
+        let mut b = good;
+        b[2] = 0;
+        assert!(matches!(Header::decode(&b), Err(FrameError::Magic(_))));
+        let mut b = good;
+        b[0] = 99;
+        assert_eq!(Header::decode(&b), Err(FrameError::Kind(99)));
+        let mut b = good;
+        b[1] = 1;
+        assert_eq!(Header::decode(&b), Err(FrameError::Flags(1)));
+        let mut b = good;
+        b[4..8].copy_from_slice(&100u32.to_le_bytes());
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::Unaligned { .. })
+        ));
+        // A short Zero payload is refused at the header, before any payload is read.
+        let z = Header {
+            kind: Kind::Zero,
+            len: 4,
+            arg: 0,
+        };
+        let mut b = z.encode();
+        b[4..8].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::Length { want: 4, .. })
+        ));
+        assert!(count(Kind::Zero, &[1, 0], 10).is_err());
+        assert!(count(Kind::Zero, &0u32.to_le_bytes(), 10).is_err());
+        assert!(count(Kind::Zero, &11u32.to_le_bytes(), 10).is_err());
+        assert_eq!(count(Kind::Zero, &10u32.to_le_bytes(), 10), Ok(10));
+        let mut b = good;
+        b[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            Header::decode(&b),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    /// Every byte string decodes to a header or an error; no panic (a fuzz loop over a
+    /// deterministic generator, plus every one-byte corruption of a valid header).
+    #[test]
+    fn decode_never_panics() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            let mut b = [0u8; HEADER];
+            for c in b.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+            }
+            if x & 1 == 0 {
+                b[2..4].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            let _ = Header::decode(&b);
+        }
+        let good = Header {
+            kind: Kind::Request,
+            len: 4,
+            arg: 8192,
+        }
+        .encode();
+        for i in 0..HEADER {
+            for v in 0..=255u8 {
+                let mut b = good;
+                b[i] = v;
+                if let Ok(h) = Header::decode(&b) {
+                    assert!(h.len <= h.kind.max_len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_the_peer_would_refuse_are_not_sent() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut s = Sock::Unix(a);
+        for (kind, arg, len) in [
+            (Kind::Zero, 0, 2),
+            (Kind::Pages, 12, 4096),
+            (Kind::Pages, 0, 65 * 4096),
+            (Kind::Keepalive, 0, 1),
+        ] {
+            let e = s.send(kind, arg, &vec![0; len]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
+            let e = s.send_vectored(kind, arg, &vec![0; len]).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
+        }
+        s.send(Kind::Keepalive, 0, &[]).unwrap();
+    }
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Endpoint>(),
+            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
+        );
+        assert_eq!(
+            "unix:/tmp/x".parse::<Endpoint>(),
+            Ok(Endpoint::Unix("/tmp/x".into()))
+        );
+        for bad in ["tcp:host", "tcp:h:p", "unix:", "udp:1:2", ""] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_paces() {
+        let r = RateLimit::new(10 << 20);
+        let t = Instant::now();
+        for _ in 0..40 {
+            r.take(65536, false);
+        }
+        // 2.5 MiB at 10 MiB/s: about 250 ms (minus the first burst).
+        let ms = t.elapsed().as_millis();
+        assert!((150..1000).contains(&ms), "{ms} ms");
+    }
+}
