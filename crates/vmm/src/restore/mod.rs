@@ -123,6 +123,20 @@ impl Default for RestoreOptions {
     }
 }
 
+/// Setting up the userfaultfd of a lazy restore failed.
+#[derive(Debug, Error)]
+pub enum UffdError {
+    /// Guest memory is not a valid range.
+    #[error("guest memory range")]
+    Range(#[source] uffd::RangeError),
+    /// The userfaultfd could not be created.
+    #[error("creating it")]
+    Create(#[source] uffd::CreateError),
+    /// Guest memory could not be registered.
+    #[error("registering guest memory")]
+    Register(#[source] uffd::RegisterError),
+}
+
 /// Restoring a VM.
 #[derive(Debug, Error)]
 pub enum RestoreError {
@@ -145,8 +159,8 @@ pub enum RestoreError {
     #[error("fault loop")]
     FaultLoop(#[source] memx::LoopError),
     /// The userfaultfd could not be created or registered.
-    #[error("userfaultfd: {0}")]
-    Uffd(String),
+    #[error("userfaultfd")]
+    Uffd(#[source] UffdError),
     /// The external handler could not be reached or refused.
     #[error("page-fault handler at {path}: {why}")]
     Handler {
@@ -225,13 +239,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
             let mem =
                 Arc::new(GuestMem::new(size, Backend::Anonymous).map_err(RestoreError::Memory)?);
             let range = Range::new(mem.host_addr() as usize, size as usize)
-                .map_err(|e| RestoreError::Uffd(e.to_string()))?;
+                .map_err(|e| RestoreError::Uffd(UffdError::Range(e)))?;
             if let Some(path) = &opts.page_handler {
                 let u = UffdBuilder::new()
                     .create()
-                    .map_err(|e| RestoreError::Uffd(uffd::error_chain(&e)))?;
+                    .map_err(|e| RestoreError::Uffd(UffdError::Create(e)))?;
                 u.register(range, RegisterMode::MISSING)
-                    .map_err(|e| RestoreError::Uffd(uffd::error_chain(&e)))?;
+                    .map_err(|e| RestoreError::Uffd(UffdError::Register(e)))?;
                 let handoff = Handoff {
                     protocol: HANDOFF_PROTOCOL.into(),
                     version: HANDOFF_VERSION,
