@@ -8,7 +8,9 @@ use std::thread;
 use std::time::Instant;
 
 use memx::{Config, FaultLoop, FileSource, Mapping, Region};
-use uffd::{error_chain, page_size};
+use uffd::page_size;
+
+use crate::error::{CliError, CliResult, failed};
 
 /// `faultline demo` options.
 #[derive(clap::Args)]
@@ -46,7 +48,7 @@ fn fill(buf: &mut [u8], first_page: usize) {
     }
 }
 
-pub fn run(a: &Args) -> Result<(), String> {
+pub fn run(a: &Args) -> CliResult {
     let len = a.mem_mib as usize * 1024 * 1024;
     let pages = len / page_size();
     // 1. The image: a sparse temporary file.
@@ -56,26 +58,26 @@ pub fn run(a: &Args) -> Result<(), String> {
         let n = (pages - first).min(256);
         fill(&mut chunk[..n * page_size()], first);
         file.write_all(&chunk[..n * page_size()])
-            .map_err(|e| format!("writing the image: {e}"))?;
+            .map_err(failed("writing the image"))?;
     }
-    let image = file.try_clone().map_err(|e| format!("image: {e}"))?;
+    let image = file.try_clone().map_err(failed("reopening the image"))?;
 
     // 2. Empty memory, served from the file on demand.
-    let mem = Arc::new(Mapping::anonymous(len).map_err(|e| error_chain(&e))?);
+    let mem = Arc::new(Mapping::anonymous(len).map_err(failed("mapping memory"))?);
     let t0 = Instant::now();
     let fl = FaultLoop::start(
         &[Region {
             range: mem.range(),
             offset: 0,
         }],
-        FileSource::new(image).map_err(|e| format!("image: {e}"))?,
+        FileSource::new(image).map_err(failed("opening the image"))?,
         Config {
             threads: a.handlers as usize,
             batch_pages: a.batch as usize,
             ..Config::default()
         },
     )
-    .map_err(|e| error_chain(&e))?;
+    .map_err(failed("starting the fault loop"))?;
     let setup = t0.elapsed();
 
     // 3. Threads read random pages and check each against the generator.
@@ -84,7 +86,7 @@ pub fn run(a: &Args) -> Result<(), String> {
     let hs: Vec<_> = (0..a.touchers as usize)
         .map(|t| {
             let mem = mem.clone();
-            thread::spawn(move || -> Result<(), String> {
+            thread::spawn(move || -> CliResult {
                 let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ t as u64;
                 let mut want = vec![0u8; page_size()];
                 for _ in 0..touched_each {
@@ -95,7 +97,9 @@ pub fn run(a: &Args) -> Result<(), String> {
                     fill(&mut want, page);
                     let off = page * page_size() + (x as usize >> 40) % page_size();
                     if mem.read_u8(off) != want[off % page_size()] {
-                        return Err(format!("page {page}: wrong byte at offset {off:#x}"));
+                        return Err(CliError::Check(format!(
+                            "page {page}: wrong byte at offset {off:#x}"
+                        )));
                     }
                 }
                 Ok(())
@@ -103,14 +107,15 @@ pub fn run(a: &Args) -> Result<(), String> {
         })
         .collect();
     for h in hs {
-        h.join().map_err(|_| "a toucher thread panicked")??;
+        h.join()
+            .map_err(|_| CliError::Check("a toucher thread panicked".into()))??;
     }
     let on_demand = t1.elapsed();
     let during = fl.stats();
 
     // 4. Push the rest, then check every byte.
     let t2 = Instant::now();
-    let st = fl.finish().map_err(|e| error_chain(&e))?;
+    let st = fl.finish().map_err(failed("finishing the fault loop"))?;
     let push = t2.elapsed();
     let mut want = vec![0u8; page_size()];
     for page in 0..pages {
@@ -120,7 +125,9 @@ pub fn run(a: &Args) -> Result<(), String> {
             std::slice::from_raw_parts(mem.as_ptr().add(page * page_size()), page_size())
         };
         if got != want.as_slice() {
-            return Err(format!("verification failed at page {page}"));
+            return Err(CliError::Check(format!(
+                "verification failed at page {page}"
+            )));
         }
     }
     if a.json {
@@ -161,7 +168,7 @@ pub fn run(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn tempfile_in_tmp() -> Result<std::fs::File, String> {
+fn tempfile_in_tmp() -> CliResult<std::fs::File> {
     let dir = std::env::temp_dir();
     let path = dir.join(format!("faultline-demo-{}.img", std::process::id()));
     let f = std::fs::OpenOptions::new()
@@ -169,7 +176,7 @@ fn tempfile_in_tmp() -> Result<std::fs::File, String> {
         .write(true)
         .create_new(true)
         .open(&path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        .map_err(failed(format!("creating {}", path.display())))?;
     // Unlinked at once: the open fd keeps it alive and nothing is left behind.
     let _ = std::fs::remove_file(&path);
     Ok(f)

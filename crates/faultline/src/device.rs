@@ -11,6 +11,8 @@ use vfu::devices::{dma, gpio, sample};
 use vfu::proto;
 use vfu::server::Server;
 
+use crate::error::{CliError, CliResult, failed};
+
 /// `faultline device ...`.
 #[derive(Subcommand)]
 pub enum DeviceCmd {
@@ -68,32 +70,33 @@ pub struct ProbeArgs {
     json: bool,
 }
 
-fn add(server: &Server, kind: Kind, path: &std::path::Path, loopback: bool) -> Result<(), String> {
-    let err = |e: &dyn std::error::Error| uffd::error_chain(e);
+fn add(server: &Server, kind: Kind, path: &std::path::Path, loopback: bool) -> CliResult {
+    let realize = || failed(format!("realizing the {kind:?} device"));
+    let attach = || failed(format!("serving the {kind:?} device at {}", path.display()));
     match kind {
         Kind::Gpio => {
             let g = gpio::Gpio::new(loopback);
             gpio::Gpio::description()
                 .realize(g)
-                .map_err(|e| err(&e))?
+                .map_err(realize())?
                 .attach(server, path)
-                .map_err(|e| err(&e))?;
+                .map_err(attach())?;
         }
         Kind::Dma => {
             let e = dma::DmaEngine::new();
             dma::DmaEngine::description()
                 .realize(Arc::new(dma::DmaOps(e)))
-                .map_err(|e| err(&e))?
+                .map_err(realize())?
                 .attach(server, path)
-                .map_err(|e| err(&e))?;
+                .map_err(attach())?;
         }
         Kind::Sample => {
             let s = sample::Sample::new();
             let d = sample::Sample::description()
                 .realize(s.clone())
-                .map_err(|e| err(&e))?
+                .map_err(realize())?
                 .attach(server, path)
-                .map_err(|e| err(&e))?;
+                .map_err(attach())?;
             s.start(d.context());
         }
     }
@@ -102,8 +105,8 @@ fn add(server: &Server, kind: Kind, path: &std::path::Path, loopback: bool) -> R
 }
 
 /// Run `device serve`.
-pub fn serve(a: &ServeArgs) -> Result<(), String> {
-    let server = Server::new(true).map_err(|e| uffd::error_chain(&e))?;
+pub fn serve(a: &ServeArgs) -> CliResult {
+    let server = Server::new(true).map_err(failed("starting the vfio-user server"))?;
     if a.once {
         server.exit_when_idle();
     }
@@ -111,13 +114,14 @@ pub fn serve(a: &ServeArgs) -> Result<(), String> {
     for spec in &a.also {
         let (k, p) = spec
             .split_once(':')
-            .ok_or_else(|| format!("--also {spec}: expected KIND:PATH"))?;
-        let kind = Kind::from_str(k, true).map_err(|e| format!("--also {spec}: {e}"))?;
+            .ok_or_else(|| CliError::Usage(format!("--also {spec}: expected KIND:PATH")))?;
+        let kind =
+            Kind::from_str(k, true).map_err(|e| CliError::Usage(format!("--also {spec}: {e}")))?;
         add(&server, kind, std::path::Path::new(p), !a.no_loopback)?;
     }
     server
         .run_threads(a.threads.clamp(1, 64))
-        .map_err(|e| uffd::error_chain(&e))
+        .map_err(failed("serving"))
 }
 
 fn flags(f: u32) -> String {
@@ -148,9 +152,9 @@ fn region_name(i: u32) -> String {
 const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
 
 /// Run `device probe`.
-pub fn probe(a: &ProbeArgs) -> Result<(), String> {
+pub fn probe(a: &ProbeArgs) -> CliResult {
     let c = Client::connect(&a.socket, Duration::from_millis(a.timeout_ms))
-        .map_err(|e| uffd::error_chain(&e))?;
+        .map_err(failed("connecting"))?;
     let info = c.device_info();
     let cfg_size = c
         .region(proto::PCI_CONFIG_REGION)
@@ -158,13 +162,15 @@ pub fn probe(a: &ProbeArgs) -> Result<(), String> {
     let mut cfg = vec![0u8; cfg_size];
     if cfg_size > 0 {
         c.config_read(0, &mut cfg)
-            .map_err(|e| uffd::error_chain(&e))?;
+            .map_err(failed("reading config space"))?;
     }
     let mut sizes = [0u64; 6];
     for r in c.regions().iter().take(6) {
         sizes[r.index as usize] = r.size;
     }
-    let mig = c.migration_flags().map_err(|e| uffd::error_chain(&e))?;
+    let mig = c
+        .migration_flags()
+        .map_err(failed("reading the migration capability"))?;
     let (maj, min) = c.version();
     if a.json {
         let regions: Vec<_> = c

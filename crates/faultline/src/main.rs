@@ -2,6 +2,7 @@
 
 mod demo;
 mod device;
+mod error;
 mod migrate;
 mod run;
 mod snap;
@@ -9,6 +10,8 @@ mod snap;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+use error::{CliError, CliResult, failed};
 
 #[derive(Parser)]
 #[command(
@@ -173,8 +176,8 @@ impl From<CaseArg> for bench::uffd_bench::Case {
     }
 }
 
-fn probe(json: bool) -> Result<(), String> {
-    let s = uffd::Support::probe().map_err(|e| uffd::error_chain(&e))?;
+fn probe(json: bool) -> CliResult {
+    let s = uffd::Support::probe().map_err(failed("probing userfaultfd"))?;
     let names: Vec<String> = s
         .features
         .iter_names()
@@ -204,10 +207,12 @@ fn bench_uffd(
     runs: u64,
     threads: Vec<usize>,
     case: Vec<CaseArg>,
-) -> Result<(), String> {
+) -> CliResult {
     use bench::uffd_bench::{Case, Params, run};
     if threads.iter().any(|&t| t == 0 || t > 64) {
-        return Err("--threads: each count must be 1..=64".into());
+        return Err(CliError::Usage(
+            "--threads: each count must be 1..=64".into(),
+        ));
     }
     let p = Params {
         faults_per_thread: faults as usize,
@@ -248,10 +253,10 @@ fn bench_uffd(
             );
         }
     })
-    .map_err(|e| uffd::error_chain(&e))
+    .map_err(failed("bench uffd"))
 }
 
-fn bench_vfu(json: bool, quick: bool) -> Result<(), String> {
+fn bench_vfu(json: bool, quick: bool) -> CliResult {
     if !json {
         println!(
             "{:<10} {:<10} {:>10} {:>10} {:>8}",
@@ -271,16 +276,15 @@ fn bench_vfu(json: bool, quick: bool) -> Result<(), String> {
             );
         }
     })
-    .map_err(|e| uffd::error_chain(&e))
+    .map_err(failed("bench vfio-user"))
 }
 
-fn bench_vm(json: bool, boots: usize, seconds: f64) -> Result<(), String> {
+fn bench_vm(json: bool, boots: usize, seconds: f64) -> CliResult {
     if !(seconds > 0.0 && seconds <= 600.0) {
-        return Err("--seconds must be in (0, 600]".into());
+        return Err(CliError::Usage("--seconds must be in (0, 600]".into()));
     }
-    let err = |e: bench::BenchError| uffd::error_chain(&e);
-    let b = bench::vm_bench::boot(1024, boots).map_err(err)?;
-    let d = bench::vm_bench::dirty_rate(256, seconds).map_err(err)?;
+    let b = bench::vm_bench::boot(1024, boots).map_err(failed("bench vm: boot"))?;
+    let d = bench::vm_bench::dirty_rate(256, seconds).map_err(failed("bench vm: dirty rate"))?;
     if json {
         println!(
             "{}",
@@ -310,7 +314,7 @@ fn bench_restore(
     touch_mib: u64,
     vcpus: u32,
     dir: Option<std::path::PathBuf>,
-) -> Result<(), String> {
+) -> CliResult {
     let tmp;
     let dir = match dir {
         Some(d) => d,
@@ -354,7 +358,7 @@ fn bench_restore(
         }
     });
     let _ = std::fs::remove_dir_all(&dir);
-    r.map_err(|e| uffd::error_chain(&e))?;
+    r.map_err(failed("bench restore"))?;
     if !json && let (Some(w), Some(l), Some(p)) = (warm, lazy, prefetch) {
         println!(
             "prefetch/warm {:.2}x (goal <= 1.2), lazy/prefetch {:.2}x (goal >= 3)",
@@ -438,7 +442,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("faultline: error: {e}");
+            eprintln!("faultline: error: {}", uffd::error_chain(&e));
             ExitCode::FAILURE
         }
     }

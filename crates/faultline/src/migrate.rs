@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use vmm::migration::{Endpoint, MigrationMode};
 
+use crate::error::{CliError, CliResult, failed};
+
 /// `faultline migrate` options.
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,7 +63,7 @@ fn status_line(v: &Value) -> String {
     )
 }
 
-pub fn migrate(a: &Args) -> Result<(), String> {
+pub fn migrate(a: &Args) -> CliResult {
     let body = json!({
         "to": a.to,
         "mode": a.mode,
@@ -78,13 +80,15 @@ pub fn migrate(a: &Args) -> Result<(), String> {
         Duration::from_secs(30),
     )?;
     if code != 202 {
-        return Err(format!("PUT /migrate refused ({code}): {b}"));
+        return Err(CliError::Check(format!(
+            "PUT /migrate refused ({code}): {b}"
+        )));
     }
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let (_, b) =
             crate::snap::http_unix(&a.api_sock, "GET", "/migrate", "", Duration::from_secs(30))?;
-        let v: Value = serde_json::from_str(&b).map_err(|e| format!("GET /migrate: {e}: {b}"))?;
+        let v: Value = serde_json::from_str(&b).map_err(failed(format!("GET /migrate: {b}")))?;
         if !a.json {
             eprint!("\r{}", status_line(&v));
         }
@@ -103,11 +107,11 @@ pub fn migrate(a: &Args) -> Result<(), String> {
                 if a.json {
                     println!("{v}");
                 }
-                return Err(format!(
+                return Err(CliError::Check(format!(
                     "migration {}: {}",
                     v["state"].as_str().unwrap_or(""),
                     v["error"].as_str().unwrap_or("")
-                ));
+                )));
             }
             _ => {}
         }
@@ -140,9 +144,9 @@ pub struct DemoArgs {
     json: bool,
 }
 
-pub fn demo(a: &DemoArgs) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let dir = bench::migrate_bench::scratch().map_err(|e| uffd::error_chain(&e))?;
+pub fn demo(a: &DemoArgs) -> CliResult {
+    let exe = std::env::current_exe().map_err(failed("cannot find this program"))?;
+    let dir = bench::migrate_bench::scratch().map_err(failed("scratch directory"))?;
     let shape = bench::migrate_bench::Shape {
         mem_mib: a.mem_mib,
         hot_mib: a.hot_mib,
@@ -166,7 +170,7 @@ pub fn demo(a: &DemoArgs) -> Result<(), String> {
             eprint!("\r  {}", status_line(v));
         }
     })
-    .map_err(|e| uffd::error_chain(&e));
+    .map_err(failed("the migration"));
     let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
     if !json {
@@ -174,16 +178,16 @@ pub fn demo(a: &DemoArgs) -> Result<(), String> {
     }
     let st = &out.status;
     if st["state"] != "completed" {
-        return Err(format!(
+        return Err(CliError::Check(format!(
             "migration {}: {}",
             st["state"].as_str().unwrap_or("?"),
             st["error"].as_str().unwrap_or("")
-        ));
+        )));
     }
     let s = &st["stats"];
     let d = &s["destination"];
     if s["digest_verified"] != true {
-        return Err(format!("memory digest mismatch: {s}"));
+        return Err(CliError::Check(format!("memory digest mismatch: {s}")));
     }
     let dest_ok = out
         .dest_summary
@@ -257,9 +261,9 @@ pub fn bench(
     modes: &[String],
     mem_mib: u64,
     hot_mib: u64,
-) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let dir = bench::migrate_bench::scratch().map_err(|e| uffd::error_chain(&e))?;
+) -> CliResult {
+    let exe = std::env::current_exe().map_err(failed("cannot find this program"))?;
+    let dir = bench::migrate_bench::scratch().map_err(failed("scratch directory"))?;
     for w in workloads {
         for (link, bw) in bench::migrate_bench::LINKS {
             if !links.iter().any(|l| l == link) {
@@ -278,12 +282,9 @@ pub fn bench(
                     after_ms: 0,
                 };
                 let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
-                    .map_err(|e| uffd::error_chain(&e))?;
+                    .map_err(failed("bench migrate"))?;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&line).map_err(|e| e.to_string())?
-                    );
+                    println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
                 } else {
                     println!(
                         "{:<6} {:<9} {:<8} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",

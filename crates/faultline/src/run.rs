@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use vmm::{Backend, Vm, VmConfig, Workload};
 
+use crate::error::{CliError, CliResult, failed};
+
 /// `faultline run` options.
 #[derive(clap::Args)]
 pub struct Args {
@@ -85,9 +87,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is not a size (examples: 512M, 1G)"))
 }
 
-pub fn run(a: &Args) -> Result<(), String> {
+pub fn run(a: &Args) -> CliResult {
     if a.seconds.is_some_and(|s| !(s > 0.0 && s < 1e6)) {
-        return Err("--seconds must be positive".into());
+        return Err(CliError::Usage("--seconds must be positive".into()));
     }
     let cfg = VmConfig {
         mem_bytes: a.mem,
@@ -114,7 +116,7 @@ pub fn run(a: &Args) -> Result<(), String> {
                 recover_timeout: Duration::from_secs(a.recover_timeout),
                 ..Default::default()
             })
-            .map_err(|e| format!("incoming migration: {}", uffd::error_chain(&e)))?;
+            .map_err(failed("incoming migration"))?;
             if let Some(st) = r.migration_status() {
                 // Print the statistics as soon as the migration completes (the guest runs on).
                 std::thread::spawn(move || {
@@ -138,14 +140,14 @@ pub fn run(a: &Args) -> Result<(), String> {
             r
         }
         None => {
-            let vm = Vm::new(cfg).map_err(|e| uffd::error_chain(&e))?;
-            vm.start().map_err(|e| uffd::error_chain(&e))?
+            let vm = Vm::new(cfg).map_err(failed("creating the VM"))?;
+            vm.start().map_err(failed("starting the VM"))?
         }
     };
     let _api = match &a.api_sock {
         Some(p) => Some(
             vmm::api::ApiServer::start(p, running.api_sender())
-                .map_err(|e| format!("API socket {}: {e}", p.display()))?,
+                .map_err(failed(format!("API socket {}", p.display())))?,
         ),
         None => None,
     };
@@ -159,7 +161,7 @@ pub fn run(a: &Args) -> Result<(), String> {
                 );
             }
         })
-        .map_err(|e| uffd::error_chain(&e))?;
+        .map_err(failed("running the VM"))?;
     let line = serde_json::json!({ "event": "summary", "summary": summary });
     if json {
         println!("{line}");

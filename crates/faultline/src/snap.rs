@@ -11,6 +11,8 @@ use vmm::restore::{
     RestoreOptions, recv_msg, send_msg,
 };
 
+use crate::error::{CliError, CliResult, failed};
+
 /// `faultline snapshot` options.
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
@@ -34,12 +36,12 @@ pub fn http_unix(
     path: &str,
     body: &str,
     timeout: Duration,
-) -> Result<(u16, String), String> {
-    vmm::api::call(sock, method, path, body, timeout).map_err(|e| uffd::error_chain(&e))
+) -> CliResult<(u16, String)> {
+    vmm::api::call(sock, method, path, body, timeout).map_err(failed(format!("{method} {path}")))
 }
 
-pub fn snapshot(a: &SnapshotArgs) -> Result<(), String> {
-    let dir = std::path::absolute(&a.out).map_err(|e| format!("--out: {e}"))?;
+pub fn snapshot(a: &SnapshotArgs) -> CliResult {
+    let dir = std::path::absolute(&a.out).map_err(failed("--out"))?;
     let body = serde_json::json!({ "snapshot_dir": dir, "page_checksums": a.page_checksums });
     let (code, body) = http_unix(
         &a.api_sock,
@@ -49,7 +51,7 @@ pub fn snapshot(a: &SnapshotArgs) -> Result<(), String> {
         Duration::from_secs(600),
     )?;
     if code != 200 {
-        return Err(format!("snapshot failed ({code}): {body}"));
+        return Err(CliError::Check(format!("snapshot failed ({code}): {body}")));
     }
     println!("{body}");
     Ok(())
@@ -93,7 +95,7 @@ pub struct RestoreArgs {
     timeout: u64,
 }
 
-pub fn restore(a: &RestoreArgs) -> Result<(), String> {
+pub fn restore(a: &RestoreArgs) -> CliResult {
     let opts = RestoreOptions {
         mode: a.mode,
         then: if a.verify {
@@ -106,24 +108,25 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
         batch_pages: a.batch_pages,
         record: a.record,
     };
-    let r = vmm::restore::restore(&a.dir, &opts).map_err(|e| uffd::error_chain(&e))?;
+    let r = vmm::restore::restore(&a.dir, &opts).map_err(failed("restore"))?;
     let expect = r.checksums.clone();
     let heartbeats = r.heartbeats.clone();
     let index = r.index.clone();
     let r_vcpus = r.checksums.len();
-    let running = vmm::RunningVm::start_with(r.vm, r.pager).map_err(|e| uffd::error_chain(&e))?;
+    let running =
+        vmm::RunningVm::start_with(r.vm, r.pager).map_err(failed("starting the restored VM"))?;
     let mem = running.memory().clone();
     let slices: Vec<(u64, u64, u64)> = (0..r_vcpus).map(|i| running.slice(i)).collect();
     let _api = match &a.api_sock {
         Some(p) => Some(
             vmm::api::ApiServer::start(p, running.api_sender())
-                .map_err(|e| format!("API socket {}: {e}", p.display()))?,
+                .map_err(failed(format!("API socket {}", p.display())))?,
         ),
         None => None,
     };
     if let Some(secs) = a.seconds {
         if !(secs > 0.0 && secs < 1e6) {
-            return Err("--seconds must be positive".into());
+            return Err(CliError::Usage("--seconds must be positive".into()));
         }
         let sender = running.api_sender();
         std::thread::spawn(move || {
@@ -148,7 +151,7 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
                 println!("{}", serde_json::to_string(e).expect("events serialise"));
             }
         });
-        r.map_err(|e| uffd::error_chain(&e))?
+        r.map_err(failed("running the restored VM"))?
     };
     let mut verified = None;
     let mut pages_checked = None;
@@ -161,23 +164,19 @@ pub fn restore(a: &RestoreArgs) -> Result<(), String> {
             })
             .collect();
         // SAFETY: the vCPUs have stopped; nothing writes guest memory any more.
-        let n = unsafe { vmm::snapshot::check_pages(&mem, &index, &ranges) }.map_err(|e| {
-            format!(
-                "{}: the page handler served wrong data",
-                uffd::error_chain(&e)
-            )
-        })?;
+        let n = unsafe { vmm::snapshot::check_pages(&mem, &index, &ranges) }
+            .map_err(failed("the page handler served wrong data"))?;
         pages_checked = Some(n);
     }
     if a.verify {
         for (i, v) in summary.vcpus.iter().enumerate() {
             let got = v.checksum;
             if got != expect.get(i).copied() {
-                return Err(format!(
+                return Err(CliError::Check(format!(
                     "vCPU {i}: verify reports {} but the snapshot recorded {:#018x}: restored memory differs",
                     v.checksum.map_or("nothing".into(), vmm::hex::fmt),
                     expect.get(i).copied().unwrap_or(0)
-                ));
+                )));
             }
         }
         verified = Some(true);
@@ -241,35 +240,38 @@ impl PageSource for Corrupting {
     }
 }
 
-fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
-    let (h, fd) = recv_msg::<Handoff>(&conn).map_err(|e| format!("hand-off: {e}"))?;
-    let refuse = |why: String| {
+fn serve_one(conn: UnixStream, a: &PageServerArgs) -> CliResult {
+    let (h, fd) = recv_msg::<Handoff>(&conn).map_err(failed("hand-off"))?;
+    let refuse = |e: CliError| {
         let _ = send_msg(
             &conn,
             &HandoffReply {
                 version: HANDOFF_VERSION,
                 ok: false,
-                error: Some(why.clone()),
+                error: Some(uffd::error_chain(&e)),
             },
             None,
         );
-        why
+        e
     };
     if h.protocol != HANDOFF_PROTOCOL || h.version != HANDOFF_VERSION {
-        return Err(refuse(format!(
+        return Err(refuse(CliError::Usage(format!(
             "hand-off {} version {}; this handler speaks {HANDOFF_PROTOCOL} version {HANDOFF_VERSION}",
             h.protocol, h.version
-        )));
+        ))));
     }
     let Some(fd) = fd else {
-        return Err(refuse("no userfaultfd came with the hand-off".into()));
+        return Err(refuse(CliError::Usage(
+            "no userfaultfd came with the hand-off".into(),
+        )));
     };
-    let loaded = vmm::snapshot::load(&h.snapshot_dir).map_err(|e| refuse(uffd::error_chain(&e)))?;
+    let loaded = vmm::snapshot::load(&h.snapshot_dir)
+        .map_err(|e| refuse(failed("loading the snapshot")(e)))?;
     let uffd = uffd::Uffd::from_owned_fd(fd, uffd::Features::from_bits_retain(h.uffd_features));
     let mut regions = Vec::new();
     for m in &h.mappings {
         let range = uffd::Range::new(m.base_host_virt_addr as usize, m.size as usize)
-            .map_err(|e| refuse(format!("mapping: {e}")))?;
+            .map_err(|e| refuse(failed("mapping")(e)))?;
         regions.push(memx::Region {
             range,
             offset: m.offset,
@@ -295,7 +297,7 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
         ),
         None => memx::FaultLoop::serve_remote(shards, source, cfg),
     }
-    .map_err(|e| refuse(uffd::error_chain(&e)))?;
+    .map_err(|e| refuse(failed("serving the userfaultfd")(e)))?;
     send_msg(
         &conn,
         &HandoffReply {
@@ -305,7 +307,7 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
         },
         None,
     )
-    .map_err(|e| format!("answering the VMM: {e}"))?;
+    .map_err(failed("answering the VMM"))?;
     eprintln!(
         "page-server: serving VMM pid {} from {}",
         h.vmm_pid,
@@ -314,7 +316,7 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
     // Serve until the VMM closes the connection (it exited or finished).
     let mut b = [0u8; 64];
     while matches!((&conn).read(&mut b), Ok(n) if n > 0) {}
-    let stats = fl.stop().map_err(|e| uffd::error_chain(&e))?;
+    let stats = fl.stop().map_err(failed("stopping the fault loop"))?;
     eprintln!(
         "page-server: VMM pid {} gone; {} faults, {} pages, fault p50 {:.1} us",
         h.vmm_pid,
@@ -325,18 +327,18 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn page_server(a: &PageServerArgs) -> Result<(), String> {
+pub fn page_server(a: &PageServerArgs) -> CliResult {
     if a.socket.exists() {
-        std::fs::remove_file(&a.socket).map_err(|e| format!("{}: {e}", a.socket.display()))?;
+        std::fs::remove_file(&a.socket).map_err(failed(format!("{}", a.socket.display())))?;
     }
     let l = UnixListener::bind(&a.socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", a.socket.display()))?;
+        .map_err(failed(format!("cannot listen on {}", a.socket.display())))?;
     eprintln!("page-server: listening on {}", a.socket.display());
     for conn in l.incoming() {
-        let conn = conn.map_err(|e| format!("accept: {e}"))?;
+        let conn = conn.map_err(failed("accept"))?;
         let r = serve_one(conn, a);
         if let Err(e) = &r {
-            eprintln!("page-server: {e}");
+            eprintln!("page-server: {}", uffd::error_chain(e));
         }
         if a.once {
             return r;
