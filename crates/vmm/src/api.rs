@@ -273,3 +273,57 @@ impl Drop for ApiServer {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::PauseOwner;
+    use tiny_http::Method::{Get, Post, Put};
+
+    #[test]
+    fn requests_become_commands_or_http_errors() {
+        assert_eq!(route(&Get, "/vm", ""), Ok(Command::GetVm));
+        assert_eq!(route(&Put, "/vm/pause?x=1", ""), Ok(Command::Pause));
+        assert_eq!(route(&Get, "/migrate", ""), Ok(Command::MigrateStatus));
+        assert_eq!(
+            route(&Put, "/snapshot/create", r#"{"snapshot_dir":"/s"}"#),
+            Ok(Command::SnapshotCreate {
+                dir: "/s".into(),
+                page_checksums: false
+            })
+        );
+        let code = |r: Result<Command, HttpReply>| r.err().map(|e| e.0);
+        assert_eq!(code(route(&Post, "/vm/pause", "")), Some(405));
+        assert_eq!(code(route(&Put, "/vm", "")), Some(405));
+        assert_eq!(code(route(&Get, "/nope", "")), Some(404));
+        assert_eq!(code(route(&Put, "/snapshot/create", "{")), Some(400));
+        assert_eq!(code(route(&Put, "/snapshot/create", "{}")), Some(400));
+        assert_eq!(
+            code(route(&Put, "/migrate", r#"{"mode":"postcopy"}"#)),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn answers_get_their_status_codes_here() {
+        assert_eq!(http(Ok(Response::Done)), (204, Value::Null));
+        let code = |e: ControlError| http(Err(e)).0;
+        assert_eq!(
+            code(ControlError::StillPaused(vec![PauseOwner::Migration])),
+            409
+        );
+        assert_eq!(code(ControlError::HandedOver), 409);
+        assert_eq!(code(ControlError::Busy("a snapshot")), 409);
+        assert_eq!(
+            code(ControlError::Snapshot(SnapshotError::Uncarried(vec![
+                "a device".into()
+            ]))),
+            409
+        );
+        assert_eq!(code(ControlError::Snapshot(SnapshotError::Finished)), 400);
+        assert_eq!(code(ControlError::NoMigration), 404);
+        assert_eq!(code(ControlError::Gone), 503);
+        let (_, body) = http(Err(ControlError::StillPaused(vec![PauseOwner::Migration])));
+        assert_eq!(body["error"], "the VM stays paused: held by migration");
+    }
+}
