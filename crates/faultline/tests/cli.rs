@@ -146,8 +146,9 @@ fn run_every_workload_as_a_user_would() {
             "2",
             "--guest",
             guest,
+            // Long enough for 3 beats each after a fill that is slow on a loaded machine.
             "--seconds",
-            "0.5",
+            "1.5",
             "--json-events",
         ]);
         assert!(o.status.success(), "{guest}: {}", stderr(&o));

@@ -224,14 +224,26 @@ fn serve(mut req: tiny_http::Request, to: &ControlHandle) {
 }
 
 impl ApiServer {
-    /// Listen on `path` (an existing socket file there is replaced) and forward to `to`.
+    /// Listen on `path` and forward to `to`. A stale socket there is replaced; any other
+    /// file is left alone and refused. The socket is the owner's only (mode 0600): whoever
+    /// can open it controls the VM.
     pub fn start(path: &Path, to: ControlHandle) -> io::Result<ApiServer> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let server = Arc::new(
             tiny_http::Server::http_unix(path).map_err(|e| io::Error::other(e.to_string()))?,
         );
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let s = server.clone();
         let thread = thread::Builder::new().name("api".into()).spawn(move || {
             let in_flight = Arc::new(AtomicUsize::new(0));
@@ -302,6 +314,30 @@ mod tests {
             code(route(&Put, "/migrate", r#"{"mode":"postcopy"}"#)),
             Some(400)
         );
+    }
+
+    #[test]
+    fn the_socket_is_private_and_other_files_are_never_replaced() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let handle = ControlHandle(tx);
+        let file = dir.path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        let e = ApiServer::start(&file, handle.clone())
+            .err()
+            .expect("a regular file is not replaced");
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+        let sock = dir.path().join("api.sock");
+        let s = ApiServer::start(&sock, handle.clone()).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(s);
+        // A stale socket left by a dead VMM is replaced.
+        let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        drop(stale);
+        assert!(ApiServer::start(&sock, handle).is_ok());
     }
 
     #[test]

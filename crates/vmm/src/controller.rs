@@ -193,7 +193,7 @@ pub(crate) enum Msg {
 
 /// Sends commands to a VM's controller (any thread).
 #[derive(Clone)]
-pub struct ControlHandle(Sender<Msg>);
+pub struct ControlHandle(pub(crate) Sender<Msg>);
 
 impl ControlHandle {
     /// Ask the controller; [`ControlError::Gone`] if it is gone or does not answer within

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -182,8 +182,12 @@ impl GuestMem {
             }
             Backend::Memfd => {
                 // SAFETY: a valid C string; memfd_create returns a new fd or -1.
-                let fd =
-                    unsafe { libc::memfd_create(c"faultline-guest".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd = unsafe {
+                    libc::memfd_create(
+                        c"faultline-guest".as_ptr(),
+                        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+                    )
+                };
                 if fd < 0 {
                     return Err(MemoryError::Memfd {
                         size,
@@ -194,6 +198,22 @@ impl GuestMem {
                 let file = unsafe { File::from_raw_fd(fd) };
                 file.set_len(size)
                     .map_err(|source| MemoryError::Memfd { size, source })?;
+                // Devices get this fd (DMA): none of them may shrink guest memory under the
+                // VM (a SIGBUS for the VMM) or grow it.
+                // SAFETY: F_ADD_SEALS on our own fd with a plain integer argument.
+                if unsafe {
+                    libc::fcntl(
+                        file.as_raw_fd(),
+                        libc::F_ADD_SEALS,
+                        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+                    )
+                } != 0
+                {
+                    return Err(MemoryError::Memfd {
+                        size,
+                        source: io::Error::last_os_error(),
+                    });
+                }
                 let fo = FileOffset::new(
                     file.try_clone()
                         .map_err(|source| MemoryError::Memfd { size, source })?,
@@ -326,5 +346,27 @@ impl GuestMem {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
         self.mem.write_slice(data, GuestAddress(gpa))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_cannot_shrink_or_grow_the_guest_memfd() {
+        let m = GuestMem::new(4 << 20, Backend::Memfd).unwrap();
+        let f = m.memfd().expect("a memfd").try_clone().unwrap();
+        // What a device process holding the fd would try.
+        let e = f.set_len(1 << 20).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        let e = f.set_len(8 << 20).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        // The seals themselves are sealed.
+        // SAFETY: F_ADD_SEALS on an fd we own.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1);
+        m.write(0x1000, b"still writable").unwrap();
+        assert_eq!(m.read(0x1000, 14).unwrap(), b"still writable");
     }
 }

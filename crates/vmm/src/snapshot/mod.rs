@@ -43,6 +43,10 @@ pub const VERSION: u32 = 1;
 pub const PAGE: u64 = 4096;
 /// Pages per CRC chunk (64 KiB).
 pub const CHUNK_PAGES: u64 = 16;
+/// The most pages per chunk a memory index may name (16 MiB chunks).
+pub const MAX_CHUNK_PAGES: u64 = 4096;
+/// The most pages a memory index may name (1 TiB of guest memory).
+pub const MAX_PAGES: u64 = 1 << 28;
 /// Magic of `memory.idx`.
 pub const INDEX_MAGIC: &[u8; 8] = b"FLMIDX\0\0";
 
@@ -290,7 +294,9 @@ impl MemoryIndex {
         let pages = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
         let chunk_pages = u64::from(u32_at(24));
         let flags = u32_at(28);
-        if chunk_pages == 0 || pages > (1 << 40) {
+        // Bounded before use: a chunk is read and hashed whole, and the buffers follow from
+        // these numbers (the writer uses CHUNK_PAGES).
+        if !(1..=MAX_CHUNK_PAGES).contains(&chunk_pages) || pages > MAX_PAGES {
             return Err(bad(format!("{pages} pages in chunks of {chunk_pages}")));
         }
         let words = pages.div_ceil(64) as usize;
@@ -694,6 +700,20 @@ mod tests {
                 .to_string()
                 .contains("version 2")
         );
+        // A crafted index with huge chunks (2^32 - 1 pages each: 16 TiB hashed per chunk) and
+        // a consistent length is refused before anything is sized from it.
+        let huge = MemoryIndex {
+            pages: 100,
+            chunk_pages: u64::from(u32::MAX),
+            bitmap: vec![0, 0],
+            chunk_crc: vec![0],
+            page_crc: None,
+        };
+        let e = MemoryIndex::decode(&huge.encode()).unwrap_err().to_string();
+        assert!(e.contains("in chunks of 4294967295"), "{e}");
+        let mut many = idx.encode();
+        many[16..24].copy_from_slice(&(MAX_PAGES + 1).to_le_bytes());
+        assert!(MemoryIndex::decode(&many).is_err());
     }
 
     #[test]
