@@ -275,3 +275,91 @@ fn a_vm_with_vfio_user_devices_is_refused_by_snapshot_and_migrate() {
     stop.shutdown();
     serving.join().unwrap().unwrap();
 }
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(mib: u32) -> SmallDisk {
+        let d = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(d.path())
+            .output()
+            .expect("run mount(8)");
+        assert!(
+            o.status.success(),
+            "this test mounts a small tmpfs and needs root: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallDisk(d)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_the_older_snapshot_whole_and_the_guest_running() {
+    let disk = SmallDisk::new(24);
+    let dir = disk.0.path().join("snap");
+    let mut running = Vm::new(dirty(64, 1)).unwrap().start().unwrap();
+    until_heartbeats(&mut running, 1);
+    let first = running.snapshot(&dir, false).unwrap();
+    assert!(first.bytes_written > 12 << 20, "{first:?}");
+    // A second snapshot does not fit beside the first: it fails, and the first is untouched.
+    let e = running.snapshot(&dir, false).unwrap_err();
+    let chain = uffd::error_chain(&e);
+    assert!(chain.contains("No space left on device"), "{chain}");
+    let names: Vec<_> = std::fs::read_dir(disk.0.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("snap")],
+        "no leftovers"
+    );
+    // The guest was resumed and runs on.
+    assert!(!running.machine().control().is_paused());
+    until_heartbeats(&mut running, 1);
+    running.stop();
+    // The first snapshot restores and its memory verifies.
+    let r = vmm::restore::restore(
+        &dir,
+        &RestoreOptions {
+            mode: RestoreMode::Eager,
+            then: AfterRestore::Verify,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let want = r.checksums.clone();
+    let s = RunningVm::start_with(r.vm, r.pager)
+        .unwrap()
+        .wait(Duration::from_secs(60), |_| {})
+        .unwrap();
+    assert_eq!(s.vcpus[0].checksum, Some(want[0]));
+    assert_eq!(first.checksums, want);
+}
+
+#[test]
+fn snapshots_never_write_through_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("elsewhere");
+    std::fs::create_dir(&target).unwrap();
+    let link = dir.path().join("snap");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mut running = Vm::new(dirty(36, 1)).unwrap().start().unwrap();
+    until_heartbeats(&mut running, 1);
+    let e = running.snapshot(&link, false).unwrap_err();
+    assert!(e.to_string().contains("is not a directory"), "{e}");
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+    running.stop();
+}

@@ -265,7 +265,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                     Some(Pager {
                         kind: PagerKind::External {
                             conn,
-                            _uffd: u,
+                            uffd: Some(u),
+                            range,
                             path: path.clone(),
                         },
                         record_to: None,

@@ -89,8 +89,10 @@ pub(super) enum PagerKind {
     External {
         conn: UnixStream,
         /// The VMM keeps its copy: while it is open, faults stay blocked (never silently
-        /// filled with zeros) even after the handler is gone.
-        _uffd: uffd::Uffd,
+        /// filled with zeros) even after the handler is gone. The watcher takes it over.
+        uffd: Option<uffd::Uffd>,
+        /// Guest memory, registered with it.
+        range: uffd::Range,
         path: PathBuf,
     },
 }
@@ -102,11 +104,24 @@ impl std::fmt::Debug for Pager {
 }
 
 impl Pager {
-    /// Start watching for handler failure: a closed hand-off connection stops the VM.
+    /// Start watching for handler failure: a closed hand-off connection stops the VM, and
+    /// from then on every fault is answered by poisoning its page (the faulting vCPU gets
+    /// SIGBUS and stops with an error): no vCPU waits on a handler that is gone, never wrong
+    /// data.
     pub(crate) fn watch(&mut self, notify: Notifier) -> Result<(), PagerError> {
-        let PagerKind::External { conn, path, .. } = &self.kind else {
+        let PagerKind::External {
+            conn,
+            path,
+            uffd,
+            range,
+        } = &mut self.kind
+        else {
             return Ok(());
         };
+        let Some(uffd) = uffd.take() else {
+            return Ok(());
+        };
+        let range = *range;
         let conn = conn.try_clone().map_err(|source| PagerError::Host {
             what: "the page-fault handler watcher",
             source,
@@ -131,6 +146,7 @@ impl Pager {
                             notify.fail(Failure::Pager(Box::new(PagerError::HandlerGone(
                                 path.clone(),
                             ))));
+                            take_over(uffd, range, &path, &st);
                             return;
                         }
                     }
@@ -204,5 +220,42 @@ impl Pager {
             }
         }
         Ok(report)
+    }
+}
+
+/// Answers every fault by poisoning its page: what the VMM does once the handler is gone.
+struct Poison(PathBuf);
+
+impl memx::PageSource for Poison {
+    fn fetch<'a>(
+        &'a self,
+        _: &memx::Request,
+        _: &'a mut [u8],
+        _: &memx::Completer,
+    ) -> Result<memx::Fill<'a>, memx::SourceError> {
+        Err(memx::SourceError::Gone(format!(
+            "the page-fault handler at {} is gone",
+            self.0.display()
+        )))
+    }
+}
+
+/// Serve `uffd`'s faults by poisoning until `stop`.
+fn take_over(uffd: uffd::Uffd, range: uffd::Range, path: &std::path::Path, stop: &AtomicBool) {
+    let fl = FaultLoop::serve(
+        vec![(uffd, vec![memx::Region { range, offset: 0 }])],
+        Poison(path.to_path_buf()),
+        memx::Config {
+            threads: 1,
+            batch_pages: 1,
+            ..Default::default()
+        },
+    );
+    // Without the loop (it could not start) faults stay blocked until the VM stops.
+    while !stop.load(SeqCst) {
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Ok(fl) = fl {
+        let _ = fl.stop();
     }
 }

@@ -1,8 +1,13 @@
 //! Taking a snapshot of a running VM. It runs on a thread of its own (the controller goes on
 //! answering meanwhile) and holds a pause of its own ([`PauseOwner::Snapshot`]): an operator's
 //! pause taken before or during it stays in force after it.
+//!
+//! The snapshot is written into a new directory beside the one asked for, synced, and only
+//! then put in its place (an atomic exchange when one exists: `renameat2(RENAME_EXCHANGE)`),
+//! so an older snapshot there is never truncated or half-overwritten: a failure (a full disk)
+//! leaves it whole, and a VM restored from it (`mmap`, `lazy`) keeps reading its files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
@@ -10,6 +15,7 @@ use super::{
     Manifest, MemoryInfo, PAGE, SliceInfo, SnapshotError, SnapshotInfo, files, write_file,
     write_manifest, write_memory,
 };
+use crate::vstate::control::mono_ns;
 use crate::vstate::{Machine, PauseOwner, VmError};
 
 /// Pause (if running), write a snapshot of `machine` into `dir`, and resume (unless someone
@@ -51,21 +57,133 @@ fn write(
     t0: Instant,
 ) -> Result<SnapshotInfo, SnapshotError> {
     let (vm_state, vcpus) = machine.save_state().map_err(SnapshotError::Save)?;
-    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Io {
-        what: "creating",
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    // A half-written directory must not look like a snapshot.
-    let _ = std::fs::remove_file(dir.join(files::MANIFEST));
-    let _ = std::fs::remove_file(dir.join(files::WORKING_SET));
+    let staging = Staging::new(dir)?;
+    let info = write_into(
+        machine,
+        &staging.path,
+        dir,
+        page_checksums,
+        t0,
+        vm_state,
+        &vcpus,
+    )?;
+    staging.commit(dir)?;
+    Ok(info)
+}
+
+/// A fresh directory beside the target, removed unless committed.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+impl Staging {
+    fn new(dir: &Path) -> Result<Staging, SnapshotError> {
+        let name = dir.file_name().ok_or_else(|| {
+            SnapshotError::Inconsistent(format!("{} names no directory", dir.display()))
+        })?;
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if !m.is_dir() => {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "{} exists and is not a directory (a link or a file): not written",
+                    dir.display()
+                )));
+            }
+            _ => {}
+        }
+        let mut tmp = name.to_os_string();
+        tmp.push(format!(".new-{}-{}", std::process::id(), mono_ns()));
+        let path = parent.join(tmp);
+        std::fs::create_dir(&path).map_err(io("creating", &path))?;
+        Ok(Staging {
+            path,
+            committed: false,
+        })
+    }
+
+    /// Put the written snapshot in place of `dir` (swapping with an older one, then removing
+    /// that), syncing the directories so the exchange survives a crash.
+    fn commit(mut self, dir: &Path) -> Result<(), SnapshotError> {
+        sync_dir(&self.path)?;
+        if dir.exists() {
+            exchange(&self.path, dir)?;
+            // `self.path` now holds the older snapshot.
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            std::fs::rename(&self.path, dir).map_err(io("renaming into", dir))?;
+        }
+        self.committed = true;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn sync_dir(d: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(io("syncing", d))
+}
+
+/// Swap two directory entries atomically.
+fn exchange(a: &Path, b: &Path) -> Result<(), SnapshotError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| SnapshotError::Inconsistent(format!("{} has a NUL byte", p.display())))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid C strings; renameat2 only reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        return Err(io("exchanging it with", b)(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn write_into(
+    machine: &Machine,
+    dir: &Path,
+    target: &Path,
+    page_checksums: bool,
+    t0: Instant,
+    vm_state: crate::vstate::VmState,
+    vcpus: &[crate::vstate::VcpuState],
+) -> Result<SnapshotInfo, SnapshotError> {
     let mem = machine.memory();
     let mem_path = dir.join(files::MEMORY);
     // SAFETY: every vCPU is parked (the snapshot's pause) and the VM has no device that could
     // write guest memory (a VM with one is refused above): nothing writes guest memory.
     let (idx, written) = unsafe { write_memory(mem, &mem_path, page_checksums) }?;
     let index = write_file(dir, files::INDEX, &idx.encode())?;
-    let state = write_file(dir, files::STATE, &super::state::encode(&vm_state, &vcpus))?;
+    let state = write_file(dir, files::STATE, &super::state::encode(&vm_state, vcpus))?;
     let checksums = (0..machine.slices().len())
         .map(|i| machine.host_checksum(i))
         .collect::<Result<Vec<_>, VmError>>()
@@ -107,7 +225,7 @@ fn write(
     };
     write_manifest(dir, &manifest)?;
     Ok(SnapshotInfo {
-        dir: dir.to_path_buf(),
+        dir: target.to_path_buf(),
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         paused_ms: 0.0,
         mem_bytes: mem.size(),

@@ -349,7 +349,7 @@ pub unsafe fn write_memory(
     path: &Path,
     page_checksums: bool,
 ) -> Result<(MemoryIndex, MemoryWritten), SnapshotError> {
-    let f = File::create(path).map_err(io_err("creating", path))?;
+    let f = create_file(path)?;
     f.set_len(mem.size()).map_err(io_err("sizing", path))?;
     let pages = mem.size() / PAGE;
     let mut idx = MemoryIndex {
@@ -404,10 +404,23 @@ pub unsafe fn write_memory(
     ))
 }
 
-/// Write `data` to `dir/name` and describe it.
+/// Create a new file at `path` for writing: never through a symbolic link, never over an
+/// existing file (snapshots are written into a fresh directory).
+pub fn create_file(path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("creating", path))
+}
+
+/// Write `data` to the new file `dir/name` and describe it.
 pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> Result<FileRef, SnapshotError> {
     let path = dir.join(name);
-    let mut f = File::create(&path).map_err(io_err("creating", &path))?;
+    let mut f = create_file(&path)?;
     f.write_all(data).map_err(io_err("writing", &path))?;
     f.sync_data().map_err(io_err("syncing", &path))?;
     Ok(FileRef {
@@ -420,6 +433,7 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> Result<FileRef, Snapsh
 /// Write the manifest last, atomically (a directory without one is not a snapshot).
 pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), SnapshotError> {
     let tmp = dir.join(".manifest.json.tmp");
+    let _ = std::fs::remove_file(&tmp);
     let json = serde_json::to_vec_pretty(m).expect("the manifest serialises");
     write_file(dir, ".manifest.json.tmp", &json)?;
     let path = dir.join(files::MANIFEST);

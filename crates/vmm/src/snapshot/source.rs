@@ -234,6 +234,8 @@ impl WorkingSet {
     /// Write `dir/working-set` (atomically).
     pub fn store(&self, dir: &Path) -> Result<(), SnapshotError> {
         let tmp = ".working-set.tmp";
+        // A leftover of an interrupted store (never followed if it is a link).
+        let _ = std::fs::remove_file(dir.join(tmp));
         super::write_file(dir, tmp, &self.encode())?;
         let path = dir.join(super::files::WORKING_SET);
         std::fs::rename(dir.join(tmp), &path).map_err(io_err("renaming into", &path))

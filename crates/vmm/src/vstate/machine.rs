@@ -554,12 +554,12 @@ impl Machine {
         self.join()
     }
 
-    /// Wait for the vCPU threads, which must be finishing, at most
-    /// [`STOP_DEADLINE`](super::control::STOP_DEADLINE): a thread still running then is left
-    /// behind (it ends with the process) rather than waited for forever.
+    /// Wait for the vCPU threads, which must be finishing (their loops returned, or a stop
+    /// was asked and waited for), at most 2 s: a thread still running then is left behind (it
+    /// ends with the process) rather than waited for forever.
     pub fn join(&self) -> Joined {
         let threads = std::mem::take(&mut *self.threads());
-        let deadline = Instant::now() + super::control::STOP_DEADLINE;
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
         let mut r = Joined::All;
         for t in threads {
             while !t.is_finished() && Instant::now() < deadline {
