@@ -9,7 +9,7 @@
 //! arrives on the same channel as the commands, so the controller sees one ordered stream.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -327,8 +327,8 @@ pub struct RunningVm {
     migrated: bool,
     /// Someone read the migration's final status through the API.
     final_seen: bool,
-    /// A snapshot being written on its own thread.
-    snapshot: Option<JoinHandle<()>>,
+    /// A snapshot being written on its own thread, and whether it has answered.
+    snapshot: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -487,7 +487,9 @@ impl RunningVm {
     }
 
     fn snapshot_busy(&self) -> bool {
-        self.snapshot.as_ref().is_some_and(|t| !t.is_finished())
+        self.snapshot
+            .as_ref()
+            .is_some_and(|(_, done)| !done.load(SeqCst))
     }
 
     fn migration_busy(&self) -> bool {
@@ -534,19 +536,28 @@ impl RunningVm {
                 if self.migration_busy() || self.migrated {
                     return Some(Err(ControlError::Busy("a migration")));
                 }
+                let uncarried = self.machine.uncarried();
+                if !uncarried.is_empty() {
+                    return Some(Err(ControlError::Snapshot(SnapshotError::Uncarried(
+                        uncarried.into_iter().map(|u| u.0).collect(),
+                    ))));
+                }
                 let machine = self.machine.clone();
                 let reply = reply.clone();
+                let done = Arc::new(AtomicBool::new(false));
+                let d = done.clone();
                 let spawned = thread::Builder::new()
                     .name("snapshot".into())
                     .spawn(move || {
                         let r = snapshot::create(&machine, &dir, page_checksums)
                             .map(Response::Snapshot)
                             .map_err(ControlError::Snapshot);
+                        d.store(true, SeqCst);
                         let _ = reply.send(r);
                     });
                 match spawned {
                     Ok(t) => {
-                        self.snapshot = Some(t);
+                        self.snapshot = Some((t, done));
                         return None;
                     }
                     Err(source) => Err(ControlError::Thread {
@@ -711,7 +722,7 @@ impl RunningVm {
     }
 
     fn join_snapshot(&mut self) {
-        if let Some(t) = self.snapshot.take() {
+        if let Some((t, _)) = self.snapshot.take() {
             let _ = t.join();
         }
     }

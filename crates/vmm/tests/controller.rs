@@ -84,6 +84,25 @@ fn the_controller_answers_typed_commands() {
         };
         assert_eq!(beats(&a), beats(&b), "no heartbeat while paused");
         assert!(matches!(h.ask(Command::Resume, QUICK), Ok(Response::Done)));
+        // Every vCPU beats again after the resume: the pause falls between two beats.
+        let t = Instant::now();
+        loop {
+            let Ok(Response::Stats(c)) = h.ask(Command::Stats, QUICK) else {
+                panic!("Stats")
+            };
+            if beats(&c)
+                .iter()
+                .zip(beats(&b))
+                .all(|(now, then)| *now > then)
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no beat after resume"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(matches!(
             h.ask(Command::MigrateStatus, QUICK),
             Err(ControlError::NoMigration)
