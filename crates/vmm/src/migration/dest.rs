@@ -415,3 +415,60 @@ fn receive(
         .map_err(io_err("starting the migration thread"))?;
     Ok(th)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn frame(kind: u8, len: u32, arg: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = vec![kind, 0];
+        b.extend_from_slice(&0x464cu16.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&arg.to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Feed `bytes` to the pre-copy receiver (then end the stream).
+    fn feed(bytes: &[u8]) -> (Result<Received, MigrationError>, GuestMem) {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(bytes).unwrap();
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut main = Sock::Unix(a);
+        let mem = GuestMem::new(2 << 20, Backend::Anonymous).unwrap();
+        let status = Status::new(Role::Destination, None);
+        let r = precopy(&mut main, &mem, &VmConfig::default(), &status);
+        (r, mem)
+    }
+
+    #[test]
+    fn bad_precopy_frames_are_errors_not_panics() {
+        // A Zero frame with a short payload.
+        let (r, _) = feed(&frame(4, 2, 0, &[1, 0]));
+        assert!(
+            matches!(
+                r,
+                Err(MigrationError::BeforeSwitchover(RecvError::Frame(_)))
+            ),
+            "{:?}",
+            r.as_ref().err()
+        );
+        // Pages outside guest memory, and zero pages running past its end.
+        let (r, _) = feed(&frame(3, 4096, 1 << 40, &[7; 4096]));
+        assert!(matches!(r, Err(MigrationError::OutsideMemory(_))));
+        let (r, _) = feed(&frame(4, 4, 510 * 4096, &3u32.to_le_bytes()));
+        assert!(matches!(r, Err(MigrationError::OutsideMemory(_))));
+        // Good frames are written; the stream ending before switchover is an error.
+        let mut b = frame(5, 2, 0, b"{}");
+        b.extend(frame(3, 4096, 4096, &[9; 4096]));
+        let (r, mem) = feed(&b);
+        assert!(matches!(
+            r,
+            Err(MigrationError::BeforeSwitchover(RecvError::Closed))
+        ));
+        assert_eq!(mem.read(4096, 4096).unwrap(), vec![9; 4096]);
+    }
+}

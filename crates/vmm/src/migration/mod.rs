@@ -1,6 +1,18 @@
 //! Live migration of a microVM: pre-copy over KVM's dirty log, post-copy over userfaultfd, and
 //! the hybrid of the two, with post-copy recovery after a lost link.
 //!
+//! # Layers
+//! Pages move with the `xfer` crate; this module keeps what is the VM's. On the source
+//! ([`source`]): guest memory is read only through an [`xfer::reader::PageReader`] (raw copies,
+//! never a `&[u8]` over memory the vCPUs may write), KVM's dirty log is an
+//! [`xfer::dirty::DirtyLog`], rounds are [`xfer::precopy::Precopy`] and post-copy is
+//! [`xfer::push::Push`]; the pause, the `Switch`, `State` and `End` frames and the hand-over
+//! are here. On the destination (`dest`, then `supervisor` after switchover): pre-copy frames
+//! are checked and applied by [`xfer::precopy::Precopied`], post-copy pages are pulled by
+//! [`xfer::pull::Pull`] into a [`memx::FaultLoop`] (its page source asks the source; the
+//! receivers install through the loop's [`memx::Installer`]); the VM is built and started
+//! here. The status is [`xfer::status::Status`], its state the checked [`State`] machine.
+//!
 //! # Modes
 //! - **precopy**: round 0 sends every page that may hold data (pages never touched are
 //!   skipped: the destination's memory starts zeroed); each later round sends the pages KVM's
@@ -34,18 +46,20 @@
 //!         ◀──────────────────────────────── HelloAck
 //!  [precopy, hybrid]  Round, Pages*, Zero* ... (repeat) ▶ written into memory
 //!  pause guest
-//!  main:  Switch{heartbeats}, [Needed bitmap], State ──▶ restores vCPUs (+ uffd for post-copy)
+//!  main:  Switch{heartbeats}, [Needed bitmap], State ──▶ restores vCPUs (+ fault loop, post-copy)
 //!         ◀──────────────────────────────── Resumed            (downtime = pause → Resumed)
-//!  [post-copy]  Pages*/Zero* (background) ───────────▶ UFFDIO_COPY / ZEROPAGE
+//!  [post-copy]  Pages*/Zero* (background) ───────────▶ memx Installer (COPY / ZEROPAGE)
 //!  prio:        ◀──────────────── Request{page}   (a vCPU faulted on a needed page)
-//!               Pages (that page, then its stride) ──▶ UFFDIO_COPY, wakes the vCPU
+//!               Pages (that page, then its stride) ──▶ memx Installer, wakes the vCPU
 //!  main:  End{downtime, tails, checksums?} ──────────▶ (all pages sent)
 //!         ◀──────────────────────────────── Done{report, digest}  (all pages in)
 //!         Verdict{digest of the frozen source memory} ▶ compared; the migration is complete
 //! ```
 //!
-//! States of the source: `setup` → `precopy` → (`cancelled` | `switchover`) → `postcopy` →
-//! (`postcopy-paused` ⇄ `postcopy`) → `completed`; any state may end in `failed`. Before the
+//! States ([`State`], checked transitions): `setup` → `precopy` → (`cancelled` |
+//! `switchover`) → [`postcopy` → (`postcopy-paused` → `resuming` → `postcopy`)*] →
+//! `completed`; any state not final may end in `failed`. A pre-copy migration stays in
+//! `switchover` until it completes (the old `completing` is gone). Before the
 //! `State` frame is sent, every failure resumes the source guest. After it, the guest belongs
 //! to the destination: a lost link during post-copy leaves the source in `postcopy-paused`,
 //! serving nothing, until `faultline migrate --resume` reconnects (`Hello{resume:true}`); the
