@@ -34,6 +34,8 @@ pub type HttpReply = (u16, Value);
 
 /// Requests served at once; more get 503.
 const MAX_IN_FLIGHT: usize = 32;
+/// How long a closing API server waits for answers being written.
+const DRAIN: Duration = Duration::from_secs(2);
 /// How long a quick command may take before the API answers 503.
 const QUICK: Duration = Duration::from_secs(30);
 
@@ -190,6 +192,8 @@ pub enum CallError {
 /// The API server thread; removes its socket when dropped.
 pub struct ApiServer {
     server: Arc<tiny_http::Server>,
+    /// Requests being answered (each on a thread of its own).
+    in_flight: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
@@ -245,8 +249,10 @@ impl ApiServer {
         );
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let s = server.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
         let thread = thread::Builder::new().name("api".into()).spawn(move || {
-            let in_flight = Arc::new(AtomicUsize::new(0));
+            let in_flight = counter;
             for req in s.incoming_requests() {
                 if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
                     in_flight.fetch_sub(1, SeqCst);
@@ -270,6 +276,7 @@ impl ApiServer {
         })?;
         Ok(ApiServer {
             server,
+            in_flight,
             thread: Some(thread),
             path: path.to_path_buf(),
         })
@@ -281,6 +288,13 @@ impl Drop for ApiServer {
         self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Let answers being written finish (a process that exits right after the controller
+        // answered, as a source after its final migration status was read, would cut them
+        // off), for at most DRAIN.
+        let deadline = std::time::Instant::now() + DRAIN;
+        while self.in_flight.load(SeqCst) > 0 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
         }
         let _ = std::fs::remove_file(&self.path);
     }

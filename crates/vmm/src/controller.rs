@@ -146,7 +146,7 @@ pub enum ControlError {
     NoMigration,
     /// The migration cannot be resumed in its state.
     #[error("the migration is {0}, not postcopy-paused")]
-    NotResumable(String),
+    NotResumable(migration::State),
     /// Only the source resumes a migration.
     #[error("this side cannot resume the migration")]
     CannotResumeHere,
@@ -604,16 +604,20 @@ impl RunningVm {
     fn start_migration(&mut self, req: MigrateRequest) -> Reply {
         if req.resume {
             let m = self.migration.as_ref().ok_or(ControlError::NoMigration)?;
-            let state = m.status.get().state;
-            if state != "postcopy-paused" {
+            let Some(resume) = m.resume.as_ref() else {
+                return Err(ControlError::CannotResumeHere);
+            };
+            let state = m.status.state();
+            if state != migration::State::PostcopyPaused {
                 return Err(ControlError::NotResumable(state));
             }
-            return match m.resume.as_ref().map(|r| r.send(req.to.clone())) {
-                Some(Ok(())) => {
-                    m.status.update(|s| s.state = "resuming".into());
-                    Ok(Response::MigrationStarted(m.status.json()))
-                }
-                _ => Err(ControlError::CannotResumeHere),
+            // `resuming` first: the migration thread moves on from there.
+            m.status
+                .go(migration::State::Resuming)
+                .map_err(|e| ControlError::NotResumable(e.from))?;
+            return match resume.send(req.to.clone()) {
+                Ok(()) => Ok(Response::MigrationStarted(m.status.json())),
+                Err(_) => Err(ControlError::CannotResumeHere),
             };
         }
         if self.migration_busy() || self.migrated {
@@ -647,7 +651,7 @@ impl RunningVm {
                 .collect(),
             notify: self.notify.clone(),
         };
-        let status = migration::Status::new("source", Some(req.mode));
+        let status = migration::Status::new(migration::Role::Source, Some(req.mode));
         let (rtx, rrx) = mpsc::channel();
         let st = status.clone();
         let th = thread::Builder::new()

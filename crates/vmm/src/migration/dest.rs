@@ -1,21 +1,24 @@
 //! The receiving side: `faultline run --incoming`. Builds the VM from the stream, starts it at
-//! switchover, and (post-copy) serves its faults from the source until every page is in.
+//! switchover, and (post-copy) serves its faults from the source until every page is in:
+//! `xfer` checks and applies the pre-copy frames and pulls the rest into a `memx` fault loop
+//! (see [`super::supervisor`]).
 
-use std::collections::HashMap;
-use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use uffd::{CopyMode, Event, EventBuffer, Features, Range, RegisterMode, Resolved, Uffd};
+use memx::{FaultLoop, Region};
+use uffd::Range;
+use xfer::bitmap::{bytes_to_words, runs, words_for};
+use xfer::precopy::Precopied;
+use xfer::proto::{self, Channel, Hello};
+use xfer::pull::Pull;
+use xfer::wire::{HEADER, Kind, Listener, PAGE, RecvError, Sock};
 
-use super::wire::{Kind, Listener, PAGE, Sock};
+use super::supervisor::Supervisor;
 use super::{
-    Bits, DestReport, End, Endpoint, Hello, HelloAck, Latency, Migration, MigrationError, PROTOCOL,
-    Status, Switch, VERSION, bytes_to_words, io_err, max_pause_ms, mix, page_hash, words_to_bytes,
+    Endpoint, Migration, MigrationError, Role, State, Status, Switch, fail, io_err, peer_text,
+    pull_err,
 };
 use crate::config::VmConfig;
 use crate::guest::Workload;
@@ -23,7 +26,7 @@ use crate::memory::{Backend, GuestMem};
 use crate::vstate::control::mono_ns;
 use crate::vstate::kvm::create_vm;
 use crate::vstate::machine::{Parts, build_vcpus};
-use crate::vstate::{Failure, Notifier, PauseOwner, VcpuControl, Vm, VmError};
+use crate::vstate::{Notifier, PauseOwner, VcpuControl, Vm, VmError};
 
 /// `faultline run --incoming` options.
 #[derive(Debug, Clone)]
@@ -57,52 +60,10 @@ fn protocol(s: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(s.into())
 }
 
-/// Read the hello on a new connection.
-fn read_hello(s: &mut Sock) -> Result<Hello, MigrationError> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io_err("socket setup"))?;
-    let mut buf = Vec::new();
-    let h = s.recv(&mut buf).map_err(io_err("reading the hello"))?;
-    if h.kind != Kind::Hello {
-        return Err(protocol(format!(
-            "the first frame is {:?}, not a hello",
-            h.kind
-        )));
-    }
-    let hello: Hello =
-        serde_json::from_slice(&buf).map_err(|e| protocol(format!("malformed hello: {e}")))?;
-    if hello.protocol != PROTOCOL || hello.version != VERSION {
-        return Err(protocol(format!(
-            "protocol {} version {} is not ours ({PROTOCOL} version {VERSION})",
-            hello.protocol, hello.version
-        )));
-    }
-    Ok(hello)
-}
-
-fn ack(s: &mut Sock, r: Result<bool, &MigrationError>) -> Result<(), MigrationError> {
-    let a = match r {
-        Ok(want_checksums) => HelloAck {
-            version: VERSION,
-            ok: true,
-            error: None,
-            want_checksums,
-        },
-        Err(e) => HelloAck {
-            version: VERSION,
-            ok: false,
-            error: Some(uffd::error_chain(e)),
-            want_checksums: false,
-        },
-    };
-    s.send_json(Kind::HelloAck, &a)
-        .map_err(io_err("answering the hello"))
-}
-
 fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
-    if h.channel != "main" {
+    if h.channel != Channel::Main {
         return Err(protocol(format!(
-            "expected the main channel first, got '{}'",
+            "expected the main channel first, got {:?}",
             h.channel
         )));
     }
@@ -111,10 +72,15 @@ fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
             "a resume, but no post-copy migration is waiting here".to_string(),
         ));
     }
-    let mut cfg = h
+    let config = h
         .config
         .clone()
         .ok_or_else(|| protocol("the hello has no VM configuration"))?;
+    let mut cfg: VmConfig =
+        serde_json::from_value(config).map_err(|source| MigrationError::Json {
+            what: "VM configuration in the hello",
+            source,
+        })?;
     if cfg.linux.is_some() {
         return Err(MigrationError::Invalid(
             "migration of Linux guests is not supported yet (serial and i8042 state)".into(),
@@ -137,6 +103,35 @@ fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
     Ok(cfg)
 }
 
+/// Check the hello's VM and prepare its memory and KVM VM (before the hello is answered, so a
+/// refusal leaves nothing behind).
+fn prepare(h: &Hello) -> Result<(VmConfig, Parts), MigrationError> {
+    let cfg = check_config(h)?;
+    let t0 = Instant::now();
+    let mem = Arc::new(
+        GuestMem::new(cfg.mem_bytes, Backend::Anonymous)
+            .map_err(|e| MigrationError::Vm(VmError::Memory(e)))?,
+    );
+    let (kvm, vm, irqchip) =
+        create_vm(&mem, h.irqchip, false).map_err(|e| MigrationError::Vm(e.into()))?;
+    if irqchip != h.irqchip {
+        return Err(MigrationError::Invalid(
+            "the source VM has an in-kernel irqchip, which this host's KVM does not offer".into(),
+        ));
+    }
+    let parts = Parts {
+        kvm,
+        vm,
+        irqchip,
+        mem,
+        vcpus: Vec::new(),
+        cfg: VmConfig::default(),
+        t0,
+        last_heartbeat: Vec::new(),
+    };
+    Ok((cfg, parts))
+}
+
 /// An incoming migration whose guest runs here: post-copy (if any) goes on in the background
 /// on its own thread, visible through [`Status`].
 pub struct Incoming {
@@ -156,72 +151,28 @@ pub fn incoming(
         .listen
         .listen()
         .map_err(io_err(format!("listening on {}", opts.listen)))?;
-    let mut main = listener
-        .accept(opts.accept_timeout)
-        .map_err(io_err("accepting the source"))?
-        .ok_or_else(|| {
-            MigrationError::Invalid(format!(
-                "no source connected to {} within {:?}",
-                opts.listen, opts.accept_timeout
-            ))
-        })?;
-    let hello = read_hello(&mut main).inspect_err(|e| {
-        let _ = ack(&mut main, Err(e));
-    })?;
-    let cfg = check_config(&hello).inspect_err(|e| {
-        let _ = ack(&mut main, Err(e));
-    })?;
-    let t0 = Instant::now();
-    let mem = Arc::new(
-        GuestMem::new(cfg.mem_bytes, Backend::Anonymous)
-            .map_err(|e| MigrationError::Vm(VmError::Memory(e)))?,
-    );
-    let (kvm, vm, irqchip) = create_vm(&mem, hello.irqchip, false)
-        .map_err(|e| MigrationError::Vm(e.into()))
-        .inspect_err(|e| {
-            let _ = ack(&mut main, Err(e));
-        })?;
-    if irqchip != hello.irqchip {
-        let e = MigrationError::Invalid(
-            "the source VM has an in-kernel irqchip, which this host's KVM does not offer".into(),
-        );
-        let _ = ack(&mut main, Err(&e));
-        return Err(e);
-    }
-    ack(&mut main, Ok(opts.verify))?;
-    main.set_buffers(super::source::MAIN_BUFFER);
-    let mut prio = listener
-        .accept(Duration::from_secs(10))
-        .map_err(io_err("accepting the priority connection"))?
-        .ok_or_else(|| protocol("the source did not open its priority connection"))?;
-    let ph = read_hello(&mut prio)?;
-    if ph.channel != "priority" || ph.id != hello.id {
-        let e = protocol("the second connection is not this migration's priority channel");
-        let _ = ack(&mut prio, Err(&e));
-        return Err(e);
-    }
-    ack(&mut prio, Ok(opts.verify))?;
-    let status = Status::new("destination", Some(hello.mode));
+    let mut prepared = None;
+    let accepted = proto::accept_pair(&listener, opts.accept_timeout, |h| {
+        let r = prepare(h);
+        let answer = match &r {
+            Ok(_) => Ok(opts.verify),
+            Err(e) => Err(uffd::error_chain(e)),
+        };
+        prepared = Some(r);
+        answer
+    });
+    let ((main, prio, hello), (cfg, parts)) = match (accepted, prepared) {
+        (Ok(a), Some(Ok(p))) => (a, p),
+        // The hello was refused for a reason of ours: report it as such.
+        (Err(_), Some(Err(e))) => return Err(e),
+        (Err(e), _) => return Err(MigrationError::Handshake(e)),
+        (Ok(_), _) => {
+            return Err(protocol("the hello was accepted but nothing was prepared"));
+        }
+    };
+    let status = Status::new(Role::Destination, Some(hello.mode));
     let thread = receive(
-        opts,
-        listener,
-        main,
-        prio,
-        hello,
-        cfg,
-        Parts {
-            kvm,
-            vm,
-            irqchip,
-            mem,
-            vcpus: Vec::new(),
-            cfg: VmConfig::default(),
-            t0,
-            last_heartbeat: Vec::new(),
-        },
-        &status,
-        notify,
-        start,
+        opts, listener, main, prio, &hello, cfg, parts, &status, notify, start,
     )?;
     Ok(Incoming {
         migration: Migration {
@@ -232,24 +183,130 @@ pub fn incoming(
     })
 }
 
-/// Per-page hashes of what was installed (for the digest).
-type Hashes = Arc<Vec<AtomicU64>>;
-
-fn digest(h: &Hashes) -> String {
-    let d = h.iter().enumerate().fold(0u64, |d, (p, x)| {
-        d.wrapping_add(mix(p as u64, x.load(SeqCst)))
-    });
-    format!("{d:#018x}")
-}
-
-fn check_range(mem: &GuestMem, arg: u64, len: u64) -> Result<(), MigrationError> {
-    if arg % PAGE != 0 || arg.checked_add(len).is_none_or(|e| e > mem.size()) {
-        return Err(protocol(format!(
-            "pages at {arg:#x}+{len:#x} lie outside guest memory ({:#x} bytes)",
-            mem.size()
-        )));
+/// Drop what pre-copy put in pages that changed since (they come again, through the fault
+/// loop).
+fn discard(mem: &GuestMem, needed: &[u64]) -> Result<(), MigrationError> {
+    let base = mem.host_addr() as usize;
+    for (p, n) in runs(needed) {
+        // SAFETY: inside guest memory (the bitmap was checked against its pages); no vCPU runs
+        // yet, so nothing uses these pages.
+        let r = unsafe {
+            libc::madvise(
+                (base + (p * PAGE) as usize) as *mut libc::c_void,
+                (n * PAGE) as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if r != 0 {
+            return Err(MigrationError::Io {
+                what: "discarding stale pages (MADV_DONTNEED)".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
     }
     Ok(())
+}
+
+/// What came before the `State` frame.
+struct Received {
+    sw: Switch,
+    /// Post-copy: the pages still at the source.
+    needed: Option<Vec<u64>>,
+    pre: Precopied,
+    bytes: u64,
+}
+
+/// Receive pre-copy rounds up to the switchover: pages go straight into memory (nothing runs
+/// yet), every frame checked.
+fn precopy(
+    main: &mut Sock,
+    mem: &GuestMem,
+    cfg: &VmConfig,
+    status: &Status,
+) -> Result<Received, MigrationError> {
+    let pages = mem.size() / PAGE;
+    let mut pre = Precopied::new(pages);
+    let mut bytes = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        let h = match main.recv(&mut buf) {
+            Ok(h) => h,
+            Err(e @ RecvError::Frame(_)) => {
+                return Err(fail(main, MigrationError::BeforeSwitchover(e)));
+            }
+            Err(e) => return Err(MigrationError::BeforeSwitchover(e)),
+        };
+        bytes += u64::from(h.len) + HEADER as u64;
+        match h.kind {
+            Kind::Round => {
+                if status.state() == State::Setup {
+                    status
+                        .go(State::Precopy)
+                        .map_err(MigrationError::Transition)?;
+                }
+            }
+            Kind::Pages | Kind::Zero => {
+                let mut wrote = Ok(());
+                pre.apply(&h, &buf, |p, data| {
+                    if wrote.is_ok() {
+                        wrote = mem.write(p * PAGE, data);
+                    }
+                })
+                .map_err(|e| fail(main, pull_err(e)))?;
+                wrote.map_err(|e| fail(main, MigrationError::GuestMemory(e)))?;
+            }
+            Kind::Switch => {
+                let sw: Switch = serde_json::from_slice(&buf).map_err(|source| {
+                    fail(
+                        main,
+                        MigrationError::Json {
+                            what: "Switch frame",
+                            source,
+                        },
+                    )
+                })?;
+                if sw.heartbeats.len() != cfg.vcpus as usize {
+                    return Err(fail(
+                        main,
+                        protocol("Switch names the wrong number of vCPUs"),
+                    ));
+                }
+                let needed =
+                    if sw.postcopy {
+                        let h = main
+                            .recv(&mut buf)
+                            .map_err(|e| fail(main, MigrationError::BeforeSwitchover(e)))?;
+                        if h.kind != Kind::Needed {
+                            return Err(fail(main, protocol("expected the Needed bitmap")));
+                        }
+                        bytes += u64::from(h.len) + HEADER as u64;
+                        Some(bytes_to_words(&buf, pages).ok_or_else(|| {
+                            fail(main, protocol("Needed bitmap of the wrong size"))
+                        })?)
+                    } else {
+                        None
+                    };
+                return Ok(Received {
+                    sw,
+                    needed,
+                    pre,
+                    bytes,
+                });
+            }
+            Kind::Cancel => {
+                return Err(MigrationError::Cancelled(peer_text(&buf)));
+            }
+            Kind::Error => {
+                return Err(MigrationError::Peer(peer_text(&buf)));
+            }
+            k => {
+                return Err(fail(
+                    main,
+                    protocol(format!("unexpected {k:?} frame before switchover")),
+                ));
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -258,7 +315,7 @@ fn receive(
     listener: Listener,
     mut main: Sock,
     prio: Sock,
-    hello: Hello,
+    hello: &Hello,
     mut cfg: VmConfig,
     mut parts: Parts,
     status: &Status,
@@ -267,107 +324,46 @@ fn receive(
 ) -> Result<thread::JoinHandle<()>, MigrationError> {
     let mem = parts.mem.clone();
     let pages = mem.size() / PAGE;
-    let hashes: Hashes = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
-    let mut rounds = 0u32;
-    let mut bytes = 0u64;
-    let mut buf = Vec::new();
     main.set_read_timeout(Some(STREAM_TIMEOUT))
         .map_err(io_err("socket setup"))?;
-    let fail = |main: &mut Sock, e: MigrationError| {
-        let _ = main.send_json(Kind::Error, &json!({ "error": uffd::error_chain(&e) }));
-        e
-    };
-    status.update(|s| s.state = "precopy".into());
-    // Before switchover: pages go straight into memory (nothing runs yet).
-    let (sw, needed) = loop {
-        let h = match main.recv(&mut buf) {
-            Ok(h) => h,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(protocol(
-                    "the source disconnected before switchover; nothing was started here",
-                ));
-            }
-            Err(e) => return Err(fail(&mut main, io_err("receiving the stream")(e))),
-        };
-        bytes += u64::from(h.len) + 16;
-        match h.kind {
-            Kind::Round => rounds += 1,
-            Kind::Pages => {
-                check_range(&mem, h.arg, u64::from(h.len)).map_err(|e| fail(&mut main, e))?;
-                // SAFETY: no vCPU exists yet; this thread is the only user of guest memory.
-                let dst = unsafe { mem.slice_mut(h.arg, buf.len()) }.expect("range checked");
-                dst.copy_from_slice(&buf);
-                for (k, pg) in buf.chunks_exact(PAGE as usize).enumerate() {
-                    hashes[(h.arg / PAGE) as usize + k].store(page_hash(pg), SeqCst);
-                }
-            }
-            Kind::Zero => {
-                let n = u64::from(u32::from_le_bytes(buf[..4].try_into().unwrap_or([0; 4])));
-                check_range(&mem, h.arg, n * PAGE).map_err(|e| fail(&mut main, e))?;
-                // SAFETY: as above.
-                let dst = unsafe { mem.slice_mut(h.arg, (n * PAGE) as usize) }.expect("checked");
-                dst.fill(0);
-                for k in 0..n {
-                    hashes[(h.arg / PAGE + k) as usize].store(0, SeqCst);
-                }
-            }
-            Kind::Switch => {
-                let sw: Switch = serde_json::from_slice(&buf)
-                    .map_err(|e| fail(&mut main, protocol(format!("malformed Switch: {e}"))))?;
-                if sw.heartbeats.len() != cfg.vcpus as usize {
-                    return Err(fail(
-                        &mut main,
-                        protocol("Switch names the wrong number of vCPUs"),
-                    ));
-                }
-                let needed = if sw.postcopy {
-                    let h = main
-                        .recv(&mut buf)
-                        .map_err(|e| fail(&mut main, io_err("receiving the bitmap")(e)))?;
-                    if h.kind != Kind::Needed {
-                        return Err(fail(&mut main, protocol("expected the Needed bitmap")));
-                    }
-                    Some(bytes_to_words(&buf, pages).ok_or_else(|| {
-                        fail(&mut main, protocol("Needed bitmap of the wrong size"))
-                    })?)
-                } else {
-                    None
-                };
-                break (sw, needed);
-            }
-            Kind::Cancel => {
-                return Err(MigrationError::Cancelled(
-                    String::from_utf8_lossy(&buf).into_owned(),
-                ));
-            }
-            Kind::Error => {
-                return Err(MigrationError::Peer(
-                    String::from_utf8_lossy(&buf).into_owned(),
-                ));
-            }
-            k => {
-                return Err(fail(
-                    &mut main,
-                    protocol(format!("unexpected {k:?} frame before switchover")),
-                ));
-            }
-        }
-    };
+    let rx = precopy(&mut main, &mem, &cfg, status)?;
+    status
+        .go(State::Switchover)
+        .map_err(MigrationError::Transition)?;
+    let mut buf = Vec::new();
     let h = main
         .recv(&mut buf)
-        .map_err(|e| fail(&mut main, io_err("receiving the vCPU state")(e)))?;
+        .map_err(|e| fail(&mut main, MigrationError::BeforeSwitchover(e)))?;
     if h.kind != Kind::State {
         return Err(fail(&mut main, protocol("expected the State frame")));
     }
+    let bytes = rx.bytes + u64::from(h.len) + HEADER as u64;
     let switch_t = Instant::now();
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)
         .map_err(|e| fail(&mut main, MigrationError::State(e)))?;
-    // Post-copy: drop stale copies of needed pages, then let userfaultfd catch every access.
-    let engine = match &needed {
+    let none = vec![0u64; words_for(pages)];
+    let needed = rx.needed.as_deref().unwrap_or(&none);
+    // Page 0 of guest memory is offset 0 of the fault loop's single region.
+    let pull = Pull::new(pages, 0, needed, rx.pre.hashes());
+    // Post-copy: drop stale copies of needed pages, then let the fault loop catch every
+    // access to a page not yet here.
+    let fault_loop = match &rx.needed {
         Some(words) => {
-            let e = Engine::new(&mem, words, hashes.clone(), prio.try_clone().ok())
-                .map_err(|e| fail(&mut main, e))?;
-            Some(Arc::new(e))
+            let fl = (|| {
+                discard(&mem, words)?;
+                let range = Range::new(mem.host_addr() as usize, mem.size() as usize)
+                    .map_err(MigrationError::Range)?;
+                let fl = FaultLoop::start(
+                    &[Region { range, offset: 0 }],
+                    pull.source(),
+                    memx::Config::default(),
+                )
+                .map_err(MigrationError::Loop)?;
+                pull.attach(fl.installer());
+                Ok(fl)
+            })()
+            .map_err(|e| fail(&mut main, e))?;
+            Some(fl)
         }
         None => None,
     };
@@ -381,9 +377,9 @@ fn receive(
         cfg.run_for = None;
     }
     parts.cfg = cfg;
-    parts.last_heartbeat = sw.heartbeats.clone();
+    parts.last_heartbeat = rx.sw.heartbeats.clone();
     let vm = Vm::from_parts(parts).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
-    if sw.paused {
+    if rx.sw.paused {
         // The operator had paused the guest at the source: it lands paused.
         vm.control().hold(PauseOwner::Operator);
     }
@@ -393,18 +389,15 @@ fn receive(
         .map_err(io_err("telling the source the guest runs"))?;
     main.set_read_timeout(None)
         .map_err(io_err("socket setup"))?;
-    status.update(|s| {
-        s.state = if engine.is_some() {
-            "postcopy"
-        } else {
-            "completing"
-        }
-        .into()
-    });
+    if fault_loop.is_some() {
+        status
+            .go(State::Postcopy)
+            .map_err(MigrationError::Transition)?;
+    }
     let sup = Supervisor {
-        engine,
-        mem: mem.clone(),
-        hashes,
+        pull,
+        fault_loop,
+        loop_stats: None,
         control,
         notify,
         status: status.clone(),
@@ -412,8 +405,8 @@ fn receive(
         switch_t,
         id: hello.id,
         recover_timeout: opts.recover_timeout,
-        bytes: AtomicU64::new(bytes),
-        rounds,
+        bytes,
+        rounds: rx.sw.rounds,
         recoveries: 0,
     };
     let th = thread::Builder::new()
@@ -423,641 +416,59 @@ fn receive(
     Ok(th)
 }
 
-/// The post-copy fault server of the destination.
-struct Engine {
-    uffd: Uffd,
-    base: usize,
-    pages: u64,
-    needed: Bits,
-    left: AtomicU64,
-    requested: Bits,
-    pending: Mutex<HashMap<u64, (Instant, u32)>>,
-    lat_ns: Mutex<Vec<u64>>,
-    block_ns: Mutex<HashMap<u32, u64>>,
-    hashes: Hashes,
-    prio: Mutex<Option<Sock>>,
-    stop: AtomicBool,
-    pages_bg: AtomicU64,
-    pages_prio: AtomicU64,
-    zero_sent: AtomicU64,
-    zero_local: AtomicU64,
-    faults: AtomicU64,
-    duplicates: AtomicU64,
-    range: Range,
-}
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
 
-impl Engine {
-    fn new(
-        mem: &GuestMem,
-        needed: &[u64],
-        hashes: Hashes,
-        prio: Option<Sock>,
-    ) -> Result<Engine, MigrationError> {
-        let pages = mem.size() / PAGE;
-        let base = mem.host_addr() as usize;
-        let uf = |e: &dyn std::error::Error| MigrationError::Uffd(e.to_string());
-        // Drop what pre-copy put in pages that changed since.
-        for (p, n) in super::source::runs(needed) {
-            // SAFETY: inside guest memory; no vCPU runs yet, so nothing uses these pages.
-            let r = unsafe {
-                libc::madvise(
-                    (base + (p * PAGE) as usize) as *mut libc::c_void,
-                    (n * PAGE) as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if r != 0 {
-                return Err(MigrationError::Io {
-                    what: "discarding stale pages (MADV_DONTNEED)".into(),
-                    source: io::Error::last_os_error(),
-                });
-            }
-            for k in p..p + n {
-                hashes[k as usize].store(0, SeqCst);
-            }
-        }
-        let uffd = uffd::UffdBuilder::new()
-            .require_features(Features::THREAD_ID)
-            .create()
-            .or_else(|_| uffd::UffdBuilder::new().create())
-            .map_err(|e| uf(&e))?;
-        let range = Range::new(base, mem.size() as usize).map_err(|e| uf(&e))?;
-        uffd.register(range, RegisterMode::MISSING)
-            .map_err(|e| uf(&e))?;
-        uffd.set_nonblocking(true)
-            .map_err(|e| MigrationError::Uffd(e.to_string()))?;
-        let needed = Bits::from_words(needed);
-        let left = needed.count();
-        Ok(Engine {
-            uffd,
-            base,
-            pages,
-            left: AtomicU64::new(left),
-            needed,
-            requested: Bits::new(pages),
-            pending: Mutex::new(HashMap::new()),
-            lat_ns: Mutex::new(Vec::new()),
-            block_ns: Mutex::new(HashMap::new()),
-            hashes,
-            prio: Mutex::new(prio),
-            stop: AtomicBool::new(false),
-            pages_bg: AtomicU64::new(0),
-            pages_prio: AtomicU64::new(0),
-            zero_sent: AtomicU64::new(0),
-            zero_local: AtomicU64::new(0),
-            faults: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            range,
-        })
+    use super::*;
+
+    fn frame(kind: u8, len: u32, arg: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = vec![kind, 0];
+        b.extend_from_slice(&0x464cu16.to_le_bytes());
+        b.extend_from_slice(&len.to_le_bytes());
+        b.extend_from_slice(&arg.to_le_bytes());
+        b.extend_from_slice(payload);
+        b
     }
 
-    fn page_range(&self, p: u64, n: u64) -> Range {
-        Range::new(self.base + (p * PAGE) as usize, (n * PAGE) as usize)
-            .expect("page-aligned range inside guest memory")
+    /// Feed `bytes` to the pre-copy receiver (then end the stream).
+    fn feed(bytes: &[u8]) -> (Result<Received, MigrationError>, GuestMem) {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(bytes).unwrap();
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut main = Sock::Unix(a);
+        let mem = GuestMem::new(2 << 20, Backend::Anonymous).unwrap();
+        let status = Status::new(Role::Destination, None);
+        let r = precopy(&mut main, &mem, &VmConfig::default(), &status);
+        (r, mem)
     }
 
-    fn request(&self, p: u64) {
-        let mut g = self.prio.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = g.as_mut()
-            && s.send(Kind::Request, p * PAGE, &1u32.to_le_bytes())
-                .is_err()
-        {
-            // The receivers notice the broken link; the request is re-sent after recovery.
-            *g = None;
-        }
-    }
-
-    /// Serve faults until stopped.
-    fn fault_loop(&self) {
-        super::source::set_nice(-10);
-        let mut eb = EventBuffer::new(64);
-        while !self.stop.load(SeqCst) {
-            if !matches!(
-                self.uffd.poll_readable(Some(Duration::from_millis(50))),
-                Ok(true)
-            ) {
-                continue;
-            }
-            let Ok(events) = self.uffd.read_events(&mut eb) else {
-                continue;
-            };
-            for ev in events {
-                let Event::Pagefault(pf) = ev else { continue };
-                let off = pf.address.saturating_sub(self.base) as u64;
-                let p = off / PAGE;
-                if p >= self.pages {
-                    continue;
-                }
-                if !self.needed.get(p) {
-                    // Known zero (or already in: the copy woke the thread; waking is harmless).
-                    if let Ok(Resolved::Done(_)) = self.uffd.zeropage(self.page_range(p, 1), false)
-                    {
-                        self.zero_local.fetch_add(1, SeqCst);
-                    }
-                    continue;
-                }
-                self.faults.fetch_add(1, SeqCst);
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(p)
-                    .or_insert((Instant::now(), pf.thread_id.unwrap_or(0)));
-                if !self.needed.get(p) {
-                    // Installed meanwhile.
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&p);
-                    let _ = self.uffd.wake(self.page_range(p, 1));
-                    continue;
-                }
-                if !self.requested.set(p) {
-                    self.request(p);
-                }
-            }
-        }
-    }
-
-    fn settle(&self, p: u64, n: u64, now: Instant) {
-        for q in p..p + n {
-            if self.needed.clear(q) {
-                self.left.fetch_sub(1, SeqCst);
-            }
-        }
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.is_empty() {
-            return;
-        }
-        for q in p..p + n {
-            if let Some((t, tid)) = pending.remove(&q) {
-                let ns = now.duration_since(t).as_nanos() as u64;
-                self.lat_ns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(ns);
-                *self
-                    .block_ns
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(tid)
-                    .or_default() += ns;
-            }
-        }
-    }
-
-    /// Install `data` (whole pages) at page `p`.
-    fn install(&self, p: u64, data: &[u8], prio: bool) -> Result<(), MigrationError> {
-        let n = data.len() as u64 / PAGE;
-        // Only pages still needed are installed; the source never sends a page twice, so
-        // anything else is counted and dropped.
-        let all_needed = (p..p + n).all(|q| self.needed.get(q));
-        let uf = |e: uffd::ResolveError| MigrationError::Uffd(uffd::error_chain(&e));
-        if all_needed {
-            match self
-                .uffd
-                .copy(self.page_range(p, n), data, CopyMode::empty())
-                .map_err(uf)?
-            {
-                Resolved::Done(_) => {}
-                Resolved::AlreadyPresent => self.install_each(p, data)?,
-            }
-        } else {
-            self.install_each(p, data)?;
-        }
-        for (k, pg) in data.chunks_exact(PAGE as usize).enumerate() {
-            self.hashes[(p as usize) + k].store(page_hash(pg), SeqCst);
-        }
-        let c = if prio {
-            &self.pages_prio
-        } else {
-            &self.pages_bg
-        };
-        c.fetch_add(n, SeqCst);
-        self.settle(p, n, Instant::now());
-        Ok(())
-    }
-
-    fn install_each(&self, p: u64, data: &[u8]) -> Result<(), MigrationError> {
-        for (k, pg) in data.chunks_exact(PAGE as usize).enumerate() {
-            let q = p + k as u64;
-            if !self.needed.get(q) {
-                self.duplicates.fetch_add(1, SeqCst);
-                continue;
-            }
-            self.uffd
-                .copy(self.page_range(q, 1), pg, CopyMode::empty())
-                .map_err(|e| MigrationError::Uffd(uffd::error_chain(&e)))?;
-        }
-        Ok(())
-    }
-
-    fn install_zero(&self, p: u64, n: u64) -> Result<(), MigrationError> {
-        for q in p..p + n {
-            if self.needed.get(q) {
-                self.uffd
-                    .zeropage(self.page_range(q, 1), false)
-                    .map_err(|e| MigrationError::Uffd(uffd::error_chain(&e)))?;
-                self.hashes[q as usize].store(0, SeqCst);
-            } else {
-                self.duplicates.fetch_add(1, SeqCst);
-            }
-        }
-        self.zero_sent.fetch_add(n, SeqCst);
-        self.settle(p, n, Instant::now());
-        Ok(())
-    }
-}
-
-/// What a receiver thread reports.
-enum In {
-    End(Box<End>),
-    Verdict(String),
-    /// The connection of this generation was lost.
-    Lost(u32, String),
-    Fatal(MigrationError),
-}
-
-fn receiver(
-    engine: Option<Arc<Engine>>,
-    mem: Arc<GuestMem>,
-    mut sock: Sock,
-    prio: bool,
-    tx: Sender<In>,
-    bytes: Arc<AtomicU64>,
-    generation: u32,
-) {
-    super::source::set_nice(if prio { -10 } else { 5 });
-    let mut buf = Vec::new();
-    loop {
-        let h = match sock.recv(&mut buf) {
-            Ok(h) => h,
-            Err(e) => {
-                let why = if e.kind() == io::ErrorKind::UnexpectedEof {
-                    "the source closed the connection (it exited, was killed, or the link dropped)"
-                        .to_string()
-                } else {
-                    format!("{} connection: {e}", if prio { "priority" } else { "main" })
-                };
-                let _ = tx.send(In::Lost(generation, why));
-                return;
-            }
-        };
-        bytes.fetch_add(u64::from(h.len) + 16, SeqCst);
-        let r = match (h.kind, &engine) {
-            (Kind::Pages, Some(e)) => check_range(&mem, h.arg, u64::from(h.len))
-                .and_then(|_| e.install(h.arg / PAGE, &buf, prio)),
-            (Kind::Zero, Some(e)) => {
-                let n = u64::from(u32::from_le_bytes(buf[..4].try_into().unwrap_or([0; 4])));
-                check_range(&mem, h.arg, n * PAGE).and_then(|_| e.install_zero(h.arg / PAGE, n))
-            }
-            (Kind::End, _) if !prio => match serde_json::from_slice::<End>(&buf) {
-                Ok(end) => {
-                    let _ = tx.send(In::End(Box::new(end)));
-                    Ok(())
-                }
-                Err(e) => Err(protocol(format!("malformed End: {e}"))),
-            },
-            (Kind::Verdict, _) if !prio => {
-                let d = serde_json::from_slice::<serde_json::Value>(&buf)
-                    .ok()
-                    .and_then(|v| v["digest"].as_str().map(String::from))
-                    .unwrap_or_default();
-                let _ = tx.send(In::Verdict(d));
-                return;
-            }
-            (Kind::Error, _) => Err(MigrationError::Peer(
-                String::from_utf8_lossy(&buf).into_owned(),
-            )),
-            (k, _) => Err(protocol(format!("unexpected {k:?} frame after switchover"))),
-        };
-        if let Err(e) = r {
-            let _ = tx.send(In::Fatal(e));
-            return;
-        }
-    }
-}
-
-struct Supervisor {
-    engine: Option<Arc<Engine>>,
-    mem: Arc<GuestMem>,
-    hashes: Hashes,
-    control: Arc<VcpuControl>,
-    notify: Notifier,
-    status: Status,
-    resume_ns: u64,
-    switch_t: Instant,
-    id: u64,
-    recover_timeout: Duration,
-    bytes: AtomicU64,
-    rounds: u32,
-    recoveries: u32,
-}
-
-impl Supervisor {
-    fn run(mut self, main: Sock, prio: Sock, listener: Listener) {
-        let r = self.serve(main, prio, &listener);
-        if let Some(e) = &self.engine {
-            e.stop.store(true, SeqCst);
-        }
-        match r {
-            Ok(stats) => self.status.update(|s| {
-                s.state = "completed".into();
-                s.percent = 100.0;
-                s.stats = Some(stats);
-            }),
-            Err(e) => {
-                let msg = uffd::error_chain(&e);
-                self.status.update(|s| {
-                    s.state = "failed".into();
-                    s.error = Some(msg.clone());
-                });
-                self.notify.fail(Failure::Migration(Box::new(e)));
-            }
-        }
-    }
-
-    fn spawn_receivers(
-        &self,
-        main: &Sock,
-        prio: &Sock,
-        mem: &Arc<GuestMem>,
-        tx: &Sender<In>,
-        bytes: &Arc<AtomicU64>,
-    ) -> Result<(), MigrationError> {
-        for (s, is_prio) in [(main, false), (prio, true)] {
-            let s = s.try_clone().map_err(io_err("socket setup"))?;
-            let (e, m, t, b) = (self.engine.clone(), mem.clone(), tx.clone(), bytes.clone());
-            let g = self.recoveries;
-            thread::Builder::new()
-                .name(
-                    if is_prio {
-                        "mig-prio-in"
-                    } else {
-                        "mig-main-in"
-                    }
-                    .into(),
-                )
-                .spawn(move || receiver(e, m, s, is_prio, t, b, g))
-                .map_err(io_err("starting a receiver"))?;
-        }
-        Ok(())
-    }
-
-    fn serve(
-        &mut self,
-        mut main: Sock,
-        mut prio: Sock,
-        listener: &Listener,
-    ) -> Result<serde_json::Value, MigrationError> {
-        let (tx, rx) = mpsc::channel();
-        let bytes = Arc::new(AtomicU64::new(self.bytes.load(SeqCst)));
-        let mem = self.mem.clone();
-        let fault_thread = match &self.engine {
-            Some(e) => {
-                let e = e.clone();
-                Some(
-                    thread::Builder::new()
-                        .name("mig-faults".into())
-                        .spawn(move || e.fault_loop())
-                        .map_err(io_err("starting the fault thread"))?,
-                )
-            }
-            None => None,
-        };
-        self.spawn_receivers(&main, &prio, &mem, &tx, &bytes)?;
-        let mut end: Option<End> = None;
-        let mut report: Option<DestReport> = None;
-        let mut postcopy_ms = 0.0;
-        let total = self.engine.as_ref().map_or(0, |e| e.needed.count());
-        let mut last = Instant::now();
-        let verdict = loop {
-            let left = self.engine.as_ref().map_or(0, |e| e.left.load(SeqCst));
-            if left == 0 && postcopy_ms == 0.0 {
-                postcopy_ms = self.switch_t.elapsed().as_secs_f64() * 1e3;
-                // Every page is in: stop trapping (the rest read as zero).
-                if let Some(e) = &self.engine {
-                    e.stop.store(true, SeqCst);
-                    if let Some(t) = &fault_thread {
-                        while !t.is_finished() {
-                            thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                    e.uffd
-                        .unregister(e.range)
-                        .map_err(|x| MigrationError::Uffd(uffd::error_chain(&x)))?;
-                }
-            }
-            if left == 0 && report.is_none() && end.is_some() {
-                let r = self.report(&bytes, postcopy_ms);
-                main.send_json(Kind::Done, &r)
-                    .map_err(io_err("sending Done"))?;
-                report = Some(r);
-            }
-            if last.elapsed() > Duration::from_millis(100) {
-                last = Instant::now();
-                self.status.update(|s| {
-                    s.percent = 100.0 - left as f64 * 100.0 / total.max(1) as f64;
-                    s.remaining_bytes = left * PAGE;
-                });
-            }
-            match rx.recv_timeout(Duration::from_millis(10)) {
-                Ok(In::End(e)) => {
-                    if let Some(c) = &e.checksums {
-                        self.status.update(|s| s.source_checksums = Some(c.clone()));
-                    }
-                    end = Some(*e);
-                }
-                Ok(In::Verdict(d)) => break Some(d),
-                Ok(In::Fatal(e)) => {
-                    let _ = main.send_json(Kind::Error, &json!({"error": uffd::error_chain(&e)}));
-                    return Err(e);
-                }
-                // The other receiver of a connection pair already replaced.
-                Ok(In::Lost(g, _)) if g != self.recoveries => {}
-                Ok(In::Lost(_, why)) => {
-                    if report.is_some() {
-                        // Everything is in; only the source's verdict is missing.
-                        break None;
-                    }
-                    if self.engine.is_none() {
-                        return Err(MigrationError::Peer(format!(
-                            "{why}, after switchover; the guest runs here with all its memory but the migration was not confirmed"
-                        )));
-                    }
-                    main.shutdown();
-                    prio.shutdown();
-                    (main, prio) = self.recover(&why, listener)?;
-                    self.spawn_receivers(&main, &prio, &mem, &tx, &bytes)?;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(protocol("receivers gone"));
-                }
-            }
-        };
-        let mut r = report.ok_or_else(|| protocol("no report"))?;
-        let end = end.unwrap_or_default();
-        let verified = verdict.as_ref().map(|d| *d == r.digest);
-        if verified == Some(false) {
-            return Err(MigrationError::Integrity(format!(
-                "guest memory here (digest {}) differs from the source's at switchover ({})",
-                r.digest,
-                verdict.unwrap_or_default()
-            )));
-        }
-        r.bytes = bytes.load(SeqCst);
-        let block: f64 = r.blocktime_ms.iter().sum();
-        Ok(json!({
-            "role": "destination",
-            "converged": true,
-            "downtime_ms": end.downtime_us as f64 / 1e3,
-            "max_pause_ms": max_pause_ms(&end, &r),
-            "bytes": r.bytes,
-            "dirty_sync_rounds": self.rounds,
-            "faults_requested": r.faults_requested,
-            "fault_latency_us": r.fault_latency_us,
-            "blocktime_ms": block,
-            "digest_verified": verified,
-            "report": r,
-        }))
-    }
-
-    fn report(&self, bytes: &AtomicU64, postcopy_ms: f64) -> DestReport {
-        // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
-        super::wait_for(Duration::from_secs(2), || {
-            self.control
-                .cpus
-                .iter()
-                .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
-        });
-        let heads = self
-            .control
-            .cpus
-            .iter()
-            .map(|c| match c.first_hb_ns.load(SeqCst) {
-                0 => None,
-                t => Some(t.saturating_sub(self.resume_ns) / 1000),
-            })
-            .collect();
-        let gaps = self
-            .control
-            .cpus
-            .iter()
-            .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
-            .collect();
-        let first = self
-            .control
-            .cpus
-            .iter()
-            .map(|c| (c.first_hb_ns.load(SeqCst) != 0).then(|| c.last_n.load(SeqCst)))
-            .collect();
-        let mut r = DestReport {
-            heads_us: heads,
-            gaps_us: gaps,
-            first_heartbeats: first,
-            digest: digest(&self.hashes),
-            recoveries: self.recoveries,
-            postcopy_ms,
-            bytes: bytes.load(SeqCst),
-            blocktime_ms: vec![0.0; self.control.cpus.len()],
-            ..Default::default()
-        };
-        if let Some(e) = &self.engine {
-            r.pages_background = e.pages_bg.load(SeqCst);
-            r.pages_priority = e.pages_prio.load(SeqCst);
-            r.zero_pages_sent = e.zero_sent.load(SeqCst);
-            r.zero_faults_local = e.zero_local.load(SeqCst);
-            r.faults_requested = e.faults.load(SeqCst);
-            r.fault_latency_us =
-                Latency::of(e.lat_ns.lock().unwrap_or_else(|x| x.into_inner()).clone());
-            let block = e.block_ns.lock().unwrap_or_else(|x| x.into_inner());
-            for (i, c) in self.control.cpus.iter().enumerate() {
-                let tid = c.tid.load(SeqCst);
-                r.blocktime_ms[i] = block.get(&tid).copied().unwrap_or(0) as f64 / 1e6;
-            }
-        }
-        r
-    }
-
-    /// Wait for the source to reconnect after a lost link (post-copy).
-    fn recover(&mut self, why: &str, listener: &Listener) -> Result<(Sock, Sock), MigrationError> {
-        let engine = self.engine.clone().expect("recovery is for post-copy");
-        *engine.prio.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let msg = format!(
-            "post-copy link lost: {why}; {} pages are still at the source; vCPUs that need them wait. Waiting {:?} for `faultline migrate --resume`",
-            engine.left.load(SeqCst),
-            self.recover_timeout
+    #[test]
+    fn bad_precopy_frames_are_errors_not_panics() {
+        // A Zero frame with a short payload.
+        let (r, _) = feed(&frame(4, 2, 0, &[1, 0]));
+        assert!(
+            matches!(
+                r,
+                Err(MigrationError::BeforeSwitchover(RecvError::Frame(_)))
+            ),
+            "{:?}",
+            r.as_ref().err()
         );
-        eprintln!("faultline: migration: {msg}");
-        self.status.update(|s| {
-            s.state = "postcopy-paused".into();
-            s.error = Some(msg);
-        });
-        let deadline = Instant::now() + self.recover_timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(mut main) = listener
-                .accept(left)
-                .map_err(io_err("accepting a recovery"))?
-            else {
-                return Err(MigrationError::Peer(format!(
-                    "post-copy link lost ({why}) and the source did not reconnect within {:?}: {} guest pages are lost; the VM stops",
-                    self.recover_timeout,
-                    engine.left.load(SeqCst)
-                )));
-            };
-            let h = match read_hello(&mut main) {
-                Ok(h) if h.resume && h.id == self.id && h.channel == "main" => h,
-                Ok(_) => {
-                    let _ = ack(
-                        &mut main,
-                        Err(&protocol("not a resume of the migration in progress here")),
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    let _ = ack(&mut main, Err(&e));
-                    continue;
-                }
-            };
-            ack(&mut main, Ok(false))?;
-            main.set_buffers(super::source::MAIN_BUFFER);
-            let Some(mut prio) = listener
-                .accept(Duration::from_secs(10))
-                .map_err(io_err("accepting the priority connection"))?
-            else {
-                continue;
-            };
-            match read_hello(&mut prio) {
-                Ok(p) if p.id == h.id && p.channel == "priority" => ack(&mut prio, Ok(false))?,
-                _ => continue,
-            }
-            main.send(Kind::Recover, 0, &words_to_bytes(&engine.needed.words()))
-                .map_err(io_err("sending the missing-page list"))?;
-            main.set_read_timeout(None)
-                .map_err(io_err("socket setup"))?;
-            prio.set_read_timeout(None)
-                .map_err(io_err("socket setup"))?;
-            *engine.prio.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(prio.try_clone().map_err(io_err("socket setup"))?);
-            // Ask again for every page a vCPU still waits on.
-            let waiting: Vec<u64> = engine
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .copied()
-                .collect();
-            for p in waiting {
-                engine.request(p);
-            }
-            self.recoveries += 1;
-            eprintln!("faultline: migration: the source reconnected; post-copy goes on");
-            self.status.update(|s| {
-                s.state = "postcopy".into();
-                s.error = None;
-            });
-            return Ok((main, prio));
-        }
+        // Pages outside guest memory, and zero pages running past its end.
+        let (r, _) = feed(&frame(3, 4096, 1 << 40, &[7; 4096]));
+        assert!(matches!(r, Err(MigrationError::OutsideMemory(_))));
+        let (r, _) = feed(&frame(4, 4, 510 * 4096, &3u32.to_le_bytes()));
+        assert!(matches!(r, Err(MigrationError::OutsideMemory(_))));
+        // Good frames are written; the stream ending before switchover is an error.
+        let mut b = frame(5, 2, 0, b"{}");
+        b.extend(frame(3, 4096, 4096, &[9; 4096]));
+        let (r, mem) = feed(&b);
+        assert!(matches!(
+            r,
+            Err(MigrationError::BeforeSwitchover(RecvError::Closed))
+        ));
+        assert_eq!(mem.read(4096, 4096).unwrap(), vec![9; 4096]);
     }
 }

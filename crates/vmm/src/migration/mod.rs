@@ -1,6 +1,18 @@
 //! Live migration of a microVM: pre-copy over KVM's dirty log, post-copy over userfaultfd, and
 //! the hybrid of the two, with post-copy recovery after a lost link.
 //!
+//! # Layers
+//! Pages move with the `xfer` crate; this module keeps what is the VM's. On the source
+//! ([`source`]): guest memory is read only through an [`xfer::reader::PageReader`] (raw copies,
+//! never a `&[u8]` over memory the vCPUs may write), KVM's dirty log is an
+//! [`xfer::dirty::DirtyLog`], rounds are [`xfer::precopy::Precopy`] and post-copy is
+//! [`xfer::push::Push`]; the pause, the `Switch`, `State` and `End` frames and the hand-over
+//! are here. On the destination (`dest`, then `supervisor` after switchover): pre-copy frames
+//! are checked and applied by [`xfer::precopy::Precopied`], post-copy pages are pulled by
+//! [`xfer::pull::Pull`] into a [`memx::FaultLoop`] (its page source asks the source; the
+//! receivers install through the loop's [`memx::Installer`]); the VM is built and started
+//! here. The status is [`xfer::status::Status`], its state the checked [`State`] machine.
+//!
 //! # Modes
 //! - **precopy**: round 0 sends every page that may hold data (pages never touched are
 //!   skipped: the destination's memory starts zeroed); each later round sends the pages KVM's
@@ -24,7 +36,7 @@
 //! # Protocol (version 1)
 //! Two connections from the source to the destination's listener: `main` (hello, pages in
 //! the background, state, control) and `priority` (requests and their answers). Frames are a
-//! 16-byte header and a payload (see [`wire`]). JSON payloads use the types of this module.
+//! 16-byte header and a payload (see [`xfer::wire`]). JSON payloads use the types of this module.
 //!
 //! ```text
 //!  source                                              destination (`faultline run --incoming`)
@@ -34,18 +46,20 @@
 //!         ◀──────────────────────────────── HelloAck
 //!  [precopy, hybrid]  Round, Pages*, Zero* ... (repeat) ▶ written into memory
 //!  pause guest
-//!  main:  Switch{heartbeats}, [Needed bitmap], State ──▶ restores vCPUs (+ uffd for post-copy)
+//!  main:  Switch{heartbeats}, [Needed bitmap], State ──▶ restores vCPUs (+ fault loop, post-copy)
 //!         ◀──────────────────────────────── Resumed            (downtime = pause → Resumed)
-//!  [post-copy]  Pages*/Zero* (background) ───────────▶ UFFDIO_COPY / ZEROPAGE
+//!  [post-copy]  Pages*/Zero* (background) ───────────▶ memx Installer (COPY / ZEROPAGE)
 //!  prio:        ◀──────────────── Request{page}   (a vCPU faulted on a needed page)
-//!               Pages (that page, then its stride) ──▶ UFFDIO_COPY, wakes the vCPU
+//!               Pages (that page, then its stride) ──▶ memx Installer, wakes the vCPU
 //!  main:  End{downtime, tails, checksums?} ──────────▶ (all pages sent)
 //!         ◀──────────────────────────────── Done{report, digest}  (all pages in)
 //!         Verdict{digest of the frozen source memory} ▶ compared; the migration is complete
 //! ```
 //!
-//! States of the source: `setup` → `precopy` → (`cancelled` | `switchover`) → `postcopy` →
-//! (`postcopy-paused` ⇄ `postcopy`) → `completed`; any state may end in `failed`. Before the
+//! States ([`State`], checked transitions): `setup` → `precopy` → (`cancelled` |
+//! `switchover`) → [`postcopy` → (`postcopy-paused` → `resuming` → `postcopy`)*] →
+//! `completed`; any state not final may end in `failed`. A pre-copy migration stays in
+//! `switchover` until it completes (the old `completing` is gone). Before the
 //! `State` frame is sent, every failure resumes the source guest. After it, the guest belongs
 //! to the destination: a lost link during post-copy leaves the source in `postcopy-paused`,
 //! serving nothing, until `faultline migrate --resume` reconnects (`Hello{resume:true}`); the
@@ -69,61 +83,19 @@
 //! the same from its guest's serial heartbeats).
 
 pub(crate) mod dest;
+mod guest_io;
 pub mod source;
-pub mod wire;
+mod supervisor;
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use thiserror::Error;
 
 pub use dest::{Incoming, IncomingOptions, incoming};
-pub use wire::Endpoint;
-
-/// The protocol's name, in every hello.
-pub const PROTOCOL: &str = "faultline-migrate";
-/// The protocol version.
-pub const VERSION: u32 = 1;
-
-/// How memory moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MigrationMode {
-    /// Iterative pre-copy, then stop-and-copy.
-    Precopy,
-    /// State first, memory on demand and in the background.
-    Postcopy,
-    /// Pre-copy rounds, then post-copy.
-    Hybrid,
-}
-
-impl MigrationMode {
-    /// The name used on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Precopy => "precopy",
-            Self::Postcopy => "postcopy",
-            Self::Hybrid => "hybrid",
-        }
-    }
-}
-
-impl std::str::FromStr for MigrationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Self::Precopy),
-            "postcopy" => Ok(Self::Postcopy),
-            "hybrid" => Ok(Self::Hybrid),
-            _ => Err(format!(
-                "unknown migration mode '{s}' (precopy, postcopy, hybrid)"
-            )),
-        }
-    }
-}
+pub use xfer::proto::{MigrationMode, PROTOCOL, VERSION};
+pub use xfer::status::{Role, State, Status, StatusInner, TransitionError};
+pub use xfer::wire::Endpoint;
 
 fn default_downtime() -> u64 {
     300
@@ -163,45 +135,6 @@ pub struct MigrateRequest {
 
 fn default_mode() -> MigrationMode {
     MigrationMode::Postcopy
-}
-
-/// The first frame on each connection (JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Hello {
-    /// [`PROTOCOL`].
-    pub protocol: String,
-    /// [`VERSION`].
-    pub version: u32,
-    /// This migration's id (the priority connection and recoveries name it).
-    pub id: u64,
-    /// `main` or `priority`.
-    pub channel: String,
-    /// A recovery of a post-copy migration.
-    #[serde(default)]
-    pub resume: bool,
-    /// The mode.
-    pub mode: MigrationMode,
-    /// The VM (main channel of a new migration).
-    #[serde(default)]
-    pub config: Option<crate::config::VmConfig>,
-    /// Whether the VM has the in-kernel irqchip.
-    #[serde(default)]
-    pub irqchip: bool,
-}
-
-/// The destination's answer (JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HelloAck {
-    /// The destination's protocol version.
-    pub version: u32,
-    /// Whether it accepts.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// The destination runs `verify` and wants the source's checksums at switchover.
-    #[serde(default)]
-    pub want_checksums: bool,
 }
 
 /// Sent at switchover (JSON).
@@ -264,6 +197,18 @@ impl Latency {
             max: at(1.0),
         }
     }
+
+    /// From a fault loop's latency summary (ns).
+    pub fn of_memx(l: &memx::Latency) -> Latency {
+        let us = |ns: u64| ns as f64 / 1e3;
+        Latency {
+            count: l.count,
+            p50: us(l.p50_ns),
+            p90: us(l.p90_ns),
+            p99: us(l.p99_ns),
+            max: us(l.max_ns),
+        }
+    }
 }
 
 /// What the destination measured (JSON, in `Done`, and printed by the destination).
@@ -281,8 +226,12 @@ pub struct DestReport {
     pub bytes: u64,
     /// Faults that needed the source (requests).
     pub faults_requested: u64,
-    /// Fault → page installed, for requested faults.
+    /// Fault read → page in, for every fault the destination's fault loop served.
     pub fault_latency_us: Latency,
+    /// The same as log2 buckets of µs (bucket `i`: `[2^i, 2^(i+1))` µs), as QEMU's
+    /// `postcopy-latency-dist`.
+    #[serde(default)]
+    pub latency_log2_us: Vec<u64>,
     /// Time each vCPU spent blocked on remote faults, ms.
     pub blocktime_ms: Vec<f64>,
     /// Per vCPU: resume → first heartbeat, µs.
@@ -291,8 +240,9 @@ pub struct DestReport {
     pub gaps_us: Vec<u64>,
     /// Per vCPU: first heartbeat number on the destination.
     pub first_heartbeats: Vec<Option<u32>>,
-    /// Digest of memory as installed.
-    pub digest: String,
+    /// Digest of memory as installed (`"0x…"` in JSON).
+    #[serde(with = "xfer::digest::hex")]
+    pub digest: u64,
     /// Link losses recovered from.
     pub recoveries: u32,
     /// Switchover (state received) → every page in, ms.
@@ -363,9 +313,76 @@ pub enum MigrationError {
     /// The configuration received cannot work here.
     #[error("VM configuration")]
     Config(#[source] crate::config::ConfigError),
-    /// userfaultfd failed.
-    #[error("userfaultfd: {0}")]
-    Uffd(String),
+    /// The handshake (hello, answer, the connection pair) failed.
+    #[error("handshake")]
+    Handshake(#[source] xfer::proto::HandshakeError),
+    /// A pre-copy round could not be sent.
+    #[error("pre-copy round")]
+    Round(#[source] xfer::precopy::RoundError),
+    /// KVM's dirty log could not be fetched.
+    #[error("dirty log")]
+    DirtyLog(#[source] xfer::dirty::DirtyLogError),
+    /// Guest memory could not be read for sending.
+    #[error("reading guest memory")]
+    Read(#[source] xfer::reader::ReadError),
+    /// The post-copy push could not start or recover.
+    #[error("post-copy push")]
+    Push(#[source] xfer::push::PushError),
+    /// After switchover the link to the destination failed (not in post-copy, where the
+    /// source waits for a recovery instead).
+    #[error(
+        "after switchover (the source stays paused; PUT /vm/resume if the destination is not running the guest)"
+    )]
+    AfterSwitchover(#[source] LinkLost),
+    /// Post-copy lost its link and no `--resume` came.
+    #[error("post-copy link lost and no --resume came within {0:?}; giving up")]
+    NoResume(Duration),
+    /// The stream ended or broke before switchover.
+    #[error("the source's stream ended before switchover; nothing was started here")]
+    BeforeSwitchover(#[source] xfer::wire::RecvError),
+    /// A frame named pages outside guest memory.
+    #[error("pages outside guest memory")]
+    OutsideMemory(#[source] xfer::pull::PullError),
+    /// A page frame could not be applied or installed.
+    #[error("receiving pages")]
+    Pull(#[source] xfer::pull::PullError),
+    /// The destination's fault loop failed.
+    #[error("the fault loop")]
+    Loop(#[source] memx::LoopError),
+    /// Post-copy lost its link and the source did not come back.
+    #[error(
+        "post-copy link lost and the source did not reconnect within {timeout:?}: {left} guest pages are lost; the VM stops"
+    )]
+    NotRecovered {
+        /// How long the destination waited.
+        timeout: Duration,
+        /// Pages still at the source.
+        left: u64,
+        /// How the link was lost.
+        #[source]
+        source: LinkLost,
+    },
+    /// Guest memory is not a range userfaultfd can register.
+    #[error("guest memory for userfaultfd")]
+    Range(#[source] uffd::RangeError),
+    /// After a pre-copy switchover the link was lost before the source confirmed the
+    /// migration.
+    #[error(
+        "after switchover; the guest runs here with all its memory but the migration was not confirmed"
+    )]
+    Unconfirmed(#[source] LinkLost),
+    /// A JSON payload did not parse.
+    #[error("malformed {what}")]
+    Json {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An illegal status change (a bug, reported rather than hidden).
+    #[error("status")]
+    Transition(#[source] TransitionError),
     /// The vCPUs could not be rebuilt from the state.
     #[error("rebuilding the vCPUs")]
     Build(#[source] crate::vstate::machine::BuildError),
@@ -380,73 +397,72 @@ pub enum MigrationError {
     Invalid(String),
 }
 
+/// How a connection to the peer was lost.
+#[derive(Debug, Error)]
+pub enum LinkLost {
+    /// The peer closed the connection, or it ended inside a frame.
+    #[error("the peer closed the connection (it exited, was killed, or the link dropped)")]
+    Closed(#[source] xfer::wire::RecvError),
+    /// Reading from the peer failed.
+    #[error("{0:?} connection")]
+    Recv(xfer::proto::Channel, #[source] xfer::wire::RecvError),
+    /// Sending to the peer failed.
+    #[error("sending {0:?}")]
+    Send(xfer::wire::Kind, #[source] std::io::Error),
+    /// The post-copy push's link failed.
+    #[error("post-copy push")]
+    Push(#[source] xfer::push::LinkError),
+    /// A frame's JSON did not parse.
+    #[error("malformed {0:?} frame")]
+    Malformed(xfer::wire::Kind, #[source] serde_json::Error),
+    /// The peer reported a failure.
+    #[error("the peer failed: {0}")]
+    Peer(String),
+    /// The peer sent what the protocol does not allow here.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl LinkLost {
+    /// From a receive error on `channel`.
+    pub fn recv(channel: xfer::proto::Channel, e: xfer::wire::RecvError) -> LinkLost {
+        use xfer::wire::RecvError;
+        match e {
+            RecvError::Closed | RecvError::Truncated => LinkLost::Closed(e),
+            e => LinkLost::Recv(channel, e),
+        }
+    }
+}
+
+/// An `Error` frame's text, bounded (a peer's bytes).
+pub(crate) fn peer_text(b: &[u8]) -> String {
+    let v: Option<serde_json::Value> = serde_json::from_slice(b).ok();
+    match v.as_ref().and_then(|v| v["error"].as_str()) {
+        Some(e) => e.chars().take(4096).collect(),
+        None => String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned(),
+    }
+}
+
+/// A page frame the destination refuses: pages outside guest memory are named as such.
+pub(crate) fn pull_err(e: xfer::pull::PullError) -> MigrationError {
+    match e {
+        xfer::pull::PullError::OutOfRange { .. } => MigrationError::OutsideMemory(e),
+        e => MigrationError::Pull(e),
+    }
+}
+
+/// Send an `Error` frame to the peer (best effort) and hand the error back.
+pub(crate) fn fail(main: &mut xfer::wire::Sock, e: MigrationError) -> MigrationError {
+    let _ = main.send_json(
+        xfer::wire::Kind::Error,
+        &serde_json::json!({ "error": uffd::error_chain(&e) }),
+    );
+    e
+}
+
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MigrationError {
     let what = what.into();
     move |source| MigrationError::Io { what, source }
-}
-
-/// A migration's status, shared by its threads and the API (`GET /migrate`).
-#[derive(Debug, Clone, Default)]
-pub struct Status(Arc<Mutex<StatusInner>>);
-
-/// What [`Status`] holds.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StatusInner {
-    /// `source` or `destination`.
-    pub role: String,
-    /// See the module docs' states.
-    pub state: String,
-    /// The mode.
-    pub mode: Option<MigrationMode>,
-    /// Pre-copy round.
-    pub round: u32,
-    /// Progress, percent of the pages to send.
-    pub percent: f64,
-    /// Current rate, MB/s.
-    pub rate_mbps: f64,
-    /// Bytes still to send (estimate).
-    pub remaining_bytes: u64,
-    /// The error, when failed or paused.
-    pub error: Option<String>,
-    /// Final statistics.
-    pub stats: Option<Value>,
-    /// Source checksums at switchover (destination, `--verify`).
-    #[serde(skip)]
-    pub source_checksums: Option<Vec<u64>>,
-}
-
-impl Status {
-    pub(crate) fn new(role: &str, mode: Option<MigrationMode>) -> Status {
-        Status(Arc::new(Mutex::new(StatusInner {
-            role: role.into(),
-            state: "setup".into(),
-            mode,
-            ..Default::default()
-        })))
-    }
-
-    /// Change it.
-    pub fn update(&self, f: impl FnOnce(&mut StatusInner)) {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
-    }
-
-    /// A copy.
-    pub fn get(&self) -> StatusInner {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// As JSON.
-    pub fn json(&self) -> Value {
-        serde_json::to_value(self.get()).unwrap_or(Value::Null)
-    }
-
-    /// In a final state (`completed`, `failed`, `cancelled`).
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self.get().state.as_str(),
-            "completed" | "failed" | "cancelled"
-        )
-    }
 }
 
 /// A migration attached to a running VM (either side).
@@ -464,116 +480,6 @@ impl Migration {
     }
 }
 
-/// A bitmap of pages, shared between threads.
-pub(crate) struct Bits(Vec<AtomicU64>);
-
-impl Bits {
-    pub(crate) fn new(pages: u64) -> Bits {
-        Bits((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-    }
-    pub(crate) fn from_words(w: &[u64]) -> Bits {
-        Bits(w.iter().map(|&x| AtomicU64::new(x)).collect())
-    }
-    pub(crate) fn get(&self, p: u64) -> bool {
-        self.0
-            .get((p / 64) as usize)
-            .is_some_and(|w| w.load(SeqCst) & (1 << (p % 64)) != 0)
-    }
-    /// Set; returns whether it was already set.
-    pub(crate) fn set(&self, p: u64) -> bool {
-        self.0
-            .get((p / 64) as usize)
-            .is_none_or(|w| w.fetch_or(1 << (p % 64), SeqCst) & (1 << (p % 64)) != 0)
-    }
-    /// Clear; returns whether it was set.
-    pub(crate) fn clear(&self, p: u64) -> bool {
-        self.0
-            .get((p / 64) as usize)
-            .is_some_and(|w| w.fetch_and(!(1 << (p % 64)), SeqCst) & (1 << (p % 64)) != 0)
-    }
-    pub(crate) fn count(&self) -> u64 {
-        self.0
-            .iter()
-            .map(|w| u64::from(w.load(SeqCst).count_ones()))
-            .sum()
-    }
-    pub(crate) fn words(&self) -> Vec<u64> {
-        self.0.iter().map(|w| w.load(SeqCst)).collect()
-    }
-    /// The first set bit at or after `from`, wrapping once; `None` if none is set.
-    pub(crate) fn next_set(&self, from: u64, pages: u64) -> Option<u64> {
-        let n = self.0.len() as u64;
-        if n == 0 {
-            return None;
-        }
-        let start = from.min(pages.saturating_sub(1));
-        let (w0, b0) = (start / 64, start % 64);
-        for k in 0..=n {
-            let wi = (w0 + k) % n;
-            let mut w = self.0[wi as usize].load(SeqCst);
-            if k == 0 {
-                w &= !0u64 << b0;
-            }
-            if k == n {
-                w = self.0[wi as usize].load(SeqCst) & !(!0u64 << b0);
-            }
-            if w != 0 {
-                let p = wi * 64 + u64::from(w.trailing_zeros());
-                if p < pages {
-                    return Some(p);
-                }
-            }
-        }
-        None
-    }
-}
-
-/// Bytes of a bitmap (little-endian words) for the wire.
-pub(crate) fn words_to_bytes(w: &[u64]) -> Vec<u8> {
-    w.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Words from wire bytes; `None` if the length does not fit `pages`.
-pub(crate) fn bytes_to_words(b: &[u8], pages: u64) -> Option<Vec<u64>> {
-    if b.len() as u64 != pages.div_ceil(64) * 8 {
-        return None;
-    }
-    Some(
-        b.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect(),
-    )
-}
-
-/// A page's hash for the digest: 0 for a zero page, else its CRC-32 with bit 32 set.
-pub(crate) fn page_hash(page: &[u8]) -> u64 {
-    if is_zero(page) {
-        0
-    } else {
-        u64::from(crc32fast::hash(page)) | 1 << 32
-    }
-}
-
-/// One page's contribution to the digest.
-pub(crate) fn mix(page: u64, h: u64) -> u64 {
-    if h == 0 {
-        return 0;
-    }
-    let mut x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ h;
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^ (x >> 29)
-}
-
-/// Whether every byte is zero.
-pub(crate) fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: any bytes are valid u64s; align_to only reinterprets the aligned middle.
-        unsafe { b.align_to::<u64>() }
-    };
-    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0)
-}
-
 /// Wait at most `d` on a condition polled every millisecond.
 pub(crate) fn wait_for(d: Duration, f: impl Fn() -> bool) -> bool {
     let deadline = std::time::Instant::now() + d;
@@ -589,35 +495,6 @@ pub(crate) fn wait_for(d: Duration, f: impl Fn() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bits_next_set_wraps() {
-        let b = Bits::new(200);
-        assert_eq!(b.next_set(0, 200), None);
-        b.set(5);
-        b.set(130);
-        assert_eq!(b.next_set(0, 200), Some(5));
-        assert_eq!(b.next_set(6, 200), Some(130));
-        assert_eq!(b.next_set(131, 200), Some(5));
-        assert!(b.clear(5));
-        assert!(!b.clear(5));
-        assert_eq!(b.next_set(131, 200), Some(130));
-        assert_eq!(b.count(), 1);
-        let w = b.words();
-        assert_eq!(bytes_to_words(&words_to_bytes(&w), 200), Some(w));
-        assert_eq!(bytes_to_words(&[0; 3], 200), None);
-    }
-
-    #[test]
-    fn digest_parts() {
-        let z = vec![0u8; 4096];
-        let mut d = vec![0u8; 4096];
-        assert_eq!(page_hash(&z), 0);
-        d[4095] = 1;
-        assert_ne!(page_hash(&d), 0);
-        assert_eq!(mix(3, 0), 0);
-        assert_ne!(mix(3, page_hash(&d)), mix(4, page_hash(&d)));
-    }
 
     #[test]
     fn pause_from_heartbeats() {

@@ -1,0 +1,359 @@
+//! The destination after switchover: the guest runs; `xfer`'s receivers install the pages
+//! still at the source into the `memx` fault loop; this thread watches them, answers `End`
+//! with `Done`, checks the source's `Verdict`, and waits for the source to reconnect when the
+//! link is lost during post-copy.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use memx::FaultLoop;
+use serde::Deserialize;
+use serde_json::json;
+use xfer::proto::{self, Channel};
+use xfer::pull::{Event, Pull};
+use xfer::wire::{Kind, Listener, PAGE, Sock};
+
+use super::{
+    DestReport, End, Latency, LinkLost, MigrationError, State, Status, fail, io_err, max_pause_ms,
+    peer_text, pull_err, wait_for,
+};
+use crate::vstate::{Failure, Notifier, VcpuControl};
+
+/// The `Verdict` frame.
+#[derive(Deserialize)]
+struct Verdict {
+    #[serde(with = "xfer::digest::hex")]
+    digest: u64,
+}
+
+/// The destination's post-switchover thread.
+pub(crate) struct Supervisor {
+    pub(crate) pull: Pull,
+    /// Post-copy: the loop serving the guest's faults, until every page is in.
+    pub(crate) fault_loop: Option<FaultLoop>,
+    /// The fault loop's counters once it stopped.
+    pub(crate) loop_stats: Option<memx::Stats>,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) notify: Notifier,
+    pub(crate) status: Status,
+    pub(crate) resume_ns: u64,
+    pub(crate) switch_t: Instant,
+    pub(crate) id: u64,
+    pub(crate) recover_timeout: Duration,
+    /// Bytes received before switchover.
+    pub(crate) bytes: u64,
+    pub(crate) rounds: u32,
+    pub(crate) recoveries: u32,
+}
+
+fn protocol(s: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(s.into())
+}
+
+impl Supervisor {
+    pub(crate) fn run(mut self, main: Sock, prio: Sock, listener: Listener) {
+        let r = self.serve(main, prio, &listener);
+        let end = match r {
+            Ok(stats) => self.status.go_with(State::Completed, |s| {
+                s.percent = 100.0;
+                s.remaining_bytes = 0;
+                s.stats = Some(stats);
+            }),
+            Err(e) => {
+                let msg = uffd::error_chain(&e);
+                let r = self
+                    .status
+                    .go_with(State::Failed, |s| s.error = Some(msg.clone()));
+                self.notify.fail(Failure::Migration(Box::new(e)));
+                r
+            }
+        };
+        if let Err(t) = end {
+            let e = MigrationError::Transition(t);
+            let _ = self
+                .status
+                .go_with(State::Failed, |s| s.error = Some(uffd::error_chain(&e)));
+        }
+    }
+
+    /// Every page is in: stop trapping (pages never touched read as zero) and keep the loop's
+    /// counters.
+    fn stop_loop(&mut self) -> Result<(), MigrationError> {
+        if let Some(fl) = self.fault_loop.take() {
+            self.loop_stats = Some(fl.stop().map_err(MigrationError::Loop)?);
+        }
+        Ok(())
+    }
+
+    fn serve(
+        &mut self,
+        mut main: Sock,
+        mut prio: Sock,
+        listener: &Listener,
+    ) -> Result<serde_json::Value, MigrationError> {
+        let (tx, rx) = mpsc::channel();
+        let mut generation = 0u32;
+        self.pull
+            .spawn_receivers(&main, &prio, generation, &tx)
+            .map_err(MigrationError::Pull)?;
+        let postcopy = self.fault_loop.is_some();
+        let mut end: Option<End> = None;
+        let mut report: Option<DestReport> = None;
+        let mut postcopy_ms = None;
+        let total = self.pull.left();
+        let mut last = Instant::now();
+        let verdict = loop {
+            let left = self.pull.left();
+            if left == 0 && postcopy_ms.is_none() {
+                postcopy_ms = Some(self.switch_t.elapsed().as_secs_f64() * 1e3);
+                self.stop_loop()?;
+            }
+            if let (0, None, Some(_)) = (left, &report, &end) {
+                let r = self.report(postcopy_ms.unwrap_or(0.0));
+                main.send_json(Kind::Done, &r)
+                    .map_err(io_err("sending Done"))?;
+                report = Some(r);
+            }
+            if last.elapsed() > Duration::from_millis(100) {
+                last = Instant::now();
+                self.status.update(|s| {
+                    s.percent = 100.0 - left as f64 * 100.0 / total.max(1) as f64;
+                    s.remaining_bytes = left * PAGE;
+                });
+            }
+            let ev = match rx.recv_timeout(Duration::from_millis(10)) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Err(protocol("receivers gone")),
+            };
+            match ev {
+                Event::Frame {
+                    channel,
+                    header,
+                    payload,
+                    ..
+                } => match (header.kind, channel) {
+                    (Kind::End, Channel::Main) => {
+                        let e: End = serde_json::from_slice(&payload).map_err(|source| {
+                            fail(
+                                &mut main,
+                                MigrationError::Json {
+                                    what: "End frame",
+                                    source,
+                                },
+                            )
+                        })?;
+                        if let Some(c) = &e.checksums {
+                            self.status.update(|s| s.source_checksums = Some(c.clone()));
+                        }
+                        end = Some(e);
+                    }
+                    (Kind::Verdict, Channel::Main) => {
+                        let v: Verdict = serde_json::from_slice(&payload).map_err(|source| {
+                            MigrationError::Json {
+                                what: "Verdict frame",
+                                source,
+                            }
+                        })?;
+                        break Some(v.digest);
+                    }
+                    (Kind::Error, _) => return Err(MigrationError::Peer(peer_text(&payload))),
+                    (k, ch) => {
+                        return Err(fail(
+                            &mut main,
+                            protocol(format!(
+                                "unexpected {k:?} frame on the {ch:?} connection after switchover"
+                            )),
+                        ));
+                    }
+                },
+                // The other receiver of a connection pair already replaced.
+                Event::Lost { generation: g, .. } | Event::Failed { generation: g, .. }
+                    if g != generation => {}
+                Event::Failed { error, .. } => return Err(fail(&mut main, pull_err(error))),
+                Event::Lost { channel, error, .. } => {
+                    if report.is_some() {
+                        // Everything is in; only the source's verdict is missing.
+                        break None;
+                    }
+                    let why = LinkLost::recv(channel, error);
+                    if !postcopy {
+                        return Err(MigrationError::Unconfirmed(why));
+                    }
+                    main.shutdown();
+                    prio.shutdown();
+                    (main, prio) = self.recover(why, listener)?;
+                    generation += 1;
+                    self.pull
+                        .spawn_receivers(&main, &prio, generation, &tx)
+                        .map_err(MigrationError::Pull)?;
+                    // Ask again for every page a vCPU still waits on.
+                    self.pull.rerequest();
+                }
+            }
+        };
+        let mut r = report.ok_or_else(|| protocol("no report"))?;
+        let end = end.unwrap_or_default();
+        let hex = |d: u64| format!("{d:#018x}");
+        let verified = verdict.map(|d| d == r.digest);
+        if verified == Some(false) {
+            return Err(MigrationError::Integrity(format!(
+                "guest memory here (digest {}) differs from the source's at switchover ({})",
+                hex(r.digest),
+                hex(verdict.unwrap_or_default())
+            )));
+        }
+        r.bytes = self.bytes + self.pull.stats().bytes;
+        let block: f64 = r.blocktime_ms.iter().sum();
+        Ok(json!({
+            "role": "destination",
+            "converged": true,
+            "downtime_ms": end.downtime_us as f64 / 1e3,
+            "max_pause_ms": max_pause_ms(&end, &r),
+            "bytes": r.bytes,
+            "dirty_sync_rounds": self.rounds,
+            "faults_requested": r.faults_requested,
+            "fault_latency_us": r.fault_latency_us,
+            "latency_log2_us": r.latency_log2_us,
+            "blocktime_ms": block,
+            "digest_verified": verified,
+            "report": r,
+        }))
+    }
+
+    fn report(&self, postcopy_ms: f64) -> DestReport {
+        let cpus = &self.control.cpus;
+        // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
+        wait_for(Duration::from_secs(2), || {
+            cpus.iter()
+                .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
+        });
+        let heads_us = cpus
+            .iter()
+            .map(|c| match c.first_hb_ns.load(SeqCst) {
+                0 => None,
+                t => Some(t.saturating_sub(self.resume_ns) / 1000),
+            })
+            .collect();
+        let gaps_us = cpus
+            .iter()
+            .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
+            .collect();
+        let first_heartbeats = cpus
+            .iter()
+            .map(|c| (c.first_hb_ns.load(SeqCst) != 0).then(|| c.last_n.load(SeqCst)))
+            .collect();
+        let ps = self.pull.stats();
+        let ls = self.loop_stats.clone().unwrap_or_default();
+        // Blocktime by the vCPU threads' ids (the fault loop knows threads, not vCPUs).
+        let blocktime_ms = cpus
+            .iter()
+            .map(|c| {
+                let tid = c.tid.load(SeqCst);
+                ls.blocktime_ns.get(&tid).copied().unwrap_or(0) as f64 / 1e6
+            })
+            .collect();
+        DestReport {
+            pages_background: ps.pages_background,
+            pages_priority: ps.pages_priority,
+            zero_pages_sent: ps.zero_pages_sent,
+            zero_faults_local: ps.zero_faults_local,
+            bytes: self.bytes + ps.bytes,
+            faults_requested: ps.faults_requested,
+            fault_latency_us: Latency::of_memx(&ls.latency),
+            latency_log2_us: ls.latency_log2_us,
+            blocktime_ms,
+            heads_us,
+            gaps_us,
+            first_heartbeats,
+            digest: self.pull.digest(),
+            recoveries: self.recoveries,
+            postcopy_ms,
+        }
+    }
+
+    /// Wait for the source to reconnect after a lost link (post-copy): a resume hello on both
+    /// connections, answered with the `Recover` bitmap.
+    fn recover(
+        &mut self,
+        why: LinkLost,
+        listener: &Listener,
+    ) -> Result<(Sock, Sock), MigrationError> {
+        self.pull.set_priority(None);
+        let msg = format!(
+            "post-copy link lost: {}; {} pages are still at the source; vCPUs that need them wait. Waiting {:?} for `faultline migrate --resume`",
+            uffd::error_chain(&why),
+            self.pull.left(),
+            self.recover_timeout
+        );
+        eprintln!("faultline: migration: {msg}");
+        self.status
+            .go_with(State::PostcopyPaused, |s| s.error = Some(msg))
+            .map_err(MigrationError::Transition)?;
+        let deadline = Instant::now() + self.recover_timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let Some(mut main) = listener
+                .accept(wait)
+                .map_err(io_err("accepting a recovery"))?
+            else {
+                return Err(MigrationError::NotRecovered {
+                    timeout: self.recover_timeout,
+                    left: self.pull.left(),
+                    source: why,
+                });
+            };
+            match proto::read_hello(&mut main) {
+                Ok(h) if h.resume && h.id == self.id && h.channel == Channel::Main => {}
+                Ok(_) => {
+                    let _ = proto::ack(
+                        &mut main,
+                        Err("not a resume of the migration in progress here".into()),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    let _ = proto::ack(&mut main, Err(uffd::error_chain(&e)));
+                    continue;
+                }
+            }
+            if proto::ack(&mut main, Ok(false)).is_err() {
+                continue;
+            }
+            main.set_buffers(proto::MAIN_BUFFER);
+            let wait = Duration::from_secs(10);
+            let Some(mut prio) = listener
+                .accept(wait)
+                .map_err(io_err("accepting the priority connection"))?
+            else {
+                continue;
+            };
+            match proto::read_hello(&mut prio) {
+                Ok(p) if p.id == self.id && p.channel == Channel::Priority => {
+                    if proto::ack(&mut prio, Ok(false)).is_err() {
+                        continue;
+                    }
+                }
+                _ => continue,
+            }
+            if main
+                .send(Kind::Recover, 0, &self.pull.recover_bitmap())
+                .is_err()
+            {
+                continue;
+            }
+            for s in [&main, &prio] {
+                s.set_read_timeout(None).map_err(io_err("socket setup"))?;
+            }
+            self.recoveries += 1;
+            eprintln!("faultline: migration: the source reconnected; post-copy goes on");
+            self.status
+                .go(State::Resuming)
+                .and_then(|()| self.status.go_with(State::Postcopy, |s| s.error = None))
+                .map_err(MigrationError::Transition)?;
+            return Ok((main, prio));
+        }
+    }
+}
