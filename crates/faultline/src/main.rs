@@ -3,6 +3,7 @@
 mod demo;
 mod device;
 mod error;
+mod irq;
 mod migrate;
 mod run;
 mod snap;
@@ -99,6 +100,19 @@ enum BenchCmd {
         /// Fewer samples (for tests).
         #[arg(long)]
         quick: bool,
+    },
+    /// Interrupt delivery, every way side by side: host wake-ups (ours beside C) and, into
+    /// the built-in guest, KVM_IRQ_LINE, irqfds and MSIs.
+    Irq {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Runs per path (each statistic is the median over runs).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Round trips per host path and run.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
+        round_trips: u64,
     },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
@@ -400,6 +414,14 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::VfioUser { json, quick },
         } => bench_vfu(json, quick),
+        Cmd::Bench {
+            which:
+                BenchCmd::Irq {
+                    json,
+                    runs,
+                    round_trips,
+                },
+        } => irq::bench(json, runs as usize, round_trips as usize),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),
         } => device::serve(&a),
