@@ -47,8 +47,13 @@ fn print(json: bool, o: &Out) {
     }
 }
 
-/// Run the bench and print it.
-pub fn bench(json: bool, runs: usize, round_trips: usize) -> CliResult {
+/// Run the bench and print it (and plot it into `plot`).
+pub fn bench(
+    json: bool,
+    runs: usize,
+    round_trips: usize,
+    plot: Option<&std::path::Path>,
+) -> CliResult {
     if !json {
         println!(
             "{:<22} {:<9} {:<9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8}",
@@ -56,5 +61,17 @@ pub fn bench(json: bool, runs: usize, round_trips: usize) -> CliResult {
         );
     }
     let p = Params { round_trips, runs };
-    irq_bench::run_host(&p, |o| print(json, &o)).map_err(failed("bench irq"))
+    let mut lines = Vec::new();
+    irq_bench::run_host(&p, |o| {
+        print(json, &o);
+        if let Out::Line(l) = o {
+            lines.push(l);
+        }
+    })
+    .map_err(failed("bench irq"))?;
+    if let Some(f) = plot {
+        irq_bench::plot::plot(&lines, f).map_err(failed("bench irq: plot"))?;
+        eprintln!("faultline bench irq: plot written to {}", f.display());
+    }
+    Ok(())
 }

@@ -113,6 +113,9 @@ enum BenchCmd {
         /// Round trips per host path and run.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
         round_trips: u64,
+        /// Also draw the figures into this SVG file.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
@@ -420,8 +423,9 @@ fn main() -> ExitCode {
                     json,
                     runs,
                     round_trips,
+                    plot,
                 },
-        } => irq::bench(json, runs as usize, round_trips as usize),
+        } => irq::bench(json, runs as usize, round_trips as usize, plot.as_deref()),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),
         } => device::serve(&a),

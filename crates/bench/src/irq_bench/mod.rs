@@ -12,6 +12,7 @@
 
 pub mod cref;
 pub mod host;
+pub mod plot;
 
 use std::io;
 
@@ -60,6 +61,9 @@ pub enum IrqBenchError {
         /// Its diagnostics.
         stderr: String,
     },
+    /// The plot could not be drawn or written.
+    #[error("cannot draw the SVG plot")]
+    Plot(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The C reference printed something else than a JSON line.
     #[error("the C reference's output for {method} is not a JSON line")]
     CParse {
@@ -94,6 +98,13 @@ pub struct Line {
     pub exits_per_irq: f64,
     /// Interrupts delivered and measured.
     pub samples: usize,
+    /// Guest paths: the IDT handler's privilege level (`cpl0`, `cpl3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    /// Guest paths: VM exits handled in the kernel per interrupt (KVM's binary stats), where
+    /// the host has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_exits_per_irq: Option<f64>,
     /// Our p50 over the C reference's for the same path and placement (ours only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_c_p50: Option<f64>,
@@ -143,6 +154,8 @@ pub fn line(path: &str, placement: &str, imp: &str, mut us: Vec<f64>, exits_per_
         max_us: us.last().copied().unwrap_or(0.0),
         exits_per_irq,
         samples: us.len(),
+        handler: None,
+        kernel_exits_per_irq: None,
         vs_c_p50: None,
     }
 }
