@@ -25,8 +25,11 @@ fn print(json: bool, o: &Out) {
             })
         ),
         (false, Out::Line(l)) => println!(
-            "{:<22} {:<9} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>6.2} {:>8}",
-            l.path,
+            "{:<27} {:<9} {:<9} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>6.2} {:>6} {:>8}",
+            match &l.handler {
+                Some(h) => format!("{} ({h})", l.path),
+                None => l.path.clone(),
+            },
             l.placement,
             l.r#impl,
             l.p50_us,
@@ -34,6 +37,8 @@ fn print(json: bool, o: &Out) {
             l.p999_us,
             l.max_us,
             l.exits_per_irq,
+            l.kvm_exits_per_irq
+                .map_or(String::new(), |k| format!("{k:.2}")),
             l.vs_c_p50.map_or(String::new(), |r| format!("{r:.2}x")),
         ),
         (
@@ -43,7 +48,12 @@ fn print(json: bool, o: &Out) {
                 placement,
                 reason,
             },
-        ) => println!("{path:<22} {placement:<9} unavailable: {reason}"),
+        ) => println!("{path:<27} {placement:<9} unavailable: {reason}"),
+        (true, Out::Probe { what, value }) => println!(
+            "{}",
+            serde_json::json!({ "bench": "irq", "probe": what, "value": value })
+        ),
+        (false, Out::Probe { what, value }) => println!("probe: {what}: {value}"),
     }
 }
 
@@ -52,23 +62,38 @@ pub fn bench(
     json: bool,
     runs: usize,
     round_trips: usize,
+    guest_irqs: usize,
     plot: Option<&std::path::Path>,
 ) -> CliResult {
     if !json {
         println!(
-            "{:<22} {:<9} {:<9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>8}",
-            "path", "placement", "impl", "p50_us", "p99_us", "p999_us", "max_us", "exits", "vs C"
+            "{:<27} {:<9} {:<9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>8}",
+            "path",
+            "placement",
+            "impl",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "exits",
+            "kvm",
+            "vs C"
         );
     }
-    let p = Params { round_trips, runs };
+    let p = Params {
+        round_trips,
+        runs,
+        guest_irqs,
+    };
     let mut lines = Vec::new();
-    irq_bench::run_host(&p, |o| {
+    let mut out = |o: Out| {
         print(json, &o);
         if let Out::Line(l) = o {
             lines.push(l);
         }
-    })
-    .map_err(failed("bench irq"))?;
+    };
+    irq_bench::run_host(&p, &mut out).map_err(failed("bench irq: host paths"))?;
+    irq_bench::run_guest(&p, &mut out).map_err(failed("bench irq: guest paths"))?;
     if let Some(f) = plot {
         irq_bench::plot::plot(&lines, f).map_err(failed("bench irq: plot"))?;
         eprintln!("faultline bench irq: plot written to {}", f.display());

@@ -113,6 +113,9 @@ enum BenchCmd {
         /// Round trips per host path and run.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
         round_trips: u64,
+        /// Interrupts per guest path, handler and placement (0: host paths only).
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        guest_irqs: u64,
         /// Also draw the figures into this SVG file.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
@@ -423,9 +426,16 @@ fn main() -> ExitCode {
                     json,
                     runs,
                     round_trips,
+                    guest_irqs,
                     plot,
                 },
-        } => irq::bench(json, runs as usize, round_trips as usize, plot.as_deref()),
+        } => irq::bench(
+            json,
+            runs as usize,
+            round_trips as usize,
+            guest_irqs as usize,
+            plot.as_deref(),
+        ),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),
         } => device::serve(&a),

@@ -131,6 +131,30 @@ pub fn pin(cpu: usize) -> Result<(), IrqBenchError> {
     check("sched_setaffinity", r as libc::c_long).map(drop)
 }
 
+/// Pin thread `tid` (of this process) to `cpu`.
+pub fn pin_thread(tid: i32, cpu: usize) -> Result<(), IrqBenchError> {
+    // SAFETY: as in `pin`, for another thread of this process.
+    let r = unsafe {
+        let mut s: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut s);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &s)
+    };
+    check("sched_setaffinity (vCPU thread)", r as libc::c_long).map(drop)
+}
+
+/// Let the calling thread run on any of `cpus` again.
+pub fn pin_set(cpus: &[usize]) -> Result<(), IrqBenchError> {
+    // SAFETY: as in `pin`, with several CPUs.
+    let r = unsafe {
+        let mut s: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut s);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &s)
+    };
+    check("sched_setaffinity", r as libc::c_long).map(drop)
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the zeroed set; CPU_ISSET reads inside it.

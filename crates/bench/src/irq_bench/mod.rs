@@ -11,6 +11,7 @@
 //! reported as [`Out::Unavailable`] with the reason, never skipped silently.
 
 pub mod cref;
+pub mod guest;
 pub mod host;
 pub mod plot;
 
@@ -61,6 +62,23 @@ pub enum IrqBenchError {
         /// Its diagnostics.
         stderr: String,
     },
+    /// Setting up or running the guest failed.
+    #[error("guest: {what}")]
+    Guest {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A guest path delivered nothing (reported as unavailable, not as a failure of the run).
+    #[error("{path}: {why}")]
+    NotDelivered {
+        /// The path.
+        path: &'static str,
+        /// What happened.
+        why: String,
+    },
     /// The plot could not be drawn or written.
     #[error("cannot draw the SVG plot")]
     Plot(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -101,10 +119,10 @@ pub struct Line {
     /// Guest paths: the IDT handler's privilege level (`cpl0`, `cpl3`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,
-    /// Guest paths: VM exits handled in the kernel per interrupt (KVM's binary stats), where
-    /// the host has them.
+    /// Guest paths: every VM exit KVM counted per interrupt (its binary stats' `exits`: those
+    /// handled in the kernel and those passed to userspace), where the host has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_exits_per_irq: Option<f64>,
+    pub kvm_exits_per_irq: Option<f64>,
     /// Our p50 over the C reference's for the same path and placement (ours only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_c_p50: Option<f64>,
@@ -124,6 +142,13 @@ pub enum Out {
         /// Why.
         reason: String,
     },
+    /// A fact about the host found on the way (the guest's clock, posted interrupts).
+    Probe {
+        /// What was probed.
+        what: String,
+        /// What was found.
+        value: String,
+    },
 }
 
 /// What to run.
@@ -133,6 +158,8 @@ pub struct Params {
     pub round_trips: usize,
     /// Runs; each statistic is the median over runs.
     pub runs: usize,
+    /// Interrupts per guest path, handler and placement (0: no guest paths).
+    pub guest_irqs: usize,
 }
 
 /// Percentile `p` (0..=1) of sorted `v`.
@@ -155,7 +182,7 @@ pub fn line(path: &str, placement: &str, imp: &str, mut us: Vec<f64>, exits_per_
         exits_per_irq,
         samples: us.len(),
         handler: None,
-        kernel_exits_per_irq: None,
+        kvm_exits_per_irq: None,
         vs_c_p50: None,
     }
 }
@@ -244,6 +271,33 @@ pub fn run_host(p: &Params, mut f: impl FnMut(Out)) -> Result<(), IrqBenchError>
             f(Out::Line(o));
             if let Some(t) = t {
                 f(Out::Line(t));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run the guest paths: the CPL 3 handler, then the CPL 0 one, the triggering thread on the
+/// other CPU than the vCPU's (`cross-cpu`) and on the same (`same-cpu`).
+pub fn run_guest(p: &Params, mut f: impl FnMut(Out)) -> Result<(), IrqBenchError> {
+    for o in guest::probe_apicv() {
+        f(o);
+    }
+    if p.guest_irqs == 0 {
+        return Ok(());
+    }
+    for cpl in [3, 0] {
+        for pl in placements() {
+            match pl {
+                Ok((name, dev, hnd)) => {
+                    // The vCPU takes the handler's CPU; the trigger runs on the device's.
+                    guest::run_guest(cpl, p.guest_irqs, name, hnd, dev, &mut f)?
+                }
+                Err((name, reason)) => f(Out::Unavailable {
+                    path: format!("guest paths (cpl{cpl} handler)"),
+                    placement: name.into(),
+                    reason,
+                }),
             }
         }
     }
