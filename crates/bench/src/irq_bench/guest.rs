@@ -555,3 +555,83 @@ pub fn probe_apicv() -> Vec<Out> {
     })
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run the guest paths for `cpl` with a few interrupts; return lines and unavailable paths.
+    fn short(cpl: u8) -> (Vec<Line>, Vec<String>, Vec<String>) {
+        let cpus = host::allowed_cpus();
+        let (vcpu, trig) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
+        let mut outs = Vec::new();
+        run_guest(cpl, 20, "test", vcpu, trig, &mut |o| outs.push(o)).unwrap();
+        let (mut lines, mut missing, mut probes) = (Vec::new(), Vec::new(), Vec::new());
+        for o in outs {
+            match o {
+                Out::Line(l) => lines.push(l),
+                Out::Unavailable { path, reason, .. } => missing.push(format!("{path}: {reason}")),
+                Out::Probe { value, .. } => probes.push(value),
+            }
+        }
+        (lines, missing, probes)
+    }
+
+    fn check_delivered(l: &Line) {
+        assert_eq!(l.samples, 20, "{}", l.path);
+        assert!(l.p50_us > 0.0, "{}: {}", l.path, l.p50_us);
+        // KVM's count has at least the exit that injected the interrupt.
+        if let Some(k) = l.kvm_exits_per_irq {
+            assert!(k >= 1.0, "{}: {k} KVM exits per interrupt", l.path);
+        }
+        if l.path == GuestPath::IrqLineLevel.name() {
+            assert!(l.exits_per_irq >= 1.0, "the level acknowledgement exits");
+        }
+    }
+
+    #[test]
+    fn every_guest_path_delivers_to_a_cpl0_handler_with_exits_counted() {
+        let (lines, missing, probes) = short(0);
+        assert!(
+            missing.iter().all(|m| m.starts_with("kvm-exits")),
+            "{missing:?}"
+        );
+        assert_eq!(lines.len(), GuestPath::ALL.len(), "{missing:?}");
+        for (l, p) in lines.iter().zip(GuestPath::ALL) {
+            assert_eq!(l.path, p.name());
+            assert_eq!(l.handler.as_deref(), Some("cpl0"));
+            check_delivered(l);
+        }
+        assert_eq!(probes.len(), 1);
+        assert!(probes[0].contains(" of 120 arrivals"), "{probes:?}");
+    }
+
+    #[test]
+    fn cpl3_handler_paths_deliver_or_are_reported_unavailable() {
+        let (lines, missing, _) = short(3);
+        for p in GuestPath::ALL {
+            let delivered = lines.iter().find(|l| l.path == p.name());
+            let reported = missing.iter().any(|m| m.starts_with(p.name()));
+            assert!(
+                delivered.is_some() || reported,
+                "{} neither delivered nor reported",
+                p.name()
+            );
+            if let Some(l) = delivered {
+                check_delivered(l);
+            }
+        }
+        // Edge and MSI paths need no acknowledgement: they deliver at CPL 3 here.
+        for p in [
+            GuestPath::IrqLine,
+            GuestPath::IrqfdMsi,
+            GuestPath::SignalMsi,
+        ] {
+            assert!(
+                lines.iter().any(|l| l.path == p.name()),
+                "{}: {missing:?}",
+                p.name()
+            );
+        }
+    }
+}
