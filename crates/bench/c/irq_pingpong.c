@@ -57,7 +57,8 @@ static long futex(_Atomic uint32_t *w, int op, uint32_t v) {
 /* Direction d: 0 = device -> handler, 1 = handler -> device. */
 static int efd[2], ep[2], pfd[2][2], sv[2];
 static _Atomic uint32_t word[2];
-static uint32_t seen[2], sent[2];
+/* Per thread, as each side keeps its own sequence (and no shared line is written for it). */
+static __thread uint32_t seen[2], sent[2];
 static __thread volatile sig_atomic_t got;
 
 static void on_sig(int s) {
@@ -131,51 +132,63 @@ static void ring_wait(struct ring *r, int fd) {
     }
 }
 
-static int is(const char *m) { return strcmp(method, m) == 0; }
+/* The method, resolved once: the raise and wait paths switch on it with no string compares. */
+enum m { M_EVENTFD, M_EVENTFD_EPOLL, M_PIPE, M_FUTEX, M_SIGNAL, M_SIGNAL_ASYNC, M_UNIX_DGRAM, M_IO_URING, M_BUSY_POLL };
+static const char *const names[] = {"eventfd", "eventfd-epoll", "pipe", "futex", "signal", "signal-async", "unix-dgram", "io-uring", "busy-poll"};
+static enum m meth;
+
+static int is(enum m x) { return meth == x; }
+
+static void resolve(void) {
+    for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(method, names[i]) == 0) {
+            meth = (enum m)i;
+            return;
+        }
+    fprintf(stderr, "irq_pingpong: unknown method %s\n", method);
+    exit(2);
+}
 
 static void setup(void) {
-    if (is("eventfd") || is("eventfd-epoll") || is("io-uring")) {
+    if (is(M_EVENTFD) || is(M_EVENTFD_EPOLL) || is(M_IO_URING)) {
         for (int d = 0; d < 2; d++) {
             efd[d] = eventfd(0, 0);
             if (efd[d] < 0) die("eventfd");
-            if (is("eventfd-epoll")) {
+            if (is(M_EVENTFD_EPOLL)) {
                 ep[d] = epoll_create1(0);
                 struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)d};
                 if (ep[d] < 0 || epoll_ctl(ep[d], EPOLL_CTL_ADD, efd[d], &ev)) die("epoll");
             }
-            if (is("io-uring")) ring_init(&rings[d]);
+            if (is(M_IO_URING)) ring_init(&rings[d]);
         }
-    } else if (is("pipe")) {
+    } else if (is(M_PIPE)) {
         if (pipe(pfd[0]) || pipe(pfd[1])) die("pipe");
-    } else if (is("unix-dgram")) {
+    } else if (is(M_UNIX_DGRAM)) {
         if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv)) die("socketpair");
-    } else if (is("signal-async")) {
+    } else if (is(M_SIGNAL_ASYNC)) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_handler = on_sig;
         sigemptyset(&sa.sa_mask);
         if (sigaction(SIGUSR2, &sa, NULL)) die("sigaction");
-    } else if (!is("futex") && !is("signal") && !is("busy-poll")) {
-        fprintf(stderr, "irq_pingpong: unknown method %s\n", method);
-        exit(2);
     }
 }
 
 static void raise_dir(int d) {
     uint64_t one = 1;
     char c = 1;
-    if (is("eventfd") || is("eventfd-epoll") || is("io-uring")) {
+    if (is(M_EVENTFD) || is(M_EVENTFD_EPOLL) || is(M_IO_URING)) {
         if (write(efd[d], &one, 8) != 8) die("eventfd write");
-    } else if (is("pipe")) {
+    } else if (is(M_PIPE)) {
         if (write(pfd[d][1], &c, 1) != 1) die("pipe write");
-    } else if (is("unix-dgram")) {
+    } else if (is(M_UNIX_DGRAM)) {
         if (send(sv[d], &one, 8, 0) != 8) die("send");
-    } else if (is("futex")) {
+    } else if (is(M_FUTEX)) {
         atomic_fetch_add(&word[d], 1);
         futex(&word[d], FUTEX_WAKE_PRIVATE, 1);
-    } else if (is("signal")) {
+    } else if (is(M_SIGNAL)) {
         if (syscall(SYS_tgkill, getpid(), tids[d], SIGUSR1)) die("tgkill");
-    } else if (is("signal-async")) {
+    } else if (is(M_SIGNAL_ASYNC)) {
         if (syscall(SYS_tgkill, getpid(), tids[d], SIGUSR2)) die("tgkill");
     } else { /* busy-poll */
         sent[d] = (sent[d] + 1) & ~SLEEPING;
@@ -186,32 +199,32 @@ static void raise_dir(int d) {
 static void wait_dir(int d) {
     uint64_t v;
     char c;
-    if (is("eventfd")) {
+    if (is(M_EVENTFD)) {
         if (read(efd[d], &v, 8) != 8) die("eventfd read");
-    } else if (is("eventfd-epoll")) {
+    } else if (is(M_EVENTFD_EPOLL)) {
         struct epoll_event ev;
         while (epoll_wait(ep[d], &ev, 1, -1) != 1)
             if (errno != EINTR) die("epoll_wait");
         if (read(efd[d], &v, 8) != 8) die("eventfd read");
-    } else if (is("io-uring")) {
+    } else if (is(M_IO_URING)) {
         ring_wait(&rings[d], efd[d]);
-    } else if (is("pipe")) {
+    } else if (is(M_PIPE)) {
         if (read(pfd[d][0], &c, 1) != 1) die("pipe read");
-    } else if (is("unix-dgram")) {
+    } else if (is(M_UNIX_DGRAM)) {
         if (recv(sv[1 - d], &v, 8, 0) != 8) die("recv");
-    } else if (is("futex")) {
+    } else if (is(M_FUTEX)) {
         uint32_t w;
         while ((w = atomic_load(&word[d])) == seen[d])
             futex(&word[d], FUTEX_WAIT_PRIVATE, w);
         seen[d] = w;
-    } else if (is("signal")) {
+    } else if (is(M_SIGNAL)) {
         sigset_t s;
         siginfo_t info;
         sigemptyset(&s);
         sigaddset(&s, SIGUSR1);
         while (sigwaitinfo(&s, &info) != SIGUSR1)
             if (errno != EINTR) die("sigwaitinfo");
-    } else if (is("signal-async")) {
+    } else if (is(M_SIGNAL_ASYNC)) {
         sigset_t s;
         pthread_sigmask(SIG_BLOCK, NULL, &s);
         sigdelset(&s, SIGUSR2);
@@ -294,6 +307,7 @@ int main(int argc, char **argv) {
     warmup = iters / 20 + 10;
     samples = calloc((size_t)iters, sizeof *samples);
     if (!samples) die("calloc");
+    resolve();
     block_signals();
     setup();
     pthread_barrier_init(&start, NULL, 2);
