@@ -340,3 +340,28 @@ fn bench_irq_json_lines_have_the_interface_keys_and_the_plot_is_drawn() {
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("<svg") && svg.contains("guest-irqfd-msi"));
 }
+
+#[test]
+fn irq_workloads_run_and_finish_cleanly() {
+    // No interrupt comes: the guest spins with interrupts on until its run time is up, then
+    // reports DONE 0 (an exception would be DONE 0x100 + vector).
+    for guest in ["irq", "irq-cpl0"] {
+        let o = faultline(&[
+            "run",
+            "--mem",
+            "36M",
+            "--guest",
+            guest,
+            "--seconds",
+            "0.2",
+            "--json-events",
+        ]);
+        assert!(o.status.success(), "{guest}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.lines()
+                .any(|l| l.contains("\"event\":\"done\"") && l.contains("\"code\":0,")),
+            "{guest}: {out}"
+        );
+    }
+}
