@@ -226,6 +226,9 @@ struct Measured {
     kvm_exits: Option<f64>,
     clock_misses: usize,
     resampled: u64,
+    /// Handler runs and triggers (they differ if a line fires again after its EOI).
+    handled: u64,
+    triggers: u64,
 }
 
 /// What the guest said after a delivery failed: an exception its reporters caught (vector,
@@ -330,6 +333,7 @@ fn measure(
     let (mut e0, mut k0) = (0, None);
     let deadline_ticks = khz * DELIVERY_DEADLINE.as_millis() as u64;
     let exits_at_start = machine.control().exits.load(Relaxed);
+    let handled_at_start = area.word(0);
     for i in 0..warmup + irqs {
         if i == warmup {
             e0 = machine.control().exits.load(Relaxed);
@@ -384,6 +388,8 @@ fn measure(
         kvm_exits,
         clock_misses,
         resampled: t.resampled,
+        handled: area.word(0) - handled_at_start,
+        triggers: (warmup + irqs) as u64,
     })
 }
 
@@ -511,6 +517,15 @@ pub fn run_guest(
                     let mut l: Line = line(p.name(), placement, "faultline", m.us, m.exits);
                     l.handler = Some(handler.clone());
                     l.kvm_exits_per_irq = m.kvm_exits;
+                    if m.handled != m.triggers {
+                        f(Out::Probe {
+                            what: format!(
+                                "{} ({handler} handler, {placement}): handler runs",
+                                p.name()
+                            ),
+                            value: format!("{} for {} triggers", m.handled, m.triggers),
+                        });
+                    }
                     if p == GuestPath::IrqfdResample && m.resampled == 0 {
                         unavailable(
                             f,
@@ -602,8 +617,13 @@ mod tests {
             assert_eq!(l.handler.as_deref(), Some("cpl0"));
             check_delivered(l);
         }
-        assert_eq!(probes.len(), 1);
-        assert!(probes[0].contains(" of 120 arrivals"), "{probes:?}");
+        let clock: Vec<&String> = probes.iter().filter(|p| p.contains("arrivals")).collect();
+        assert_eq!(clock.len(), 1, "{probes:?}");
+        assert!(clock[0].contains(" of 120 arrivals"), "{probes:?}");
+        // Every handler run is accounted for: a path whose line fires again says so.
+        for p in probes.iter().filter(|p| p.contains("triggers")) {
+            assert!(p.ends_with("for 26 triggers"), "{p}");
+        }
     }
 
     #[test]
