@@ -2,6 +2,7 @@
 //! the competitor) in the same run, on the same machine, and reports one JSON object per line.
 //! They are not tests: they assert nothing about speed; `faultline bench ...` runs them.
 
+pub mod irq_bench;
 pub mod migrate_bench;
 pub mod restore_bench;
 pub mod uffd_bench;

@@ -3,6 +3,7 @@
 mod demo;
 mod device;
 mod error;
+mod irq;
 mod migrate;
 mod run;
 mod snap;
@@ -99,6 +100,25 @@ enum BenchCmd {
         /// Fewer samples (for tests).
         #[arg(long)]
         quick: bool,
+    },
+    /// Interrupt delivery, every way side by side: host wake-ups (ours beside C) and, into
+    /// the built-in guest, KVM_IRQ_LINE, irqfds and MSIs.
+    Irq {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Runs per path (each statistic is the median over runs).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Round trips per host path and run.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
+        round_trips: u64,
+        /// Interrupts per guest path, handler and placement (0: host paths only).
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        guest_irqs: u64,
+        /// Also draw the figures into this SVG file.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
     },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
@@ -400,6 +420,22 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::VfioUser { json, quick },
         } => bench_vfu(json, quick),
+        Cmd::Bench {
+            which:
+                BenchCmd::Irq {
+                    json,
+                    runs,
+                    round_trips,
+                    guest_irqs,
+                    plot,
+                },
+        } => irq::bench(
+            json,
+            runs as usize,
+            round_trips as usize,
+            guest_irqs as usize,
+            plot.as_deref(),
+        ),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),
         } => device::serve(&a),

@@ -276,3 +276,93 @@ fn control_api_pause_resume_stop_over_a_unix_socket() {
     }
     assert!(!sock.exists(), "the socket is removed on exit");
 }
+
+#[test]
+fn bench_irq_json_lines_have_the_interface_keys_and_the_plot_is_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("irq.svg");
+    let o = faultline(&[
+        "bench",
+        "irq",
+        "--json",
+        "--round-trips",
+        "50",
+        "--guest-irqs",
+        "10",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for l in lines.iter().filter(|l| l.get("p50_us").is_some()) {
+        for k in [
+            "bench",
+            "path",
+            "placement",
+            "impl",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "exits_per_irq",
+        ] {
+            assert!(l.get(k).is_some(), "{k} missing in {l}");
+        }
+        assert_eq!(l["bench"], "irq");
+        assert!(l["p50_us"].as_f64().unwrap() <= l["max_us"].as_f64().unwrap());
+        seen.insert((
+            l["path"].as_str().unwrap().to_string(),
+            l["impl"].as_str().unwrap().to_string(),
+        ));
+    }
+    for p in [
+        "eventfd",
+        "eventfd-epoll",
+        "pipe",
+        "futex",
+        "signal",
+        "signal-async",
+        "unix-dgram",
+        "io-uring",
+        "busy-poll",
+    ] {
+        for imp in ["faultline", "c"] {
+            assert!(
+                seen.contains(&(p.to_string(), imp.to_string())),
+                "{p} {imp}"
+            );
+        }
+    }
+    assert!(seen.contains(&("guest-irqfd-msi".to_string(), "faultline".to_string())));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("guest-irqfd-msi"));
+}
+
+#[test]
+fn irq_workloads_run_and_finish_cleanly() {
+    // No interrupt comes: the guest spins with interrupts on until its run time is up, then
+    // reports DONE 0 (an exception would be DONE 0x100 + vector).
+    for guest in ["irq", "irq-cpl0"] {
+        let o = faultline(&[
+            "run",
+            "--mem",
+            "36M",
+            "--guest",
+            guest,
+            "--seconds",
+            "0.2",
+            "--json-events",
+        ]);
+        assert!(o.status.success(), "{guest}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(
+            out.lines()
+                .any(|l| l.contains("\"event\":\"done\"") && l.contains("\"code\":0,")),
+            "{guest}: {out}"
+        );
+    }
+}

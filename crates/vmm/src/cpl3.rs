@@ -10,7 +10,7 @@
 //! | range | use |
 //! |---|---|
 //! | `0x1000` | GDT |
-//! | `0x2000` | IDT (empty: an exception is a triple fault, reported as a clear error) |
+//! | `0x2000` | IDT (empty: an exception is a triple fault, reported as a clear error; the irq workloads get theirs, [`write_idt`]) |
 //! | `0x3000` | TSS, with an I/O bitmap allowing every port |
 //! | `0x8000..` | PML4, PDPT, one page directory per GiB |
 //! | `0x10_0000` | guest code ([`guest::image`](crate::guest::image)) |
@@ -105,6 +105,43 @@ pub fn write_tables(
         }
     }
     Ok(())
+}
+
+/// Kernel 64-bit code selector (GDT entry 1).
+pub const KERNEL_CS: u16 = 0x08;
+/// IDT limit with all 256 gates.
+pub const IDT_LIMIT: u16 = 256 * 16 - 1;
+
+/// Write the irq workloads' IDT: a gate for `vector` to `handler` (guest-virtual) and gates
+/// for the exceptions (0..32) to the reporters at `exception_stubs` (16 bytes each), all
+/// entered at privilege `cpl`: 0 through the kernel code segment (a privilege change: the CPU
+/// switches to the TSS's RSP0), 3 through the user code segment, whose DPL 3 makes the handler
+/// run at the interrupted code's privilege on its stack. Every other vector has no gate.
+pub fn write_idt(
+    mem: &GuestMemoryMmap,
+    vector: u8,
+    handler: u64,
+    exception_stubs: u64,
+    cpl: u8,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_slice(&[0u8; IDT_LIMIT as usize + 1], GuestAddress(IDT))?;
+    let sel = if cpl == 3 { USER_CS } else { KERNEL_CS };
+    let gate = |v: u8, to: u64| -> Result<(), vm_memory::GuestMemoryError> {
+        // P, DPL 0 (the gate's DPL only limits software `int`), IST 0; type 0xe, a 64-bit
+        // interrupt gate (IF cleared on entry) for CPL 0, 0xf, a trap gate (IF kept) for
+        // CPL 3: under PVM a CPL-3 `iretq` runs natively and cannot set the guest's IF again
+        // (PVM keeps it virtual), so an interrupt gate would leave interrupts off for good.
+        let attrs: u64 = if cpl == 3 { 0x8f } else { 0x8e };
+        let lo =
+            (to & 0xffff) | (u64::from(sel) << 16) | (attrs << 40) | (((to >> 16) & 0xffff) << 48);
+        let at = IDT + 16 * u64::from(v);
+        mem.write_obj(lo, GuestAddress(at))?;
+        mem.write_obj(to >> 32, GuestAddress(at + 8))
+    };
+    for v in 0..32u8 {
+        gate(v, exception_stubs + 16 * u64::from(v))?;
+    }
+    gate(vector, handler)
 }
 
 /// A flat 4 GiB segment at privilege `dpl`: 64-bit code if `code` (L=1), else 32-bit (D/B=1).

@@ -11,6 +11,7 @@
 //! | `0x0f06` SLEEP_US | 32 | the vCPU sleeps this many microseconds (a guest without a kernel has no idle) |
 //! | `0x0f07` KEY | 32 | a result key (`KEY_*`) for the next VALUE |
 //! | `0x0f08` VALUE | 32 | the value for the last KEY; the VMM reports `(key, value)` |
+//! | `0x0f09` IRQ_ACK | 32 | the irq workloads' handler acknowledges level-triggered IOAPIC pin n: the VMM lowers the line |
 //! | `0x0cf8` PCI_ADDR | 32 | PCI configuration mechanism #1: `0x8000_0000 \| bus << 16 \| dev << 11 \| fn << 8 \| reg` (`devices` only) |
 //! | `0x0cfc` PCI_DATA | 32 | the configuration dword at PCI_ADDR (`devices` uses only 32-bit accesses, `reg` dword-aligned) |
 //!
@@ -46,6 +47,19 @@ pub const PORT_PHASE: u16 = 0x0f05;
 /// Sleep, in microseconds.
 pub const PORT_SLEEP_US: u16 = 0x0f06;
 
+/// The irq workloads: the handler acknowledges a level-triggered IOAPIC pin (the VMM lowers it).
+pub const PORT_IRQ_ACK: u16 = 0x0f09;
+
+/// The irq workloads' IDT vector (every path delivers it).
+pub const IRQ_VECTOR: u8 = 0x40;
+/// The irq workloads' shared words (guest-physical, the start of vCPU 0's slice): `+0`
+/// interrupts handled, `+8` the TSC at the handler's entry for the last one, `+16` an IOAPIC
+/// pin + 1 to acknowledge through [`PORT_IRQ_ACK`] before the EOI (0: none).
+pub const IRQ_AREA: u64 = 0x40_0000;
+/// The LAPIC's EOI register (the default APIC base + 0xb0): the handler's EOI is one 32-bit
+/// store there.
+pub const LAPIC_EOI: u64 = 0xfee0_00b0;
+
 /// Result key; the next VALUE belongs to it.
 pub const PORT_KEY: u16 = 0x0f07;
 /// Result value for the last KEY.
@@ -76,6 +90,12 @@ pub const KEY_BAR_MMAP_WRITTEN: u32 = 7;
 /// report per vector pending in the vCPU's LAPIC IRR, i.e. a device MSI that reached the
 /// guest through eventfd -> KVM irqfd with no VMM thread involved.
 pub const KEY_VMM_LAPIC_IRR: u32 = 0x100;
+
+/// Key (irq workloads): the guest took exception `value` (then DONE `0x100 + value`).
+pub const KEY_EXCEPTION: u32 = 0x200;
+/// Key (irq workloads): a word at the top of the exception's frame (low 32 bits; two
+/// reports: `[rsp]`, `[rsp + 8]`).
+pub const KEY_EXCEPTION_FRAME: u32 = 0x201;
 
 /// `vendor | device << 16` of the GPIO card (gpio-pci-idio-16 register layout, in BAR2).
 pub const PCI_ID_GPIO: u32 = 0x0dc8_494f;

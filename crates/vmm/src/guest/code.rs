@@ -3,7 +3,7 @@
 //!
 //! It starts at a table of entry offsets, one per [`Workload`](super::Workload), and uses only
 //! relative jumps and calls, so it runs wherever it is loaded. It runs at CPL 3 without a
-//! kernel: no interrupts, no syscalls; it talks to the VMM through the port-I/O ABI in
+//! kernel: no syscalls, no interrupts (but for the irq workloads' handler); it talks to the VMM through the port-I/O ABI in
 //! [`abi`](super::abi).
 
 use std::arch::global_asm;
@@ -23,6 +23,10 @@ faultline_guest_start:
     .quad .Lwl_random - faultline_guest_start
     .quad .Lwl_verify - faultline_guest_start
     .quad .Lwl_devices - faultline_guest_start
+    .quad .Lwl_irq - faultline_guest_start
+    .quad .Lwl_irq_cpl0 - faultline_guest_start
+    .quad .Lirq_handler - faultline_guest_start  # not a workload: the irq workloads' handler
+    .quad .Lexc_stubs - faultline_guest_start    # and their exception reporters, 16 B each
 
     # r12 = slice base, r13 = slice bytes, rbx = first page index, r14 = TSC ticks / 100 ms,
     # r15 = TSC deadline (all ones: none), rbp = seed; [rsp] = heartbeats, [rsp+8] = last one.
@@ -556,6 +560,90 @@ faultline_guest_start:
     pop rbx
     ret
 
+# irq (CPL 3 handler) and irq-cpl0 (CPL 0 handler; the VMM's IDT is the only difference):
+# the VMM starts them with RFLAGS.IF set (under PVM `sti` at CPL 3 faults, IOPL 3 or not);
+# ready, then spin with pause until the run time is up. The handler below does the work.
+.Lwl_irq_cpl0:
+    nop
+.Lwl_irq:
+    FL_PROLOGUE
+    FL_PHASE {ready}
+.Lirq_spin:
+    pause
+    FL_RDTSC
+    cmp rax, r15
+    jb .Lirq_spin
+    xor eax, eax                                # (no cli: it faults at CPL 3 under PVM too)
+    mov dx, {done}
+.Lirq_done:
+    out dx, eax
+    jmp .Lirq_done
+
+# The interrupt handler (IDT vector abi::IRQ_VECTOR), at CPL 3 or CPL 0: arrival TSC to
+# IRQ_AREA + 8; if IRQ_AREA + 16 holds pin + 1, acknowledge the level-triggered pin (port
+# IRQ_ACK, the VMM lowers the line); EOI (LAPIC MMIO write); count += 1 at IRQ_AREA.
+.Lirq_handler:
+    push rax
+    push rcx
+    push rdx
+    FL_RDTSC
+    movabs rcx, {irq_area}
+    mov [rcx + 8], rax
+    mov rax, [rcx + 16]
+    test rax, rax
+    jz .Lirq_eoi
+    dec eax
+    mov dx, {irq_ack}
+    out dx, eax
+.Lirq_eoi:
+    movabs rax, {lapic_eoi}
+    mov dword ptr [rax], 0
+    inc qword ptr [rcx]
+    # The frame's RFLAGS: under PVM a delivery to CPL 3 pushes it without IF and IOPL (0x17
+    # was seen), so iretq would leave interrupts off; put back what the spin loop runs with.
+    or qword ptr [rsp + 40], 0x3202
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+# Exception reporters of the irq workloads (IDT vectors 0-31): stub v reports KEY_EXCEPTION
+# = v, then the two words at the top of the exception frame (the error code or RIP, then
+# RIP or CS), and DONE 0x100 + v.
+    .balign 16
+.Lexc_stubs:
+    .set fl_vec, 0
+    .rept 32
+    .balign 16
+    mov r11d, fl_vec
+    jmp .Lexc_common
+    .set fl_vec, fl_vec + 1
+    .endr
+.Lexc_common:
+    mov eax, {key_exc}
+    mov dx, {key}
+    out dx, eax
+    mov eax, r11d
+    mov dx, {value}
+    out dx, eax
+    mov eax, {key_exc_frame}
+    mov dx, {key}
+    out dx, eax
+    mov eax, [rsp]
+    mov dx, {value}
+    out dx, eax
+    mov eax, {key_exc_frame}
+    mov dx, {key}
+    out dx, eax
+    mov eax, [rsp + 8]
+    mov dx, {value}
+    out dx, eax
+    lea eax, [r11d + 0x100]
+    mov dx, {done}
+.Lexc_done:
+    out dx, eax
+    jmp .Lexc_done
+
     .balign 8
     .globl faultline_guest_end
 faultline_guest_end:
@@ -590,6 +678,11 @@ faultline_guest_end:
     bar_magic = const abi::BAR_MMAP_MAGIC,
     bar_magic_lo = const abi::BAR_MMAP_MAGIC as u32,
     bar_off = const abi::BAR_MMAP_OFFSET,
+    irq_area = const abi::IRQ_AREA,
+    irq_ack = const abi::PORT_IRQ_ACK,
+    lapic_eoi = const abi::LAPIC_EOI,
+    key_exc = const abi::KEY_EXCEPTION,
+    key_exc_frame = const abi::KEY_EXCEPTION_FRAME,
 );
 
 unsafe extern "C" {
@@ -609,6 +702,20 @@ pub fn image() -> &'static [u8] {
         let end = &raw const faultline_guest_end;
         std::slice::from_raw_parts(start, end.offset_from(start) as usize)
     }
+}
+
+/// Slot of the irq workloads' interrupt handler in the entry table (after the workloads).
+const IRQ_HANDLER_SLOT: usize = 8;
+
+/// Offset of the irq workloads' interrupt handler in [`image`].
+pub fn irq_handler_offset() -> u64 {
+    entry_offset(IRQ_HANDLER_SLOT)
+}
+
+/// Offset of the irq workloads' exception reporters in [`image`]: the one for vector `v`
+/// (0..32) is 16 `v` bytes further.
+pub fn exception_stubs_offset() -> u64 {
+    entry_offset(IRQ_HANDLER_SLOT + 1)
 }
 
 /// Offset of workload `index`'s entry point in [`image`].

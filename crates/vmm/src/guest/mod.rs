@@ -6,7 +6,7 @@ mod code;
 mod event;
 pub mod telemetry;
 
-pub use code::{MAGIC, entry_offset, image};
+pub use code::{MAGIC, entry_offset, exception_stubs_offset, image, irq_handler_offset};
 pub use event::Event;
 
 use std::fmt;
@@ -33,17 +33,27 @@ pub enum Workload {
     /// mechanism #1, loop the GPIO card's outputs back, run DMA copies with the DMA engine,
     /// and report the results as `(key, value)` pairs (see [`abi`]).
     Devices,
+    /// Interrupt lab (vCPU 0): the VMM sets up an IDT whose vector [`abi::IRQ_VECTOR`] gate
+    /// enters a handler at CPL 3 (its code segment has DPL 3: same privilege, no stack
+    /// switch); the guest enables interrupts and spins; the handler records each arrival's TSC
+    /// and EOIs (see [`abi::IRQ_AREA`]).
+    Irq,
+    /// The same with the handler at CPL 0 (a kernel code segment: a privilege change and a
+    /// stack switch to the TSS's RSP0; emulated under PVM).
+    IrqCpl0,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Fill,
         Workload::Dirty,
         Workload::Read,
         Workload::Random,
         Workload::Verify,
         Workload::Devices,
+        Workload::Irq,
+        Workload::IrqCpl0,
     ];
 
     /// Index in the guest image's entry table.
@@ -55,6 +65,8 @@ impl Workload {
             Workload::Random => 3,
             Workload::Verify => 4,
             Workload::Devices => 5,
+            Workload::Irq => 6,
+            Workload::IrqCpl0 => 7,
         }
     }
 
@@ -67,12 +79,27 @@ impl Workload {
             Workload::Random => "random",
             Workload::Verify => "verify",
             Workload::Devices => "devices",
+            Workload::Irq => "irq",
+            Workload::IrqCpl0 => "irq-cpl0",
         }
     }
 
     /// Whether the workload runs until stopped when no run time is given.
     pub fn runs_forever(self) -> bool {
-        matches!(self, Workload::Dirty | Workload::Read)
+        matches!(
+            self,
+            Workload::Dirty | Workload::Read | Workload::Irq | Workload::IrqCpl0
+        )
+    }
+
+    /// Whether the VMM gives this workload an IDT, a handler and the in-kernel irqchip; its
+    /// handler's privilege level.
+    pub fn irq_handler_cpl(self) -> Option<u8> {
+        match self {
+            Workload::Irq => Some(3),
+            Workload::IrqCpl0 => Some(0),
+            _ => None,
+        }
     }
 }
 
@@ -91,7 +118,7 @@ impl FromStr for Workload {
             .find(|w| w.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices)"
+                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices, irq, irq-cpl0)"
                 )
             })
     }
@@ -129,7 +156,7 @@ mod tests {
     fn image_has_magic_and_entries_inside() {
         let img = image();
         assert_eq!(u64::from_le_bytes(img[..8].try_into().unwrap()), MAGIC);
-        let table_end = 8 * (1 + Workload::ALL.len()) as u64;
+        let table_end = 8 * (3 + Workload::ALL.len()) as u64;
         for w in Workload::ALL {
             let e = entry_offset(w.index());
             assert!(e >= table_end && e < img.len() as u64, "{w}: {e}");
@@ -171,7 +198,7 @@ mod tests {
         assert_eq!(w.name(), "devices");
         assert_eq!("devices".parse::<Workload>().unwrap(), w);
         assert!(!w.runs_forever());
-        assert_eq!(Workload::ALL.last(), Some(&w));
+        assert_eq!(Workload::ALL[5], w);
         // Its code follows every other workload's.
         let e = entry_offset(w.index());
         for o in &Workload::ALL[..5] {
@@ -185,6 +212,17 @@ mod tests {
         // The DMA scratch (descriptor, source, destination) fits a 2 MiB slice.
         assert!(0x10_0000 + u64::from(abi::DMA_LEN) <= 2 << 20);
         assert!(u64::from(abi::DMA_LEN) >= 32);
+    }
+
+    #[test]
+    fn irq_workloads() {
+        assert_eq!(Workload::Irq.irq_handler_cpl(), Some(3));
+        assert_eq!(Workload::IrqCpl0.irq_handler_cpl(), Some(0));
+        assert_eq!(Workload::Fill.irq_handler_cpl(), None);
+        assert_eq!("irq-cpl0".parse::<Workload>().unwrap(), Workload::IrqCpl0);
+        let h = irq_handler_offset();
+        assert!(h > entry_offset(Workload::Irq.index()) && h < image().len() as u64);
+        assert_eq!(abi::IRQ_AREA, crate::cpl3::WORKLOAD);
     }
 
     #[test]

@@ -76,4 +76,13 @@ pub enum VmError {
     /// Attaching vfio-user devices failed.
     #[error("devices")]
     Devices(#[source] crate::devices::pci::AttachError),
+    /// The guest acknowledged an interrupt line the VMM could not lower.
+    #[error("vCPU {vcpu}: lowering the acknowledged interrupt line failed")]
+    IrqAck {
+        /// The vCPU.
+        vcpu: u32,
+        /// Cause.
+        #[source]
+        source: super::irq::IrqError,
+    },
 }

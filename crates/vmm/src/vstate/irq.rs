@@ -233,6 +233,36 @@ impl Interrupts {
             .map_err(kvm("KVM_IRQ_LINE"))
     }
 
+    /// Program IOAPIC pin `pin`'s redirection entry: fixed delivery of `vector` to the LAPIC
+    /// with id `apic_id` (physical destination), edge- or `level`-triggered, unmasked (what a
+    /// guest kernel writes through the IOAPIC's MMIO window; a guest without one gets it here).
+    pub fn route_pin(
+        &self,
+        pin: u32,
+        vector: u8,
+        level: bool,
+        apic_id: u8,
+    ) -> Result<(), IrqError> {
+        self.need_chip()?;
+        if pin >= IOAPIC_PINS {
+            return Err(IrqError::UnknownGsi(pin));
+        }
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        self.vm
+            .get_irqchip(&mut chip)
+            .map_err(kvm("KVM_GET_IRQCHIP (IOAPIC)"))?;
+        let bits = u64::from(vector) | (u64::from(level) << 15) | (u64::from(apic_id) << 56);
+        // SAFETY: the IOAPIC member is the one KVM filled for KVM_IRQCHIP_IOAPIC; `bits` is the
+        // plain-integer view of its redirection entry.
+        unsafe { chip.chip.ioapic.redirtbl[pin as usize].bits = bits };
+        self.vm
+            .set_irqchip(&chip)
+            .map_err(kvm("KVM_SET_IRQCHIP (IOAPIC)"))
+    }
+
     /// Inject `msg` at once (`KVM_SIGNAL_MSI`). Returns whether it was delivered (`false`:
     /// the guest's LAPIC blocked it).
     pub fn signal_msi(&self, msg: MsiMessage) -> Result<bool, IrqError> {
@@ -295,5 +325,18 @@ mod tests {
         ));
         irq.set_line(4, true).unwrap();
         irq.set_line(4, false).unwrap();
+        irq.route_pin(5, 0x40, true, 0).unwrap();
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        irq.vm().get_irqchip(&mut chip).unwrap();
+        // SAFETY: KVM filled the IOAPIC member.
+        let bits = unsafe { chip.chip.ioapic.redirtbl[5].bits };
+        assert_eq!(bits & 0x1_ffff, 0x40 | 1 << 15);
+        assert!(matches!(
+            irq.route_pin(24, 0x40, false, 0),
+            Err(IrqError::UnknownGsi(24))
+        ));
     }
 }

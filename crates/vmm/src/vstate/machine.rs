@@ -15,6 +15,7 @@ use super::irq::Interrupts;
 use super::kvm::{KvmError, apic_cpuid, create_vm, kvm_err, reset_fpu};
 use super::notice::Notifier;
 use super::state::{StateError, VcpuState, VmState};
+use super::stats::{KvmStats, StatsError};
 use super::vcpu::{VcpuContext, install_signal_handlers, vcpu_thread};
 use crate::config::{ConfigError, Slice, VmConfig};
 use crate::cpl3;
@@ -75,6 +76,7 @@ impl Vm {
         cfg.check_builtin()?;
         let slices = cfg.slices()?;
         let with_pci = !cfg.vfio_user.is_empty();
+        let irq_cpl = cfg.workload.irq_handler_cpl();
         let mut cfg = cfg;
         if with_pci {
             if cfg.mem_bytes > MMIO_BASE {
@@ -84,8 +86,14 @@ impl Vm {
             cfg.backend = Backend::Memfd;
         }
         let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
-        let (kvm, vm, irqchip) = create_vm(&mem, cfg.irqchip || with_pci, false)?;
-        let map_bytes = if with_pci { 4 << 30 } else { cfg.mem_bytes };
+        let (kvm, vm, irqchip) =
+            create_vm(&mem, cfg.irqchip || with_pci || irq_cpl.is_some(), false)?;
+        // Devices' BARs and the LAPIC (the irq workloads' EOI) sit below 4 GiB.
+        let map_bytes = if with_pci || irq_cpl.is_some() {
+            4 << 30
+        } else {
+            cfg.mem_bytes
+        };
         cpl3::write_tables(mem.mem(), cfg.mem_bytes, map_bytes).map_err(|source| {
             VmError::GuestWrite {
                 what: "page tables and GDT",
@@ -98,6 +106,16 @@ impl Vm {
                 source,
             })?;
 
+        if let Some(cpl) = irq_cpl {
+            let handler = cpl3::CODE + guest::irq_handler_offset();
+            let stubs = cpl3::CODE + guest::exception_stubs_offset();
+            cpl3::write_idt(mem.mem(), abi::IRQ_VECTOR, handler, stubs, cpl).map_err(|source| {
+                VmError::GuestWrite {
+                    what: "the IDT",
+                    source,
+                }
+            })?;
+        }
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -110,8 +128,11 @@ impl Vm {
             vcpu.set_cpuid2(&apic_cpuid(&cpuid, i as u32))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
             let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-            vcpu.set_sregs(&cpl3::user_mode_sregs(sregs))
-                .map_err(kvm_err("KVM_SET_SREGS"))?;
+            let mut sregs = cpl3::user_mode_sregs(sregs);
+            if irq_cpl.is_some() {
+                sregs.idt.limit = cpl3::IDT_LIMIT;
+            }
+            vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
             let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
             let run_ticks = cfg
                 .run_for
@@ -129,6 +150,10 @@ impl Vm {
                 run_ticks,
                 cfg.seed.wrapping_add(i as u64),
             );
+            let mut regs = regs;
+            if irq_cpl.is_some() {
+                regs.rflags |= 0x200; // IF: the irq workloads take interrupts from the start
+            }
             vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
             vcpu.set_fpu(&reset_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
             if irqchip {
@@ -271,6 +296,23 @@ impl Vm {
         &self.mem
     }
 
+    /// vCPU `i`'s KVM statistics (`KVM_GET_STATS_FD`), opened before it runs; `None` where
+    /// the host's KVM has no binary stats.
+    pub fn vcpu_stats(&self, i: usize) -> Result<Option<KvmStats>, StatsError> {
+        match self.vcpus.get(i) {
+            Some(v) => KvmStats::of_vcpu(v),
+            None => Err(StatsError::NoVcpu(i)),
+        }
+    }
+
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ` of vCPU 0).
+    pub fn tsc_khz(&self) -> Result<u32, StatsError> {
+        let v = self.vcpus.first().ok_or(StatsError::NoVcpu(0))?;
+        v.get_tsc_khz()
+            .map_err(kvm_err("KVM_GET_TSC_KHZ"))
+            .map_err(StatsError::Kvm)
+    }
+
     /// Pause and stop control (a VM may be held paused before it starts).
     pub fn control(&self) -> &Arc<VcpuControl> {
         &self.control
@@ -295,6 +337,7 @@ impl Vm {
             let control = self.control.clone();
             let legacy = self.legacy.clone();
             let pci = self.pci.clone();
+            let irq = self.irq.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu-{i}"))
                 .spawn(move || {
@@ -302,6 +345,7 @@ impl Vm {
                         control: &control,
                         legacy: legacy.as_deref(),
                         pci: pci.as_deref(),
+                        irq: &irq,
                         notify: &notify,
                     };
                     vcpu_thread(i as u32, vcpu, ctx)

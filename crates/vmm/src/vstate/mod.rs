@@ -8,6 +8,7 @@
 //! - [`control`]: pause with owners, stop, jobs on parked vCPUs ([`VcpuControl`]).
 //! - [`irq`]: the GSI routing table, irqfds and MSIs ([`Interrupts`]).
 //! - [`state`]: each component's state ([`Persist`]): vCPU, LAPIC, irqchip, PIT, clock.
+//! - [`stats`]: KVM's binary statistics of a vCPU (`KVM_GET_STATS_FD`), e.g. its exits.
 //! - [`notice`]: what this layer reports upward ([`Notice`]), through a [`Notifier`].
 
 pub mod control;
@@ -17,6 +18,7 @@ pub mod kvm;
 pub mod machine;
 pub mod notice;
 pub mod state;
+pub mod stats;
 pub mod vcpu;
 
 pub use control::{PauseOwner, Resumed, SaveError, VcpuControl};
@@ -25,3 +27,4 @@ pub use irq::{Interrupts, IrqError, MsiMessage};
 pub use machine::{Machine, Parts, Uncarried, Vm};
 pub use notice::{BoxError, Failure, Notice, Notifier};
 pub use state::{Persist, StateError, VcpuState, VmState};
+pub use stats::{KvmStats, StatsError};

@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::control::{VcpuControl, mono_ns};
 use super::error::VmError;
+use super::irq::Interrupts;
 use super::notice::{Notice, Notifier};
 use crate::devices::pci::PciBus;
 use crate::devices::{LegacyDevices, PioResult};
@@ -24,6 +25,8 @@ pub struct VcpuContext<'a> {
     pub legacy: Option<&'a LegacyDevices>,
     /// The PCI bus with vfio-user devices.
     pub pci: Option<&'a PciBus>,
+    /// The VM's interrupt routes (the irq workloads acknowledge level-triggered pins).
+    pub irq: &'a Interrupts,
     /// Where to report.
     pub notify: &'a Notifier,
 }
@@ -102,6 +105,7 @@ struct GuestPorts {
 enum PortAction {
     Continue,
     Finished,
+    Failed(VmError),
 }
 
 fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError> {
@@ -176,8 +180,10 @@ fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError>
                 let mut b = [0u8; 4];
                 let n = data.len().min(4);
                 b[..n].copy_from_slice(&data[..n]);
-                if let PortAction::Finished = guest_port(id, vcpu, ctx, &mut ports, port, &b[..n]) {
-                    return Ok(());
+                match guest_port(id, vcpu, ctx, &mut ports, port, &b[..n]) {
+                    PortAction::Continue => {}
+                    PortAction::Finished => return Ok(()),
+                    PortAction::Failed(e) => return Err(e),
                 }
             }
             VcpuExit::IoIn(_, data) => data.fill(0xff),
@@ -272,6 +278,11 @@ fn guest_port(
                 ports.log.clear();
             } else if let Some(&c) = data.first() {
                 ports.log.push(c);
+            }
+        }
+        abi::PORT_IRQ_ACK => {
+            if let Err(source) = ctx.irq.set_line(v, false) {
+                return PortAction::Failed(VmError::IrqAck { vcpu: id, source });
             }
         }
         abi::PORT_SLEEP_US => control.sleep(Duration::from_micros(u64::from(v.min(1_000_000)))),
