@@ -568,6 +568,20 @@ pub fn pingpong(
             })
             .map_err(sys("spawning the device thread"))?
     };
+    // Never wait forever: if one side fails without waking the other, or a wake-up is lost,
+    // the run fails at a deadline far beyond any healthy run (20,000 cross-CPU round trips
+    // take about 2 s here).
+    let secs = 60 + (warmup + round_trips) as u64 / 500;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !(d.is_finished() && h.is_finished()) {
+        if std::time::Instant::now() >= deadline {
+            return Err(IrqBenchError::Stalled {
+                method: method.name(),
+                secs,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let dr = d
         .join()
         .map_err(|_| IrqBenchError::Panicked("irq-device"))?;

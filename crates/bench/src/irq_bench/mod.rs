@@ -37,6 +37,15 @@ pub enum IrqBenchError {
     /// A bench thread panicked.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
+    /// A ping-pong did not finish in time (one side stopped answering); its threads are
+    /// left behind rather than waited for.
+    #[error("the {method} ping-pong did not finish within {secs} s")]
+    Stalled {
+        /// The method.
+        method: &'static str,
+        /// The deadline, s.
+        secs: u64,
+    },
     /// The C compiler could not be started.
     #[error("the C compiler '{cc}' could not be run")]
     CcMissing {
