@@ -373,7 +373,13 @@ pub fn send_run(
     sent: &Sent,
     announce_zero: &dyn Fn(u64) -> bool,
 ) -> Result<(), SendError> {
-    buf.resize((n * PAGE) as usize, 0);
+    // The buffer only grows (to the longest run): re-zeroing it for every run of another
+    // length cost a memory pass per page on the pre-copy switchover's hot path.
+    let len = (n * PAGE) as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let buf = &mut buf[..len];
     reader.read(p, buf).map_err(SendError::Read)?;
     let page = |k: u64| &buf[(k * PAGE) as usize..((k + 1) * PAGE) as usize];
     let mut i = 0;

@@ -602,12 +602,14 @@ fn finish(
     let mut digest = 0u64;
     let mut buf = Vec::new();
     for (p, n) in runs(&sw.maybe) {
-        buf.resize((n * PAGE) as usize, 0);
-        pipes
-            .reader
-            .read(p, &mut buf)
-            .map_err(MigrationError::Read)?;
-        for (k, pg) in buf.chunks_exact(PAGE as usize).enumerate() {
+        // Grown once to the longest run, never re-zeroed.
+        let len = (n * PAGE) as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let run = &mut buf[..len];
+        pipes.reader.read(p, run).map_err(MigrationError::Read)?;
+        for (k, pg) in run.chunks_exact(PAGE as usize).enumerate() {
             digest = digest.wrapping_add(mix(p + k as u64, page_hash(pg)));
         }
     }
