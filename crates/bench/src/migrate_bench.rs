@@ -38,6 +38,34 @@ pub struct Shape {
     pub deadline_ms: u64,
     /// Keep the destination running this long after the migration (to show it goes on).
     pub after_ms: u64,
+    /// TLS with a pre-shared key (a fresh key per run); otherwise plain TCP (`--insecure`).
+    pub tls: bool,
+}
+
+impl Shape {
+    /// `"tls-psk"` or `"plain"`.
+    pub fn security(&self) -> &'static str {
+        if self.tls { "tls-psk" } else { "plain" }
+    }
+}
+
+/// Write a fresh 32-byte pre-shared key (mode 0600) at `path`.
+pub fn write_psk(path: &Path) -> Result<(), BenchError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e: std::io::Error| BenchError::Run(format!("{}: {e}", path.display()));
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(err)?;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(&key))
+        .map_err(err)
 }
 
 /// The anchor's link names and their caps in bytes per second.
@@ -161,7 +189,15 @@ pub fn run_one(
     let mut src = spawn(&src_args, "source", Stdio::piped())?;
     let src_reader = summary_reader(src.0.stdout.take());
     let incoming = format!("tcp:127.0.0.1:{port}");
-    let dst_args = [
+    let psk = dir.join("psk");
+    let psk_s = psk.to_str().unwrap_or_default();
+    let security: Vec<&str> = if s.tls {
+        write_psk(&psk)?;
+        vec!["--tls-psk", psk_s]
+    } else {
+        vec!["--insecure"]
+    };
+    let mut dst_args = vec![
         "run",
         "--incoming",
         &incoming,
@@ -169,6 +205,7 @@ pub fn run_one(
         dst_sock.to_str().unwrap_or_default(),
         "--json-events",
     ];
+    dst_args.extend(&security);
     let mut dst = spawn(&dst_args, "destination", Stdio::piped())?;
     let reader = summary_reader(dst.0.stdout.take());
     wait_sock(&src_sock, &mut src)?;
@@ -189,13 +226,18 @@ pub fn run_one(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let body = json!({
+    let mut body = json!({
         "to": incoming,
         "mode": s.mode,
         "max_bandwidth": s.bandwidth,
         "downtime_limit_ms": s.downtime_limit_ms,
         "deadline_ms": s.deadline_ms,
     });
+    if s.tls {
+        body["tls"] = json!({"psk": {"key_file": psk}});
+    } else {
+        body["insecure"] = json!(true);
+    }
     let (code, v) = api(&src_sock, "PUT", "/migrate", &body.to_string())?;
     if code != 202 {
         return Err(BenchError::Run(format!("PUT /migrate: {code} {v}")));
@@ -257,6 +299,8 @@ pub struct MigrateLine {
     pub link: String,
     /// `precopy`, `postcopy`, `hybrid`.
     pub mode: String,
+    /// `plain` (TCP, `--insecure`) or `tls-psk` (TLS 1.3, pre-shared key).
+    pub security: &'static str,
     /// Every run converged.
     pub converged: bool,
     /// Runs that converged, of all runs (`"2/3"`).
@@ -326,6 +370,7 @@ pub fn cell(
         workload: shape.workload.clone(),
         link: link.into(),
         mode: shape.mode.clone(),
+        security: shape.security(),
         converged: conv == runs,
         converged_runs: format!("{conv}/{runs}"),
         total_ms: if conv > 0 {

@@ -7,6 +7,7 @@ mod irq;
 mod migrate;
 mod run;
 mod snap;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -83,6 +84,10 @@ enum BenchCmd {
         /// Modes.
         #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string(), "postcopy".to_string(), "hybrid".to_string()])]
         modes: Vec<String>,
+        /// Security of the link: plain (TCP, --insecure) and/or tls (TLS 1.3, pre-shared
+        /// key); with both, a `tls-cost` line compares their total times.
+        #[arg(long, value_delimiter = ',', default_values_t = ["plain".to_string()])]
+        security: Vec<String>,
         /// Guest memory, MiB.
         #[arg(long, default_value_t = 1024)]
         mem_mib: u64,
@@ -403,6 +408,7 @@ fn main() -> ExitCode {
                     workloads,
                     links,
                     modes,
+                    security,
                     mem_mib,
                     hot_mib,
                 },
@@ -412,6 +418,7 @@ fn main() -> ExitCode {
             &workloads,
             &links,
             &modes,
+            &security,
             mem_mib,
             hot_mib,
         ),

@@ -36,6 +36,9 @@ pub struct Args {
     /// Print only the final status as JSON (no progress line).
     #[arg(long)]
     json: bool,
+    /// Whom we migrate to.
+    #[command(flatten)]
+    security: crate::tls::TlsArgs,
 }
 
 /// `1gbit`, `10Gbit`, `125M` (bytes/s), `0`.
@@ -64,7 +67,12 @@ fn status_line(v: &Value) -> String {
 }
 
 pub fn migrate(a: &Args) -> CliResult {
+    if let Some(to) = &a.to {
+        a.security.check(to)?;
+    }
     let body = json!({
+        "tls": a.security.credentials(),
+        "insecure": a.security.insecure,
         "to": a.to,
         "mode": a.mode,
         "max_bandwidth": a.max_bandwidth,
@@ -142,6 +150,9 @@ pub struct DemoArgs {
     /// Print the final statistics as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Plain TCP instead of TLS with a fresh pre-shared key.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub fn demo(a: &DemoArgs) -> CliResult {
@@ -157,11 +168,21 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         downtime_limit_ms: 300,
         deadline_ms: 20_000,
         after_ms: 500,
+        tls: !a.insecure,
     };
     if !a.json {
         println!(
-            "faultline demo: a {} MiB microVM ({} vCPU, built-in guest `{}` over {} MiB) live-migrated with {} over TCP loopback to a second faultline process",
-            a.mem_mib, a.vcpus, a.guest, a.hot_mib, a.mode
+            "faultline demo: a {} MiB microVM ({} vCPU, built-in guest `{}` over {} MiB) live-migrated with {} over TCP loopback ({}) to a second faultline process",
+            a.mem_mib,
+            a.vcpus,
+            a.guest,
+            a.hot_mib,
+            a.mode,
+            if a.insecure {
+                "plain, --insecure"
+            } else {
+                "TLS 1.3, a fresh pre-shared key"
+            }
         );
     }
     let json = a.json;
@@ -253,15 +274,29 @@ pub fn demo(a: &DemoArgs) -> CliResult {
 }
 
 /// `faultline bench migrate`.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     json: bool,
     runs: usize,
     workloads: &[String],
     links: &[String],
     modes: &[String],
+    security: &[String],
     mem_mib: u64,
     hot_mib: u64,
 ) -> CliResult {
+    let mut tls = Vec::new();
+    for s in security {
+        match s.as_str() {
+            "plain" => tls.push(false),
+            "tls" => tls.push(true),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "--security {s}: expected plain or tls"
+                )));
+            }
+        }
+    }
     let exe = std::env::current_exe().map_err(failed("cannot find this program"))?;
     let dir = bench::migrate_bench::scratch().map_err(failed("scratch directory"))?;
     for w in workloads {
@@ -270,36 +305,62 @@ pub fn bench(
                 continue;
             }
             for m in modes {
-                let shape = bench::migrate_bench::Shape {
-                    mem_mib,
-                    hot_mib,
-                    vcpus: 1,
-                    workload: w.clone(),
-                    mode: m.clone(),
-                    bandwidth: bw,
-                    downtime_limit_ms: 300,
-                    deadline_ms: 20_000,
-                    after_ms: 0,
-                };
-                let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
-                    .map_err(failed("bench migrate"))?;
-                if json {
-                    println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
-                } else {
-                    println!(
-                        "{:<6} {:<9} {:<8} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",
-                        line.workload,
-                        line.link,
-                        line.mode,
-                        line.converged_runs,
-                        line.total_ms,
-                        line.downtime_ms,
-                        line.max_pause_ms,
-                        line.blocktime_ms,
-                        line.bytes as f64 / 1048576.0,
-                        line.fault_p50_us,
-                        line.fault_p99_us
-                    );
+                let mut totals = Vec::new();
+                for &tls in &tls {
+                    let shape = bench::migrate_bench::Shape {
+                        mem_mib,
+                        hot_mib,
+                        vcpus: 1,
+                        workload: w.clone(),
+                        mode: m.clone(),
+                        bandwidth: bw,
+                        downtime_limit_ms: 300,
+                        deadline_ms: 20_000,
+                        after_ms: 0,
+                        tls,
+                    };
+                    let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
+                        .map_err(failed("bench migrate"))?;
+                    totals.push((line.security, line.total_ms));
+                    if json {
+                        println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
+                    } else {
+                        println!(
+                            "{:<6} {:<9} {:<8} {:<7} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",
+                            line.workload,
+                            line.link,
+                            line.mode,
+                            line.security,
+                            line.converged_runs,
+                            line.total_ms,
+                            line.downtime_ms,
+                            line.max_pause_ms,
+                            line.blocktime_ms,
+                            line.bytes as f64 / 1048576.0,
+                            line.fault_p50_us,
+                            line.fault_p99_us
+                        );
+                    }
+                }
+                if let [("plain", plain), ("tls-psk", secure)] = totals[..] {
+                    let v = json!({
+                        "bench": "migrate",
+                        "case": "tls-cost",
+                        "workload": w,
+                        "link": link,
+                        "mode": m,
+                        "plain_total_ms": plain,
+                        "tls_total_ms": secure,
+                        "tls_over_plain": secure / plain,
+                    });
+                    if json {
+                        println!("{v}");
+                    } else {
+                        println!(
+                            "{w:<6} {link:<9} {m:<8} TLS costs {:+.1}% total time ({secure:.1} ms vs {plain:.1} ms plain; goal <= +15%)",
+                            (secure / plain - 1.0) * 100.0
+                        );
+                    }
                 }
             }
         }

@@ -70,6 +70,9 @@ pub struct Args {
     /// `faultline migrate --resume` before stopping the VM with an error.
     #[arg(long, default_value_t = 60, requires = "incoming")]
     recover_timeout: u64,
+    /// With --incoming: who may migrate to us.
+    #[command(flatten)]
+    security: crate::tls::TlsArgs,
 }
 
 /// Parse `512M`, `1G`, `4096K` or a byte count.
@@ -109,11 +112,14 @@ pub fn run(a: &Args) -> CliResult {
     };
     let running = match &a.incoming {
         Some(ep) => {
+            a.security.check(ep)?;
             eprintln!("faultline run: waiting for a migration on {ep}");
             let r = vmm::RunningVm::incoming(&vmm::migration::IncomingOptions {
                 listen: ep.clone(),
                 verify: a.verify,
                 recover_timeout: Duration::from_secs(a.recover_timeout),
+                tls: a.security.credentials(),
+                insecure: a.security.insecure,
                 ..Default::default()
             })
             .map_err(failed("incoming migration"))?;

@@ -115,7 +115,9 @@ pub fn http(reply: Reply) -> HttpReply {
                 | ControlError::MigrationDone
                 | ControlError::Uncarried(_) => 409,
                 ControlError::NoMigration => 404,
-                ControlError::Finished => 400,
+                ControlError::Finished
+                | ControlError::NoDestination
+                | ControlError::Security(_) => 400,
                 ControlError::Kvm(_) | ControlError::Thread { .. } => 500,
                 ControlError::Gone => 503,
             };

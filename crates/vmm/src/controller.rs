@@ -156,6 +156,12 @@ pub enum ControlError {
     /// The VM has parts a migration cannot carry yet.
     #[error("this VM cannot be migrated yet: a migration would not carry {}", .0.join(", "))]
     Uncarried(Vec<String>),
+    /// A migration request without a destination.
+    #[error("`to` is missing: where to migrate")]
+    NoDestination,
+    /// The migration's security could not be set up (credentials, or plain TCP refused).
+    #[error("migration security")]
+    Security(#[source] xfer::tls::TlsError),
     /// A vCPU's workload has finished.
     #[error("a vCPU has already stopped (its workload finished): nothing to migrate")]
     Finished,
@@ -635,8 +641,12 @@ impl RunningVm {
         if !self.machine.all_running() {
             return Err(ControlError::Finished);
         }
+        let to = req.to.as_ref().ok_or(ControlError::NoDestination)?;
+        let security = xfer::tls::Security::for_endpoint(to, req.tls.as_ref(), req.insecure)
+            .map_err(ControlError::Security)?;
         let msr_list = self.machine.msr_list().map_err(ControlError::Kvm)?;
         let ctx = migration::source::SourceCtx {
+            security,
             control: self.machine.control().clone(),
             vm: self.machine.vm_fd().clone(),
             mem: self.machine.memory().clone(),
@@ -661,6 +671,8 @@ impl RunningVm {
                 what: "migration",
                 source,
             })?;
+        // A new migration's final status has not been read (an earlier failed one's was).
+        self.final_seen = false;
         self.migration = Some(Migration {
             status: status.clone(),
             resume: Some(rtx),

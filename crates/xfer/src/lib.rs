@@ -74,4 +74,5 @@ pub mod pull;
 pub mod push;
 pub mod reader;
 pub mod status;
+pub mod tls;
 pub mod wire;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::tls::Security;
 use crate::wire::{Endpoint, Kind, Listener, RecvError, Sock};
 
 /// The protocol's name, in every hello.
@@ -136,6 +137,9 @@ pub enum HandshakeError {
     /// Accepting failed.
     #[error("accepting a connection")]
     Accept(#[source] std::io::Error),
+    /// TLS refused the peer, or its handshake failed.
+    #[error("securing the connection")]
+    Tls(#[source] crate::tls::TlsError),
     /// Nobody connected in time.
     #[error("no connection within {0:?}")]
     Timeout(Duration),
@@ -187,20 +191,31 @@ fn recv_json<T: for<'de> Deserialize<'de>>(s: &mut Sock, want: Kind) -> Result<T
 /// Source: connect to `ep`, send `h`, and wait (at most `timeout`) for an accepting answer.
 pub fn hello(
     ep: &Endpoint,
+    sec: &Security,
     h: &Hello,
     timeout: Duration,
 ) -> Result<(Sock, HelloAck), HandshakeError> {
-    let mut s = ep
+    let s = ep
         .connect(Duration::from_secs(10))
         .map_err(|source| HandshakeError::Connect {
             endpoint: ep.to_string(),
             source,
         })?;
+    let (mut s, relay) = sec.client(s, ep).map_err(HandshakeError::Tls)?;
+    // In TLS 1.3 a destination refuses our certificate only after our side finished: the
+    // answer's read then fails, and the relay knows why.
+    let tls_refusal = |e: HandshakeError| match relay
+        .as_ref()
+        .and_then(|r| r.error_within(Duration::from_millis(500)))
+    {
+        Some(t) => HandshakeError::Tls(t),
+        None => e,
+    };
     s.set_read_timeout(Some(timeout))
         .map_err(HandshakeError::Setup)?;
     s.send_json(Kind::Hello, h)
         .map_err(|e| HandshakeError::Send(Kind::Hello, e))?;
-    let ack: HelloAck = recv_json(&mut s, Kind::HelloAck)?;
+    let ack: HelloAck = recv_json(&mut s, Kind::HelloAck).map_err(tls_refusal)?;
     if !ack.ok || ack.version != VERSION {
         return Err(HandshakeError::Refused(format!(
             "its protocol version {}, ours {VERSION}: {}",
@@ -215,15 +230,16 @@ pub fn hello(
 /// Source: open the main connection with `h`, then the priority connection.
 pub fn connect_pair(
     ep: &Endpoint,
+    sec: &Security,
     h: &Hello,
     timeout: Duration,
 ) -> Result<(Sock, Sock, HelloAck), HandshakeError> {
-    let (main, ack) = hello(ep, h, timeout)?;
+    let (main, ack) = hello(ep, sec, h, timeout)?;
     main.set_buffers(MAIN_BUFFER);
     let mut p = h.clone();
     p.channel = Channel::Priority;
     p.config = None;
-    let (prio, _) = hello(ep, &p, timeout)?;
+    let (prio, _) = hello(ep, sec, &p, timeout)?;
     Ok((main, prio, ack))
 }
 
@@ -261,17 +277,38 @@ pub fn ack(s: &mut Sock, r: Result<bool, String>) -> Result<(), HandshakeError> 
         .map_err(|e| HandshakeError::Send(Kind::HelloAck, e))
 }
 
+/// Accept a connection and secure it, within `timeout`. A peer TLS refuses (no credentials,
+/// a wrong certificate, a stalled handshake) is dropped and the wait goes on, so whoever
+/// connects first cannot deny the real source; if nobody else came, the last refusal is the
+/// error.
+pub fn accept_secure(
+    l: &Listener,
+    sec: &Security,
+    timeout: Duration,
+) -> Result<Sock, HandshakeError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut refused = None;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Some(s) = l.accept(left).map_err(HandshakeError::Accept)? else {
+            return Err(refused.map_or(HandshakeError::Timeout(timeout), HandshakeError::Tls));
+        };
+        match sec.server(s) {
+            Ok(s) => return Ok(s),
+            Err(e) => refused = Some(e),
+        }
+    }
+}
+
 /// Destination: accept the main connection (its hello checked by `check`, which accepts with
 /// `Ok(want_checksums)` or refuses), then the priority connection of the same migration.
 pub fn accept_pair(
     l: &Listener,
+    sec: &Security,
     timeout: Duration,
     check: impl FnOnce(&Hello) -> Result<bool, String>,
 ) -> Result<(Sock, Sock, Hello), HandshakeError> {
-    let mut main = l
-        .accept(timeout)
-        .map_err(HandshakeError::Accept)?
-        .ok_or(HandshakeError::Timeout(timeout))?;
+    let mut main = accept_secure(l, sec, timeout)?;
     let h = match read_hello(&mut main) {
         Ok(h) => h,
         Err(e) => {
@@ -289,10 +326,7 @@ pub fn accept_pair(
     ack(&mut main, Ok(want))?;
     main.set_buffers(MAIN_BUFFER);
     let wait = Duration::from_secs(10);
-    let mut prio = l
-        .accept(wait)
-        .map_err(HandshakeError::Accept)?
-        .ok_or(HandshakeError::Timeout(wait))?;
+    let mut prio = accept_secure(l, sec, wait)?;
     let p = read_hello(&mut prio)?;
     if p.channel != Channel::Priority || p.id != h.id {
         let _ = ack(

@@ -313,23 +313,7 @@ impl Sock {
     /// Cap the kernel's send and receive buffers: the background stream then has little in
     /// flight, so a page the pusher has claimed arrives soon after a vCPU asks for it.
     pub fn set_buffers(&self, bytes: usize) {
-        let fd = match self {
-            Sock::Tcp(s) => s.as_raw_fd(),
-            Sock::Unix(s) => s.as_raw_fd(),
-        };
-        let v = bytes as libc::c_int;
-        for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-            // SAFETY: a valid socket fd and a c_int option value of the right size.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        }
+        set_sock_buffers(self, bytes)
     }
 
     fn tune(&self) {
@@ -401,6 +385,23 @@ fn outgoing(kind: Kind, arg: u64, payload: &[u8]) -> io::Result<Header> {
     kind.check(len, arg)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     Ok(Header { kind, len, arg })
+}
+
+/// Set a socket's kernel send and receive buffers (best effort).
+pub(crate) fn set_sock_buffers(s: &impl AsFd, bytes: usize) {
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                s.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
 }
 
 /// Reading a frame failed.
@@ -567,12 +568,39 @@ impl Endpoint {
                 Listener::Tcp(l)
             }
             Endpoint::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p)?;
+                // Bound under a temporary name, made 0600, then renamed into place: nobody
+                // but our user can connect, at any moment.
+                let mut tmp = p.clone().into_os_string();
+                tmp.push(format!(".{}.tmp", std::process::id()));
+                let tmp = std::path::PathBuf::from(tmp);
+                let _ = std::fs::remove_file(&tmp);
+                let l = UnixListener::bind(&tmp)?;
+                let placed = std::fs::set_permissions(
+                    &tmp,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .and_then(|_| refuse_non_socket(p))
+                .and_then(|_| std::fs::rename(&tmp, p));
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 l.set_nonblocking(true)?;
                 Listener::Unix(l, p.clone())
             }
         })
+    }
+}
+
+/// Anything but a socket (or nothing) at `p` is refused, never replaced.
+fn refuse_non_socket(p: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if !m.file_type().is_socket() => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", p.display()),
+        )),
+        _ => Ok(()),
     }
 }
 

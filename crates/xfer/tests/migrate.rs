@@ -90,8 +90,13 @@ fn recv_kind(s: &mut Sock, want: Kind) -> Vec<u8> {
 fn source(ep: Endpoint, mem: Arc<Mapping>, rate: u64) -> (u64, xfer::push::PushStats) {
     let pages = mem.len() as u64 / PAGE;
     let h = Hello::new(42, MigrationMode::Postcopy, false, None);
-    let (mut main, prio, _) = connect_pair(&ep, &h, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let (mut main, prio, _) = connect_pair(
+        &ep,
+        &xfer::tls::Security::Plain,
+        &h,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     let reader: Arc<dyn PageReader> = Arc::new(MmapReader::of_mapping(mem));
     let mut push = Push::new(
         reader.clone(),
@@ -136,8 +141,13 @@ fn destination(
     len: usize,
     touchers: usize,
 ) -> (Arc<Mapping>, DestOutcome) {
-    let (mut main, prio, hello) = accept_pair(&l, Duration::from_secs(20), |_| Ok(false))
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let (mut main, prio, hello) = accept_pair(
+        &l,
+        &xfer::tls::Security::Plain,
+        Duration::from_secs(20),
+        |_| Ok(false),
+    )
+    .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert_eq!(hello.id, 42);
     let pages = len as u64 / PAGE;
     let mem = Arc::new(Mapping::anonymous(len).unwrap());

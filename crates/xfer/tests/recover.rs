@@ -33,7 +33,13 @@ fn all_needed() -> Vec<u64> {
 fn source(ep: Endpoint, mem: Arc<Mapping>, status: Status) -> u64 {
     let reader: Arc<dyn PageReader> = Arc::new(MmapReader::of_mapping(mem));
     let hello = Hello::new(42, MigrationMode::Postcopy, false, None);
-    let (main, prio, _) = connect_pair(&ep, &hello, Duration::from_secs(10)).unwrap();
+    let (main, prio, _) = connect_pair(
+        &ep,
+        &xfer::tls::Security::Plain,
+        &hello,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     status.go(State::Switchover).unwrap();
     // 64 MB/s: the 32 MiB take about half a second, so the cut lands mid-way.
     let mut push = Push::new(
@@ -62,7 +68,13 @@ fn source(ep: Endpoint, mem: Arc<Mapping>, status: Status) -> u64 {
     // Resume: reconnect, read what the destination lacks, push on.
     status.go(State::Resuming).unwrap();
     let resume = Hello::new(42, MigrationMode::Postcopy, true, None);
-    let (mut main, prio, _) = connect_pair(&ep, &resume, Duration::from_secs(10)).unwrap();
+    let (mut main, prio, _) = connect_pair(
+        &ep,
+        &xfer::tls::Security::Plain,
+        &resume,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let missing = read_recover(&mut main, PAGES).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     push.recover(&missing).unwrap();
     push.start(&main, &prio).unwrap();
@@ -105,7 +117,13 @@ fn postcopy_recovers_after_a_lost_link() {
 
     // Destination.
     let status = Status::new(Role::Destination, Some(MigrationMode::Postcopy));
-    let (mut main, mut prio, _) = accept_pair(&l, Duration::from_secs(10), |_| Ok(false)).unwrap();
+    let (mut main, mut prio, _) = accept_pair(
+        &l,
+        &xfer::tls::Security::Plain,
+        Duration::from_secs(10),
+        |_| Ok(false),
+    )
+    .unwrap();
     status.go(State::Switchover).unwrap();
     let mem = Arc::new(Mapping::anonymous(LEN).unwrap());
     let pull = Pull::new(PAGES, 0, &all_needed(), &[]);
@@ -179,13 +197,18 @@ fn postcopy_recovers_after_a_lost_link() {
                         s.error = Some(error_chain(&error))
                     })
                     .unwrap();
-                let (m2, p2, h) = accept_pair(&l, Duration::from_secs(10), |h| {
-                    if h.resume && h.id == 42 {
-                        Ok(false)
-                    } else {
-                        Err("not a resume of this migration".into())
-                    }
-                })
+                let (m2, p2, h) = accept_pair(
+                    &l,
+                    &xfer::tls::Security::Plain,
+                    Duration::from_secs(10),
+                    |h| {
+                        if h.resume && h.id == 42 {
+                            Ok(false)
+                        } else {
+                            Err("not a resume of this migration".into())
+                        }
+                    },
+                )
                 .unwrap();
                 assert!(h.resume);
                 status.go(State::Resuming).unwrap();

@@ -40,6 +40,10 @@ pub struct IncomingOptions {
     pub accept_timeout: Duration,
     /// After a lost link during post-copy, how long to wait for the source to reconnect.
     pub recover_timeout: Duration,
+    /// TLS credentials ([`xfer::tls`]); required on TCP unless `insecure`.
+    pub tls: Option<xfer::tls::Credentials>,
+    /// Accept plain TCP (no authentication, no encryption).
+    pub insecure: bool,
 }
 
 impl Default for IncomingOptions {
@@ -49,6 +53,8 @@ impl Default for IncomingOptions {
             verify: false,
             accept_timeout: Duration::from_secs(3600),
             recover_timeout: Duration::from_secs(60),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -147,12 +153,15 @@ pub fn incoming(
     notify: Notifier,
     start: impl FnOnce(Vm) -> Result<Arc<VcpuControl>, VmError>,
 ) -> Result<Incoming, MigrationError> {
+    let security =
+        xfer::tls::Security::for_endpoint(&opts.listen, opts.tls.as_ref(), opts.insecure)
+            .map_err(MigrationError::Security)?;
     let listener = opts
         .listen
         .listen()
         .map_err(io_err(format!("listening on {}", opts.listen)))?;
     let mut prepared = None;
-    let accepted = proto::accept_pair(&listener, opts.accept_timeout, |h| {
+    let accepted = proto::accept_pair(&listener, &security, opts.accept_timeout, |h| {
         let r = prepare(h);
         let answer = match &r {
             Ok(_) => Ok(opts.verify),
@@ -172,7 +181,7 @@ pub fn incoming(
     };
     let status = Status::new(Role::Destination, Some(hello.mode));
     let thread = receive(
-        opts, listener, main, prio, &hello, cfg, parts, &status, notify, start,
+        opts, listener, security, main, prio, &hello, cfg, parts, &status, notify, start,
     )?;
     Ok(Incoming {
         migration: Migration {
@@ -313,6 +322,7 @@ fn precopy(
 fn receive(
     opts: &IncomingOptions,
     listener: Listener,
+    security: xfer::tls::Security,
     mut main: Sock,
     prio: Sock,
     hello: &Hello,
@@ -405,6 +415,7 @@ fn receive(
         switch_t,
         id: hello.id,
         recover_timeout: opts.recover_timeout,
+        security,
         bytes,
         rounds: rx.sw.rounds,
         recoveries: 0,

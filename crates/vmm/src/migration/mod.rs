@@ -131,6 +131,12 @@ pub struct MigrateRequest {
     /// Reconnect a post-copy migration whose link was lost.
     #[serde(default)]
     pub resume: bool,
+    /// TLS credentials ([`xfer::tls`]); required for TCP unless `insecure`.
+    #[serde(default)]
+    pub tls: Option<xfer::tls::Credentials>,
+    /// Allow plain TCP (no authentication, no encryption).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_mode() -> MigrationMode {
@@ -313,6 +319,9 @@ pub enum MigrationError {
     /// The configuration received cannot work here.
     #[error("VM configuration")]
     Config(#[source] crate::config::ConfigError),
+    /// The connections' security could not be set up (credentials, or plain TCP refused).
+    #[error("migration security")]
+    Security(#[source] xfer::tls::TlsError),
     /// The handshake (hello, answer, the connection pair) failed.
     #[error("handshake")]
     Handshake(#[source] xfer::proto::HandshakeError),

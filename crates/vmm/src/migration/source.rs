@@ -17,6 +17,7 @@ use xfer::precopy::{Precopy, RoundError};
 use xfer::proto::{self, Channel, Hello};
 use xfer::push::{Push, PushConfig, Sent};
 use xfer::reader::PageReader;
+use xfer::tls::Security;
 use xfer::wire::{Kind, PAGE, RateLimit, Sock};
 
 use super::guest_io::{GuestReader, KvmDirtyLog, scan};
@@ -40,6 +41,8 @@ pub struct SourceCtx {
     /// (guest-physical start, length) of each workload slice.
     pub(crate) slices: Vec<(u64, u64)>,
     pub(crate) notify: Notifier,
+    /// The connections' security (checked when the request came).
+    pub(crate) security: Security,
 }
 
 /// How long to wait for the destination to answer a hello, or to resume after the state.
@@ -92,6 +95,7 @@ struct Conns {
 
 fn connect(
     to: &Endpoint,
+    sec: &Security,
     id: u64,
     mode: MigrationMode,
     cfg: Option<&VmConfig>,
@@ -108,7 +112,7 @@ fn connect(
     let mut h = Hello::new(id, mode, resume, config);
     h.irqchip = irqchip;
     let (main, prio, ack) =
-        proto::connect_pair(to, &h, ANSWER_TIMEOUT).map_err(MigrationError::Handshake)?;
+        proto::connect_pair(to, sec, &h, ANSWER_TIMEOUT).map_err(MigrationError::Handshake)?;
     Ok(Conns {
         main,
         prio,
@@ -135,7 +139,15 @@ fn migrate(
         .clone()
         .ok_or_else(|| MigrationError::Invalid("`to` is missing".into()))?;
     let id = mono_ns() ^ (u64::from(std::process::id()) << 40);
-    let mut c = connect(&to, id, req.mode, Some(&ctx.cfg), ctx.irqchip, false)?;
+    let mut c = connect(
+        &to,
+        &ctx.security,
+        id,
+        req.mode,
+        Some(&ctx.cfg),
+        ctx.irqchip,
+        false,
+    )?;
     let pipes = Pipes {
         reader: Arc::new(GuestReader::new(ctx.mem.clone())),
         rate: Arc::new(RateLimit::new(req.max_bandwidth)),
@@ -567,7 +579,19 @@ fn finish(
             if let Some(t) = new_to {
                 to = t;
             }
-            match reconnect(&to, id, req.mode, pages) {
+            // A new endpoint gets the same credentials (and the same rule on plain TCP).
+            let sec = match Security::for_endpoint(&to, req.tls.as_ref(), req.insecure) {
+                Ok(s) => s,
+                Err(e) => {
+                    status
+                        .go_with(State::PostcopyPaused, |s| {
+                            s.error = Some(uffd::error_chain(&MigrationError::Security(e)))
+                        })
+                        .map_err(MigrationError::Transition)?;
+                    continue;
+                }
+            };
+            match reconnect(&to, &sec, id, req.mode, pages) {
                 Ok((nc, missing)) => {
                     // Requests read but not answered died with the old connection; the
                     // destination asks again for every page a vCPU still waits on.
@@ -712,11 +736,12 @@ fn serve(
 /// destination's `Recover` bitmap (the pages it still needs).
 fn reconnect(
     to: &Endpoint,
+    sec: &Security,
     id: u64,
     mode: MigrationMode,
     pages: u64,
 ) -> Result<(Conns, Vec<u64>), MigrationError> {
-    let mut c = connect(to, id, mode, None, false, true)?;
+    let mut c = connect(to, sec, id, mode, None, false, true)?;
     c.main
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(io_err("socket setup"))?;

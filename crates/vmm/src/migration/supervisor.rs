@@ -42,6 +42,8 @@ pub(crate) struct Supervisor {
     pub(crate) switch_t: Instant,
     pub(crate) id: u64,
     pub(crate) recover_timeout: Duration,
+    /// Who may reconnect (the same rule as the first connection).
+    pub(crate) security: xfer::tls::Security,
     /// Bytes received before switchover.
     pub(crate) bytes: u64,
     pub(crate) rounds: u32,
@@ -295,15 +297,18 @@ impl Supervisor {
         let deadline = Instant::now() + self.recover_timeout;
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
-            let Some(mut main) = listener
-                .accept(wait)
-                .map_err(io_err("accepting a recovery"))?
-            else {
-                return Err(MigrationError::NotRecovered {
-                    timeout: self.recover_timeout,
-                    left: self.pull.left(),
-                    source: why,
-                });
+            let mut main = match proto::accept_secure(listener, &self.security, wait) {
+                Ok(s) => s,
+                Err(proto::HandshakeError::Accept(e)) => {
+                    return Err(io_err("accepting a recovery")(e));
+                }
+                Err(_) => {
+                    return Err(MigrationError::NotRecovered {
+                        timeout: self.recover_timeout,
+                        left: self.pull.left(),
+                        source: why,
+                    });
+                }
             };
             match proto::read_hello(&mut main) {
                 Ok(h) if h.resume && h.id == self.id && h.channel == Channel::Main => {}
@@ -324,11 +329,12 @@ impl Supervisor {
             }
             main.set_buffers(proto::MAIN_BUFFER);
             let wait = Duration::from_secs(10);
-            let Some(mut prio) = listener
-                .accept(wait)
-                .map_err(io_err("accepting the priority connection"))?
-            else {
-                continue;
+            let mut prio = match proto::accept_secure(listener, &self.security, wait) {
+                Ok(s) => s,
+                Err(proto::HandshakeError::Accept(e)) => {
+                    return Err(io_err("accepting the priority connection")(e));
+                }
+                Err(_) => continue,
             };
             match proto::read_hello(&mut prio) {
                 Ok(p) if p.id == self.id && p.channel == Channel::Priority => {
