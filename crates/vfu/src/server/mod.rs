@@ -43,7 +43,7 @@ pub use bar::BarMemory;
 pub(crate) use bar::BarState;
 pub(crate) use description::IoEventSpec;
 pub use description::{AttachedDevice, DeviceDescription, RealizeError, RealizedDevice};
-pub use dma::{DmaError, MapError};
+pub use dma::{DmaError, LogError, MapError};
 pub use event::{ServeError, Server, ShutdownHandle};
 pub use irq::Delivery;
 

@@ -238,12 +238,14 @@ impl Session {
                 let gone = {
                     let mut t = dev.0.dma.write().unwrap_or_else(|e| e.into_inner());
                     if u.flags & DMA_UNMAP_ALL != 0 {
-                        t.unmap_all(None)
+                        // This session's mappings only (another session's are not its to drop).
+                        t.unmap_all(Some(self.id))
                     } else {
-                        t.unmap(u.address, u.size).map_err(|e| DeviceError {
-                            errno: e.errno(),
-                            msg: e.to_string(),
-                        })?;
+                        t.unmap(u.address, u.size, self.id)
+                            .map_err(|e| DeviceError {
+                                errno: e.errno(),
+                                msg: e.to_string(),
+                            })?;
                         vec![(u.address, u.size)]
                     }
                 };
@@ -546,7 +548,11 @@ impl Session {
                     .dma
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .log_start(page);
+                    .log_start(page)
+                    .map_err(|e| DeviceError {
+                        errno: e.errno(),
+                        msg: e.to_string(),
+                    })?;
                 // The reply echoes the request, as libvfio-user's does (its client expects
                 // the same size back).
                 reply(data)
@@ -574,7 +580,10 @@ impl Session {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .log_report(iova, length, page)
-                    .map_err(DeviceError::invalid)?;
+                    .map_err(|e| DeviceError {
+                        errno: e.errno(),
+                        msg: e.to_string(),
+                    })?;
                 let mut body = data[..24].to_vec();
                 body.extend(bitmap);
                 reply(&body)
