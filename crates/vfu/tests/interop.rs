@@ -717,9 +717,10 @@ fn our_client_drives_rustvmm_server() {
     });
 }
 
-/// Their client and ours on the same device at once.
+/// Their client and ours on the same device in turn (one client per device: ours is refused
+/// with EBUSY while theirs is connected, and let in once it has gone).
 #[test]
-fn both_clients_on_one_device() {
+fn both_clients_on_one_device_in_turn() {
     within(20, || {
         let h = Harness::new();
         let g = Gpio::new(true);
@@ -729,12 +730,22 @@ fn both_clients_on_one_device() {
             .attach(&h.server, &h.path("gpio.sock"))
             .unwrap();
         let mut theirs = rv::Client::new(dev.path()).unwrap();
-        let ours = Client::connect(dev.path(), TIMEOUT).unwrap();
         theirs.region_write(gpio::BAR, 0, &[0x42]).unwrap();
+        assert!(matches!(
+            Client::connect(dev.path(), TIMEOUT),
+            Err(vfu::client::ClientError::Server {
+                errno: libc::EBUSY,
+                ..
+            })
+        ));
+        drop(theirs);
+        let ours = Client::connect(dev.path(), TIMEOUT).unwrap();
         let mut b = [0u8; 1];
         ours.region_read(gpio::BAR, 1, &mut b).unwrap();
         assert_eq!(b[0], 0x42);
         ours.region_write(gpio::BAR, 0, &[0x24]).unwrap();
+        drop(ours);
+        let mut theirs = rv::Client::new(dev.path()).unwrap();
         theirs.region_read(gpio::BAR, 0, &mut b).unwrap();
         assert_eq!(b[0], 0x24);
     });

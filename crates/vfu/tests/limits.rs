@@ -106,3 +106,53 @@ fn dma_map_count_is_bounded_by_max_dma_maps() {
     );
     c.read32(PCI_CONFIG_REGION, 0);
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
+#[test]
+fn ioeventfds_asked_again_replace_the_old_ones() {
+    let h = Harness::new();
+    let (_e, dev) = h.dma("dma.sock");
+    let c = vfu::client::Client::connect(dev.path(), TIMEOUT).expect("client");
+    let first = c.region_io_fds(0).expect("ioeventfds");
+    assert_eq!(first.len(), 1);
+    drop(first);
+    let before = open_fds();
+    for _ in 0..200 {
+        assert_eq!(c.region_io_fds(0).expect("ioeventfds").len(), 1);
+    }
+    let grown = open_fds().saturating_sub(before);
+    assert!(
+        grown < 50,
+        "200 GET_REGION_IO_FDS left {grown} more descriptors open in the server"
+    );
+    // The latest ioeventfd works: a write to it rings the doorbell (an empty descriptor
+    // list at 0 fails the copy and counts an error, which is enough to see it ran).
+    let fds = c.region_io_fds(0).expect("ioeventfds");
+    let efd = fds[0].1.try_clone().unwrap();
+    let errs = |c: &vfu::client::Client| {
+        let mut b = [0u8; 4];
+        c.region_read(0, vfu::devices::dma::reg::ERRORS, &mut b)
+            .unwrap();
+        u32::from_le_bytes(b)
+    };
+    let e0 = errs(&c);
+    // SAFETY: write of 8 bytes to an eventfd we hold.
+    let n = unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(&efd),
+            1u64.to_ne_bytes().as_ptr().cast(),
+            8,
+        )
+    };
+    assert_eq!(n, 8);
+    let t = std::time::Instant::now();
+    while errs(&c) == e0 {
+        assert!(t.elapsed() < TIMEOUT, "the doorbell ioeventfd did nothing");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -44,7 +44,7 @@ pub(crate) use bar::BarState;
 pub(crate) use description::IoEventSpec;
 pub use description::{AttachedDevice, DeviceDescription, RealizeError, RealizedDevice};
 pub use dma::{DmaError, LogError, MapError};
-pub use event::{ServeError, Server, ShutdownHandle};
+pub use event::{MAX_CONNECTIONS, ServeError, Server, ShutdownHandle};
 pub use irq::Delivery;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -191,6 +191,8 @@ pub(crate) struct Inner {
     mig: Mutex<Migration>,
     running: AtomicBool,
     stats: IrqStats,
+    /// The session that negotiated and owns the device (0: none). One client at a time.
+    pub(crate) owner: AtomicU64,
 }
 
 /// A device's handle: cloneable, usable from any thread.
@@ -242,6 +244,55 @@ impl DeviceContext {
     /// The migration state.
     pub fn migration_state(&self) -> MigState {
         lock(&self.0.mig).state
+    }
+
+    /// Make session `id` the device's one client. Another live owner keeps the device
+    /// (false), unless its client has hung up, in which case what it installed is removed
+    /// now (its own cleanup may come later) and `id` takes over.
+    pub(crate) fn claim(&self, id: u64) -> bool {
+        loop {
+            match self
+                .0
+                .owner
+                .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(cur) if cur == id => return true,
+                Err(cur) => {
+                    let alive = session::SESSIONS
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&cur)
+                        .and_then(std::sync::Weak::upgrade)
+                        .is_some_and(|s| !s.hung_up());
+                    if alive {
+                        return false;
+                    }
+                    if self
+                        .0
+                        .owner
+                        .compare_exchange(cur, id, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                    {
+                        self.forget_session(cur);
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether session `id` owns the device.
+    pub(crate) fn owned_by(&self, id: u64) -> bool {
+        self.0.owner.load(Ordering::SeqCst) == id
+    }
+
+    /// Session `id` is gone: the device is free again if it owned it.
+    pub(crate) fn release(&self, id: u64) {
+        let _ = self
+            .0
+            .owner
+            .compare_exchange(id, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Remove everything a session installed.

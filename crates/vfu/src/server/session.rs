@@ -87,6 +87,18 @@ impl Session {
         }
     }
 
+    /// Whether the client has hung up (closed or shut down its end).
+    pub(crate) fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     fn send(&self, parts: &[&[u8]], fds: &[RawFd]) -> std::io::Result<()> {
         let _g = lock(&self.send_lock);
         sock::send(&self.sock, parts, fds)
@@ -166,6 +178,14 @@ impl Session {
                     };
                     let _ = self.send(&[h.error_reply(e.errno).as_bytes()], &[]);
                     return Outcome::Close(e.msg);
+                } else if !self.dev.claim(self.id) {
+                    // One client per device: the second is refused until the first goes.
+                    let e = DeviceError {
+                        errno: libc::EBUSY,
+                        msg: format!("{} is in use by another client", self.dev.name()),
+                    };
+                    let _ = self.send(&[h.error_reply(e.errno).as_bytes()], &[]);
+                    return Outcome::Close(e.msg);
                 } else {
                     {
                         let mut st = lock(&self.state);
@@ -179,6 +199,10 @@ impl Session {
                 }
             }
             Ok(_) if !negotiated => Err(DeviceError::invalid("the first message must be VERSION")),
+            Ok(_) if !self.dev.owned_by(self.id) => {
+                // Another client took the device over after this one hung up.
+                return Outcome::Close("the device has another client now".into());
+            }
             Ok(r) => self.command(r, msg.fds),
         };
         if h.no_reply() {

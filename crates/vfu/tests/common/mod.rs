@@ -219,10 +219,8 @@ pub fn memfd(size: u64, sealed: bool) -> OwnedFd {
     // SAFETY: a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate of our own memfd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) },
-        0
-    );
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+    assert_eq!(r, 0);
     if sealed {
         // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
         let r = unsafe {
