@@ -146,6 +146,13 @@ pub struct Client {
     dma_served: std::sync::atomic::AtomicU64,
 }
 
+/// The most data bytes in one message either way (advertised as our `max_data_xfer_size`; a
+/// server's larger value is capped to it).
+pub const CLIENT_MAX_DATA_XFER: u32 = DEFAULT_MAX_DATA_XFER;
+
+/// The largest message this client receives.
+const MAX_IN: u32 = CLIENT_MAX_DATA_XFER + MSG_OVERHEAD;
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|x| u32::from_ne_bytes(x.try_into().expect("4 bytes")))
@@ -216,10 +223,14 @@ impl Client {
             });
         }
         self.version = (major, minor);
-        self.server_caps = Caps::from_json(&r.payload[4..]).map_err(|e| ClientError::Protocol {
+        let mut caps = Caps::from_json(&r.payload[4..]).map_err(|e| ClientError::Protocol {
             cmd,
             what: e.to_string(),
         })?;
+        // What the server accepts per message: we never send more than we accept ourselves
+        // (1 MiB), whatever it says (4 GiB would be a 4 GiB buffer per message).
+        caps.max_data_xfer_size = caps.max_data_xfer_size.min(CLIENT_MAX_DATA_XFER);
+        self.server_caps = caps;
         Ok(())
     }
 
@@ -363,11 +374,7 @@ impl Client {
                 ClientError::Io { cmd, source }
             }
         })?;
-        let max = self
-            .server_caps
-            .max_data_xfer_size
-            .max(DEFAULT_MAX_DATA_XFER)
-            + MSG_OVERHEAD;
+        let max = MAX_IN;
         let deadline = std::time::Instant::now() + self.timeout;
         loop {
             let m = match sock::recv(&c.sock, max) {
@@ -437,12 +444,7 @@ impl Client {
             if !ready {
                 break;
             }
-            let max = self
-                .server_caps
-                .max_data_xfer_size
-                .max(DEFAULT_MAX_DATA_XFER)
-                + MSG_OVERHEAD;
-            let m = match sock::recv(&c.sock, max) {
+            let m = match sock::recv(&c.sock, MAX_IN) {
                 Ok(m) => m,
                 Err(RecvError::Closed) => return Err(ClientError::Disconnected(cmd)),
                 Err(e) => {
@@ -477,12 +479,12 @@ impl Client {
                 a.address >= l.address
                     && a.address
                         .checked_add(a.count)
-                        .is_some_and(|e| e <= l.address + l.size)
+                        .is_some_and(|e| e <= l.address.saturating_add(l.size))
                     && l.flags & need == need
             })
         };
         match Command::from_u16(h.cmd) {
-            Some(Command::DmaRead) if a.count <= u64::from(DEFAULT_MAX_DATA_XFER) => {
+            Some(Command::DmaRead) if a.count <= u64::from(CLIENT_MAX_DATA_XFER) => {
                 let Some(l) = find(DMA_READ) else {
                     return reply_err(libc::EFAULT);
                 };
@@ -549,7 +551,7 @@ impl Client {
     fn max_data(&self) -> usize {
         self.server_caps
             .max_data_xfer_size
-            .min(DEFAULT_MAX_DATA_XFER) as usize
+            .min(CLIENT_MAX_DATA_XFER) as usize
     }
 
     /// REGION_READ (split into messages of at most the negotiated `max_data_xfer_size`).
@@ -812,6 +814,20 @@ impl Client {
                             sub.fd_index
                         ),
                     })?;
+                if sub
+                    .offset
+                    .checked_add(sub.size)
+                    .is_none_or(|e| e > self.region(region).map_or(0, |r| r.size))
+                    || !matches!(sub.size, 1 | 2 | 4 | 8)
+                {
+                    return Err(ClientError::Protocol {
+                        cmd,
+                        what: format!(
+                            "ioeventfd {k} at {:#x}+{:#x} is not an access inside region {region}",
+                            sub.offset, sub.size
+                        ),
+                    });
+                }
                 out.push((sub, fd));
             }
             return Ok(out);
@@ -914,9 +930,11 @@ impl Client {
             .collect())
     }
 
-    /// MIG_DATA_READ of up to `max` bytes (empty: no more).
+    /// MIG_DATA_READ of up to `max` bytes, and at most the negotiated `max_data_xfer_size`
+    /// (empty: no more).
     pub fn mig_data_read(&self, max: u32) -> Result<Vec<u8>, ClientError> {
         let cmd = Command::MigDataRead;
+        let max = max.min(self.max_data() as u32);
         let m = MigData {
             argsz: 8 + max,
             size: max,
@@ -938,8 +956,15 @@ impl Client {
         Ok(data[..h.size as usize].to_vec())
     }
 
-    /// MIG_DATA_WRITE.
+    /// MIG_DATA_WRITE (in messages of at most the negotiated `max_data_xfer_size`).
     pub fn mig_data_write(&self, data: &[u8]) -> Result<(), ClientError> {
+        let chunk = self.max_data();
+        if data.len() > chunk {
+            for part in data.chunks(chunk) {
+                self.mig_data_write(part)?;
+            }
+            return Ok(());
+        }
         let m = MigData {
             argsz: 8 + data.len() as u32,
             size: data.len() as u32,
