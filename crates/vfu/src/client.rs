@@ -61,6 +61,13 @@ pub enum ClientError {
         /// errno it sent.
         errno: i32,
     },
+    /// An fd for DMA_MAP that is not sealed against shrinking: truncating it would pull the
+    /// pages from under the server (which survives it, but the device's DMA fails).
+    #[error("fd {fd} is not sealed against shrinking (F_SEAL_SHRINK); seal it before DMA_MAP")]
+    Unsealed {
+        /// The fd.
+        fd: RawFd,
+    },
     /// The server broke the protocol (bad reply, wrong ID, lying fields).
     #[error("protocol violation during {cmd:?}: {what}")]
     Protocol {
@@ -681,7 +688,9 @@ impl Client {
         Ok(())
     }
 
-    /// DMA_MAP with an fd: the server maps `fd` at `offset`.
+    /// DMA_MAP with an fd: the server maps `fd` at `offset`. The fd must be sealed against
+    /// shrinking (`F_SEAL_SHRINK`; a memfd created with `MFD_ALLOW_SEALING`), so that no
+    /// truncation can pull pages from under the server: [`ClientError::Unsealed`] otherwise.
     pub fn dma_map_fd(
         &self,
         address: u64,
@@ -697,6 +706,11 @@ impl Client {
             address,
             size,
         };
+        // SAFETY: F_GET_SEALS on a descriptor the caller holds; -1 for unsealable files.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(ClientError::Unsealed { fd });
+        }
         // Keep the fd too: a server may still reach this memory through DMA_READ/WRITE
         // messages (libvfio-user's sample server does, on purpose), served with pread/pwrite.
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds; the result is checked.

@@ -131,13 +131,28 @@ fn drain(e: &EventFd) -> u64 {
 
 fn memfd(size: usize) -> OwnedFd {
     // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vfu-test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfu-test".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate of our own memfd.
     let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
     assert_eq!(r, 0);
+    // Sealed against shrinking and growing: the client hands only such fds to DMA_MAP.
+    // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+    let r = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
     fd
 }
 

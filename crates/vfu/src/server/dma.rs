@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::proto::{DMA_READ, DMA_WRITE};
 
 use super::session::Session;
+use super::sigbus;
 
 /// A DMA access the device may not make.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -42,6 +43,13 @@ pub enum DmaError {
     /// A message-based transfer failed.
     #[error("DMA through the client's socket failed: {0}")]
     Message(String),
+    /// The client shrank the file behind this mapping: its pages are gone (the access hit
+    /// SIGBUS, which the server survived; the mapping is unusable until mapped again).
+    #[error("DMA at {address:#x}: the client truncated the file behind the mapping")]
+    Truncated {
+        /// Address of the access.
+        address: u64,
+    },
 }
 
 /// One mapping.
@@ -50,6 +58,9 @@ pub(crate) struct Mapping {
     pub(crate) flags: u32,
     /// Host address of the mapping when an fd came with it.
     host: Option<(usize, OwnedFd)>,
+    /// For an fd not sealed against shrinking: the SIGBUS guard of the host range (dropped
+    /// after the munmap in `drop`).
+    guard: Option<sigbus::Guard>,
     /// The session that mapped it (message-based DMA goes there; it unmaps on disconnect).
     pub(crate) owner: u64,
     pub(crate) session: Weak<Session>,
@@ -157,6 +168,9 @@ pub enum MapError {
         /// [`DmaTable::MAX_TOTAL`].
         limit: u64,
     },
+    /// The fd is not sealed against shrinking and its mapping could not be guarded.
+    #[error("guarding the mapping of an fd not sealed against shrinking")]
+    Guard(#[source] sigbus::GuardError),
     /// Dirty-page logging is on and this mapping's bitmap would not fit the budget.
     #[error("logging this mapping")]
     Log(#[source] LogError),
@@ -180,6 +194,7 @@ impl MapError {
             MapError::PastEnd { .. } => libc::EINVAL,
             MapError::TotalTooLarge { .. } => libc::ENOSPC,
             MapError::Log(e) => e.errno(),
+            MapError::Guard(e) => e.errno(),
             MapError::NotMapped { .. } => libc::ENOENT,
         }
     }
@@ -251,8 +266,8 @@ impl LogError {
 
 /// One piece of a scatter-gather list.
 pub(crate) enum Piece<'a> {
-    /// Directly mapped: host address.
-    Host(usize),
+    /// Directly mapped: host address, and the mapping's SIGBUS guard if it has one.
+    Host(usize, Option<&'a sigbus::Guard>),
     /// Through messages to this session.
     Message(&'a Weak<Session>),
 }
@@ -313,7 +328,7 @@ impl DmaTable {
             }
             None => Vec::new(),
         };
-        let host = match fd {
+        let (host, guard) = match fd {
             Some((fd, offset)) => {
                 // A regular file (a memfd, a hugetlbfs or tmpfs file) maps past its end, but
                 // the first touch there kills this process with SIGBUS: refuse it up front.
@@ -358,9 +373,22 @@ impl DmaTable {
                         source: std::io::Error::last_os_error(),
                     });
                 }
-                Some((p as usize, fd))
+                // A file that can shrink may lose pages under us: guard the range so that a
+                // SIGBUS there is survived (see `sigbus`).
+                if sigbus::sealed_against_shrinking(fd.as_raw_fd()) {
+                    (Some((p as usize, fd)), None)
+                } else {
+                    match sigbus::guard(p as usize, size as usize) {
+                        Ok(g) => (Some((p as usize, fd)), Some(g)),
+                        Err(e) => {
+                            // SAFETY: the mapping just made, used by nobody yet.
+                            unsafe { libc::munmap(p, size as usize) };
+                            return Err(MapError::Guard(e));
+                        }
+                    }
+                }
             }
-            None => None,
+            None => (None, None),
         };
         self.total += size;
         self.log_words += dirty.len() as u64;
@@ -370,6 +398,7 @@ impl DmaTable {
                 size,
                 flags,
                 host,
+                guard,
                 owner,
                 session,
                 dirty,
@@ -544,7 +573,7 @@ impl DmaTable {
             .map(|(start, at, n)| {
                 let m = &self.maps[&start];
                 let piece = match &m.host {
-                    Some((host, _)) => Piece::Host(host + (at - start) as usize),
+                    Some((host, _)) => Piece::Host(host + (at - start) as usize, m.guard.as_ref()),
                     None => Piece::Message(&m.session),
                 };
                 (piece, at, n)
@@ -579,6 +608,9 @@ impl DmaTable {
                     len,
                     hole: at,
                 })?;
+            if m.guard.as_ref().is_some_and(sigbus::Guard::truncated) {
+                return Err(DmaError::Truncated { address: at });
+            }
             if m.flags & need != need {
                 return Err(DmaError::Permission {
                     dir: if need == DMA_WRITE { "writ" } else { "read" },

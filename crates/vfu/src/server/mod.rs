@@ -38,6 +38,7 @@ mod irq;
 mod migration;
 mod region;
 mod session;
+mod sigbus;
 
 pub use bar::BarMemory;
 pub(crate) use bar::BarState;
@@ -46,6 +47,7 @@ pub use description::{AttachedDevice, DeviceDescription, RealizeError, RealizedD
 pub use dma::{DmaError, LogError, MapError};
 pub use event::{MAX_CONNECTIONS, ServeError, Server, ShutdownHandle};
 pub use irq::Delivery;
+pub use sigbus::GuardError;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
