@@ -44,6 +44,11 @@ impl Harness {
         }
     }
 
+    /// Whether the serving loop still runs (it ends only on shutdown, or on an error).
+    pub fn server_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// A socket path in the test's directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
