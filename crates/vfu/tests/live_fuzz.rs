@@ -245,7 +245,11 @@ fn payload(r: &mut Rng, cmd: u16) -> Vec<u8> {
                 r.wide32()
             };
             let a = RegionAccess {
-                offset: if r.chance(2) { r.below(0x1000) } else { r.wide() },
+                offset: if r.chance(2) {
+                    r.below(0x1000)
+                } else {
+                    r.wide()
+                },
                 region: if r.chance(2) {
                     r.below(10) as u32
                 } else {
@@ -269,8 +273,12 @@ fn payload(r: &mut Rng, cmd: u16) -> Vec<u8> {
             } else {
                 r.below(10) as u32
             };
-            let op = [FEATURE_GET, FEATURE_SET, FEATURE_PROBE, FEATURE_GET | FEATURE_PROBE]
-                [r.below(4) as usize];
+            let op = [
+                FEATURE_GET,
+                FEATURE_SET,
+                FEATURE_PROBE,
+                FEATURE_GET | FEATURE_PROBE,
+            ][r.below(4) as usize];
             let f = DeviceFeature {
                 argsz: r.wide32(),
                 flags: feature | if r.chance(8) { r.wide32() } else { op },
@@ -501,7 +509,8 @@ impl Fuzzer {
 fn gpio_worker(path: &Path, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> Result<(), String> {
     let c = Client::connect(path, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     let mut id = [0u8; 4];
-    c.config_read(0, &mut id).map_err(|e| format!("config: {e}"))?;
+    c.config_read(0, &mut id)
+        .map_err(|e| format!("config: {e}"))?;
     let mut v = 0u8;
     while !stop.load(Ordering::Relaxed) {
         v = v.wrapping_add(37);

@@ -165,7 +165,7 @@ pub enum MapError {
         size: u64,
         /// Mapped total with it.
         total: u128,
-        /// [`DmaTable::MAX_TOTAL`].
+        /// The limit (256 TiB).
         limit: u64,
     },
     /// The fd is not sealed against shrinking and its mapping could not be guarded.
@@ -237,7 +237,7 @@ pub enum LogError {
     BitmapsTooLarge {
         /// Bytes needed (saturated).
         bytes: u64,
-        /// [`DmaTable::MAX_LOG_BITMAPS`].
+        /// The limit (64 MiB).
         limit: u64,
     },
     /// Allocating the bitmaps failed.

@@ -26,8 +26,11 @@
 //! Files: this one holds the device's handle ([`DeviceContext`]) and what a device author
 //! implements ([`DeviceOps`]); `description` the lifecycle types, `bar` BAR memory,
 //! `region` client region access, `irq` interrupts, `dma` the DMA table and `dma_access`
-//! DMA from the device's side, `migration` the v2 state machine and stream, `session` one
-//! client's connection and `event` the serving loop.
+//! DMA from the device's side, `sigbus` the guard of mappings of unsealed client fds,
+//! `migration` the v2 state machine and stream, `session` one client's connection and
+//! `event` the serving loop.
+//!
+//! One client per device, and the bounds on what a client controls: see the crate docs.
 
 mod bar;
 mod description;
