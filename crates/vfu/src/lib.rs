@@ -31,8 +31,9 @@
 //! A device has one client at a time, as with libvfio-user: the first connection to
 //! negotiate (`VERSION`) owns the device, and another connection's `VERSION` gets an error
 //! reply with `EBUSY` (the client's [`client::ClientError::Server`]) and is closed. When the
-//! owner disconnects (or merely hangs up: a new client is let in at once, even before the
-//! server has read the old connection's end), what it installed goes with it: its DMA
+//! owner disconnects (or merely hangs up, closing or shutting down its writing end: a new
+//! client is let in at once, even before the server has read the old connection's end), what
+//! it installed goes with it: its DMA
 //! mappings, its interrupt eventfds and its ioeventfds. So no client can unmap, replace or
 //! drop another's state. Several devices (each with its own client) share one [`server::Server`]
 //! and its threads, and a client of one device cannot disturb another device's client.

@@ -101,7 +101,7 @@ fn install() -> Result<&'static Installed, GuardError> {
         // SAFETY: an all-zero sigaction is a valid value (no handler, empty mask) to fill.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = on_sigbus as *const () as usize;
-        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         // SAFETY: as above.
         let mut prev: libc::sigaction = unsafe { std::mem::zeroed() };
         // The handler reads INSTALLED only once this initialiser has returned; until then a
