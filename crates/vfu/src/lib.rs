@@ -11,7 +11,7 @@
 //!   ioeventfds) and implements [`server::DeviceOps`]; the framework owns config space, DMA
 //!   translation and interrupts, DMA dirty-page logging and the migration v2 state machine
 //!   (STOP_COPY and PRE_COPY), with a thread-safe data path, a poll fd, and several devices
-//!   and clients per process.
+//!   per process (one client each at a time).
 //! - [`client`]: what a VMM (or `faultline device probe`) uses to drive any vfio-user server.
 //! - [`devices`]: example devices: a GPIO card with the register layout of Linux's
 //!   `gpio-pci-idio-16` driver, a DMA copy engine with MSI-X completion interrupts, and the

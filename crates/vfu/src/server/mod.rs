@@ -102,8 +102,9 @@ pub enum DmaNotice {
     },
 }
 
-/// What a device author implements. Callbacks may run on several threads at once (one per
-/// client being served), so devices keep their state behind their own locks.
+/// What a device author implements. Callbacks may run on several threads at once (the
+/// client's commands, its ioeventfds, the device's own threads; a device has one client at a
+/// time), so devices keep their state behind their own locks.
 pub trait DeviceOps: Send + Sync + 'static {
     /// A read of BAR `bar` (0..=5) at `offset`, outside any mmap area and MSI-X structure.
     fn region_read(
