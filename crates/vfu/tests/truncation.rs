@@ -145,10 +145,22 @@ fn our_client_hands_only_sealed_fds() {
     let c = Client::connect(dev.path(), TIMEOUT).expect("client");
     let unsealed = memfd(SIZE, false);
     match c.dma_map_fd(GUEST, SIZE, unsealed.as_raw_fd(), 0, DMA_READ | DMA_WRITE) {
-        Err(ClientError::Unsealed { fd }) => assert_eq!(fd, unsealed.as_raw_fd()),
+        Err(ClientError::Unsealed { fd, .. }) => assert_eq!(fd, unsealed.as_raw_fd()),
         other => panic!("an unsealed memfd: {other:?}"),
     }
     assert!(dev.context().dma_regions().is_empty());
+    // A plain file: refused too (on a disk file system F_GET_SEALS fails with EINVAL, whose
+    // errno the error keeps; a tmpfs file reads as sealable-but-unsealed).
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(SIZE).unwrap();
+    match c.dma_map_fd(GUEST, SIZE, file.as_raw_fd(), 0, DMA_READ | DMA_WRITE) {
+        Err(ClientError::Unsealed { source, .. }) => {
+            if let Some(e) = source {
+                assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            }
+        }
+        other => panic!("a plain file: {other:?}"),
+    }
     let sealed = memfd(SIZE, true);
     c.dma_map_fd(GUEST, SIZE, sealed.as_raw_fd(), 0, DMA_READ | DMA_WRITE)
         .expect("a sealed memfd");

@@ -73,6 +73,9 @@ pub enum ClientError {
     Unsealed {
         /// The fd.
         fd: RawFd,
+        /// Why its seals could not be read (a file that cannot be sealed), if so.
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// The server broke the protocol (bad reply, wrong ID, lying fields).
     #[error("protocol violation during {cmd:?}: {what}")]
@@ -714,8 +717,14 @@ impl Client {
         };
         // SAFETY: F_GET_SEALS on a descriptor the caller holds; -1 for unsealable files.
         let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(ClientError::Unsealed { fd });
+        if seals < 0 {
+            return Err(ClientError::Unsealed {
+                fd,
+                source: Some(std::io::Error::last_os_error()),
+            });
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(ClientError::Unsealed { fd, source: None });
         }
         // Keep the fd too: a server may still reach this memory through DMA_READ/WRITE
         // messages (libvfio-user's sample server does, on purpose), served with pread/pwrite.

@@ -279,7 +279,7 @@ impl DeviceDescription {
             }),
             running: AtomicBool::new(true),
             stats: IrqStats::default(),
-            owner: std::sync::atomic::AtomicU64::new(0),
+            owner: Mutex::new(None),
         };
         Ok(RealizedDevice {
             ctx: DeviceContext(Arc::new(inner)),

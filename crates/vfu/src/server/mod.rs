@@ -197,8 +197,8 @@ pub(crate) struct Inner {
     mig: Mutex<Migration>,
     running: AtomicBool,
     stats: IrqStats,
-    /// The session that negotiated and owns the device (0: none). One client at a time.
-    pub(crate) owner: AtomicU64,
+    /// The session that negotiated and owns the device. One client at a time.
+    pub(crate) owner: Mutex<Option<u64>>,
 }
 
 /// A device's handle: cloneable, usable from any thread.
@@ -256,49 +256,40 @@ impl DeviceContext {
     /// (false), unless its client has hung up, in which case what it installed is removed
     /// now (its own cleanup may come later) and `id` takes over.
     pub(crate) fn claim(&self, id: u64) -> bool {
-        loop {
-            match self
-                .0
-                .owner
-                .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return true,
-                Err(cur) if cur == id => return true,
-                Err(cur) => {
-                    let alive = session::SESSIONS
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&cur)
-                        .and_then(std::sync::Weak::upgrade)
-                        .is_some_and(|s| !s.hung_up());
-                    if alive {
-                        return false;
-                    }
-                    if self
-                        .0
-                        .owner
-                        .compare_exchange(cur, id, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_ok()
-                    {
-                        self.forget_session(cur);
-                        return true;
-                    }
+        let mut owner = lock(&self.0.owner);
+        let gone = match *owner {
+            None => None,
+            Some(cur) if cur == id => return true,
+            Some(cur) => {
+                let alive = lock(&session::SESSIONS)
+                    .get(&cur)
+                    .and_then(std::sync::Weak::upgrade)
+                    .is_some_and(|s| !s.hung_up());
+                if alive {
+                    return false;
                 }
+                Some(cur)
             }
+        };
+        *owner = Some(id);
+        drop(owner);
+        if let Some(old) = gone {
+            self.forget_session(old);
         }
+        true
     }
 
     /// Whether session `id` owns the device.
     pub(crate) fn owned_by(&self, id: u64) -> bool {
-        self.0.owner.load(Ordering::SeqCst) == id
+        *lock(&self.0.owner) == Some(id)
     }
 
     /// Session `id` is gone: the device is free again if it owned it.
     pub(crate) fn release(&self, id: u64) {
-        let _ = self
-            .0
-            .owner
-            .compare_exchange(id, 0, Ordering::SeqCst, Ordering::SeqCst);
+        let mut owner = lock(&self.0.owner);
+        if *owner == Some(id) {
+            *owner = None;
+        }
     }
 
     /// Remove everything a session installed.
