@@ -75,7 +75,12 @@ fn line(case: &'static str, imp: &'static str, mut us: Vec<f64>, gbps: f64) -> L
 
 fn memfd(size: u64) -> Result<OwnedFd, BenchError> {
     // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vfu-bench".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfu-bench".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(BenchError::Run(format!(
             "memfd_create: {}",
@@ -88,6 +93,21 @@ fn memfd(size: u64) -> Result<OwnedFd, BenchError> {
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
         return Err(BenchError::Run(format!(
             "ftruncate: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // Sealed against shrinking and growing: the client hands only such fds to DMA_MAP.
+    // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+    if unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    } != 0
+    {
+        return Err(BenchError::Run(format!(
+            "F_ADD_SEALS: {}",
             std::io::Error::last_os_error()
         )));
     }

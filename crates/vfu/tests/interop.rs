@@ -116,13 +116,28 @@ fn readable(fd: RawFd, timeout: Duration) -> bool {
 
 fn memfd(size: usize) -> OwnedFd {
     // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vfu-interop".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfu-interop".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0);
     // SAFETY: a new descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate of our own memfd.
     let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
     assert_eq!(r, 0);
+    // Sealed against shrinking and growing: the client hands only such fds to DMA_MAP.
+    // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+    let r = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
     fd
 }
 
@@ -717,9 +732,10 @@ fn our_client_drives_rustvmm_server() {
     });
 }
 
-/// Their client and ours on the same device at once.
+/// Their client and ours on the same device in turn (one client per device: ours is refused
+/// with EBUSY while theirs is connected, and let in once it has gone).
 #[test]
-fn both_clients_on_one_device() {
+fn both_clients_on_one_device_in_turn() {
     within(20, || {
         let h = Harness::new();
         let g = Gpio::new(true);
@@ -729,12 +745,22 @@ fn both_clients_on_one_device() {
             .attach(&h.server, &h.path("gpio.sock"))
             .unwrap();
         let mut theirs = rv::Client::new(dev.path()).unwrap();
-        let ours = Client::connect(dev.path(), TIMEOUT).unwrap();
         theirs.region_write(gpio::BAR, 0, &[0x42]).unwrap();
+        assert!(matches!(
+            Client::connect(dev.path(), TIMEOUT),
+            Err(vfu::client::ClientError::Server {
+                errno: libc::EBUSY,
+                ..
+            })
+        ));
+        drop(theirs);
+        let ours = Client::connect(dev.path(), TIMEOUT).unwrap();
         let mut b = [0u8; 1];
         ours.region_read(gpio::BAR, 1, &mut b).unwrap();
         assert_eq!(b[0], 0x42);
         ours.region_write(gpio::BAR, 0, &[0x24]).unwrap();
+        drop(ours);
+        let mut theirs = rv::Client::new(dev.path()).unwrap();
         theirs.region_read(gpio::BAR, 0, &mut b).unwrap();
         assert_eq!(b[0], 0x24);
     });

@@ -210,11 +210,26 @@ fn eventfd() -> EventFd {
 
 fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vfu-libvfio-user".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfu-libvfio-user".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: a new descriptor nothing else owns.
     let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     f.set_len(size).unwrap();
+    // Sealed against shrinking and growing: the client hands only such fds to DMA_MAP.
+    // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
     f
 }
 

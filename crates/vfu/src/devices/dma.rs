@@ -140,6 +140,7 @@ impl DmaEngine {
                     DmaError::Permission { .. } => libc::EACCES,
                     DmaError::Disabled(_) => libc::EPERM,
                     DmaError::Message(_) => libc::EIO,
+                    DmaError::Truncated { .. } => libc::EFAULT,
                 })
             };
             let status = match res {

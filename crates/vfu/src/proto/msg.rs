@@ -393,6 +393,22 @@ pub fn parse_sparse_areas(info: &RegionInfo, caps: &[u8]) -> Result<Vec<(u64, u6
                         ),
                     ));
                 }
+                // Where the client mmaps it: `info.offset + off .. + len` of the fd, which
+                // must be a valid (non-negative) off_t.
+                if info
+                    .offset
+                    .checked_add(off)
+                    .and_then(|o| o.checked_add(len))
+                    .is_none_or(|e| e > i64::MAX as u64)
+                {
+                    return Err(field(
+                        cmd,
+                        format!(
+                            "sparse area {off:#x}+{len:#x} at mmap offset {:#x} overflows",
+                            info.offset
+                        ),
+                    ));
+                }
                 areas.push((off, len));
             }
         }
@@ -428,5 +444,15 @@ mod tests {
         looped[4..8].copy_from_slice(&32u32.to_ne_bytes());
         assert!(parse_sparse_areas(&info, &looped).is_err());
         assert!(parse_sparse_areas(&info, &caps[..20]).is_err());
+        let wraps = RegionInfo {
+            offset: u64::MAX - 0x1800,
+            ..info
+        };
+        assert!(parse_sparse_areas(&wraps, &caps).is_err());
+        let past_off_t = RegionInfo {
+            offset: i64::MAX as u64 - 0x1000,
+            ..info
+        };
+        assert!(parse_sparse_areas(&past_off_t, &caps).is_err());
     }
 }

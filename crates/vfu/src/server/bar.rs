@@ -28,7 +28,9 @@ impl BarMemory {
     pub(super) fn new(name: &str, size: u64) -> std::io::Result<BarMemory> {
         let cname = std::ffi::CString::new(format!("vfu-{name}")).unwrap_or_default();
         // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -36,6 +38,20 @@ impl BarMemory {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: ftruncate on our own memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Clients get this fd writable: sealed so that none can shrink it under the server's
+        // own mapping (a SIGBUS at the next access would kill every device in the process)
+        // or grow it, and the seals cannot be changed.
+        // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
+        if unsafe {
+            libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        } != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: a new shared mapping of our memfd, `size` bytes.
@@ -59,7 +75,8 @@ impl BarMemory {
         })
     }
 
-    /// The memfd (sent to clients with the region info).
+    /// The memfd (sent to clients with the region info), sealed against shrinking and
+    /// growing (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`).
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }

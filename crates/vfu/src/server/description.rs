@@ -279,6 +279,7 @@ impl DeviceDescription {
             }),
             running: AtomicBool::new(true),
             stats: IrqStats::default(),
+            owner: Mutex::new(None),
         };
         Ok(RealizedDevice {
             ctx: DeviceContext(Arc::new(inner)),

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::proto::{DMA_READ, DMA_WRITE};
 
 use super::session::Session;
+use super::sigbus;
 
 /// A DMA access the device may not make.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -42,6 +43,13 @@ pub enum DmaError {
     /// A message-based transfer failed.
     #[error("DMA through the client's socket failed: {0}")]
     Message(String),
+    /// The client shrank the file behind this mapping: its pages are gone (the access hit
+    /// SIGBUS, which the server survived; the mapping is unusable until mapped again).
+    #[error("DMA at {address:#x}: the client truncated the file behind the mapping")]
+    Truncated {
+        /// Address of the access.
+        address: u64,
+    },
 }
 
 /// One mapping.
@@ -50,6 +58,9 @@ pub(crate) struct Mapping {
     pub(crate) flags: u32,
     /// Host address of the mapping when an fd came with it.
     host: Option<(usize, OwnedFd)>,
+    /// For an fd not sealed against shrinking: the SIGBUS guard of the host range (dropped
+    /// after the munmap in `drop`).
+    guard: Option<sigbus::Guard>,
     /// The session that mapped it (message-based DMA goes there; it unmaps on disconnect).
     pub(crate) owner: u64,
     pub(crate) session: Weak<Session>,
@@ -59,9 +70,20 @@ pub(crate) struct Mapping {
 }
 
 impl Mapping {
-    fn bitmap_for(start: u64, size: u64, page: u64) -> Vec<AtomicU64> {
-        let pages = (start + size - 1) / page - start / page + 1;
-        (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()
+    /// 64-bit words of the bitmap of `start..start+size` (`size` > 0, no wrap) in `page`s.
+    fn bitmap_words(start: u64, size: u64, page: u64) -> u64 {
+        let pages = (start + (size - 1)) / page - start / page + 1;
+        pages.div_ceil(64)
+    }
+
+    /// A zeroed bitmap of `words` words, or the allocator's refusal (never an abort).
+    fn bitmap(words: u64) -> Result<Vec<AtomicU64>, LogError> {
+        let bytes = words.saturating_mul(8);
+        let mut v = Vec::new();
+        v.try_reserve_exact(usize::try_from(words).unwrap_or(usize::MAX))
+            .map_err(|source| LogError::Alloc { bytes, source })?;
+        v.extend((0..words).map(|_| AtomicU64::new(0)));
+        Ok(v)
     }
 
     fn mark(&self, start: u64, page: u64, at: u64, len: u64) {
@@ -92,8 +114,12 @@ impl Drop for Mapping {
 #[derive(Default)]
 pub(crate) struct DmaTable {
     maps: BTreeMap<u64, Mapping>,
+    /// Bytes mapped in all.
+    total: u64,
     /// DMA dirty-page logging: the page size, while on.
     log_page: Option<u64>,
+    /// 64-bit words of all the mappings' dirty bitmaps, while logging.
+    log_words: u64,
 }
 
 /// A failure to map.
@@ -132,6 +158,22 @@ pub enum MapError {
         /// Size of the client's file.
         file_size: u64,
     },
+    /// The mapping would take the client's mapped total past the server's limit.
+    #[error("{size:#x} more bytes would map {total:#x} in all, past the limit of {limit:#x}")]
+    TotalTooLarge {
+        /// Size asked.
+        size: u64,
+        /// Mapped total with it.
+        total: u128,
+        /// The limit (256 TiB).
+        limit: u64,
+    },
+    /// The fd is not sealed against shrinking and its mapping could not be guarded.
+    #[error("guarding the mapping of an fd not sealed against shrinking")]
+    Guard(#[source] sigbus::GuardError),
+    /// Dirty-page logging is on and this mapping's bitmap would not fit the budget.
+    #[error("logging this mapping")]
+    Log(#[source] LogError),
     /// Nothing mapped exactly there.
     #[error("no mapping is exactly {address:#x}+{size:#x}")]
     NotMapped {
@@ -150,21 +192,96 @@ impl MapError {
             MapError::TooMany(_) => libc::ENOSPC,
             MapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::EINVAL),
             MapError::PastEnd { .. } => libc::EINVAL,
+            MapError::TotalTooLarge { .. } => libc::ENOSPC,
+            MapError::Log(e) => e.errno(),
+            MapError::Guard(e) => e.errno(),
             MapError::NotMapped { .. } => libc::ENOENT,
+        }
+    }
+}
+
+/// A dirty-page logging request the server refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Logging is not started.
+    #[error("DMA logging is not started")]
+    NotStarted,
+    /// A report asked with another page size than logging uses.
+    #[error("report page size {asked}, logging with {logging}")]
+    PageSize {
+        /// Page size of the report.
+        asked: u64,
+        /// Page size of the logging.
+        logging: u64,
+    },
+    /// A report range that is empty, unaligned or wraps.
+    #[error("report range {iova:#x}+{len:#x}")]
+    Range {
+        /// Start.
+        iova: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The report's bitmap is larger than the advertised `max_bitmap_size`.
+    #[error("a report of {pages} pages needs a {bytes}-byte bitmap, past max_bitmap_size {limit}")]
+    ReportTooLarge {
+        /// Pages asked.
+        pages: u64,
+        /// Bitmap bytes they need.
+        bytes: u64,
+        /// The advertised limit.
+        limit: u64,
+    },
+    /// The bitmaps of all mappings would take more memory than the server allows.
+    #[error("dirty bitmaps of {bytes} bytes for the mapped memory, past the limit of {limit}")]
+    BitmapsTooLarge {
+        /// Bytes needed (saturated).
+        bytes: u64,
+        /// The limit (64 MiB).
+        limit: u64,
+    },
+    /// Allocating the bitmaps failed.
+    #[error("allocating {bytes} bytes of dirty bitmaps")]
+    Alloc {
+        /// Bytes asked.
+        bytes: u64,
+        /// The allocator's refusal.
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+}
+
+impl LogError {
+    /// errno for the error reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LogError::NotStarted | LogError::PageSize { .. } | LogError::Range { .. } => {
+                libc::EINVAL
+            }
+            LogError::ReportTooLarge { .. } => libc::E2BIG,
+            LogError::BitmapsTooLarge { .. } | LogError::Alloc { .. } => libc::ENOMEM,
         }
     }
 }
 
 /// One piece of a scatter-gather list.
 pub(crate) enum Piece<'a> {
-    /// Directly mapped: host address.
-    Host(usize),
+    /// Directly mapped: host address, and the mapping's SIGBUS guard if it has one.
+    Host(usize, Option<&'a sigbus::Guard>),
     /// Through messages to this session.
     Message(&'a Weak<Session>),
 }
 
 impl DmaTable {
+    /// Most mappings (advertised as `max_dma_maps`).
     pub(crate) const MAX_MAPS: usize = 4096;
+    /// Most bytes mapped in all (256 TiB: the 48-bit address space of x86-64 and arm64).
+    pub(crate) const MAX_TOTAL: u64 = 1 << 48;
+    /// Most memory for the dirty bitmaps of all mappings while logging (64 MiB: 2 TiB of
+    /// mappings in 4 KiB pages).
+    pub(crate) const MAX_LOG_BITMAPS: u64 = 64 << 20;
+    /// Most bytes of one report's bitmap (advertised as `max_bitmap_size`).
+    pub(crate) const MAX_BITMAP_SIZE: u64 = 256 << 10;
 
     pub(crate) fn regions(&self) -> Vec<(u64, u64)> {
         self.maps.iter().map(|(&a, m)| (a, m.size)).collect()
@@ -179,7 +296,17 @@ impl DmaTable {
         owner: u64,
         session: Weak<Session>,
     ) -> Result<(), MapError> {
-        let end = address + size;
+        let total = u128::from(self.total) + u128::from(size);
+        let Some(end) = address
+            .checked_add(size)
+            .filter(|_| size != 0 && total <= u128::from(Self::MAX_TOTAL))
+        else {
+            return Err(MapError::TotalTooLarge {
+                size,
+                total,
+                limit: Self::MAX_TOTAL,
+            });
+        };
         let overlaps = self
             .maps
             .range(..end)
@@ -191,7 +318,17 @@ impl DmaTable {
         if self.maps.len() >= Self::MAX_MAPS {
             return Err(MapError::TooMany(Self::MAX_MAPS));
         }
-        let host = match fd {
+        // The bitmap first (it may be refused), the mmap after.
+        let dirty = match self.log_page {
+            Some(page) => {
+                let words = Mapping::bitmap_words(address, size, page);
+                self.log_budget(self.log_words.saturating_add(words))
+                    .map_err(MapError::Log)?;
+                Mapping::bitmap(words).map_err(MapError::Log)?
+            }
+            None => Vec::new(),
+        };
+        let (host, guard) = match fd {
             Some((fd, offset)) => {
                 // A regular file (a memfd, a hugetlbfs or tmpfs file) maps past its end, but
                 // the first touch there kills this process with SIGBUS: refuse it up front.
@@ -236,20 +373,32 @@ impl DmaTable {
                         source: std::io::Error::last_os_error(),
                     });
                 }
-                Some((p as usize, fd))
+                // A file that can shrink may lose pages under us: guard the range so that a
+                // SIGBUS there is survived (see `sigbus`).
+                if sigbus::sealed_against_shrinking(fd.as_raw_fd()) {
+                    (Some((p as usize, fd)), None)
+                } else {
+                    match sigbus::guard(p as usize, size as usize) {
+                        Ok(g) => (Some((p as usize, fd)), Some(g)),
+                        Err(e) => {
+                            // SAFETY: the mapping just made, used by nobody yet.
+                            unsafe { libc::munmap(p, size as usize) };
+                            return Err(MapError::Guard(e));
+                        }
+                    }
+                }
             }
-            None => None,
+            None => (None, None),
         };
-        let dirty = match self.log_page {
-            Some(page) => Mapping::bitmap_for(address, size, page),
-            None => Vec::new(),
-        };
+        self.total += size;
+        self.log_words += dirty.len() as u64;
         self.maps.insert(
             address,
             Mapping {
                 size,
                 flags,
                 host,
+                guard,
                 owner,
                 session,
                 dirty,
@@ -258,11 +407,22 @@ impl DmaTable {
         Ok(())
     }
 
-    pub(crate) fn unmap(&mut self, address: u64, size: u64) -> Result<Mapping, MapError> {
+    /// Remove what `owner` mapped exactly at `address..address+size`.
+    pub(crate) fn unmap(&mut self, address: u64, size: u64, owner: u64) -> Result<(), MapError> {
         match self.maps.get(&address) {
-            Some(m) if m.size == size => Ok(self.maps.remove(&address).expect("present")),
+            Some(m) if m.size == size && m.owner == owner => {
+                self.remove(address);
+                Ok(())
+            }
             _ => Err(MapError::NotMapped { address, size }),
         }
+    }
+
+    fn remove(&mut self, address: u64) -> Option<u64> {
+        let m = self.maps.remove(&address)?;
+        self.total -= m.size;
+        self.log_words -= m.dirty.len() as u64;
+        Some(m.size)
     }
 
     pub(crate) fn unmap_all(&mut self, owner: Option<u64>) -> Vec<(u64, u64)> {
@@ -273,25 +433,48 @@ impl DmaTable {
             .map(|(&a, _)| a)
             .collect();
         gone.into_iter()
-            .map(|a| {
-                let m = self.maps.remove(&a).expect("present");
-                (a, m.size)
-            })
+            .filter_map(|a| Some((a, self.remove(a)?)))
             .collect()
     }
 
-    /// Start dirty-page logging with pages of `page` bytes (a power of two); restarting
-    /// clears what was logged.
-    pub(crate) fn log_start(&mut self, page: u64) {
-        self.log_page = Some(page);
-        for (&a, m) in self.maps.iter_mut() {
-            m.dirty = Mapping::bitmap_for(a, m.size, page);
+    fn log_budget(&self, words: u64) -> Result<(), LogError> {
+        let bytes = words.saturating_mul(8);
+        if bytes > Self::MAX_LOG_BITMAPS {
+            return Err(LogError::BitmapsTooLarge {
+                bytes,
+                limit: Self::MAX_LOG_BITMAPS,
+            });
         }
+        Ok(())
+    }
+
+    /// Start dirty-page logging with pages of `page` bytes (a power of two); restarting
+    /// clears what was logged. The bitmaps of all mappings are checked against
+    /// [`MAX_LOG_BITMAPS`](DmaTable::MAX_LOG_BITMAPS) and allocated before logging changes;
+    /// a refusal leaves the table as it was.
+    pub(crate) fn log_start(&mut self, page: u64) -> Result<(), LogError> {
+        let words = self
+            .maps
+            .iter()
+            .map(|(&a, m)| Mapping::bitmap_words(a, m.size, page))
+            .fold(0u64, u64::saturating_add);
+        self.log_budget(words)?;
+        let mut fresh = Vec::with_capacity(self.maps.len());
+        for (&a, m) in &self.maps {
+            fresh.push(Mapping::bitmap(Mapping::bitmap_words(a, m.size, page))?);
+        }
+        for (m, d) in self.maps.values_mut().zip(fresh) {
+            m.dirty = d;
+        }
+        self.log_page = Some(page);
+        self.log_words = words;
+        Ok(())
     }
 
     /// Stop logging and drop the bitmaps.
     pub(crate) fn log_stop(&mut self) {
         self.log_page = None;
+        self.log_words = 0;
         for m in self.maps.values_mut() {
             m.dirty = Vec::new();
         }
@@ -318,19 +501,28 @@ impl DmaTable {
     /// The dirty bitmap of `iova..iova+len` in `page`-byte pages (the logging page size),
     /// one bit a page, in 64-bit words; reported pages are cleared. Pages of no mapping read
     /// as clean.
-    pub(crate) fn log_report(&self, iova: u64, len: u64, page: u64) -> Result<Vec<u8>, String> {
+    /// At most [`MAX_BITMAP_SIZE`](DmaTable::MAX_BITMAP_SIZE) bytes of bitmap.
+    pub(crate) fn log_report(&self, iova: u64, len: u64, page: u64) -> Result<Vec<u8>, LogError> {
         let Some(lp) = self.log_page else {
-            return Err("DMA logging is not started".into());
+            return Err(LogError::NotStarted);
         };
         if page != lp {
-            return Err(format!("report page size {page}, logging with {lp}"));
+            return Err(LogError::PageSize {
+                asked: page,
+                logging: lp,
+            });
         }
         if len == 0 || iova % page != 0 || iova.checked_add(len).is_none() {
-            return Err(format!("report range {iova:#x}+{len:#x}"));
+            return Err(LogError::Range { iova, len });
         }
         let pages = len.div_ceil(page);
-        if pages > (1 << 32) {
-            return Err(format!("report of {pages} pages"));
+        let bytes = pages.div_ceil(64) * 8;
+        if bytes > Self::MAX_BITMAP_SIZE {
+            return Err(LogError::ReportTooLarge {
+                pages,
+                bytes,
+                limit: Self::MAX_BITMAP_SIZE,
+            });
         }
         let mut words = vec![0u64; pages.div_ceil(64) as usize];
         let end = iova + len;
@@ -381,7 +573,7 @@ impl DmaTable {
             .map(|(start, at, n)| {
                 let m = &self.maps[&start];
                 let piece = match &m.host {
-                    Some((host, _)) => Piece::Host(host + (at - start) as usize),
+                    Some((host, _)) => Piece::Host(host + (at - start) as usize, m.guard.as_ref()),
                     None => Piece::Message(&m.session),
                 };
                 (piece, at, n)
@@ -416,6 +608,9 @@ impl DmaTable {
                     len,
                     hole: at,
                 })?;
+            if m.guard.as_ref().is_some_and(sigbus::Guard::truncated) {
+                return Err(DmaError::Truncated { address: at });
+            }
             if m.flags & need != need {
                 return Err(DmaError::Permission {
                     dir: if need == DMA_WRITE { "writ" } else { "read" },
@@ -496,8 +691,12 @@ mod tests {
             t.map(0x1fff, 2, DMA_READ, None, 1, Weak::new()),
             Err(MapError::Overlap { .. })
         ));
-        assert!(t.unmap(0x1000, 0x800).is_err());
-        t.unmap(0x1000, 0x1000).unwrap();
+        assert!(t.unmap(0x1000, 0x800, 1).is_err());
+        assert!(
+            t.unmap(0x1000, 0x1000, 2).is_err(),
+            "another owner's mapping"
+        );
+        t.unmap(0x1000, 0x1000, 1).unwrap();
         assert_eq!(t.unmap_all(Some(2)), vec![]);
         assert_eq!(t.unmap_all(Some(1)), vec![(0x2000, 0x1000)]);
     }

@@ -4,6 +4,15 @@
 use std::sync::atomic::Ordering;
 
 use super::dma::{DmaError, Piece};
+use super::sigbus::Guard;
+
+/// The access at `at` hit pages the client truncated away (its guard caught the SIGBUS).
+fn truncated(guard: Option<&Guard>, at: u64) -> Result<(), DmaError> {
+    match guard {
+        Some(g) if g.truncated() => Err(DmaError::Truncated { address: at }),
+        _ => Ok(()),
+    }
+}
 use super::{DeviceContext, lock};
 use crate::proto::{DMA_READ, DMA_WRITE};
 
@@ -19,15 +28,21 @@ impl DeviceContext {
             for (p, at, n) in pieces {
                 let dst = &mut buf[done..done + n as usize];
                 match p {
-                    // SAFETY: `translate` checked that `host..host+n` lies inside a live
-                    // mapping, kept alive by the read lock held for the whole copy.
-                    Piece::Host(host) => unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            host as *const u8,
-                            dst.as_mut_ptr(),
-                            dst.len(),
-                        )
-                    },
+                    Piece::Host(host, guard) => {
+                        // SAFETY: `translate` checked that `host..host+n` lies inside a live
+                        // mapping, kept alive by the read lock held for the whole copy. If the
+                        // client truncated its (unsealed) file, the guard's SIGBUS handler
+                        // puts anonymous pages in place and the copy completes on garbage,
+                        // which is refused just below.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                host as *const u8,
+                                dst.as_mut_ptr(),
+                                dst.len(),
+                            )
+                        };
+                        truncated(guard, at)?;
+                    }
                     Piece::Message(s) => by_message.push((s.clone(), at, done, n as usize)),
                 }
                 done += n as usize;
@@ -55,11 +70,15 @@ impl DeviceContext {
             for (p, at, n) in pieces {
                 let src = &data[done..done + n as usize];
                 match p {
-                    // SAFETY: `translate` checked the range is inside a live writable
-                    // mapping, kept alive by the read lock.
-                    Piece::Host(host) => unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len())
-                    },
+                    Piece::Host(host, guard) => {
+                        // SAFETY: `translate` checked the range is inside a live writable
+                        // mapping, kept alive by the read lock (a truncated file: as in
+                        // `dma_read`).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), host as *mut u8, src.len())
+                        };
+                        truncated(guard, at)?;
+                    }
                     Piece::Message(s) => by_message.push((s.clone(), at, done, n as usize)),
                 }
                 done += n as usize;

@@ -83,6 +83,10 @@ impl ShutdownHandle {
 
 const SHUTDOWN_TOKEN: u64 = 0;
 
+/// Most connections to one device at once (one of them its client; the others are being
+/// refused or are yet to send VERSION). Past it, new connections are closed at once.
+pub const MAX_CONNECTIONS: usize = 8;
+
 /// Session ids, unique in the process.
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -228,6 +232,21 @@ impl Server {
                             }
                             continue;
                         }
+                        let open = lock(&self.sh.sources)
+                            .values()
+                            .filter(|s| {
+                                matches!(&***s, Source::Session(x) if Arc::ptr_eq(&x.dev.0, &dev.0))
+                            })
+                            .count();
+                        if open >= MAX_CONNECTIONS {
+                            if self.sh.log {
+                                eprintln!(
+                                    "vfio-user: {}: {open} connections open; refusing another",
+                                    dev.name()
+                                );
+                            }
+                            continue;
+                        }
                         // Process-wide: sessions are found by id in a global table, and a
                         // process may run several servers.
                         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +277,27 @@ impl Server {
                     }
                 };
                 let watch = std::mem::take(&mut *lock(&s.new_ioevents));
+                if !watch.is_empty() {
+                    // A client asking for a BAR's ioeventfds again gets new ones in place of
+                    // the old (which are no longer watched): they do not pile up.
+                    let me = Arc::downgrade(s);
+                    let old: Vec<(u64, RawFd)> = lock(&self.sh.sources)
+                        .iter()
+                        .filter_map(|(&t, src)| match &**src {
+                            Source::IoEvent(w, efd, spec)
+                                if w.ptr_eq(&me)
+                                    && watch.iter().any(|(_, n)| n.bar == spec.bar) =>
+                            {
+                                Some((t, efd.as_raw_fd()))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    for (t, fd) in old {
+                        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, t, true);
+                        lock(&self.sh.sources).remove(&t);
+                    }
+                }
                 for (efd, spec) in watch {
                     let fd = efd.as_raw_fd();
                     self.add(Source::IoEvent(Arc::downgrade(s), efd, spec), fd, true)?;
@@ -290,7 +330,9 @@ impl Server {
                         {
                             eprintln!("vfio-user: {}: ioeventfd write: {e}", s.dev.name());
                         }
-                        self.ctl(libc::EPOLL_CTL_MOD, efd.as_raw_fd(), token, true)?;
+                        // Not fatal: the client may have replaced or dropped this ioeventfd
+                        // meanwhile (then it is no longer in the set).
+                        let _ = self.ctl(libc::EPOLL_CTL_MOD, efd.as_raw_fd(), token, true);
                     }
                     None => {
                         let _ = self.ctl(libc::EPOLL_CTL_DEL, efd.as_raw_fd(), token, true);
@@ -308,6 +350,7 @@ impl Server {
         lock(&SESSIONS).remove(&s.id);
         s.fail_pending();
         s.dev.forget_session(s.id);
+        s.dev.release(s.id);
         let _ = s.sock.shutdown(std::net::Shutdown::Both);
         // After the shutdown: a request sent from now on fails at once.
         s.fail_pending();

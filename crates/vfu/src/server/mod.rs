@@ -26,8 +26,11 @@
 //! Files: this one holds the device's handle ([`DeviceContext`]) and what a device author
 //! implements ([`DeviceOps`]); `description` the lifecycle types, `bar` BAR memory,
 //! `region` client region access, `irq` interrupts, `dma` the DMA table and `dma_access`
-//! DMA from the device's side, `migration` the v2 state machine and stream, `session` one
-//! client's connection and `event` the serving loop.
+//! DMA from the device's side, `sigbus` the guard of mappings of unsealed client fds,
+//! `migration` the v2 state machine and stream, `session` one client's connection and
+//! `event` the serving loop.
+//!
+//! One client per device, and the bounds on what a client controls: see the crate docs.
 
 mod bar;
 mod description;
@@ -38,14 +41,16 @@ mod irq;
 mod migration;
 mod region;
 mod session;
+mod sigbus;
 
 pub use bar::BarMemory;
 pub(crate) use bar::BarState;
 pub(crate) use description::IoEventSpec;
 pub use description::{AttachedDevice, DeviceDescription, RealizeError, RealizedDevice};
-pub use dma::{DmaError, MapError};
-pub use event::{ServeError, Server, ShutdownHandle};
+pub use dma::{DmaError, LogError, MapError};
+pub use event::{MAX_CONNECTIONS, ServeError, Server, ShutdownHandle};
 pub use irq::Delivery;
+pub use sigbus::GuardError;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -97,8 +102,9 @@ pub enum DmaNotice {
     },
 }
 
-/// What a device author implements. Callbacks may run on several threads at once (one per
-/// client being served), so devices keep their state behind their own locks.
+/// What a device author implements. Callbacks may run on several threads at once (the
+/// client's commands, its ioeventfds, the device's own threads; a device has one client at a
+/// time), so devices keep their state behind their own locks.
 pub trait DeviceOps: Send + Sync + 'static {
     /// A read of BAR `bar` (0..=5) at `offset`, outside any mmap area and MSI-X structure.
     fn region_read(
@@ -191,6 +197,8 @@ pub(crate) struct Inner {
     mig: Mutex<Migration>,
     running: AtomicBool,
     stats: IrqStats,
+    /// The session that negotiated and owns the device. One client at a time.
+    pub(crate) owner: Mutex<Option<u64>>,
 }
 
 /// A device's handle: cloneable, usable from any thread.
@@ -242,6 +250,46 @@ impl DeviceContext {
     /// The migration state.
     pub fn migration_state(&self) -> MigState {
         lock(&self.0.mig).state
+    }
+
+    /// Make session `id` the device's one client. Another live owner keeps the device
+    /// (false), unless its client has hung up, in which case what it installed is removed
+    /// now (its own cleanup may come later) and `id` takes over.
+    pub(crate) fn claim(&self, id: u64) -> bool {
+        let mut owner = lock(&self.0.owner);
+        let gone = match *owner {
+            None => None,
+            Some(cur) if cur == id => return true,
+            Some(cur) => {
+                let alive = lock(&session::SESSIONS)
+                    .get(&cur)
+                    .and_then(std::sync::Weak::upgrade)
+                    .is_some_and(|s| !s.hung_up());
+                if alive {
+                    return false;
+                }
+                Some(cur)
+            }
+        };
+        *owner = Some(id);
+        drop(owner);
+        if let Some(old) = gone {
+            self.forget_session(old);
+        }
+        true
+    }
+
+    /// Whether session `id` owns the device.
+    pub(crate) fn owned_by(&self, id: u64) -> bool {
+        *lock(&self.0.owner) == Some(id)
+    }
+
+    /// Session `id` is gone: the device is free again if it owned it.
+    pub(crate) fn release(&self, id: u64) {
+        let mut owner = lock(&self.0.owner);
+        if *owner == Some(id) {
+            *owner = None;
+        }
     }
 
     /// Remove everything a session installed.

@@ -87,6 +87,18 @@ impl Session {
         }
     }
 
+    /// Whether the client has hung up (closed or shut down its end).
+    pub(crate) fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
     fn send(&self, parts: &[&[u8]], fds: &[RawFd]) -> std::io::Result<()> {
         let _g = lock(&self.send_lock);
         sock::send(&self.sock, parts, fds)
@@ -166,6 +178,14 @@ impl Session {
                     };
                     let _ = self.send(&[h.error_reply(e.errno).as_bytes()], &[]);
                     return Outcome::Close(e.msg);
+                } else if !self.dev.claim(self.id) {
+                    // One client per device: the second is refused until the first goes.
+                    let e = DeviceError {
+                        errno: libc::EBUSY,
+                        msg: format!("{} is in use by another client", self.dev.name()),
+                    };
+                    let _ = self.send(&[h.error_reply(e.errno).as_bytes()], &[]);
+                    return Outcome::Close(e.msg);
                 } else {
                     {
                         let mut st = lock(&self.state);
@@ -179,6 +199,10 @@ impl Session {
                 }
             }
             Ok(_) if !negotiated => Err(DeviceError::invalid("the first message must be VERSION")),
+            Ok(_) if !self.dev.owned_by(self.id) => {
+                // Another client took the device over after this one hung up.
+                return Outcome::Close("the device has another client now".into());
+            }
             Ok(r) => self.command(r, msg.fds),
         };
         if h.no_reply() {
@@ -238,12 +262,14 @@ impl Session {
                 let gone = {
                     let mut t = dev.0.dma.write().unwrap_or_else(|e| e.into_inner());
                     if u.flags & DMA_UNMAP_ALL != 0 {
-                        t.unmap_all(None)
+                        // This session's mappings only (another session's are not its to drop).
+                        t.unmap_all(Some(self.id))
                     } else {
-                        t.unmap(u.address, u.size).map_err(|e| DeviceError {
-                            errno: e.errno(),
-                            msg: e.to_string(),
-                        })?;
+                        t.unmap(u.address, u.size, self.id)
+                            .map_err(|e| DeviceError {
+                                errno: e.errno(),
+                                msg: e.to_string(),
+                            })?;
                         vec![(u.address, u.size)]
                     }
                 };
@@ -546,7 +572,11 @@ impl Session {
                     .dma
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .log_start(page);
+                    .log_start(page)
+                    .map_err(|e| DeviceError {
+                        errno: e.errno(),
+                        msg: e.to_string(),
+                    })?;
                 // The reply echoes the request, as libvfio-user's does (its client expects
                 // the same size back).
                 reply(data)
@@ -574,7 +604,10 @@ impl Session {
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
                     .log_report(iova, length, page)
-                    .map_err(DeviceError::invalid)?;
+                    .map_err(|e| DeviceError {
+                        errno: e.errno(),
+                        msg: e.to_string(),
+                    })?;
                 let mut body = data[..24].to_vec();
                 body.extend(bitmap);
                 reply(&body)

@@ -287,6 +287,24 @@ impl PciBus {
             };
             let Some(fd) = &r.fd else { continue };
             for &(off, size) in &r.sparse {
+                // The client checked these against the region and off_t; checked again here,
+                // as the slot's guest address is computed from them.
+                let (Some(file_off), Some(gpa), Ok(len)) = (
+                    r.mmap_offset
+                        .checked_add(off)
+                        .and_then(|o| libc::off_t::try_from(o).ok()),
+                    bar.addr.checked_add(off).filter(|a| {
+                        a.checked_add(size)
+                            .is_some_and(|e| e <= bar.addr + bar.size)
+                    }),
+                    usize::try_from(size),
+                ) else {
+                    return Err(derr(format!(
+                        "BAR {bi}: sparse area {off:#x}+{size:#x} at mmap offset {:#x} lies \
+                         outside the BAR or the file",
+                        r.mmap_offset
+                    )));
+                };
                 let prot = libc::PROT_READ
                     | if r.flags & proto::REGION_WRITE != 0 {
                         libc::PROT_WRITE
@@ -298,11 +316,11 @@ impl PciBus {
                 let p = unsafe {
                     libc::mmap(
                         std::ptr::null_mut(),
-                        size as usize,
+                        len,
                         prot,
                         libc::MAP_SHARED,
                         fd.as_raw_fd(),
-                        (r.mmap_offset + off) as libc::off_t,
+                        file_off,
                     )
                 };
                 if p == libc::MAP_FAILED {
@@ -313,12 +331,12 @@ impl PciBus {
                 }
                 mapped.push(Mapped {
                     host: p as usize,
-                    size: size as usize,
+                    size: len,
                 });
                 let region = kvm_bindings::kvm_userspace_memory_region {
                     slot: *next_slot,
                     flags: 0,
-                    guest_phys_addr: bar.addr + off,
+                    guest_phys_addr: gpa,
                     memory_size: size,
                     userspace_addr: p as u64,
                 };
@@ -340,8 +358,20 @@ impl PciBus {
                 Err(e) => return Err(cerr(e)),
             };
             for (sub, fd) in subs {
-                if sub.offset + sub.size > bar.size || sub.kind != 0 {
-                    continue;
+                // The client checked the access lies inside the region; checked again here
+                // (a wrapped address would be an ioeventfd anywhere in the guest).
+                if sub.kind != 0 {
+                    continue; // not an ioeventfd
+                }
+                if sub
+                    .offset
+                    .checked_add(sub.size)
+                    .is_none_or(|e| e > bar.size)
+                {
+                    return Err(derr(format!(
+                        "BAR {bi}: ioeventfd at {:#x}+{:#x} outside the BAR",
+                        sub.offset, sub.size
+                    )));
                 }
                 // SAFETY: the fd came from the device over SCM_RIGHTS and is ours alone.
                 let efd = unsafe {

@@ -8,6 +8,10 @@
 //! it serves the server's `DMA_READ` / `DMA_WRITE` requests for memory mapped without an fd
 //! ([`Client::dma_map_local`]). All methods take `&self`: calls from several threads are
 //! serialised on the connection.
+//!
+//! What it bounds of the server's word, and what it refuses at connect time: see the crate
+//! docs. Files: this one (connection, discovery, regions, DMA, IRQs) and `migration`
+//! (DEVICE_FEATURE: migration and DMA dirty-page logging).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -20,6 +24,8 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::proto::*;
 use crate::sock::{self, Message, RecvError};
+
+mod migration;
 
 /// A client-side failure.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,16 @@ pub enum ClientError {
         cmd: Command,
         /// errno it sent.
         errno: i32,
+    },
+    /// An fd for DMA_MAP that is not sealed against shrinking: truncating it would pull the
+    /// pages from under the server (which survives it, but the device's DMA fails).
+    #[error("fd {fd} is not sealed against shrinking (F_SEAL_SHRINK); seal it before DMA_MAP")]
+    Unsealed {
+        /// The fd.
+        fd: RawFd,
+        /// Why its seals could not be read (a file that cannot be sealed), if so.
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// The server broke the protocol (bad reply, wrong ID, lying fields).
     #[error("protocol violation during {cmd:?}: {what}")]
@@ -146,6 +162,13 @@ pub struct Client {
     dma_served: std::sync::atomic::AtomicU64,
 }
 
+/// The most data bytes in one message either way (advertised as our `max_data_xfer_size`; a
+/// server's larger value is capped to it).
+pub const CLIENT_MAX_DATA_XFER: u32 = DEFAULT_MAX_DATA_XFER;
+
+/// The largest message this client receives.
+const MAX_IN: u32 = CLIENT_MAX_DATA_XFER + MSG_OVERHEAD;
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|x| u32::from_ne_bytes(x.try_into().expect("4 bytes")))
@@ -216,10 +239,14 @@ impl Client {
             });
         }
         self.version = (major, minor);
-        self.server_caps = Caps::from_json(&r.payload[4..]).map_err(|e| ClientError::Protocol {
+        let mut caps = Caps::from_json(&r.payload[4..]).map_err(|e| ClientError::Protocol {
             cmd,
             what: e.to_string(),
         })?;
+        // What the server accepts per message: we never send more than we accept ourselves
+        // (1 MiB), whatever it says (4 GiB would be a 4 GiB buffer per message).
+        caps.max_data_xfer_size = caps.max_data_xfer_size.min(CLIENT_MAX_DATA_XFER);
+        self.server_caps = caps;
         Ok(())
     }
 
@@ -363,11 +390,7 @@ impl Client {
                 ClientError::Io { cmd, source }
             }
         })?;
-        let max = self
-            .server_caps
-            .max_data_xfer_size
-            .max(DEFAULT_MAX_DATA_XFER)
-            + MSG_OVERHEAD;
+        let max = MAX_IN;
         let deadline = std::time::Instant::now() + self.timeout;
         loop {
             let m = match sock::recv(&c.sock, max) {
@@ -437,12 +460,7 @@ impl Client {
             if !ready {
                 break;
             }
-            let max = self
-                .server_caps
-                .max_data_xfer_size
-                .max(DEFAULT_MAX_DATA_XFER)
-                + MSG_OVERHEAD;
-            let m = match sock::recv(&c.sock, max) {
+            let m = match sock::recv(&c.sock, MAX_IN) {
                 Ok(m) => m,
                 Err(RecvError::Closed) => return Err(ClientError::Disconnected(cmd)),
                 Err(e) => {
@@ -477,12 +495,12 @@ impl Client {
                 a.address >= l.address
                     && a.address
                         .checked_add(a.count)
-                        .is_some_and(|e| e <= l.address + l.size)
+                        .is_some_and(|e| e <= l.address.saturating_add(l.size))
                     && l.flags & need == need
             })
         };
         match Command::from_u16(h.cmd) {
-            Some(Command::DmaRead) if a.count <= u64::from(DEFAULT_MAX_DATA_XFER) => {
+            Some(Command::DmaRead) if a.count <= u64::from(CLIENT_MAX_DATA_XFER) => {
                 let Some(l) = find(DMA_READ) else {
                     return reply_err(libc::EFAULT);
                 };
@@ -549,7 +567,7 @@ impl Client {
     fn max_data(&self) -> usize {
         self.server_caps
             .max_data_xfer_size
-            .min(DEFAULT_MAX_DATA_XFER) as usize
+            .min(CLIENT_MAX_DATA_XFER) as usize
     }
 
     /// REGION_READ (split into messages of at most the negotiated `max_data_xfer_size`).
@@ -679,7 +697,9 @@ impl Client {
         Ok(())
     }
 
-    /// DMA_MAP with an fd: the server maps `fd` at `offset`.
+    /// DMA_MAP with an fd: the server maps `fd` at `offset`. The fd must be sealed against
+    /// shrinking (`F_SEAL_SHRINK`; a memfd created with `MFD_ALLOW_SEALING`), so that no
+    /// truncation can pull pages from under the server: [`ClientError::Unsealed`] otherwise.
     pub fn dma_map_fd(
         &self,
         address: u64,
@@ -695,6 +715,17 @@ impl Client {
             address,
             size,
         };
+        // SAFETY: F_GET_SEALS on a descriptor the caller holds; -1 for unsealable files.
+        let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(ClientError::Unsealed {
+                fd,
+                source: Some(std::io::Error::last_os_error()),
+            });
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(ClientError::Unsealed { fd, source: None });
+        }
         // Keep the fd too: a server may still reach this memory through DMA_READ/WRITE
         // messages (libvfio-user's sample server does, on purpose), served with pread/pwrite.
         // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds; the result is checked.
@@ -812,6 +843,20 @@ impl Client {
                             sub.fd_index
                         ),
                     })?;
+                if sub
+                    .offset
+                    .checked_add(sub.size)
+                    .is_none_or(|e| e > self.region(region).map_or(0, |r| r.size))
+                    || !matches!(sub.size, 1 | 2 | 4 | 8)
+                {
+                    return Err(ClientError::Protocol {
+                        cmd,
+                        what: format!(
+                            "ioeventfd {k} at {:#x}+{:#x} is not an access inside region {region}",
+                            sub.offset, sub.size
+                        ),
+                    });
+                }
                 out.push((sub, fd));
             }
             return Ok(out);
@@ -820,157 +865,6 @@ impl Client {
             cmd,
             what: "argsz keeps growing".into(),
         })
-    }
-
-    fn feature(&self, flags: u32, data: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let f = DeviceFeature {
-            argsz: (8 + data.len().max(8)) as u32,
-            flags,
-        };
-        let r = self.call(Command::DeviceFeature, &[f.as_bytes(), data], &[])?;
-        Ok(r.payload.get(8..).unwrap_or_default().to_vec())
-    }
-
-    /// Whether the server offers migration (DEVICE_FEATURE probe), and its flags.
-    pub fn migration_flags(&self) -> Result<Option<u64>, ClientError> {
-        match self.feature(FEATURE_GET | FEATURE_MIGRATION, &[]) {
-            Ok(d) => Ok(d
-                .get(..8)
-                .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))),
-            Err(ClientError::Server { errno, .. }) if errno == libc::ENOTSUP => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The device's migration state.
-    pub fn migration_state(&self) -> Result<MigState, ClientError> {
-        let cmd = Command::DeviceFeature;
-        let d = self.feature(FEATURE_GET | FEATURE_MIG_DEVICE_STATE, &[])?;
-        u32_at(&d, 0)
-            .and_then(MigState::from_u32)
-            .ok_or_else(|| ClientError::Protocol {
-                cmd,
-                what: "bad MIG_DEVICE_STATE reply".into(),
-            })
-    }
-
-    /// Move the device to `state`.
-    pub fn set_migration_state(&self, state: MigState) -> Result<(), ClientError> {
-        let mut d = (state as u32).to_ne_bytes().to_vec();
-        d.extend(u32::MAX.to_ne_bytes());
-        self.feature(FEATURE_SET | FEATURE_MIG_DEVICE_STATE, &d)?;
-        Ok(())
-    }
-
-    /// Start DMA dirty-page logging (DEVICE_FEATURE `DMA_LOGGING_START`) with pages of
-    /// `page_size` bytes over `ranges` (iova, length); empty: all mapped memory.
-    pub fn dma_logging_start(
-        &self,
-        page_size: u64,
-        ranges: &[(u64, u64)],
-    ) -> Result<(), ClientError> {
-        let mut d = page_size.to_ne_bytes().to_vec();
-        d.extend((ranges.len() as u32).to_ne_bytes());
-        d.extend(0u32.to_ne_bytes());
-        for &(iova, len) in ranges {
-            d.extend(iova.to_ne_bytes());
-            d.extend(len.to_ne_bytes());
-        }
-        self.feature(FEATURE_SET | FEATURE_DMA_LOGGING_START, &d)?;
-        Ok(())
-    }
-
-    /// Stop DMA dirty-page logging.
-    pub fn dma_logging_stop(&self) -> Result<(), ClientError> {
-        let mut d = 0u64.to_ne_bytes().to_vec();
-        d.extend([0u8; 8]);
-        self.feature(FEATURE_SET | FEATURE_DMA_LOGGING_STOP, &d)?;
-        Ok(())
-    }
-
-    /// The pages of `iova..iova+length` the device dirtied since the last report (one bit a
-    /// `page_size` page, in 64-bit words), cleared by the report.
-    pub fn dma_logging_report(
-        &self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-    ) -> Result<Vec<u64>, ClientError> {
-        let cmd = Command::DeviceFeature;
-        let mut d = iova.to_ne_bytes().to_vec();
-        d.extend(length.to_ne_bytes());
-        d.extend(page_size.to_ne_bytes());
-        let r = self.feature(FEATURE_GET | FEATURE_DMA_LOGGING_REPORT, &d)?;
-        let words = length.div_ceil(page_size.max(1)).div_ceil(64) as usize;
-        let bitmap = r
-            .get(24..24 + words * 8)
-            .ok_or_else(|| ClientError::Protocol {
-                cmd,
-                what: format!("report of {} bytes, need {}", r.len(), 24 + words * 8),
-            })?;
-        Ok(bitmap
-            .chunks_exact(8)
-            .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
-            .collect())
-    }
-
-    /// MIG_DATA_READ of up to `max` bytes (empty: no more).
-    pub fn mig_data_read(&self, max: u32) -> Result<Vec<u8>, ClientError> {
-        let cmd = Command::MigDataRead;
-        let m = MigData {
-            argsz: 8 + max,
-            size: max,
-        };
-        let r = self.call(cmd, &[m.as_bytes()], &[])?;
-        let (h, data) =
-            MigData::read_from_prefix(&r.payload).map_err(|_| ClientError::Protocol {
-                cmd,
-                what: "short reply".into(),
-            })?;
-        // The reply may be padded to the size asked (libvfio-user's is); `size` says how
-        // much of it is data.
-        if h.size as usize > data.len() || h.size > max || data.len() > max as usize {
-            return Err(ClientError::Protocol {
-                cmd,
-                what: format!("size {} with {} bytes (asked {max})", h.size, data.len()),
-            });
-        }
-        Ok(data[..h.size as usize].to_vec())
-    }
-
-    /// MIG_DATA_WRITE.
-    pub fn mig_data_write(&self, data: &[u8]) -> Result<(), ClientError> {
-        let m = MigData {
-            argsz: 8 + data.len() as u32,
-            size: data.len() as u32,
-        };
-        self.call(Command::MigDataWrite, &[m.as_bytes(), data], &[])?;
-        Ok(())
-    }
-
-    /// Save the device's whole state (RUNNING -> STOP_COPY, read all, -> STOP).
-    pub fn save_state(&self) -> Result<Vec<u8>, ClientError> {
-        self.set_migration_state(MigState::StopCopy)?;
-        let mut out = Vec::new();
-        loop {
-            let d = self.mig_data_read(64 << 10)?;
-            if d.is_empty() {
-                break;
-            }
-            out.extend(d);
-        }
-        self.set_migration_state(MigState::Stop)?;
-        Ok(out)
-    }
-
-    /// Load a saved state (-> RESUMING, write all, -> STOP) and run the device.
-    pub fn load_state(&self, state: &[u8]) -> Result<(), ClientError> {
-        self.set_migration_state(MigState::Resuming)?;
-        for c in state.chunks(64 << 10) {
-            self.mig_data_write(c)?;
-        }
-        self.set_migration_state(MigState::Stop)?;
-        self.set_migration_state(MigState::Running)
     }
 
     /// The raw socket (for tests that send bytes of their own).
