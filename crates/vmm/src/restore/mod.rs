@@ -46,7 +46,10 @@ pub use pager::{Pager, PagerError, PagerReport};
 pub enum RestoreMode {
     /// Read every page, then run.
     Eager,
-    /// Map the memory file privately (copy-on-write): the kernel reads pages on first touch.
+    /// Map the memory file privately (copy-on-write): no copy is made. Every chunk CRC is
+    /// checked through the mapping before the guest runs. If the file shrinks while the VM
+    /// runs, the VM fails with an error naming it (not the process with SIGBUS; see
+    /// [`crate::memory::file`]).
     Mmap,
     /// Anonymous memory registered with userfaultfd; faults served from the memory file.
     Lazy,
@@ -233,6 +236,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
             cfg.backend = Backend::PrivateFile;
             let mem =
                 Arc::new(GuestMem::from_file(&loaded.memory, size).map_err(RestoreError::Memory)?);
+            // Every chunk's CRC, before the guest runs (read through the mapping: no copy).
+            // SAFETY: the VM does not exist yet; nothing else touches this memory.
+            bytes_read_upfront = unsafe { snapshot::verify_mapped(&loaded, &mem) }?;
             (mem, None)
         }
         RestoreMode::Lazy | RestoreMode::Prefetch => {
