@@ -616,8 +616,9 @@ pub unsafe fn verify_mapped(loaded: &Loaded, mem: &GuestMem) -> Result<u64, Snap
     use std::os::fd::AsRawFd;
     let idx = &loaded.index;
     let chunk = idx.chunk_pages * PAGE;
+    let full_zero = zero_crc(chunk as usize);
     let fd = loaded.memory.as_raw_fd();
-    let mut read = 0;
+    let mut data = Vec::new();
     let mut next_data: i64 = -1;
     for c in 0..idx.chunks() {
         let start = c * chunk;
@@ -635,25 +636,49 @@ pub unsafe fn verify_mapped(loaded: &Loaded, mem: &GuestMem) -> Result<u64, Snap
                 };
             }
         }
-        if next_data >= end as i64 {
-            let want = zero_crc((end - start) as usize);
-            if idx.chunk_crc[c as usize] != want {
-                return Err(SnapshotError::Crc {
-                    what: format!(
-                        "memory chunk {c} (guest-physical {start:#x}, {} bytes; a hole in the file)",
-                        end - start
-                    ),
-                    expected: idx.chunk_crc[c as usize],
-                    actual: want,
-                });
-            }
+        if next_data < end as i64 {
+            data.push(c);
             continue;
         }
-        // SAFETY: the caller's guarantee.
-        unsafe { check_chunk(mem, idx, c) }?;
-        read += end - start;
+        let want = if end - start == chunk {
+            full_zero
+        } else {
+            zero_crc((end - start) as usize)
+        };
+        if idx.chunk_crc[c as usize] != want {
+            return Err(SnapshotError::Crc {
+                what: format!(
+                    "memory chunk {c} (guest-physical {start:#x}, {} bytes; a hole in the file)",
+                    end - start
+                ),
+                expected: idx.chunk_crc[c as usize],
+                actual: want,
+            });
+        }
     }
-    Ok(read)
+    // The chunks with data, read and checked on up to 4 threads.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let per = data.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = data
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    for &c in part {
+                        // SAFETY: the caller's guarantee.
+                        unsafe { check_chunk(mem, idx, c) }?;
+                    }
+                    Ok::<(), SnapshotError>(())
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a CRC thread does not panic"))
+    })?;
+    Ok(data.len() as u64 * chunk)
 }
 
 /// Read every non-zero page of the memory file into fresh (zeroed) guest memory, checking
