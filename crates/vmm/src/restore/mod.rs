@@ -239,6 +239,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
             cfg.backend = Backend::PrivateFile;
             let mem =
                 Arc::new(GuestMem::from_file(&loaded.memory, size).map_err(RestoreError::Memory)?);
+            // A file shrinking from here on fails the VM, not the process (`memory::file`).
+            crate::vstate::vcpu::install_signal_handlers().map_err(RestoreError::Vm)?;
             // Every chunk's CRC, before the guest runs (read through the mapping: no copy).
             // SAFETY: the VM does not exist yet; nothing else touches this memory.
             bytes_read_upfront = unsafe { snapshot::verify_mapped(&loaded, &mem) }?;
