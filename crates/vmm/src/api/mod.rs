@@ -23,7 +23,7 @@
 //! command to the VM's controller and waits for the answer (as Firecracker's API thread does),
 //! so no request runs on a vCPU thread and a slow one (a snapshot) holds up no other.
 
-mod wire;
+pub mod wire;
 
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -266,6 +266,8 @@ fn accept_loop(
             continue;
         }
         let Ok((mut s, _)) = l.accept() else {
+            // Out of file descriptors, say: do not spin on a listener that stays readable.
+            thread::sleep(Duration::from_millis(50));
             continue;
         };
         if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
