@@ -1,4 +1,6 @@
-//! `faultline snapshot`, `faultline restore` and `faultline page-server`.
+//! `faultline snapshot`, `faultline restore` and `faultline page-server` (serves only the
+//! snapshot directories named on its command line, several VMs at once, each hand-off within a
+//! deadline).
 
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -72,7 +74,9 @@ pub struct RestoreArgs {
     /// Hand the userfaultfd to the external handler listening here (`faultline page-server`).
     #[arg(long)]
     page_handler: Option<PathBuf>,
-    /// Seconds to wait for the page handler to connect and answer.
+    /// Seconds to wait for the page handler to connect and answer, and then the longest a page
+    /// fault may stay unread by it: a handler past that is stuck, and the VM stops with an
+    /// error (the VMM takes the userfaultfd back).
     #[arg(long, default_value_t = 5)]
     handler_timeout: u64,
     /// Pages served per fault by the in-process fault loop.
@@ -201,9 +205,19 @@ pub struct PageServerArgs {
     /// Listen on this Unix socket.
     #[arg(long)]
     socket: PathBuf,
-    /// Serve one VM, then exit (default: serve VMs one after another, forever).
+    /// A snapshot directory this server may serve (repeat for more). A VMM that names any
+    /// other directory in its hand-off is refused.
+    #[arg(long = "snapshot-dir", required = true)]
+    snapshot_dirs: Vec<PathBuf>,
+    /// Serve one VM, then exit (default: serve VMs, several at once, forever).
     #[arg(long)]
     once: bool,
+    /// VMs served at once; a VMM beyond that is refused in its hand-off answer.
+    #[arg(long, default_value_t = 8)]
+    max_vms: usize,
+    /// Seconds a connecting VMM has to send its hand-off, and to take the answer.
+    #[arg(long, default_value_t = 10)]
+    handoff_timeout: u64,
     /// Pages served per fault.
     #[arg(long, default_value_t = 16)]
     batch_pages: usize,
@@ -240,7 +254,26 @@ impl PageSource for Corrupting {
     }
 }
 
-fn serve_one(conn: UnixStream, a: &PageServerArgs) -> CliResult {
+/// Answer a hand-off with a refusal.
+fn refuse_handoff(conn: &UnixStream, why: String) {
+    let _ = send_msg(
+        conn,
+        &HandoffReply {
+            version: HANDOFF_VERSION,
+            ok: false,
+            error: Some(why),
+        },
+        None,
+    );
+}
+
+fn serve_one(conn: UnixStream, a: &PageServerArgs, allowed: &[PathBuf]) -> CliResult {
+    // The hand-off, and our answer, within the deadline; then the connection stays open for
+    // as long as the VM runs (no deadline: its close is the signal).
+    let deadline = Some(Duration::from_secs(a.handoff_timeout.max(1)));
+    conn.set_read_timeout(deadline)
+        .and_then(|()| conn.set_write_timeout(deadline))
+        .map_err(failed("socket setup"))?;
     let (h, fd) = recv_msg::<Handoff>(&conn).map_err(failed("hand-off"))?;
     let refuse = |e: CliError| {
         let _ = send_msg(
@@ -265,8 +298,15 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> CliResult {
             "no userfaultfd came with the hand-off".into(),
         )));
     };
-    let loaded = vmm::snapshot::load(&h.snapshot_dir)
-        .map_err(|e| refuse(failed("loading the snapshot")(e)))?;
+    let named = std::fs::canonicalize(&h.snapshot_dir).unwrap_or_else(|_| h.snapshot_dir.clone());
+    if !allowed.contains(&named) {
+        return Err(refuse(CliError::Usage(format!(
+            "snapshot directory {} is not served here (this page server serves only the --snapshot-dir it was started with)",
+            h.snapshot_dir.display()
+        ))));
+    }
+    let loaded =
+        vmm::snapshot::load(&named).map_err(|e| refuse(failed("loading the snapshot")(e)))?;
     let uffd = uffd::Uffd::from_owned_fd(fd, uffd::Features::from_bits_retain(h.uffd_features));
     let mut regions = Vec::new();
     for m in &h.mappings {
@@ -308,6 +348,8 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> CliResult {
         None,
     )
     .map_err(failed("answering the VMM"))?;
+    conn.set_read_timeout(None)
+        .map_err(failed("socket setup"))?;
     eprintln!(
         "page-server: serving VMM pid {} from {}",
         h.vmm_pid,
@@ -328,21 +370,55 @@ fn serve_one(conn: UnixStream, a: &PageServerArgs) -> CliResult {
 }
 
 pub fn page_server(a: &PageServerArgs) -> CliResult {
+    let allowed = a
+        .snapshot_dirs
+        .iter()
+        .map(|d| {
+            std::fs::canonicalize(d).map_err(failed(format!("--snapshot-dir {}", d.display())))
+        })
+        .collect::<CliResult<Vec<PathBuf>>>()?;
     if a.socket.exists() {
         std::fs::remove_file(&a.socket).map_err(failed(format!("{}", a.socket.display())))?;
     }
     let l = UnixListener::bind(&a.socket)
         .map_err(failed(format!("cannot listen on {}", a.socket.display())))?;
     eprintln!("page-server: listening on {}", a.socket.display());
-    for conn in l.incoming() {
-        let conn = conn.map_err(failed("accept"))?;
-        let r = serve_one(conn, a);
-        if let Err(e) = &r {
-            eprintln!("page-server: {}", uffd::error_chain(e));
+    let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for conn in l.incoming() {
+            let conn = conn.map_err(failed("accept"))?;
+            if a.once {
+                let r = serve_one(conn, a, &allowed);
+                if let Err(e) = &r {
+                    eprintln!("page-server: {}", uffd::error_chain(e));
+                }
+                return r;
+            }
+            use std::sync::atomic::Ordering::SeqCst;
+            if active.fetch_add(1, SeqCst) >= a.max_vms.max(1) {
+                active.fetch_sub(1, SeqCst);
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                refuse_handoff(
+                    &conn,
+                    format!(
+                        "this page server is serving {} VMs already (--max-vms)",
+                        a.max_vms
+                    ),
+                );
+                eprintln!(
+                    "page-server: refused a VMM: --max-vms {} reached",
+                    a.max_vms
+                );
+                continue;
+            }
+            let (active, allowed) = (active.clone(), &allowed);
+            scope.spawn(move || {
+                if let Err(e) = serve_one(conn, a, allowed) {
+                    eprintln!("page-server: {}", uffd::error_chain(&e));
+                }
+                active.fetch_sub(1, SeqCst);
+            });
         }
-        if a.once {
-            return r;
-        }
-    }
-    Ok(())
+        Ok(())
+    })
 }

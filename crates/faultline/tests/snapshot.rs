@@ -200,6 +200,8 @@ fn page_server(dir: &Path, name: &str, extra: &[&str]) -> (Child, PathBuf) {
     let child = bin()
         .args(["page-server", "--once", "--socket"])
         .arg(&sock)
+        .arg("--snapshot-dir")
+        .arg(dir.join("snap"))
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()

@@ -10,8 +10,10 @@
 //! `page_size`). The handler answers with a length-prefixed JSON [`HandoffReply`]. A handler
 //! that speaks another version answers `ok: false` and names its version, and the restore
 //! fails before any vCPU runs. The connection then stays open for as long as the handler
-//! serves: when it closes (the handler exited or crashed) the VM stops with an error instead of
-//! leaving vCPUs blocked on faults nobody will serve.
+//! serves: when it closes (the handler exited or crashed), or when a fault stays unread by the
+//! handler for longer than `handler_timeout` (it is stopped or stuck), the VM stops with an
+//! error instead of leaving vCPUs blocked on faults nobody will serve: the VMM takes the
+//! userfaultfd back and poisons every fault from then on ([`Pager`]).
 
 mod handoff;
 mod pager;
@@ -46,7 +48,10 @@ pub use pager::{Pager, PagerError, PagerReport};
 pub enum RestoreMode {
     /// Read every page, then run.
     Eager,
-    /// Map the memory file privately (copy-on-write): the kernel reads pages on first touch.
+    /// Map the memory file privately (copy-on-write): no copy is made. Every chunk CRC is
+    /// checked through the mapping before the guest runs. If the file shrinks while the VM
+    /// runs, the VM fails with an error naming it (not the process with SIGBUS; see
+    /// [`crate::memory::file`]).
     Mmap,
     /// Anonymous memory registered with userfaultfd; faults served from the memory file.
     Lazy,
@@ -101,7 +106,8 @@ pub struct RestoreOptions {
     pub then: AfterRestore,
     /// Hand the userfaultfd to the handler listening on this socket (lazy modes).
     pub page_handler: Option<PathBuf>,
-    /// How long to wait for the handler to connect and answer.
+    /// How long to wait for the handler to connect and answer the hand-off, and how long a
+    /// page fault may then stay unread by it before the VM is stopped as stuck.
     pub handler_timeout: Duration,
     /// Pages served per fault (and per prefetch ioctl) by the in-process fault loop.
     pub batch_pages: usize,
@@ -233,6 +239,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
             cfg.backend = Backend::PrivateFile;
             let mem =
                 Arc::new(GuestMem::from_file(&loaded.memory, size).map_err(RestoreError::Memory)?);
+            // A file shrinking from here on fails the VM, not the process (`memory::file`).
+            crate::vstate::vcpu::install_signal_handlers().map_err(RestoreError::Vm)?;
+            // Every chunk's CRC, before the guest runs (read through the mapping: no copy).
+            // SAFETY: the VM does not exist yet; nothing else touches this memory.
+            bytes_read_upfront = unsafe { snapshot::verify_mapped(&loaded, &mem) }?;
             (mem, None)
         }
         RestoreMode::Lazy | RestoreMode::Prefetch => {
@@ -268,6 +279,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                             uffd: Some(u),
                             range,
                             path: path.clone(),
+                            deadline: opts.handler_timeout,
                         },
                         record_to: None,
                         watcher: None,

@@ -1,6 +1,7 @@
 //! Serving a lazily restored VM's page faults for as long as it runs: the in-process fault
 //! loop over the snapshot's memory file (recording or pushing the working set), or an external
-//! handler process whose death stops the VM instead of leaving vCPUs blocked.
+//! handler process whose death, or a fault it leaves unread past the deadline
+//! (`--handler-timeout`), stops the VM instead of leaving vCPUs blocked.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use memx::FaultLoop;
 use serde::Serialize;
@@ -26,6 +28,19 @@ pub enum PagerError {
         .0.display()
     )]
     HandlerGone(PathBuf),
+    /// The external handler is connected but left a fault unread past the deadline.
+    #[error(
+        "the external page-fault handler at {} left a page fault unanswered for {waited:?} (deadline {deadline:?}): it is stuck; the VMM took the userfaultfd back and stops the VM",
+        .path.display()
+    )]
+    HandlerStuck {
+        /// Its socket.
+        path: PathBuf,
+        /// How long the fault waited.
+        waited: std::time::Duration,
+        /// The deadline (`--handler-timeout`).
+        deadline: std::time::Duration,
+    },
     /// The in-process fault loop failed.
     #[error("fault loop")]
     FaultLoop(#[source] memx::LoopError),
@@ -94,6 +109,8 @@ pub(super) enum PagerKind {
         /// Guest memory, registered with it.
         range: uffd::Range,
         path: PathBuf,
+        /// How long a fault may stay unread by the handler.
+        deadline: std::time::Duration,
     },
 }
 
@@ -104,16 +121,22 @@ impl std::fmt::Debug for Pager {
 }
 
 impl Pager {
-    /// Start watching for handler failure: a closed hand-off connection stops the VM, and
-    /// from then on every fault is answered by poisoning its page (the faulting vCPU gets
-    /// SIGBUS and stops with an error): no vCPU waits on a handler that is gone, never wrong
-    /// data.
+    /// Start watching for handler failure: a closed hand-off connection, or a fault that stays
+    /// unread by the handler past the deadline (the userfaultfd is readable the whole time: a
+    /// handler that is stopped, or alive and not serving), stops the VM. The VMM then takes the
+    /// userfaultfd back: from then on every fault is answered by poisoning its page, and
+    /// vCPUs already waiting are woken to fault again (the faulting vCPU gets SIGBUS and stops
+    /// with an error): no vCPU waits on a handler that is gone or stuck, never wrong data.
+    ///
+    /// Not detected: a handler that reads faults and then never resolves them (the kernel
+    /// keeps no trace of a read, unresolved fault that the VMM could see).
     pub(crate) fn watch(&mut self, notify: Notifier) -> Result<(), PagerError> {
         let PagerKind::External {
             conn,
             path,
             uffd,
             range,
+            deadline,
         } = &mut self.kind
         else {
             return Ok(());
@@ -121,7 +144,7 @@ impl Pager {
         let Some(uffd) = uffd.take() else {
             return Ok(());
         };
-        let range = *range;
+        let (range, deadline) = (*range, *deadline);
         let conn = conn.try_clone().map_err(|source| PagerError::Host {
             what: "the page-fault handler watcher",
             source,
@@ -132,15 +155,23 @@ impl Pager {
         let h = thread::Builder::new()
             .name("handler-watch".into())
             .spawn(move || {
+                let mut unread_since: Option<Instant> = None;
                 while !st.load(SeqCst) {
-                    let mut p = libc::pollfd {
-                        fd: conn.as_fd().as_raw_fd(),
-                        events: libc::POLLIN | libc::POLLRDHUP,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    let r = unsafe { libc::poll(&mut p, 1, 50) };
-                    if r > 0 {
+                    let mut p = [
+                        libc::pollfd {
+                            fd: conn.as_fd().as_raw_fd(),
+                            events: libc::POLLIN | libc::POLLRDHUP,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: uffd.as_fd().as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: two valid pollfds, for the duration of the call.
+                    let r = unsafe { libc::poll(p.as_mut_ptr(), 2, 50) };
+                    if r > 0 && p[0].revents != 0 {
                         let mut b = [0u8; 64];
                         if matches!((&conn).read(&mut b), Ok(0) | Err(_)) {
                             notify.fail(Failure::Pager(Box::new(PagerError::HandlerGone(
@@ -149,6 +180,23 @@ impl Pager {
                             take_over(uffd, range, &path, &st);
                             return;
                         }
+                    }
+                    // A fault waits unread: since when (across polls)?
+                    if r > 0 && p[1].revents & libc::POLLIN != 0 {
+                        let since = *unread_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= deadline {
+                            notify.fail(Failure::Pager(Box::new(PagerError::HandlerStuck {
+                                path: path.clone(),
+                                waited: since.elapsed(),
+                                deadline,
+                            })));
+                            take_over(uffd, range, &path, &st);
+                            return;
+                        }
+                        // Readable stays readable: do not spin on it.
+                        thread::sleep(std::time::Duration::from_millis(20));
+                    } else {
+                        unread_since = None;
                     }
                 }
             })
@@ -240,8 +288,15 @@ impl memx::PageSource for Poison {
     }
 }
 
-/// Serve `uffd`'s faults by poisoning until `stop`.
+/// Serve `uffd`'s faults by poisoning until `stop`; wake the vCPUs already waiting on faults
+/// the handler read (they fault again, and are answered).
 fn take_over(uffd: uffd::Uffd, range: uffd::Range, path: &std::path::Path, stop: &AtomicBool) {
+    let features = uffd.features();
+    let waker = uffd
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(|fd| uffd::Uffd::from_owned_fd(fd, features));
     let fl = FaultLoop::serve(
         vec![(uffd, vec![memx::Region { range, offset: 0 }])],
         Poison(path.to_path_buf()),
@@ -251,6 +306,11 @@ fn take_over(uffd: uffd::Uffd, range: uffd::Range, path: &std::path::Path, stop:
             ..Default::default()
         },
     );
+    if fl.is_ok()
+        && let Some(w) = &waker
+    {
+        let _ = w.wake(range);
+    }
     // Without the loop (it could not start) faults stay blocked until the VM stops.
     while !stop.load(SeqCst) {
         thread::sleep(std::time::Duration::from_millis(20));

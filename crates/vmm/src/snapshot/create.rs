@@ -182,6 +182,11 @@ fn write_into(
     // SAFETY: every vCPU is parked (the snapshot's pause) and the VM has no device that could
     // write guest memory (a VM with one is refused above): nothing writes guest memory.
     let (idx, written) = unsafe { write_memory(mem, &mem_path, page_checksums) }?;
+    // Memory mapped from a snapshot file that shrank meanwhile read as zeros where it was
+    // lost: such a copy is not the guest's memory.
+    if let Some(lost) = mem.file_lost() {
+        return Err(SnapshotError::MemoryLost(lost));
+    }
     let index = write_file(dir, files::INDEX, &idx.encode())?;
     let state = write_file(dir, files::STATE, &super::state::encode(&vm_state, vcpus))?;
     let checksums = (0..machine.slices().len())

@@ -13,7 +13,8 @@
 //! `u32` version. Loading checks, before any VM exists: the manifest's format and version, each
 //! file's size and CRC, the memory size against the configuration, and the memory file's length.
 //! Chunk CRCs are checked as memory is read: all of them by an `eager` restore (before the VM
-//! starts), and chunk by chunk on first fault by `lazy` and `prefetch` restores (a chunk that
+//! starts), all of them by an `mmap` restore too, through the mapping, before the VM starts
+//! ([`verify_mapped`]: chunks the file holds as holes are not read), and chunk by chunk on first fault by `lazy` and `prefetch` restores (a chunk that
 //! fails stops the VM with an error naming it; its pages are never served).
 
 mod create;
@@ -133,6 +134,9 @@ pub enum SnapshotError {
     /// A vCPU's workload has finished: there is nothing left to snapshot.
     #[error("a vCPU has already stopped (its workload finished): nothing to snapshot")]
     Finished,
+    /// Guest memory mapped from a snapshot file was lost while it was being read.
+    #[error("guest memory could not be read whole")]
+    MemoryLost(#[source] crate::memory::file::MemoryLost),
     /// The vCPUs' or the VM's state could not be saved.
     #[error("saving vCPU/VM state")]
     Save(#[source] crate::vstate::SaveError),
@@ -598,6 +602,83 @@ pub unsafe fn check_chunk(mem: &GuestMem, idx: &MemoryIndex, c: u64) -> Result<(
         });
     }
     Ok(())
+}
+
+/// Check guest memory mapped from the memory file (`restore --mode mmap`) against every chunk
+/// CRC of the index, before any vCPU runs. Chunks the file holds as a hole (`SEEK_DATA` finds
+/// no data in them) read as zeros without being read, and are checked against the zero CRC;
+/// every other chunk is read through the mapping (which also maps its pages for the guest: no
+/// copy is made). Returns the bytes read.
+///
+/// # Safety
+/// No vCPU may run and nothing else may write guest memory meanwhile.
+pub unsafe fn verify_mapped(loaded: &Loaded, mem: &GuestMem) -> Result<u64, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let idx = &loaded.index;
+    let chunk = idx.chunk_pages * PAGE;
+    let full_zero = zero_crc(chunk as usize);
+    let fd = loaded.memory.as_raw_fd();
+    let mut data = Vec::new();
+    let mut next_data: i64 = -1;
+    for c in 0..idx.chunks() {
+        let start = c * chunk;
+        let end = (start + chunk).min(mem.size());
+        if next_data < start as i64 {
+            // SAFETY: lseek on an fd we own; no memory is passed.
+            next_data = unsafe { libc::lseek(fd, start as i64, libc::SEEK_DATA) };
+            if next_data < 0 {
+                // ENXIO: no data at or after `start`. Any other error: read everything.
+                let e = io::Error::last_os_error();
+                next_data = if e.raw_os_error() == Some(libc::ENXIO) {
+                    i64::MAX
+                } else {
+                    start as i64
+                };
+            }
+        }
+        if next_data < end as i64 {
+            data.push(c);
+            continue;
+        }
+        let want = if end - start == chunk {
+            full_zero
+        } else {
+            zero_crc((end - start) as usize)
+        };
+        if idx.chunk_crc[c as usize] != want {
+            return Err(SnapshotError::Crc {
+                what: format!(
+                    "memory chunk {c} (guest-physical {start:#x}, {} bytes; a hole in the file)",
+                    end - start
+                ),
+                expected: idx.chunk_crc[c as usize],
+                actual: want,
+            });
+        }
+    }
+    // The chunks with data, read and checked on up to 4 threads.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let per = data.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = data
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    for &c in part {
+                        // SAFETY: the caller's guarantee.
+                        unsafe { check_chunk(mem, idx, c) }?;
+                    }
+                    Ok::<(), SnapshotError>(())
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a CRC thread does not panic"))
+    })?;
+    Ok(data.len() as u64 * chunk)
 }
 
 /// Read every non-zero page of the memory file into fresh (zeroed) guest memory, checking

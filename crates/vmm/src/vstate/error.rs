@@ -70,6 +70,15 @@ pub enum VmError {
         /// Host virtual address of the page.
         host_addr: u64,
     },
+    /// Guest memory mapped from a snapshot's file was lost: the file shrank under the VM.
+    #[error("vCPU {vcpu}: guest memory lost")]
+    MemoryLost {
+        /// vCPU.
+        vcpu: u32,
+        /// What was lost.
+        #[source]
+        source: crate::memory::file::MemoryLost,
+    },
     /// The built-in guest has no such workload slice.
     #[error("no workload slice {0}")]
     NoSlice(usize),

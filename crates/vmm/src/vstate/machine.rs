@@ -338,6 +338,7 @@ impl Vm {
             let legacy = self.legacy.clone();
             let pci = self.pci.clone();
             let irq = self.irq.clone();
+            let mem = self.mem.clone();
             let h = thread::Builder::new()
                 .name(format!("vcpu-{i}"))
                 .spawn(move || {
@@ -347,6 +348,7 @@ impl Vm {
                         pci: pci.as_deref(),
                         irq: &irq,
                         notify: &notify,
+                        mem: &mem,
                     };
                     vcpu_thread(i as u32, vcpu, ctx)
                 })

@@ -16,6 +16,7 @@ use super::notice::{Notice, Notifier};
 use crate::devices::pci::PciBus;
 use crate::devices::{LegacyDevices, PioResult};
 use crate::guest::{Event, abi};
+use crate::memory::GuestMem;
 
 /// What a vCPU thread reaches.
 pub struct VcpuContext<'a> {
@@ -29,6 +30,8 @@ pub struct VcpuContext<'a> {
     pub irq: &'a Interrupts,
     /// Where to report.
     pub notify: &'a Notifier,
+    /// Guest memory (checked for pages lost from a shrunk memory file).
+    pub mem: &'a GuestMem,
 }
 
 /// The body of vCPU thread `id`: run until stopped, finished or failed; report how it ended.
@@ -37,6 +40,14 @@ pub fn vcpu_thread(id: u32, mut vcpu: VcpuFd, ctx: VcpuContext<'_>) {
     // SAFETY: gettid has no preconditions.
     track.tid.store(unsafe { libc::gettid() } as u32, SeqCst);
     if let Err(e) = run(id, &mut vcpu, &ctx) {
+        // Whatever the guest did after its memory file shrank (a fault, a triple fault), the
+        // cause is the lost memory: say so.
+        let e = match ctx.mem.file_lost() {
+            Some(source) if !matches!(e, VmError::MemoryLost { .. }) => {
+                VmError::MemoryLost { vcpu: id, source }
+            }
+            _ => e,
+        };
         ctx.notify.fail(e);
     }
     track.exited.store(true, SeqCst);
@@ -55,8 +66,15 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         LOST.with(|l| l.set(addr.max(1)));
         return;
     }
-    // Not a vCPU in KVM_RUN: a real bug. Fall back to the default action, which the faulting
-    // access, retried on return, then takes.
+    // Not a vCPU in KVM_RUN: a host thread reading guest memory mapped from a snapshot file
+    // that shrank is repaired (and the VM failed, see `memory::file`); anything else is a real
+    // bug. Fall back to the default action, which the faulting access, retried on return, then
+    // takes.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    if crate::memory::file::recover_sigbus(addr) {
+        return;
+    }
     // SAFETY: resetting a signal disposition is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
@@ -118,6 +136,13 @@ fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError>
         if control.pause_requested() && control.park(id, vcpu) {
             return Ok(());
         }
+        if ctx.mem.file_page_lost()
+            && let Some(source) = ctx.mem.file_lost()
+        {
+            // A host thread found a page gone from the memory file (and put zeros there so
+            // that it could go on): the guest must not run on them.
+            return Err(VmError::MemoryLost { vcpu: id, source });
+        }
         control.note_first_run();
         IN_RUN.with(|c| c.set(true));
         let r = vcpu.run();
@@ -131,6 +156,10 @@ fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError>
         let exit = match r {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) if e.errno() == libc::EFAULT && ctx.mem.file_lost().is_some() => {
+                let source = ctx.mem.file_lost().expect("checked just above");
+                return Err(VmError::MemoryLost { vcpu: id, source });
+            }
             Err(source) => return Err(VmError::Run { vcpu: id, source }),
         };
         control.exits.fetch_add(1, Relaxed);

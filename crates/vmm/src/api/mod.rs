@@ -13,14 +13,24 @@
 //! | `PUT /migrate` with `{"to": "tcp:HOST:PORT", "mode": "postcopy", "max_bandwidth": 0, "downtime_limit_ms": 300}` | 202; the migration runs in the background (`{"resume": true}` reconnects a post-copy whose link was lost) |
 //! | `GET /migrate` | state (`setup`, `precopy`, `switchover`, `postcopy`, `postcopy-paused`, `completed`, `cancelled`, `failed`), progress, error, final statistics |
 //!
+//! The HTTP is ours ([`wire`]), bounded: one request per connection, read whole within
+//! [`REQUEST_DEADLINE`] (else 408), headers at most [`MAX_HEAD`] bytes (else 431), a body at
+//! most [`MAX_BODY`] bytes (else 413); at most [`MAX_IN_FLIGHT`] connections at once (else
+//! 503), so a client that sends half a request, or nothing, holds one slot for at most the
+//! deadline and never holds up the others.
+//!
 //! Each request is served on a thread of its own and never touches the VM: it hands the
 //! command to the VM's controller and waits for the answer (as Firecracker's API thread does),
 //! so no request runs on a vCPU thread and a slow one (a snapshot) holds up no other.
 
+pub mod wire;
+
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -32,8 +42,13 @@ use crate::snapshot::SnapshotError;
 /// An HTTP status and a JSON body (`Value::Null`: no body).
 pub type HttpReply = (u16, Value);
 
-/// Requests served at once; more get 503.
-const MAX_IN_FLIGHT: usize = 32;
+pub use wire::{MAX_BODY, MAX_HEAD, Method, ReadError, WRITE_DEADLINE};
+
+/// Connections served at once (being read or answered); more get 503 at once.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// How long a client has, from its connection being accepted, to send its whole request;
+/// one that has not is answered 408 and closed, freeing its slot.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a closing API server waits for answers being written.
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long a quick command may take before the API answers 503.
@@ -44,8 +59,8 @@ fn error(code: u16, msg: impl std::fmt::Display) -> HttpReply {
 }
 
 /// Parse a request into a command (or the HTTP error that answers it).
-pub fn route(method: &tiny_http::Method, url: &str, body: &str) -> Result<Command, HttpReply> {
-    use tiny_http::Method::{Get, Put};
+pub fn route(method: &Method, url: &str, body: &str) -> Result<Command, HttpReply> {
+    use Method::{Get, Put};
     let path = url.split('?').next().unwrap_or("");
     let (want_get, cmd) = match path {
         "/snapshot/create" => {
@@ -193,17 +208,28 @@ pub enum CallError {
 
 /// The API server thread; removes its socket when dropped.
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
-    /// Requests being answered (each on a thread of its own).
+    stop: Arc<AtomicBool>,
+    /// Connections being read or answered (each on a thread of its own).
     in_flight: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
 }
 
-fn serve(mut req: tiny_http::Request, to: &ControlHandle) {
-    let mut body = String::new();
-    let _ = std::io::Read::take(req.as_reader(), 1 << 16).read_to_string(&mut body);
-    let (code, body) = match route(req.method(), req.url(), &body) {
+/// Read one request from `s` (within [`REQUEST_DEADLINE`]), have it answered, write the
+/// answer (within [`wire::WRITE_DEADLINE`]).
+fn serve(mut s: UnixStream, to: &ControlHandle) {
+    let req = match wire::read_request(&mut s, REQUEST_DEADLINE) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(code) = e.status() {
+                let (_, body) = error(code, uffd::error_chain(&e));
+                let _ = wire::respond(&mut s, code, &body.to_string(), WRITE_DEADLINE);
+                wire::close_unread(s, Duration::from_millis(200));
+            }
+            return;
+        }
+    };
+    let (code, body) = match route(&req.method, &req.url, &req.body) {
         Ok(cmd) => {
             // A snapshot answers when it is written, however long that takes; the controller
             // answers everything else at once.
@@ -215,18 +241,56 @@ fn serve(mut req: tiny_http::Request, to: &ControlHandle) {
         }
         Err(reply) => reply,
     };
-    let resp = if body.is_null() {
-        tiny_http::Response::from_string("").with_status_code(code)
+    let body = if body.is_null() {
+        String::new()
     } else {
-        tiny_http::Response::from_string(body.to_string())
-            .with_status_code(code)
-            .with_header(
-                "Content-Type: application/json"
-                    .parse::<tiny_http::Header>()
-                    .expect("static header parses"),
-            )
+        body.to_string()
     };
-    let _ = req.respond(resp);
+    let _ = wire::respond(&mut s, code, &body, WRITE_DEADLINE);
+}
+
+/// Accept connections until `stop`, each served on a thread of its own, at most
+/// [`MAX_IN_FLIGHT`] at once (more get 503 at once).
+fn accept_loop(
+    l: UnixListener,
+    to: ControlHandle,
+    in_flight: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(SeqCst) {
+        let mut p = libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+            continue;
+        }
+        let Ok((mut s, _)) = l.accept() else {
+            // Out of file descriptors, say: do not spin on a listener that stays readable.
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
+            in_flight.fetch_sub(1, SeqCst);
+            let (code, body) = error(503, "too many requests in progress");
+            let _ = wire::respond(&mut s, code, &body.to_string(), Duration::from_millis(100));
+            // Not longer: this thread accepts for everybody.
+            wire::close_unread(s, Duration::from_millis(5));
+            continue;
+        }
+        let (to, n) = (to.clone(), in_flight.clone());
+        let spawned = thread::Builder::new()
+            .name("api-request".into())
+            .spawn(move || {
+                serve(s, &to);
+                n.fetch_sub(1, SeqCst);
+            });
+        if spawned.is_err() {
+            in_flight.fetch_sub(1, SeqCst);
+        }
+    }
 }
 
 impl ApiServer {
@@ -246,38 +310,16 @@ impl ApiServer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let server = Arc::new(
-            tiny_http::Server::http_unix(path).map_err(|e| io::Error::other(e.to_string()))?,
-        );
+        let l = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let s = server.clone();
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let counter = in_flight.clone();
-        let thread = thread::Builder::new().name("api".into()).spawn(move || {
-            let in_flight = counter;
-            for req in s.incoming_requests() {
-                if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
-                    in_flight.fetch_sub(1, SeqCst);
-                    let (code, body) = error(503, "too many requests in progress");
-                    let _ = req.respond(
-                        tiny_http::Response::from_string(body.to_string()).with_status_code(code),
-                    );
-                    continue;
-                }
-                let (to, n) = (to.clone(), in_flight.clone());
-                let spawned = thread::Builder::new()
-                    .name("api-request".into())
-                    .spawn(move || {
-                        serve(req, &to);
-                        n.fetch_sub(1, SeqCst);
-                    });
-                if spawned.is_err() {
-                    in_flight.fetch_sub(1, SeqCst);
-                }
-            }
-        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, st) = (in_flight.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name("api".into())
+            .spawn(move || accept_loop(l, to, n, st))?;
         Ok(ApiServer {
-            server,
+            stop,
             in_flight,
             thread: Some(thread),
             path: path.to_path_buf(),
@@ -287,7 +329,7 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -306,7 +348,7 @@ impl Drop for ApiServer {
 mod tests {
     use super::*;
     use crate::vstate::PauseOwner;
-    use tiny_http::Method::{Get, Post, Put};
+    use Method::{Get, Put};
 
     #[test]
     fn requests_become_commands_or_http_errors() {
@@ -321,7 +363,8 @@ mod tests {
             })
         );
         let code = |r: Result<Command, HttpReply>| r.err().map(|e| e.0);
-        assert_eq!(code(route(&Post, "/vm/pause", "")), Some(405));
+        let post = Method::Other("POST".into());
+        assert_eq!(code(route(&post, "/vm/pause", "")), Some(405));
         assert_eq!(code(route(&Put, "/vm", "")), Some(405));
         assert_eq!(code(route(&Get, "/nope", "")), Some(404));
         assert_eq!(code(route(&Put, "/snapshot/create", "{")), Some(400));

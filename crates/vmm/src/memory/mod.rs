@@ -1,4 +1,7 @@
-//! Guest memory: one region from guest-physical 0, through `vm-memory`.
+//! Guest memory: one region from guest-physical 0, through `vm-memory`. Memory mapped from a
+//! snapshot's file ([`Backend::PrivateFile`]) is guarded against the file shrinking ([`file`]).
+
+pub mod file;
 
 use std::fs::File;
 use std::io;
@@ -102,6 +105,8 @@ pub struct GuestMem {
     size: u64,
     backend: Backend,
     memfd: Option<File>,
+    /// The file behind [`Backend::PrivateFile`] memory, and its size at mapping.
+    backing: Option<(File, u64)>,
 }
 
 // SAFETY: `host` points into the mapping owned by `mem`, which is itself Send + Sync; the
@@ -253,6 +258,7 @@ impl GuestMem {
             size,
             backend,
             memfd,
+            backing: None,
         })
     }
 
@@ -274,7 +280,34 @@ impl GuestMem {
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(fo);
-        Self::build(builder, size, Backend::PrivateFile, None)
+        let mut m = Self::build(builder, size, Backend::PrivateFile, None)?;
+        let expected = file::size_now(file).unwrap_or(size);
+        let keep = file
+            .try_clone()
+            .map_err(|source| MemoryError::File { size, source })?;
+        m.backing = Some((keep, expected));
+        file::register(m.host as usize, len);
+        Ok(m)
+    }
+
+    /// For memory mapped from a file: whether part of it was lost because the file shrank
+    /// (see [`file`]). `None` for other memory, and while the file is whole and no page was
+    /// lost.
+    pub fn file_lost(&self) -> Option<file::MemoryLost> {
+        let (f, expected) = self.backing.as_ref()?;
+        let host_addr = file::lost_in(self.host as usize, self.size as usize).map(|a| a as u64);
+        let now = file::size_now(f).unwrap_or(0);
+        (host_addr.is_some() || now < self.size).then_some(file::MemoryLost {
+            now,
+            expected: *expected,
+            host_addr,
+        })
+    }
+
+    /// Whether a host thread's access to this memory hit a page lost from its file (cheap: one
+    /// atomic load; the vCPUs ask before every `KVM_RUN`).
+    pub fn file_page_lost(&self) -> bool {
+        self.backing.is_some() && file::lost_in(self.host as usize, self.size as usize).is_some()
     }
 
     /// Guest-physical `[gpa, gpa + len)` as a host slice, or `None` if outside memory.
@@ -346,6 +379,14 @@ impl GuestMem {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
         self.mem.write_slice(data, GuestAddress(gpa))
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        if self.backing.is_some() {
+            file::unregister(self.host as usize);
+        }
     }
 }
 
