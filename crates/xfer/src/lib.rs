@@ -11,10 +11,21 @@
 //!   a [`memx::FaultLoop`] through its [`memx::Installer`].
 //!
 //! # Protocol, version 1
-//! This crate speaks version 1 of `faultline-migrate` unchanged (frames, JSON payloads and
-//! their order as the VMM's own migration code has sent them), so a migration between old
-//! and new code works. One frame kind is new, [`wire::Kind::Keepalive`]; the engines never
-//! send it on their own (an old peer would refuse it as unknown).
+//! This crate speaks version 1 of `faultline-migrate` (frames, JSON payloads and their order
+//! as the VMM's own migration code has sent them), so a migration between old and new code
+//! works. Additions are negotiated, so an old peer never sees them:
+//!
+//! - **Keepalives** ([`wire::Kind::Keepalive`], kind 17): a hello and its answer carry
+//!   `keepalive_ms`, the sender's link deadline (absent or 0 in an old peer's). When both
+//!   carry one, after switchover each side sends a keepalive on each connection it has sent
+//!   nothing on for a quarter of the peer's deadline (at most every second), and counts a
+//!   connection lost when nothing came on it for its own deadline. Pre-copy frames flow
+//!   without pause; before switchover the destination bounds its reads by a 60 s stream
+//!   timeout.
+//! - **Deadlines** (local, no wire change): every socket has a write deadline
+//!   ([`wire::link_deadline`], 10 s, `FAULTLINE_LINK_DEADLINE_MS`): a peer that takes
+//!   nothing for that long fails the write with [`wire::Stalled`] (kind `TimedOut`, errno
+//!   kept). A TCP connect is bounded by its timeout (`connect_timeout`).
 //!
 //! Two connections from the source to the destination's listener: **main** (hello, pages in
 //! the background, state, control) and **priority** (requests and their answers).
@@ -59,7 +70,7 @@
 //! | Recover | 14 | D→S | bitmap as `Needed` |
 //! | Cancel | 15 | S→D | JSON `{"reason": ..}` |
 //! | Verdict | 16 | S→D | JSON `{"digest": "0x%016x"}` ([`digest::hex`]) |
-//! | Keepalive | 17 | both | empty (new; optional) |
+//! | Keepalive | 17 | both, either connection | empty; only to a peer whose hello/answer had `keepalive_ms` > 0 |
 //!
 //! ## States
 //! See [`status`]: `setup → precopy → switchover → (postcopy ⇄ postcopy-paused → resuming)

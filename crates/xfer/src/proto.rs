@@ -7,12 +7,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::wire::{Endpoint, Kind, Listener, RecvError, Sock};
+use crate::wire::{Endpoint, Keepalive, Kind, Listener, RecvError, Sock, link_deadline};
 
 /// The protocol's name, in every hello.
 pub const PROTOCOL: &str = "faultline-migrate";
 /// The protocol version. This crate speaks version 1 unchanged, so old and new peers migrate
-/// between each other; [`Kind::Keepalive`] is the only addition, sent only when enabled.
+/// between each other; keepalives ([`Kind::Keepalive`]) are an addition negotiated in the
+/// hello and its answer (`keepalive_ms`), sent only to a peer that announced them.
 pub const VERSION: u32 = 1;
 /// Kernel socket buffer of the main connection (each side), bytes: the background stream
 /// then has little in flight, so a page the pusher has claimed arrives soon after it is asked.
@@ -88,6 +89,10 @@ pub struct Hello {
     /// Whether the VM has the in-kernel irqchip.
     #[serde(default)]
     pub irqchip: bool,
+    /// The sender understands keepalives and counts the link lost after this many ms of
+    /// silence on a connection (0 or absent: an older peer, which gets no keepalives).
+    #[serde(default)]
+    pub keepalive_ms: u64,
 }
 
 impl Hello {
@@ -102,6 +107,7 @@ impl Hello {
             mode,
             config,
             irqchip: false,
+            keepalive_ms: link_deadline().as_millis() as u64,
         }
     }
 }
@@ -119,6 +125,23 @@ pub struct HelloAck {
     /// The destination runs `verify` and wants the source's checksums at switchover.
     #[serde(default)]
     pub want_checksums: bool,
+    /// As [`Hello::keepalive_ms`]: set only when the hello announced keepalives too.
+    #[serde(default)]
+    pub keepalive_ms: u64,
+}
+
+impl HelloAck {
+    /// The keepalives this answer agrees on, with our own deadline.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        Keepalive::negotiate(link_deadline(), self.keepalive_ms)
+    }
+}
+
+impl Hello {
+    /// The keepalives an answer to this hello agrees on, with our own deadline.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        Keepalive::negotiate(link_deadline(), self.keepalive_ms)
+    }
 }
 
 /// The handshake failed.
@@ -241,20 +264,37 @@ pub fn read_hello(s: &mut Sock) -> Result<Hello, HandshakeError> {
     Ok(h)
 }
 
-/// Destination: answer a hello (`Err`: refuse, with the reason).
+/// Destination: answer a hello (`Err`: refuse, with the reason). No keepalives are
+/// offered: answer with [`ack_hello`] for that.
 pub fn ack(s: &mut Sock, r: Result<bool, String>) -> Result<(), HandshakeError> {
+    send_ack(s, r, false)
+}
+
+/// Destination: answer hello `h` (`Err`: refuse), offering keepalives if `h` did.
+pub fn ack_hello(s: &mut Sock, h: &Hello, r: Result<bool, String>) -> Result<(), HandshakeError> {
+    send_ack(s, r, h.keepalive_ms > 0)
+}
+
+fn send_ack(s: &mut Sock, r: Result<bool, String>, keepalive: bool) -> Result<(), HandshakeError> {
+    let keepalive_ms = if keepalive {
+        link_deadline().as_millis() as u64
+    } else {
+        0
+    };
     let a = match r {
         Ok(want_checksums) => HelloAck {
             version: VERSION,
             ok: true,
             error: None,
             want_checksums,
+            keepalive_ms,
         },
         Err(e) => HelloAck {
             version: VERSION,
             ok: false,
             error: Some(e),
             want_checksums: false,
+            keepalive_ms: 0,
         },
     };
     s.send_json(Kind::HelloAck, &a)
@@ -286,7 +326,7 @@ pub fn accept_pair(
             return Err(HandshakeError::Refused(e));
         }
     };
-    ack(&mut main, Ok(want))?;
+    ack_hello(&mut main, &h, Ok(want))?;
     main.set_buffers(MAIN_BUFFER);
     let wait = Duration::from_secs(10);
     let mut prio = l
@@ -301,7 +341,7 @@ pub fn accept_pair(
         );
         return Err(HandshakeError::NotPriority);
     }
-    ack(&mut prio, Ok(want))?;
+    ack_hello(&mut prio, &p, Ok(want))?;
     for s in [&main, &prio] {
         s.set_read_timeout(None).map_err(HandshakeError::Setup)?;
     }

@@ -136,6 +136,8 @@ struct Shared {
     requested: Bits,
     hashes: Vec<AtomicU64>,
     prio: Mutex<Option<Sock>>,
+    /// When a frame last went out on the priority connection.
+    prio_sent: Mutex<std::time::Instant>,
     pages_bg: AtomicU64,
     pages_prio: AtomicU64,
     zero_sent: AtomicU64,
@@ -158,6 +160,24 @@ impl Shared {
                 *g = None;
             } else {
                 self.requests.fetch_add(1, SeqCst);
+                *self.prio_sent.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::Instant::now();
+            }
+        }
+    }
+
+    fn keepalive(&self, every: std::time::Duration) {
+        let mut g = self.prio.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = self.prio_sent.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.elapsed() < every {
+            return;
+        }
+        if let Some(s) = g.as_mut() {
+            if s.send(Kind::Keepalive, 0, &[]).is_err() {
+                // As for a request: the receivers notice the broken link.
+                *g = None;
+            } else {
+                *sent = std::time::Instant::now();
             }
         }
     }
@@ -254,6 +274,7 @@ impl Pull {
                 requested: Bits::new(pages),
                 hashes,
                 prio: Mutex::new(None),
+                prio_sent: Mutex::new(std::time::Instant::now()),
                 pages_bg: AtomicU64::new(0),
                 pages_prio: AtomicU64::new(0),
                 zero_sent: AtomicU64::new(0),
@@ -311,6 +332,13 @@ impl Pull {
                 .map_err(PullError::Setup)?;
         }
         Ok(())
+    }
+
+    /// Send a keepalive on the priority connection if nothing (no request) went out on it
+    /// for `every` (the supervisor calls this often; requests and keepalives share one lock,
+    /// so frames never interleave).
+    pub fn keepalive(&self, every: std::time::Duration) {
+        self.sh.keepalive(every);
     }
 
     /// Pages still at the source.

@@ -28,7 +28,10 @@ use thiserror::Error;
 use crate::bitmap::{Bits, bytes_to_words, words_for};
 use crate::digest::is_zero;
 use crate::reader::{PageReader, ReadError};
-use crate::wire::{FrameError, HEADER, Header, Kind, MAX_RUN, PAGE, RateLimit, RecvError, Sock};
+use crate::wire::{
+    Beat, FrameError, HEADER, Header, Keepalive, Kind, MAX_RUN, PAGE, RateLimit, RecvError, Sock,
+    Stalled,
+};
 
 /// What ended a push session's link.
 #[derive(Debug, Error)]
@@ -125,6 +128,11 @@ pub struct PushConfig {
     pub max_stride: u64,
     /// Give the responder a higher and the pusher a lower scheduling priority (best effort).
     pub nice: bool,
+    /// Keepalives agreed with the destination: the responder sends one on the priority
+    /// connection when it has sent nothing for a while, and the link counts as lost when
+    /// nothing (no request, no keepalive) came on it for the deadline. `None`: an older
+    /// destination; silence is then never an error.
+    pub keepalive: Option<Keepalive>,
 }
 
 impl Default for PushConfig {
@@ -134,6 +142,7 @@ impl Default for PushConfig {
             stride_chunk: 8,
             max_stride: 4096,
             nice: true,
+            keepalive: None,
         }
     }
 }
@@ -513,10 +522,19 @@ fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<u64>) {
         set_nice(-10);
     }
     let mut buf = Vec::new();
+    let mut heard = std::time::Instant::now();
     while !sh.done() {
         match rd.poll_readable(Duration::from_millis(100)) {
-            Ok(false) => continue,
-            Ok(true) => {}
+            Ok(false) => {
+                if let Some(k) = sh.cfg.keepalive
+                    && heard.elapsed() >= k.deadline
+                {
+                    let e = Stalled::Silent(k.deadline).into_io();
+                    return sh.lose(LinkError::PriorityRecv(RecvError::Io(e)));
+                }
+                continue;
+            }
+            Ok(true) => heard = std::time::Instant::now(),
             Err(e) => return sh.lose(LinkError::PriorityRecv(RecvError::Io(e))),
         }
         let h = match rd.recv(&mut buf) {
@@ -561,7 +579,13 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
         let mut history: Vec<u64> = Vec::with_capacity(16);
         // (next page, stride, pages left) of the speculative push.
         let mut spec: Option<(u64, u64, u64)> = None;
+        // The responder is the priority connection's only writer: it keeps it alive.
+        let mut beat = Beat::new(sh.cfg.keepalive);
         while !sh.done() {
+            if let Err(e) = beat.tick(&mut sock) {
+                sh.lose(LinkError::PrioritySend(e));
+                break;
+            }
             let req = if spec.is_some() {
                 rx.try_recv().ok()
             } else {
@@ -572,6 +596,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 }
             };
             if let Some(p) = req {
+                beat.sent();
                 sh.requests.fetch_add(1, SeqCst);
                 if sh.todo.clear(p) {
                     let r = send_run(
@@ -618,6 +643,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 left -= 1;
             }
             if !batch.is_empty() {
+                beat.sent();
                 if let Err(e) = send_pages(sh, &mut sock, &batch) {
                     sh.lose(e);
                 }

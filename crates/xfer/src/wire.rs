@@ -78,8 +78,8 @@ pub enum Kind {
     /// from its (frozen) memory. JSON `{"digest": "0x.."}`.
     Verdict = 16,
     /// Either way, either connection: nothing to say, the link is alive; empty payload.
-    /// New in this crate: an engine sends it only when configured to (a peer of the old code
-    /// would refuse it as an unknown kind).
+    /// Sent only to a peer that announced keepalives in its hello or answer
+    /// (`keepalive_ms`): a peer of the old code would refuse it as an unknown kind.
     Keepalive = 17,
 }
 
@@ -103,7 +103,7 @@ impl Kind {
             14 => Recover,
             15 => Cancel,
             16 => Verdict,
-            17 => Keepalive,
+            17 => Kind::Keepalive,
             _ => return None,
         })
     }
@@ -332,10 +332,14 @@ impl Sock {
         }
     }
 
+    /// Every new connection: no Nagle delay (TCP), and a write deadline of
+    /// [`link_deadline`]: a peer that takes nothing for that long fails the write with
+    /// [`Stalled`] instead of blocking the sender forever.
     fn tune(&self) {
         if let Sock::Tcp(s) = self {
             let _ = s.set_nodelay(true);
         }
+        let _ = self.set_write_timeout(Some(link_deadline()));
     }
 
     /// Write one frame (header and payload in one `write`, so a priority answer is one
@@ -458,27 +462,108 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, RecvEr
     Ok(h)
 }
 
+impl Sock {
+    fn read_deadline(&self) -> Option<Duration> {
+        match self {
+            Sock::Tcp(s) => s.read_timeout().ok().flatten(),
+            Sock::Unix(s) => s.read_timeout().ok().flatten(),
+        }
+    }
+
+    fn write_deadline(&self) -> Option<Duration> {
+        match self {
+            Sock::Tcp(s) => s.write_timeout().ok().flatten(),
+            Sock::Unix(s) => s.write_timeout().ok().flatten(),
+        }
+    }
+}
+
+/// Which way a connection stalled past its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Nothing came (not even a keepalive).
+    Receiving,
+    /// The peer took nothing (it stopped reading).
+    Sending,
+}
+
+/// A connection that made no progress within its deadline (a socket timeout, or no frame
+/// at all within the keepalive deadline); the errno (`EAGAIN`) is kept as the cause when
+/// there was one. Carried inside an `io::Error` of kind `TimedOut`.
+#[derive(Debug, Error)]
+pub enum Stalled {
+    /// A socket deadline expired.
+    #[error("{}", stall_text(*.dir, *.after))]
+    Socket {
+        /// Which way.
+        dir: Direction,
+        /// The deadline.
+        after: Duration,
+        /// The socket's error.
+        #[source]
+        source: io::Error,
+    },
+    /// No frame within the keepalive deadline (seen between frames, by `poll`).
+    #[error("{}", stall_text(Direction::Receiving, *.0))]
+    Silent(Duration),
+}
+
+fn stall_text(dir: Direction, after: Duration) -> String {
+    match dir {
+        Direction::Receiving => format!(
+            "nothing received for {after:?}, not even a keepalive (the link deadline): the peer is stopped or the link is dead"
+        ),
+        Direction::Sending => format!(
+            "the peer took nothing for {after:?} (the write deadline): it stopped reading or the link is dead"
+        ),
+    }
+}
+
+impl Stalled {
+    /// As the `io::Error` (kind `TimedOut`) the socket calls return.
+    pub fn into_io(self) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, self)
+    }
+}
+
+/// A socket timeout (`EAGAIN` from a blocking socket with `SO_RCVTIMEO`/`SO_SNDTIMEO`)
+/// becomes a [`Stalled`] error naming the deadline; other errors pass unchanged.
+fn stalled(e: io::Error, dir: Direction, after: Option<Duration>) -> io::Error {
+    match (e.kind(), after) {
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(after)) => Stalled::Socket {
+            dir,
+            after,
+            source: e,
+        }
+        .into_io(),
+        _ => e,
+    }
+}
+
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.read(b),
             Sock::Unix(s) => s.read(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Receiving, self.read_deadline()))
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.write(b),
             Sock::Unix(s) => s.write(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
     fn write_vectored(&mut self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.write_vectored(b),
             Sock::Unix(s) => s.write_vectored(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -539,12 +624,17 @@ impl std::fmt::Display for Endpoint {
 }
 
 impl Endpoint {
-    /// Connect, retrying until `timeout` (the destination may still be starting).
+    /// Connect, retrying until `timeout` (the destination may still be starting). Each TCP
+    /// attempt is itself bounded by what is left of `timeout` (`connect_timeout`: a host that
+    /// drops SYNs would otherwise block for the kernel's ~2 minutes of retries).
     pub fn connect(&self, timeout: Duration) -> io::Result<Sock> {
         let deadline = Instant::now() + timeout;
         loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let r = match self {
-                Endpoint::Tcp(a) => TcpStream::connect(a).map(Sock::Tcp),
+                Endpoint::Tcp(a) => tcp_connect(a, left).map(Sock::Tcp),
                 Endpoint::Unix(p) => UnixStream::connect(p).map(Sock::Unix),
             };
             match r {
@@ -573,6 +663,92 @@ impl Endpoint {
                 Listener::Unix(l, p.clone())
             }
         })
+    }
+}
+
+/// Connect to the first address of `a` that answers, each attempt bounded by `within`.
+fn tcp_connect(a: &str, within: Duration) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{a}: no address"));
+    for addr in a.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, within) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The environment variable that sets [`link_deadline`] in milliseconds (tests shorten it).
+pub const LINK_DEADLINE_ENV: &str = "FAULTLINE_LINK_DEADLINE_MS";
+
+/// How long a connection may make no progress before it counts as lost: the write deadline
+/// of every socket, and (with a peer that sends keepalives) the longest silence accepted
+/// from it. 10 s, or [`LINK_DEADLINE_ENV`] (100 ms to 1 h).
+pub fn link_deadline() -> Duration {
+    static D: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var(LINK_DEADLINE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms.clamp(100, 3_600_000)))
+            .unwrap_or(Duration::from_secs(10))
+    })
+}
+
+/// Keepalives agreed in the handshake: send one on a connection when nothing was sent on
+/// it for `every`; count the link lost when nothing came on it for `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Send a keepalive after this long without sending.
+    pub every: Duration,
+    /// Nothing received for this long: the link is lost.
+    pub deadline: Duration,
+}
+
+impl Keepalive {
+    /// From our own deadline and the peer's (announced in the hello or its answer; 0: the
+    /// peer does not know keepalives, so none are sent or expected). We send at a quarter of
+    /// the peer's deadline, at most every second.
+    pub fn negotiate(ours: Duration, peer_ms: u64) -> Option<Keepalive> {
+        (peer_ms > 0).then(|| Keepalive {
+            every: (Duration::from_millis(peer_ms) / 4).min(Duration::from_secs(1)),
+            deadline: ours,
+        })
+    }
+}
+
+/// Sends keepalives for one writer of one connection: [`Beat::due`] says when.
+#[derive(Debug)]
+pub struct Beat {
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Beat {
+    /// A beat every `ka.every` (never without keepalives).
+    pub fn new(ka: Option<Keepalive>) -> Beat {
+        Beat {
+            every: ka.map(|k| k.every),
+            last: Instant::now(),
+        }
+    }
+
+    /// Something else was sent: the link is not idle.
+    pub fn sent(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Send a keepalive on `s` if nothing was sent for the interval.
+    pub fn tick(&mut self, s: &mut Sock) -> io::Result<()> {
+        match self.every {
+            Some(e) if self.last.elapsed() >= e => {
+                s.send(Kind::Keepalive, 0, &[])?;
+                self.last = Instant::now();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -833,6 +1009,60 @@ mod tests {
         for bad in ["tcp:host", "tcp:h:p", "unix:", "udp:1:2", ""] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
+    }
+
+    /// A TCP listener whose accept queue is full drops SYNs: a connect to it blocks for the
+    /// kernel's SYN retries (about 2 minutes) unless it has a timeout of its own.
+    #[test]
+    fn connect_to_a_host_that_drops_syns_ends_at_its_timeout() {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a new socket; its fd is owned by the TcpListener at once.
+        let l = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            TcpListener::from_raw_fd(fd)
+        };
+        // SAFETY: sockaddr_in is plain data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        // SAFETY: a valid socket and a sockaddr_in of the size given; backlog 0.
+        unsafe {
+            assert_eq!(
+                libc::bind(
+                    l.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                ),
+                0
+            );
+            assert_eq!(libc::listen(l.as_raw_fd(), 0), 0);
+        }
+        let port = l.local_addr().unwrap().port();
+        // Fill the accept queue (never accepted).
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(s) = TcpStream::connect_timeout(
+                &([127, 0, 0, 1], port).into(),
+                Duration::from_millis(300),
+            ) {
+                held.push(s);
+            }
+        }
+        assert!(!held.is_empty(), "no connection got into the queue");
+        let ep = Endpoint::Tcp(format!("127.0.0.1:{port}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = ep.connect(Duration::from_secs(1));
+            let _ = tx.send((r.map(|_| ()), t.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect still blocked after 10 s");
+        assert!(r.is_err(), "connected to a full queue?");
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        drop(l);
     }
 
     #[test]

@@ -387,8 +387,13 @@ fn receive(
     let resume_ns = mono_ns();
     main.send(Kind::Resumed, 0, b"{}")
         .map_err(io_err("telling the source the guest runs"))?;
-    main.set_read_timeout(None)
-        .map_err(io_err("socket setup"))?;
+    // From here the source sends keepalives (if it announced them): silence for the
+    // deadline on either connection is a lost link. Without them, reads block.
+    let keepalive = hello.keepalive();
+    for s in [&main, &prio] {
+        s.set_read_timeout(keepalive.map(|k| k.deadline))
+            .map_err(io_err("socket setup"))?;
+    }
     if fault_loop.is_some() {
         status
             .go(State::Postcopy)
@@ -405,6 +410,7 @@ fn receive(
         switch_t,
         id: hello.id,
         recover_timeout: opts.recover_timeout,
+        keepalive,
         bytes,
         rounds: rx.sw.rounds,
         recoveries: 0,

@@ -17,7 +17,7 @@ use xfer::precopy::{Precopy, RoundError};
 use xfer::proto::{self, Channel, Hello};
 use xfer::push::{Push, PushConfig, Sent};
 use xfer::reader::PageReader;
-use xfer::wire::{Kind, PAGE, RateLimit, Sock};
+use xfer::wire::{Beat, Keepalive, Kind, PAGE, RateLimit, RecvError, Sock, Stalled};
 
 use super::guest_io::{GuestReader, KvmDirtyLog, scan};
 use super::{
@@ -88,6 +88,8 @@ struct Conns {
     main: Sock,
     prio: Sock,
     want_checksums: bool,
+    /// Keepalives agreed with the destination (`None`: an older destination).
+    keepalive: Option<Keepalive>,
 }
 
 fn connect(
@@ -113,6 +115,7 @@ fn connect(
         main,
         prio,
         want_checksums: ack.want_checksums,
+        keepalive: ack.keepalive(),
     })
 }
 
@@ -414,15 +417,40 @@ enum FromDest {
     Lost(LinkLost),
 }
 
-/// Read the destination's frames on the main connection (on a clone) into a channel.
-fn spawn_reader(main: &Sock) -> Result<Receiver<FromDest>, MigrationError> {
+/// Read the destination's frames on the main connection (on a clone) into a channel. With
+/// keepalives, once the destination has said something (`Resumed`), silence for the
+/// deadline is a lost link (waits with `poll`; the socket's read deadline catches a frame
+/// that stops half-way).
+fn spawn_reader(main: &Sock, ka: Option<Keepalive>) -> Result<Receiver<FromDest>, MigrationError> {
     let mut sock = main.try_clone().map_err(io_err("socket setup"))?;
+    if let Some(k) = ka {
+        sock.set_read_timeout(Some(k.deadline))
+            .map_err(io_err("socket setup"))?;
+    }
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("migration-rd".into())
         .spawn(move || {
             let mut buf = Vec::new();
+            let mut heard: Option<Instant> = None;
             loop {
+                match sock.poll_readable(PROGRESS) {
+                    Ok(true) => heard = Some(Instant::now()),
+                    Ok(false) => {
+                        let silent = ka.zip(heard).filter(|(k, h)| h.elapsed() >= k.deadline);
+                        if let Some((k, _)) = silent {
+                            let e = RecvError::Io(Stalled::Silent(k.deadline).into_io());
+                            let _ = tx.send(FromDest::Lost(LinkLost::recv(Channel::Main, e)));
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let e = LinkLost::recv(Channel::Main, RecvError::Io(e));
+                        let _ = tx.send(FromDest::Lost(e));
+                        return;
+                    }
+                }
                 let m = match sock.recv(&mut buf) {
                     Ok(h) => match h.kind {
                         Kind::Resumed => FromDest::Resumed,
@@ -470,7 +498,7 @@ fn finish(
     t0: Instant,
 ) -> Result<serde_json::Value, MigrationError> {
     let pages = pipes.reader.pages();
-    let mut rrx = spawn_reader(&c.main)?;
+    let mut rrx = spawn_reader(&c.main, c.keepalive)?;
     // The destination starts the vCPUs: that ends the downtime.
     let downtime = match rrx.recv_timeout(ANSWER_TIMEOUT) {
         Ok(FromDest::Resumed) => sw.pause.elapsed(),
@@ -496,7 +524,10 @@ fn finish(
             &sw.needed,
             pipes.rate.clone(),
             pipes.sent.clone(),
-            PushConfig::default(),
+            PushConfig {
+                keepalive: c.keepalive,
+                ..PushConfig::default()
+            },
         )
     });
     let total_needed = popcount(&sw.needed);
@@ -586,7 +617,7 @@ fn finish(
             }
         }
         recoveries += 1;
-        rrx = spawn_reader(&c.main)?;
+        rrx = spawn_reader(&c.main, c.keepalive)?;
         status
             .go_with(State::Postcopy, |s| s.error = None)
             .map_err(MigrationError::Transition)?;
@@ -601,7 +632,12 @@ fn finish(
     // Digest of the frozen source memory, then the verdict.
     let mut digest = 0u64;
     let mut buf = Vec::new();
+    // The destination waits for the verdict meanwhile: keep both connections alive (the
+    // responder has stopped).
+    let (mut beat, mut prio_beat) = (Beat::new(c.keepalive), Beat::new(c.keepalive));
     for (p, n) in runs(&sw.maybe) {
+        let _ = beat.tick(&mut c.main);
+        let _ = prio_beat.tick(&mut c.prio);
         // Grown once to the longest run, never re-zeroed.
         let len = (n * PAGE) as usize;
         if buf.len() < len {
@@ -670,7 +706,11 @@ fn serve(
     t0: Instant,
 ) -> Result<Box<DestReport>, LinkLost> {
     let mut last = Instant::now();
-    let mut end_sent = false;
+    let mut end_sent: Option<Instant> = None;
+    // Keepalives on the main connection once the pusher is done with it, and on the
+    // priority connection when no responder runs (pre-copy).
+    let mut main_beat = Beat::new(c.keepalive);
+    let mut prio_beat = Beat::new(c.keepalive);
     loop {
         if let Some(p) = push
             && p.is_lost()
@@ -680,11 +720,30 @@ fn serve(
                 LinkLost::Push,
             ));
         }
-        if !end_sent && push.is_none_or(|p| p.background_done()) {
+        let main_free = push.is_none_or(|p| p.background_done());
+        if end_sent.is_none() && main_free {
             c.main
                 .send_json(Kind::End, end)
                 .map_err(|e| LinkLost::Send(Kind::End, e))?;
-            end_sent = true;
+            main_beat.sent();
+            end_sent = Some(Instant::now());
+        }
+        if main_free {
+            main_beat
+                .tick(&mut c.main)
+                .map_err(|e| LinkLost::Send(Kind::Keepalive, e))?;
+        }
+        if push.is_none() {
+            prio_beat
+                .tick(&mut c.prio)
+                .map_err(|e| LinkLost::Send(Kind::Keepalive, e))?;
+        }
+        if let Some(t) = end_sent
+            && t.elapsed() > ANSWER_TIMEOUT
+        {
+            return Err(LinkLost::Protocol(format!(
+                "every page was sent but the destination did not report them in (Done) within {ANSWER_TIMEOUT:?}"
+            )));
         }
         match rrx.recv_timeout(Duration::from_millis(20)) {
             Ok(FromDest::Done(r)) => return Ok(r),
