@@ -93,7 +93,15 @@ pub struct Hello {
     /// silence on a connection (0 or absent: an older peer, which gets no keepalives).
     #[serde(default)]
     pub keepalive_ms: u64,
+    /// The sender checks and sends CRC32C frame trailers ([`crate::wire::FLAG_CRC`]); both
+    /// sides must say so for them to be used (absent in an older peer's hello).
+    #[serde(default)]
+    pub crc32c: bool,
 }
+
+/// The environment variable that makes a source not offer CRC32C trailers (tests: a link
+/// whose damage only the memory digest can catch).
+pub const NO_CRC_ENV: &str = "FAULTLINE_TEST_NO_CRC";
 
 impl Hello {
     /// A hello of this protocol for the main channel.
@@ -108,6 +116,7 @@ impl Hello {
             config,
             irqchip: false,
             keepalive_ms: link_deadline().as_millis() as u64,
+            crc32c: std::env::var_os(NO_CRC_ENV).is_none(),
         }
     }
 }
@@ -128,6 +137,10 @@ pub struct HelloAck {
     /// As [`Hello::keepalive_ms`]: set only when the hello announced keepalives too.
     #[serde(default)]
     pub keepalive_ms: u64,
+    /// CRC32C trailers are used on this connection pair: set only when the hello offered
+    /// them.
+    #[serde(default)]
+    pub crc32c: bool,
 }
 
 impl HelloAck {
@@ -267,15 +280,21 @@ pub fn read_hello(s: &mut Sock) -> Result<Hello, HandshakeError> {
 /// Destination: answer a hello (`Err`: refuse, with the reason). No keepalives are
 /// offered: answer with [`ack_hello`] for that.
 pub fn ack(s: &mut Sock, r: Result<bool, String>) -> Result<(), HandshakeError> {
-    send_ack(s, r, false)
+    send_ack(s, r, false, false)
 }
 
-/// Destination: answer hello `h` (`Err`: refuse), offering keepalives if `h` did.
+/// Destination: answer hello `h` (`Err`: refuse), agreeing to keepalives and CRC32C
+/// trailers if `h` offered them.
 pub fn ack_hello(s: &mut Sock, h: &Hello, r: Result<bool, String>) -> Result<(), HandshakeError> {
-    send_ack(s, r, h.keepalive_ms > 0)
+    send_ack(s, r, h.keepalive_ms > 0, h.crc32c)
 }
 
-fn send_ack(s: &mut Sock, r: Result<bool, String>, keepalive: bool) -> Result<(), HandshakeError> {
+fn send_ack(
+    s: &mut Sock,
+    r: Result<bool, String>,
+    keepalive: bool,
+    crc32c: bool,
+) -> Result<(), HandshakeError> {
     let keepalive_ms = if keepalive {
         link_deadline().as_millis() as u64
     } else {
@@ -288,6 +307,7 @@ fn send_ack(s: &mut Sock, r: Result<bool, String>, keepalive: bool) -> Result<()
             error: None,
             want_checksums,
             keepalive_ms,
+            crc32c,
         },
         Err(e) => HelloAck {
             version: VERSION,
@@ -295,6 +315,7 @@ fn send_ack(s: &mut Sock, r: Result<bool, String>, keepalive: bool) -> Result<()
             error: Some(e),
             want_checksums: false,
             keepalive_ms: 0,
+            crc32c: false,
         },
     };
     s.send_json(Kind::HelloAck, &a)

@@ -55,6 +55,13 @@ pub enum PullError {
         #[source]
         source: InstallError,
     },
+    /// CRC32C trailers were negotiated but a page frame came without one.
+    #[error("a {0:?} frame without its CRC32C trailer (negotiated in the hello)")]
+    Unchecked(Kind),
+    /// A frame arrived damaged and cannot be asked for again (not a `Pages` frame, or its
+    /// header is damaged too).
+    #[error("a frame arrived damaged")]
+    Damaged(#[source] RecvError),
     /// The installer was not attached ([`Pull::attach`]) before pages came.
     #[error("pages came before the fault loop's installer was attached")]
     NotAttached,
@@ -122,6 +129,8 @@ pub struct PullStats {
     pub bytes: u64,
     /// Pages still at the source.
     pub left: u64,
+    /// Pages asked again because their frame arrived damaged.
+    pub resends: u64,
 }
 
 struct Shared {
@@ -146,6 +155,10 @@ struct Shared {
     requests: AtomicU64,
     duplicates: AtomicU64,
     bytes: AtomicU64,
+    /// CRC32C trailers were negotiated: page frames must carry one.
+    crc: std::sync::atomic::AtomicBool,
+    /// Pages asked again because their frame arrived damaged.
+    resends: AtomicU64,
 }
 
 impl Shared {
@@ -164,6 +177,24 @@ impl Shared {
                     std::time::Instant::now();
             }
         }
+    }
+
+    /// Ask the source to send pages `[p, p + n)` again (their frame arrived damaged).
+    /// `false`: there is no priority connection to ask on.
+    fn resend(&self, p: u64, n: u64) -> bool {
+        let mut g = self.prio.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = g.as_mut() else {
+            return false;
+        };
+        if s.send(Kind::Resend, p * PAGE, &(n as u32).to_le_bytes())
+            .is_err()
+        {
+            *g = None;
+            return false;
+        }
+        self.resends.fetch_add(n, SeqCst);
+        *self.prio_sent.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        true
     }
 
     fn keepalive(&self, every: std::time::Duration) {
@@ -283,6 +314,8 @@ impl Pull {
                 requests: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
+                crc: std::sync::atomic::AtomicBool::new(false),
+                resends: AtomicU64::new(0),
             }),
         }
     }
@@ -339,6 +372,12 @@ impl Pull {
     /// so frames never interleave).
     pub fn keepalive(&self, every: std::time::Duration) {
         self.sh.keepalive(every);
+    }
+
+    /// Page frames must carry a CRC32C trailer (negotiated in the hello); a damaged one is
+    /// asked for again ([`Kind::Resend`]).
+    pub fn set_crc(&self, crc: bool) {
+        self.sh.crc.store(crc, SeqCst);
     }
 
     /// Pages still at the source.
@@ -398,6 +437,7 @@ impl Pull {
             duplicates: s.duplicates.load(SeqCst),
             bytes: s.bytes.load(SeqCst),
             left: s.left.load(SeqCst),
+            resends: s.resends.load(SeqCst),
         }
     }
 }
@@ -441,8 +481,43 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
     let mut buf = Vec::new();
     let (generation, channel) = (d.generation, d.channel);
     loop {
-        let h = match sock.recv(&mut buf) {
-            Ok(h) => h,
+        let h = match sock.recv_checked(&mut buf) {
+            Ok((h, checked)) => {
+                if sh.crc.load(SeqCst) && !checked && matches!(h.kind, Kind::Pages | Kind::Zero) {
+                    return d.end(Event::Failed {
+                        generation,
+                        channel,
+                        error: PullError::Unchecked(h.kind),
+                    });
+                }
+                h
+            }
+            Err(e @ RecvError::Checksum { .. }) => {
+                // Damaged on the way: a `Pages` frame is asked for again (the pages it names
+                // that are still needed). The header is covered too: if it named other
+                // pages, those never come and the source's wait for `Done` ends in a
+                // recovery. Anything else cannot be asked for again.
+                if let RecvError::Checksum {
+                    kind: Kind::Pages,
+                    arg,
+                    len,
+                    ..
+                } = e
+                {
+                    let (p, n) = (arg / PAGE, u64::from(len) / PAGE);
+                    if arg % PAGE == 0 && n > 0 && p.checked_add(n).is_some_and(|e| e <= sh.pages) {
+                        for (q, c) in needed_runs(sh, p, n) {
+                            sh.resend(q, c);
+                        }
+                        continue;
+                    }
+                }
+                return d.end(Event::Failed {
+                    generation,
+                    channel,
+                    error: PullError::Damaged(e),
+                });
+            }
             Err(RecvError::Frame(e)) => {
                 return d.end(Event::Failed {
                     generation,

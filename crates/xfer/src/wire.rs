@@ -6,12 +6,18 @@
 //! | bytes | field | meaning |
 //! |---|---|---|
 //! | 0 | `kind` | [`Kind`] |
-//! | 1 | `flags` | 0 (reserved; a frame with other flags is refused) |
+//! | 1 | `flags` | bit 0 [`FLAG_CRC`]: a CRC32C trailer follows; other bits reserved (refused) |
 //! | 2..4 | `magic` | `0x464c` (`"FL"`, little-endian): catches a stream out of step |
 //! | 4..8 | `len` | payload bytes, little-endian; at most [`Kind::max_len`] |
 //! | 8..16 | `arg` | little-endian; meaning per kind (a guest-physical address for pages) |
 //!
-//! [`Header::decode`] checks every header from the peer: the magic, a known kind, no flags,
+//! With [`FLAG_CRC`] (only when both hellos offered `crc32c`), the payload is followed by 4
+//! bytes not counted in `len`: the CRC32C (Castagnoli, as the `crc32c` crate computes it,
+//! hardware-accelerated), little-endian, of the 16 header bytes as sent (flags included)
+//! followed by the payload. [`read_frame_checked`] verifies it after reading the whole frame,
+//! so a damaged frame ([`RecvError::Checksum`]) leaves the stream in step.
+//!
+//! [`Header::decode`] checks every header from the peer: the magic, a known kind, known flags,
 //! and the payload length against the kind's exact size or bound ([`Kind::check`]), so no
 //! payload is read before its size is known to fit. Payloads with structure are parsed by
 //! checked functions ([`count`], and `bitmap::bytes_to_words` for bitmaps); nothing indexes a short
@@ -22,13 +28,15 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 /// The frame magic.
 pub const MAGIC: u16 = 0x464c;
+/// Header flag: a 4-byte CRC32C trailer follows the payload (negotiated in the hello).
+pub const FLAG_CRC: u8 = 0x01;
 /// Header size.
 pub const HEADER: usize = 16;
 /// Page size on the wire.
@@ -81,6 +89,10 @@ pub enum Kind {
     /// Sent only to a peer that announced keepalives in its hello or answer
     /// (`keepalive_ms`): a peer of the old code would refuse it as an unknown kind.
     Keepalive = 17,
+    /// Destination → source (priority connection): the pages at `arg` arrived damaged (a
+    /// CRC32C mismatch): send them again, even though they were sent; payload: `u32` count
+    /// (1..=64). Sent only when CRC32C trailers were negotiated.
+    Resend = 18,
 }
 
 impl Kind {
@@ -104,6 +116,7 @@ impl Kind {
             15 => Cancel,
             16 => Verdict,
             17 => Kind::Keepalive,
+            18 => Kind::Resend,
             _ => return None,
         })
     }
@@ -112,7 +125,7 @@ impl Kind {
     pub fn max_len(self) -> u32 {
         match self {
             Kind::Pages => (MAX_RUN * PAGE) as u32,
-            Kind::Zero | Kind::Request => 4,
+            Kind::Zero | Kind::Request | Kind::Resend => 4,
             Kind::Keepalive => 0,
             Kind::State => 16 << 20,
             // 64 GiB of memory: 2 MiB of bitmap.
@@ -145,7 +158,7 @@ impl Kind {
             }
         };
         match self {
-            Kind::Zero | Kind::Request => exact(4),
+            Kind::Zero | Kind::Request | Kind::Resend => exact(4),
             Kind::Keepalive => exact(0),
             Kind::Pages if len == 0 || u64::from(len) % PAGE != 0 || arg % PAGE != 0 => {
                 Err(FrameError::Unaligned { arg, len })
@@ -230,6 +243,9 @@ pub enum FrameError {
         /// The bound.
         max: u32,
     },
+    /// CRC32C trailers were negotiated, but a frame that must carry one came without.
+    #[error("a {0:?} frame without its CRC32C trailer (negotiated in the hello)")]
+    Unchecked(Kind),
     /// A pages frame that is not whole pages, or not page-aligned.
     #[error("pages frame at {arg:#x} of {len} bytes: not whole, aligned pages")]
     Unaligned {
@@ -243,8 +259,14 @@ pub enum FrameError {
 impl Header {
     /// Encode.
     pub fn encode(&self) -> [u8; HEADER] {
+        self.encode_with(0)
+    }
+
+    /// Encode with `flags` ([`FLAG_CRC`] or 0).
+    pub fn encode_with(&self, flags: u8) -> [u8; HEADER] {
         let mut b = [0u8; HEADER];
         b[0] = self.kind as u8;
+        b[1] = flags;
         b[2..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&self.len.to_le_bytes());
         b[8..16].copy_from_slice(&self.arg.to_le_bytes());
@@ -258,7 +280,7 @@ impl Header {
             return Err(FrameError::Magic(magic));
         }
         let kind = Kind::from_u8(b[0]).ok_or(FrameError::Kind(b[0]))?;
-        if b[1] != 0 {
+        if b[1] & !FLAG_CRC != 0 {
             return Err(FrameError::Flags(b[1]));
         }
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -345,18 +367,45 @@ impl Sock {
     /// Write one frame (header and payload in one `write`, so a priority answer is one
     /// segment).
     pub fn send(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = outgoing(kind, arg, payload)?;
-        let mut buf = Vec::with_capacity(HEADER + payload.len());
-        buf.extend_from_slice(&h.encode());
-        buf.extend_from_slice(payload);
+        self.send_crc(kind, arg, payload, false)
+    }
+
+    /// [`send`](Self::send), with a CRC32C trailer when `crc` (negotiated in the hello).
+    pub fn send_crc(&mut self, kind: Kind, arg: u64, payload: &[u8], crc: bool) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(HEADER + payload.len() + 4);
+        encode_frame(&mut buf, kind, arg, payload, crc)?;
         self.write_all(&buf)
     }
 
     /// Write one frame with `writev`, straight from `payload` (no copy: guest memory goes to
     /// the socket as it is).
     pub fn send_vectored(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = outgoing(kind, arg, payload)?.encode();
-        let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
+        self.send_vectored_crc(kind, arg, payload, false)
+    }
+
+    /// [`send_vectored`](Self::send_vectored), with a CRC32C trailer when `crc`.
+    pub fn send_vectored_crc(
+        &mut self,
+        kind: Kind,
+        arg: u64,
+        payload: &[u8],
+        crc: bool,
+    ) -> io::Result<()> {
+        let h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
+        let trailer = crc32c::crc32c_append(crc32c::crc32c(&h), payload).to_le_bytes();
+        let corrupt;
+        let payload = match test_corruption(kind) {
+            Some(c) => {
+                corrupt = c(payload);
+                &corrupt[..]
+            }
+            None => payload,
+        };
+        let mut bufs = [
+            io::IoSlice::new(&h),
+            io::IoSlice::new(payload),
+            io::IoSlice::new(if crc { &trailer[..] } else { &[] }),
+        ];
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             match self.write_vectored(bufs) {
@@ -378,6 +427,12 @@ impl Sock {
     /// Read one frame into `buf` (resized to the payload, which [`Header::decode`] bounded).
     pub fn recv(&mut self, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
         read_frame(self, buf)
+    }
+
+    /// [`recv`](Self::recv), also saying whether the frame carried a checksum (then it was
+    /// verified: a mismatch is [`RecvError::Checksum`], the stream still in step).
+    pub fn recv_checked(&mut self, buf: &mut Vec<u8>) -> Result<(Header, bool), RecvError> {
+        read_frame_checked(self, buf)
     }
 
     /// Wait at most `timeout` for the connection to be readable (data, end of stream or an
@@ -422,13 +477,30 @@ pub enum RecvError {
     /// The header breaks the format.
     #[error("malformed frame")]
     Frame(#[source] FrameError),
+    /// The frame's CRC32C trailer does not match its bytes: damaged on the way. The whole
+    /// frame was read; the stream is still in step.
+    #[error(
+        "{kind:?} frame at {arg:#x} ({len} bytes) arrived damaged: CRC32C {got:#010x}, sent as {sent:#010x}"
+    )]
+    Checksum {
+        /// The kind the header names (the header is covered too: it may be damaged itself).
+        kind: Kind,
+        /// The argument it names.
+        arg: u64,
+        /// The payload length.
+        len: u32,
+        /// The trailer.
+        sent: u32,
+        /// Computed here.
+        got: u32,
+    },
 }
 
 impl RecvError {
     /// Whether the link is gone (closed, cut, or failing), as opposed to a peer that broke the
-    /// format.
+    /// format or a damaged frame.
     pub fn is_link(&self) -> bool {
-        !matches!(self, RecvError::Frame(_))
+        !matches!(self, RecvError::Frame(_) | RecvError::Checksum { .. })
     }
 }
 
@@ -448,18 +520,93 @@ fn read_full(r: &mut impl Read, b: &mut [u8]) -> Result<usize, io::Error> {
 /// Read one frame from `r` into `buf`: the header is decoded and checked before a byte of the
 /// payload is read, so a peer's length is bounded before use.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
-    let mut h = [0u8; HEADER];
-    match read_full(r, &mut h).map_err(RecvError::Io)? {
+    read_frame_checked(r, buf).map(|(h, _)| h)
+}
+
+/// [`read_frame`], and whether the frame carried a CRC32C trailer ([`FLAG_CRC`]); one that
+/// does is verified over the header and the payload ([`RecvError::Checksum`] on a mismatch,
+/// after the whole frame was read: the stream stays in step).
+pub fn read_frame_checked(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> Result<(Header, bool), RecvError> {
+    let mut raw = [0u8; HEADER];
+    match read_full(r, &mut raw).map_err(RecvError::Io)? {
         0 => return Err(RecvError::Closed),
         HEADER => {}
         _ => return Err(RecvError::Truncated),
     }
-    let h = Header::decode(&h).map_err(RecvError::Frame)?;
+    let h = Header::decode(&raw).map_err(RecvError::Frame)?;
     buf.resize(h.len as usize, 0);
     if read_full(r, buf).map_err(RecvError::Io)? != buf.len() {
         return Err(RecvError::Truncated);
     }
-    Ok(h)
+    if raw[1] & FLAG_CRC == 0 {
+        return Ok((h, false));
+    }
+    let mut t = [0u8; 4];
+    if read_full(r, &mut t).map_err(RecvError::Io)? != 4 {
+        return Err(RecvError::Truncated);
+    }
+    let sent = u32::from_le_bytes(t);
+    let got = crc32c::crc32c_append(crc32c::crc32c(&raw), buf);
+    if sent != got {
+        return Err(RecvError::Checksum {
+            kind: h.kind,
+            arg: h.arg,
+            len: h.len,
+            sent,
+            got,
+        });
+    }
+    Ok((h, true))
+}
+
+/// Append one frame to `out`: header, payload and (with `crc`) the CRC32C trailer, checked
+/// as the peer will check it.
+pub fn encode_frame(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    arg: u64,
+    payload: &[u8],
+    crc: bool,
+) -> io::Result<()> {
+    let h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
+    out.extend_from_slice(&h);
+    let at = out.len();
+    out.extend_from_slice(payload);
+    if crc {
+        let c = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    if let Some(c) = test_corruption(kind) {
+        let bad = c(&out[at..at + payload.len()]);
+        out[at..at + payload.len()].copy_from_slice(&bad);
+    }
+    Ok(())
+}
+
+/// The environment variable of the corruption test hook: `N` flips one byte of the payload
+/// of the `N`th `Pages` frame this process sends (counted from 1), after its checksum was
+/// computed, as a bad link would. For tests only; unset, nothing happens.
+pub const CORRUPT_ENV: &str = "FAULTLINE_TEST_CORRUPT_PAGE_FRAME";
+
+type Corrupter = fn(&[u8]) -> Vec<u8>;
+
+fn test_corruption(kind: Kind) -> Option<Corrupter> {
+    static NTH: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static SENT: AtomicU64 = AtomicU64::new(0);
+    if kind != Kind::Pages {
+        return None;
+    }
+    let nth = (*NTH.get_or_init(|| std::env::var(CORRUPT_ENV).ok()?.parse().ok()))?;
+    (SENT.fetch_add(1, SeqCst) + 1 == nth).then_some(|p: &[u8]| {
+        let mut v = p.to_vec();
+        if let Some(b) = v.get_mut(p.len() / 2) {
+            *b ^= 0x5a;
+        }
+        v
+    })
 }
 
 impl Sock {
@@ -911,8 +1058,11 @@ mod tests {
         b[0] = 99;
         assert_eq!(Header::decode(&b), Err(FrameError::Kind(99)));
         let mut b = good;
-        b[1] = 1;
-        assert_eq!(Header::decode(&b), Err(FrameError::Flags(1)));
+        b[1] = 2;
+        assert_eq!(Header::decode(&b), Err(FrameError::Flags(2)));
+        let mut b = good;
+        b[1] = FLAG_CRC;
+        assert!(Header::decode(&b).is_ok(), "the CRC flag is known");
         let mut b = good;
         b[4..8].copy_from_slice(&100u32.to_le_bytes());
         assert!(matches!(
@@ -994,6 +1144,51 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
         }
         s.send(Kind::Keepalive, 0, &[]).unwrap();
+    }
+
+    /// Frames with a CRC32C trailer: verified on the way in; a damaged one is reported with
+    /// the stream still in step (the next frame reads fine); frames without stay as they were.
+    #[test]
+    fn crc_trailers_catch_damage_and_keep_the_stream_in_step() {
+        let page = vec![0xabu8; 4096];
+        let mut out = Vec::new();
+        encode_frame(&mut out, Kind::Pages, 8192, &page, true).unwrap();
+        assert_eq!(out[1], FLAG_CRC);
+        assert_eq!(out.len(), HEADER + 4096 + 4);
+        let good = out.clone();
+        out[HEADER + 100] ^= 1;
+        encode_frame(&mut out, Kind::Zero, 0, &3u32.to_le_bytes(), true).unwrap();
+        encode_frame(&mut out, Kind::Zero, 4096, &1u32.to_le_bytes(), false).unwrap();
+        let mut r = &out[..];
+        let mut buf = Vec::new();
+        match read_frame_checked(&mut r, &mut buf) {
+            Err(RecvError::Checksum {
+                kind: Kind::Pages,
+                arg: 8192,
+                len: 4096,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let (h, checked) = read_frame_checked(&mut r, &mut buf).unwrap();
+        assert_eq!((h.kind, h.arg, checked), (Kind::Zero, 0, true));
+        let (h, checked) = read_frame_checked(&mut r, &mut buf).unwrap();
+        assert_eq!((h.kind, h.arg, checked), (Kind::Zero, 4096, false));
+        let mut r = &good[..];
+        let (h, checked) = read_frame_checked(&mut r, &mut buf).unwrap();
+        assert!(checked && h.kind == Kind::Pages && buf == page);
+        // Damage in the header is caught too (here: the page address).
+        let mut bad = good.clone();
+        bad[9] ^= 0x10;
+        assert!(matches!(
+            read_frame_checked(&mut &bad[..], &mut buf),
+            Err(RecvError::Checksum { .. })
+        ));
+        // A missing trailer is a truncated frame, not a hang or a panic.
+        assert!(matches!(
+            read_frame_checked(&mut &good[..good.len() - 2], &mut buf),
+            Err(RecvError::Truncated)
+        ));
     }
 
     #[test]

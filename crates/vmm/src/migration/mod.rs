@@ -149,6 +149,10 @@ pub struct Switch {
     /// The operator had paused the guest: it stays paused at the destination.
     #[serde(default)]
     pub paused: bool,
+    /// Pre-copy: the digest of the source's (frozen) memory, which the destination checks
+    /// before it starts the guest (absent from an older source, and in post-copy).
+    #[serde(default)]
+    pub digest: Option<u64>,
 }
 
 /// Sent when every page has been sent (JSON).
@@ -245,6 +249,9 @@ pub struct DestReport {
     pub digest: u64,
     /// Link losses recovered from.
     pub recoveries: u32,
+    /// Pages asked for again because their frame arrived damaged (CRC32C).
+    #[serde(default)]
+    pub resends: u64,
     /// Switchover (state received) → every page in, ms.
     pub postcopy_ms: f64,
 }
@@ -392,6 +399,10 @@ pub enum MigrationError {
     /// Memory differs between the two sides.
     #[error("integrity: {0}")]
     Integrity(String),
+    /// The destination refused the switchover before starting the guest (it says so in its
+    /// `Error` frame): the guest runs on at the source.
+    #[error("the destination refused the switchover and did not start the guest: {0}")]
+    Refused(String),
     /// Nothing to migrate, or a migration is running.
     #[error("{0}")]
     Invalid(String),
@@ -451,6 +462,22 @@ pub(crate) fn pull_err(e: xfer::pull::PullError) -> MigrationError {
     }
 }
 
+/// Destination, before it starts the guest: send an `Error` frame saying the guest was not
+/// started (`"started": false`, so the source may resume it) and hand the error back.
+pub(crate) fn refuse(main: &mut xfer::wire::Sock, e: MigrationError) -> MigrationError {
+    let _ = main.send_json(
+        xfer::wire::Kind::Error,
+        &serde_json::json!({ "error": uffd::error_chain(&e), "started": false }),
+    );
+    e
+}
+
+/// Whether an `Error` frame's payload says the destination did not start the guest.
+pub(crate) fn peer_not_started(b: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(b)
+        .is_ok_and(|v| v["started"] == serde_json::Value::Bool(false))
+}
+
 /// Send an `Error` frame to the peer (best effort) and hand the error back.
 pub(crate) fn fail(main: &mut xfer::wire::Sock, e: MigrationError) -> MigrationError {
     let _ = main.send_json(
@@ -478,18 +505,6 @@ impl Migration {
     pub(crate) fn busy(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
-}
-
-/// Wait at most `d` on a condition polled every millisecond.
-pub(crate) fn wait_for(d: Duration, f: impl Fn() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + d;
-    while !f() {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
 }
 
 #[cfg(test)]

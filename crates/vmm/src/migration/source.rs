@@ -90,6 +90,8 @@ struct Conns {
     want_checksums: bool,
     /// Keepalives agreed with the destination (`None`: an older destination).
     keepalive: Option<Keepalive>,
+    /// CRC32C trailers on frames that carry memory or state.
+    crc: bool,
 }
 
 fn connect(
@@ -116,6 +118,7 @@ fn connect(
         prio,
         want_checksums: ack.want_checksums,
         keepalive: ack.keepalive(),
+        crc: ack.crc32c,
     })
 }
 
@@ -149,12 +152,13 @@ fn migrate(
         ctx.control.reset_gaps();
         let maybe = scan(&ctx.mem, &*pipes.reader).map_err(MigrationError::Read)?;
         let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let pc = Precopy::new(
+        let mut pc = Precopy::new(
             pipes.reader.clone(),
             maybe,
             pipes.rate.clone(),
             pipes.sent.clone(),
         );
+        pc.set_crc(c.crc);
         precopy_then_switch(ctx, req, status, &mut c, &mut log, pc, &pipes, setup_ms, t0)
     })();
     let out = match r {
@@ -162,7 +166,7 @@ fn migrate(
             // The guest never left: it runs on here.
             log.stop();
             ctx.control.resume(PauseOwner::Migration);
-            return Err(e);
+            return Err(peer_reason(&mut c.main, e));
         }
         Ok(Switched::Unsure(e)) => {
             // The state may have reached the destination: the guest must not run twice.
@@ -171,14 +175,70 @@ fn migrate(
         }
         Ok(Switched::After(out)) => out,
     };
-    finish(
+    match finish(
         ctx, req, status, c, &log, &pipes, out, resume_rx, to, id, t0,
-    )
+    ) {
+        Err(e @ MigrationError::Refused(_)) => {
+            // The destination said it did not start the guest: it runs on here.
+            log.stop();
+            ctx.control.resume(PauseOwner::Migration);
+            Err(e)
+        }
+        r => r,
+    }
+}
+
+/// The digest of the pages of `maybe` (the source's frozen memory), keeping `keep` alive
+/// meanwhile (called every run: keepalives on a quiet connection).
+fn memory_digest(
+    reader: &dyn PageReader,
+    maybe: &[u64],
+    mut keep: impl FnMut(),
+) -> Result<u64, MigrationError> {
+    let mut digest = 0u64;
+    let mut buf = Vec::new();
+    for (p, n) in runs(maybe) {
+        keep();
+        // Grown once to the longest run, never re-zeroed.
+        let len = (n * PAGE) as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let run = &mut buf[..len];
+        reader.read(p, run).map_err(MigrationError::Read)?;
+        for (k, pg) in run.chunks_exact(PAGE as usize).enumerate() {
+            digest = digest.wrapping_add(mix(p + k as u64, page_hash(pg)));
+        }
+    }
+    Ok(digest)
+}
+
+/// Before switchover the destination says nothing on the main connection unless it gives
+/// up: when sending failed, its `Error` frame (if one came) says why, better than a broken
+/// pipe.
+fn peer_reason(main: &mut Sock, e: MigrationError) -> MigrationError {
+    if matches!(e, MigrationError::NotConverged(_))
+        || !main.poll_readable(PROGRESS).unwrap_or(false)
+    {
+        return e;
+    }
+    let _ = main.set_read_timeout(Some(PROGRESS));
+    let mut buf = Vec::new();
+    match main.recv(&mut buf) {
+        Ok(h) if h.kind == Kind::Error => MigrationError::Peer(format!(
+            "{} (here: {})",
+            peer_text(&buf),
+            uffd::error_chain(&e)
+        )),
+        _ => e,
+    }
 }
 
 /// Where the switchover left things.
 struct AfterSwitch {
     pause: Instant,
+    /// Pre-copy: the source's memory digest, computed at switchover.
+    digest: Option<u64>,
     postcopy: bool,
     /// Pages the destination still needs (post-copy).
     needed: Vec<u64>,
@@ -372,27 +432,51 @@ fn precopy_then_switch(
         Ok(v) => v,
         Err(e) => return before(MigrationError::State(e)),
     };
+    // Pre-copy: the destination checks memory against this before it starts the guest.
+    let digest = if postcopy {
+        None
+    } else {
+        match memory_digest(&*pipes.reader, pc.maybe(), || {}) {
+            Ok(d) => Some(d),
+            Err(e) => return before(e),
+        }
+    };
     let sw = Switch {
         postcopy,
         heartbeats,
         rounds,
         paused: operator_paused,
+        digest,
     };
-    if let Err(e) = c.main.send_json(Kind::Switch, &sw) {
+    let body = match serde_json::to_vec(&sw) {
+        Ok(b) => b,
+        Err(source) => {
+            return before(MigrationError::Json {
+                what: "Switch frame",
+                source,
+            });
+        }
+    };
+    if let Err(e) = c.main.send_crc(Kind::Switch, 0, &body, c.crc) {
         return before(io_err("sending the switchover")(e));
     }
     if postcopy
-        && let Err(e) = c
-            .main
-            .send(Kind::Needed, 0, &xfer::bitmap::words_to_bytes(&needed))
+        && let Err(e) = c.main.send_crc(
+            Kind::Needed,
+            0,
+            &xfer::bitmap::words_to_bytes(&needed),
+            c.crc,
+        )
     {
         return before(io_err("sending the bitmap of needed pages")(e));
     }
-    // After this frame the destination may run the guest: never resume it here.
-    if let Err(e) = c.main.send(
+    // After this frame the destination may run the guest: never resume it here (unless it
+    // says it did not start it).
+    if let Err(e) = c.main.send_crc(
         Kind::State,
         0,
         &crate::snapshot::state::encode(&vm_state, &vcpus),
+        c.crc,
     ) {
         return Ok(Switched::Unsure(io_err(
             "sending the vCPU state (the source stays paused)",
@@ -400,6 +484,7 @@ fn precopy_then_switch(
     }
     Ok(Switched::After(AfterSwitch {
         pause,
+        digest,
         postcopy,
         needed,
         maybe: pc.maybe().to_vec(),
@@ -413,6 +498,8 @@ fn precopy_then_switch(
 /// What the main connection's reader saw.
 enum FromDest {
     Resumed,
+    /// The destination failed before starting the guest, and says so.
+    Refused(String),
     Done(Box<DestReport>),
     Lost(LinkLost),
 }
@@ -459,6 +546,9 @@ fn spawn_reader(main: &Sock, ka: Option<Keepalive>) -> Result<Receiver<FromDest>
                             Ok(r) => FromDest::Done(Box::new(r)),
                             Err(e) => FromDest::Lost(LinkLost::Malformed(Kind::Done, e)),
                         },
+                        Kind::Error if super::peer_not_started(&buf) => {
+                            FromDest::Refused(peer_text(&buf))
+                        }
                         Kind::Error => FromDest::Lost(LinkLost::Peer(peer_text(&buf))),
                         k => FromDest::Lost(LinkLost::Protocol(format!(
                             "unexpected {k:?} frame from the destination"
@@ -502,6 +592,7 @@ fn finish(
     // The destination starts the vCPUs: that ends the downtime.
     let downtime = match rrx.recv_timeout(ANSWER_TIMEOUT) {
         Ok(FromDest::Resumed) => sw.pause.elapsed(),
+        Ok(FromDest::Refused(why)) => return Err(MigrationError::Refused(why)),
         Ok(FromDest::Lost(e)) => return Err(MigrationError::AfterSwitchover(e)),
         Ok(FromDest::Done(_)) | Err(_) => {
             return Err(MigrationError::AfterSwitchover(LinkLost::Protocol(
@@ -526,6 +617,7 @@ fn finish(
             pipes.sent.clone(),
             PushConfig {
                 keepalive: c.keepalive,
+                crc: c.crc,
                 ..PushConfig::default()
             },
         )
@@ -629,26 +721,20 @@ fn finish(
             p.stats()
         })
         .unwrap_or_default();
-    // Digest of the frozen source memory, then the verdict.
-    let mut digest = 0u64;
-    let mut buf = Vec::new();
-    // The destination waits for the verdict meanwhile: keep both connections alive (the
-    // responder has stopped).
-    let (mut beat, mut prio_beat) = (Beat::new(c.keepalive), Beat::new(c.keepalive));
-    for (p, n) in runs(&sw.maybe) {
-        let _ = beat.tick(&mut c.main);
-        let _ = prio_beat.tick(&mut c.prio);
-        // Grown once to the longest run, never re-zeroed.
-        let len = (n * PAGE) as usize;
-        if buf.len() < len {
-            buf.resize(len, 0);
+    // Digest of the frozen source memory (pre-copy: taken at switchover), then the verdict.
+    let digest = match sw.digest {
+        Some(d) => d,
+        None => {
+            // The destination waits for the verdict meanwhile: keep both connections alive
+            // (the responder has stopped).
+            let (mut beat, mut prio_beat) = (Beat::new(c.keepalive), Beat::new(c.keepalive));
+            let (main, prio) = (&mut c.main, &mut c.prio);
+            memory_digest(&*pipes.reader, &sw.maybe, || {
+                let _ = beat.tick(main);
+                let _ = prio_beat.tick(prio);
+            })?
         }
-        let run = &mut buf[..len];
-        pipes.reader.read(p, run).map_err(MigrationError::Read)?;
-        for (k, pg) in run.chunks_exact(PAGE as usize).enumerate() {
-            digest = digest.wrapping_add(mix(p + k as u64, page_hash(pg)));
-        }
-    }
+    };
     let _ = c.main.send_json(Kind::Verdict, &Verdict { digest });
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let verified = digest == report.digest;
@@ -678,6 +764,7 @@ fn finish(
         "blocktime_ms": block.iter().sum::<f64>(),
         "blocktime_per_vcpu_ms": block,
         "recoveries": recoveries,
+        "resent_pages": push_stats.resent,
         "digest": hex(digest),
         "digest_verified": verified,
         "destination": report,
@@ -748,6 +835,7 @@ fn serve(
         match rrx.recv_timeout(Duration::from_millis(20)) {
             Ok(FromDest::Done(r)) => return Ok(r),
             Ok(FromDest::Lost(e)) => return Err(e),
+            Ok(FromDest::Refused(why)) => return Err(LinkLost::Peer(why)),
             Ok(FromDest::Resumed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(LinkLost::Protocol("the connection reader is gone".into()));

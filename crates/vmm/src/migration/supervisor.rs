@@ -17,7 +17,7 @@ use xfer::wire::{Beat, Keepalive, Kind, Listener, PAGE, Sock};
 
 use super::{
     DestReport, End, Latency, LinkLost, MigrationError, State, Status, fail, io_err, max_pause_ms,
-    peer_text, pull_err, wait_for,
+    peer_text, pull_err,
 };
 use crate::vstate::{Failure, Notifier, VcpuControl};
 
@@ -49,6 +49,9 @@ pub(crate) struct Supervisor {
     pub(crate) rounds: u32,
     pub(crate) recoveries: u32,
 }
+
+/// How long to wait for each vCPU's first heartbeat here before reporting.
+const HEADS_WAIT: Duration = Duration::from_secs(2);
 
 /// How long to wait for the source's verdict after reporting every page in.
 const VERDICT_WAIT: Duration = Duration::from_secs(60);
@@ -113,6 +116,7 @@ impl Supervisor {
         // requests and keepalives share the priority connection's lock.
         let mut beat = Beat::new(self.keepalive);
         let mut done_at: Option<Instant> = None;
+        let mut heads_wait: Option<Instant> = None;
         let verdict = loop {
             beat.tick(&mut main)
                 .map_err(io_err("sending a keepalive to the source"))?;
@@ -127,6 +131,15 @@ impl Supervisor {
             if left == 0 && postcopy_ms.is_none() {
                 postcopy_ms = Some(self.switch_t.elapsed().as_secs_f64() * 1e3);
                 self.stop_loop()?;
+            }
+            // Let each vCPU beat once here (its head is part of the pause), at most 2 s,
+            // keeping the link alive meanwhile.
+            if let (0, None, Some(_)) = (left, &report, &end)
+                && !self.heads_in()
+                && heads_wait.get_or_insert_with(Instant::now).elapsed() < HEADS_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
             if let (0, None, Some(_)) = (left, &report, &end) {
                 let r = self.report(postcopy_ms.unwrap_or(0.0));
@@ -243,13 +256,16 @@ impl Supervisor {
         }))
     }
 
+    /// Whether every vCPU has beaten here (or exited).
+    fn heads_in(&self) -> bool {
+        self.control
+            .cpus
+            .iter()
+            .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
+    }
+
     fn report(&self, postcopy_ms: f64) -> DestReport {
         let cpus = &self.control.cpus;
-        // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
-        wait_for(Duration::from_secs(2), || {
-            cpus.iter()
-                .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
-        });
         let heads_us = cpus
             .iter()
             .map(|c| match c.first_hb_ns.load(SeqCst) {
@@ -290,6 +306,7 @@ impl Supervisor {
             first_heartbeats,
             digest: self.pull.digest(),
             recoveries: self.recoveries,
+            resends: ps.resends,
             postcopy_ms,
         }
     }
