@@ -60,7 +60,14 @@
 //! `switchover`) → [`postcopy` → (`postcopy-paused` → `resuming` → `postcopy`)*] →
 //! `completed`; any state not final may end in `failed`. A pre-copy migration stays in
 //! `switchover` until it completes (the old `completing` is gone). Before the
-//! `State` frame is sent, every failure resumes the source guest. After it, the guest belongs
+//! `State` frame is sent, every failure resumes the source guest. After it, the guest may
+//! run at the destination: the source resumes it only if the destination said it did not
+//! start it (an `Error` frame with `"started": false`, e.g. a damaged frame or a digest
+//! mismatch). Any other failure before the destination's `Resumed` leaves the source guest
+//! paused and the status `failed` with `in_doubt: true`: no second migration starts, and
+//! `PUT /vm/resume` does not release it; the operator decides with `PUT /migrate/reclaim`
+//! (`faultline migrate --reclaim`: the guest runs here again; only when the destination is
+//! known not to run it) or `PUT /vm/stop`. After `Resumed`, the guest belongs
 //! to the destination: a lost link during post-copy leaves the source in `postcopy-paused`,
 //! serving nothing, until `faultline migrate --resume` reconnects (`Hello{resume:true}`); the
 //! destination answers with `Recover` (the pages it still needs) and post-copy goes on. On the
@@ -338,7 +345,7 @@ pub enum MigrationError {
     /// After switchover the link to the destination failed (not in post-copy, where the
     /// source waits for a recovery instead).
     #[error(
-        "after switchover (the source stays paused; PUT /vm/resume if the destination is not running the guest)"
+        "after switchover: the destination may run the guest, so it stays paused here; if the destination is not running it, `PUT /migrate/reclaim` (or `faultline migrate --api-sock SOCK --reclaim`) runs it here again"
     )]
     AfterSwitchover(#[source] LinkLost),
     /// Post-copy lost its link and no `--resume` came.

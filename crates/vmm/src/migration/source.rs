@@ -171,6 +171,7 @@ fn migrate(
         Ok(Switched::Unsure(e)) => {
             // The state may have reached the destination: the guest must not run twice.
             log.stop();
+            status.update(|s| s.in_doubt = true);
             return Err(e);
         }
         Ok(Switched::After(out)) => out,
@@ -182,6 +183,14 @@ fn migrate(
             // The destination said it did not start the guest: it runs on here.
             log.stop();
             ctx.control.resume(PauseOwner::Migration);
+            Err(e)
+        }
+        Err(e) if !ctx.control.handed_over() => {
+            // The destination had the state and never said it runs the guest, nor that it
+            // does not: the guest may run there. It stays paused here until the operator
+            // decides (`PUT /migrate/reclaim`), and no other migration starts.
+            log.stop();
+            status.update(|s| s.in_doubt = true);
             Err(e)
         }
         r => r,
