@@ -2,7 +2,9 @@
 //! stand-in that speaks the protocol, takes the `State` frame and then vanishes without a
 //! word) may run the guest, so the real source must neither resume it by itself nor start a
 //! second migration (whose failure would resume it); only the operator's
-//! `faultline migrate --reclaim` runs it here again.
+//! `faultline migrate --reclaim` runs it here again. The stand-in answers as an older
+//! destination would (no `crc32c`, no `keepalive_ms`), so this also checks that the frames up
+//! to the state carry no CRC32C trailer for such a peer.
 
 mod support;
 
@@ -16,13 +18,13 @@ use support::*;
 fn read_frame(s: &mut impl Read) -> (u8, Vec<u8>) {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).expect("a frame header");
+    // This destination answers as an older one (no `keepalive_ms`, no `crc32c`): the
+    // source must not send it flags or kinds it does not know.
+    assert_eq!(h[1], 0, "flags sent to a peer that did not agree to them");
+    assert_ne!(h[0], 17, "a keepalive sent to a peer that did not agree to them");
     let len = u32::from_le_bytes(h[4..8].try_into().unwrap());
     let mut b = vec![0; len as usize];
     s.read_exact(&mut b).expect("a frame payload");
-    if h[1] & 1 != 0 {
-        let mut t = [0u8; 4];
-        s.read_exact(&mut t).expect("a CRC trailer");
-    }
     (h[0], b)
 }
 
