@@ -21,7 +21,10 @@ fn read_frame(s: &mut impl Read) -> (u8, Vec<u8>) {
     // This destination answers as an older one (no `keepalive_ms`, no `crc32c`): the
     // source must not send it flags or kinds it does not know.
     assert_eq!(h[1], 0, "flags sent to a peer that did not agree to them");
-    assert_ne!(h[0], 17, "a keepalive sent to a peer that did not agree to them");
+    assert_ne!(
+        h[0], 17,
+        "a keepalive sent to a peer that did not agree to them"
+    );
     let len = u32::from_le_bytes(h[4..8].try_into().unwrap());
     let mut b = vec![0; len as usize];
     s.read_exact(&mut b).expect("a frame payload");

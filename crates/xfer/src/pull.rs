@@ -506,8 +506,19 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
                 {
                     let (p, n) = (arg / PAGE, u64::from(len) / PAGE);
                     if arg % PAGE == 0 && n > 0 && p.checked_add(n).is_some_and(|e| e <= sh.pages) {
-                        for (q, c) in needed_runs(sh, p, n) {
-                            sh.resend(q, c);
+                        // Runs of the pages still needed (others came meanwhile).
+                        let mut q = p;
+                        while q < p + n {
+                            if !sh.needed.get(q) {
+                                q += 1;
+                                continue;
+                            }
+                            let mut e = q + 1;
+                            while e < p + n && sh.needed.get(e) {
+                                e += 1;
+                            }
+                            sh.resend(q, e - q);
+                            q = e;
                         }
                         continue;
                     }

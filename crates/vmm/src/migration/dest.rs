@@ -17,8 +17,8 @@ use xfer::wire::{FrameError, HEADER, Header, Kind, Listener, PAGE, RecvError, So
 
 use super::supervisor::Supervisor;
 use super::{
-    Endpoint, Migration, MigrationError, Role, State, Status, Switch, io_err, peer_text, pull_err,
-    refuse,
+    Endpoint, Migration, MigrationError, Role, State, Status, Switch, fail, io_err, peer_text,
+    pull_err, refuse,
 };
 use crate::config::VmConfig;
 use crate::guest::Workload;
@@ -410,7 +410,8 @@ fn receive(
         // The operator had paused the guest at the source: it lands paused.
         vm.control().hold(PauseOwner::Operator);
     }
-    let control = start(vm).map_err(|e| refuse(&mut main, MigrationError::Vm(e)))?;
+    // A start that failed half-way may have run a vCPU: no "not started" claim here.
+    let control = start(vm).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
     let resume_ns = mono_ns();
     main.send(Kind::Resumed, 0, b"{}")
         .map_err(io_err("telling the source the guest runs"))?;

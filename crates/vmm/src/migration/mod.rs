@@ -78,7 +78,19 @@
 //! Both sides compute a digest of guest memory at switchover: the sum, over non-zero pages,
 //! of a mix of the page number and the page's CRC-32. The destination hashes every page as it
 //! installs it; the source hashes its memory, frozen since the pause, after the transfer (so
-//! it also catches a page the dirty log missed). A mismatch fails the migration loudly.
+//! it also catches a page the dirty log missed). A mismatch fails the migration loudly. In
+//! pre-copy the source sends its digest in the `Switch` frame and the destination compares
+//! before it starts the guest: a mismatch refuses the switchover (`"started": false`) and
+//! the source guest runs on. With a peer that offers them, frames carrying memory or state
+//! also carry a CRC32C trailer (see `xfer`): a damaged frame fails a pre-copy before
+//! switchover, and in post-copy its pages are asked for again (`Resend`).
+//!
+//! # Liveness
+//! Every migration socket has a write deadline (`xfer::wire::link_deadline`, 10 s;
+//! `FAULTLINE_LINK_DEADLINE_MS`). After switchover both sides send keepalives on both
+//! connections when idle (if both hellos announced them) and count a connection silent for
+//! the deadline as lost: post-copy goes to `postcopy-paused` (the destination then waits for
+//! a recovery), pre-copy to `failed`.
 //! Destinations started with `--verify` run the guest's `verify` instead of resuming and
 //! compare its checksums with the source's at switchover.
 //!
