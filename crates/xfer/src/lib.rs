@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: frames (a 16-byte header and a bounded payload), the two transports (TCP and
 //!   Unix stream sockets), listeners and endpoints, the bandwidth cap.
+//! - [`link`]: liveness: the link deadline, stalls as errors, keepalives.
 //! - [`proto`]: the handshake (hello, answer, the main and priority connections).
 //! - [`bitmap`], [`digest`], [`status`]: page bitmaps, the memory digest, the state machine.
 //! - [`reader`], [`dirty`]: memory to read pages from ([`reader::PageReader`]) and the log
@@ -94,6 +95,7 @@
 pub mod bitmap;
 pub mod digest;
 pub mod dirty;
+pub mod link;
 pub mod precopy;
 pub mod proto;
 pub mod pull;
