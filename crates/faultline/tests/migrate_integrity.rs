@@ -93,3 +93,44 @@ fn without_crc_the_destination_checks_the_digest_before_starting() {
     assert!(err.contains("the guest was not started here"), "{err}");
     drop(src);
 }
+
+/// A post-copy frame whose header arrived damaged (its page address) cannot be asked for
+/// again (which pages it held is what was damaged): the destination counts the link as lost
+/// and waits; the resumed migration sends exactly the pages still needed (`Recover`) and
+/// memory verifies.
+#[test]
+fn damaged_postcopy_header_is_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = format!("unix:{}", dir.path().join("mig.sock").display());
+    let dst = destination(&ep, &["--verify"]);
+    let (src, sock) = source_with(dir.path(), &[(CORRUPT, "addr:5")]);
+    let (out, _) = migrate_bg(&sock, &ep, "postcopy", &["--max-bandwidth", "4M"])
+        .join()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    wait_state(&sock, "postcopy-paused", Duration::from_secs(10));
+    let p = Proc(
+        bin()
+            .args([
+                "migrate",
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--resume",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let o = p.finish(Duration::from_secs(60));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stats: Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(stats["digest_verified"], true, "{stats}");
+    assert_eq!(stats["recoveries"], 1, "{stats}");
+    let d = dst.finish(Duration::from_secs(60));
+    let err = text(&d.stderr);
+    assert!(d.status.success(), "{err}");
+    assert!(err.contains("arrived damaged"), "{err}");
+    drop(src);
+}

@@ -58,10 +58,6 @@ pub enum PullError {
     /// CRC32C trailers were negotiated but a page frame came without one.
     #[error("a {0:?} frame without its CRC32C trailer (negotiated in the hello)")]
     Unchecked(Kind),
-    /// A frame arrived damaged and cannot be asked for again (not a `Pages` frame, or its
-    /// header is damaged too).
-    #[error("a frame arrived damaged")]
-    Damaged(#[source] RecvError),
     /// The installer was not attached ([`Pull::attach`]) before pages came.
     #[error("pages came before the fault loop's installer was attached")]
     NotAttached,
@@ -496,7 +492,7 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
                 // Damaged on the way: a `Pages` frame is asked for again (the pages it names
                 // that are still needed). The header is covered too: if it named other
                 // pages, those never come and the source's wait for `Done` ends in a
-                // recovery. Anything else cannot be asked for again.
+                // recovery. Anything else cannot be asked for again: the link counts as lost.
                 if let RecvError::Checksum {
                     kind: Kind::Pages,
                     arg,
@@ -523,10 +519,12 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
                         continue;
                     }
                 }
-                return d.end(Event::Failed {
+                // As a lost link: after a reconnection the source learns exactly which pages
+                // are still needed (`Recover`).
+                return d.end(Event::Lost {
                     generation,
                     channel,
-                    error: PullError::Damaged(e),
+                    error: e,
                 });
             }
             Err(RecvError::Frame(e)) => {

@@ -394,13 +394,17 @@ impl Sock {
         payload: &[u8],
         crc: bool,
     ) -> io::Result<()> {
-        let h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
+        let mut h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
         let trailer = crc32c::crc32c_append(crc32c::crc32c(&h), payload).to_le_bytes();
         let corrupt;
         let payload = match test_corruption(kind) {
-            Some(c) => {
-                corrupt = c(payload);
+            Some(Damage::Payload) => {
+                corrupt = damaged(payload);
                 &corrupt[..]
+            }
+            Some(Damage::Address) => {
+                h[15] ^= 0x5a;
+                payload
             }
             None => payload,
         };
@@ -582,34 +586,52 @@ pub fn encode_frame(
         let c = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
         out.extend_from_slice(&c.to_le_bytes());
     }
-    if let Some(c) = test_corruption(kind) {
-        let bad = c(&out[at..at + payload.len()]);
-        out[at..at + payload.len()].copy_from_slice(&bad);
+    match test_corruption(kind) {
+        Some(Damage::Payload) => {
+            let bad = damaged(&out[at..at + payload.len()]);
+            out[at..at + payload.len()].copy_from_slice(&bad);
+        }
+        Some(Damage::Address) => out[at - HEADER + 15] ^= 0x5a,
+        None => {}
     }
     Ok(())
 }
 
 /// The environment variable of the corruption test hook: `N` flips one byte of the payload
 /// of the `N`th `Pages` frame this process sends (counted from 1), after its checksum was
-/// computed, as a bad link would. For tests only; unset, nothing happens.
+/// computed, as a bad link would; `addr:N` flips the top byte of its page address instead
+/// (a damaged header). For tests only; unset, nothing happens.
 pub const CORRUPT_ENV: &str = "FAULTLINE_TEST_CORRUPT_PAGE_FRAME";
 
-type Corrupter = fn(&[u8]) -> Vec<u8>;
+/// What the corruption test hook damages.
+#[derive(Clone, Copy)]
+enum Damage {
+    Payload,
+    Address,
+}
 
-fn test_corruption(kind: Kind) -> Option<Corrupter> {
-    static NTH: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+fn damaged(p: &[u8]) -> Vec<u8> {
+    let mut v = p.to_vec();
+    if let Some(b) = v.get_mut(p.len() / 2) {
+        *b ^= 0x5a;
+    }
+    v
+}
+
+fn test_corruption(kind: Kind) -> Option<Damage> {
+    static NTH: std::sync::OnceLock<Option<(Damage, u64)>> = std::sync::OnceLock::new();
     static SENT: AtomicU64 = AtomicU64::new(0);
+    let (what, nth) = (*NTH.get_or_init(|| {
+        let v = std::env::var(CORRUPT_ENV).ok()?;
+        match v.strip_prefix("addr:") {
+            Some(n) => Some((Damage::Address, n.parse().ok()?)),
+            None => Some((Damage::Payload, v.parse().ok()?)),
+        }
+    }))?;
     if kind != Kind::Pages {
         return None;
     }
-    let nth = (*NTH.get_or_init(|| std::env::var(CORRUPT_ENV).ok()?.parse().ok()))?;
-    (SENT.fetch_add(1, SeqCst) + 1 == nth).then_some(|p: &[u8]| {
-        let mut v = p.to_vec();
-        if let Some(b) = v.get_mut(p.len() / 2) {
-            *b ^= 0x5a;
-        }
-        v
-    })
+    (SENT.fetch_add(1, SeqCst) + 1 == nth).then_some(what)
 }
 
 impl Sock {
