@@ -15,7 +15,7 @@ pub struct Args {
     #[arg(long)]
     api_sock: std::path::PathBuf,
     /// The destination (`faultline run --incoming ...`): tcp:HOST:PORT or unix:PATH.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long, required_unless_present_any = ["resume", "reclaim"])]
     to: Option<Endpoint>,
     /// precopy, postcopy or hybrid.
     #[arg(long, default_value = "postcopy")]
@@ -33,6 +33,11 @@ pub struct Args {
     /// Reconnect a post-copy migration whose link was lost (optionally to a new --to).
     #[arg(long)]
     resume: bool,
+    /// After a migration that failed with the guest in doubt (`in_doubt` in its status: the
+    /// destination got the guest's state and may run it): the operator knows the
+    /// destination does not run it; run it here again (`PUT /migrate/reclaim`).
+    #[arg(long, conflicts_with_all = ["resume", "to"])]
+    reclaim: bool,
     /// Print only the final status as JSON (no progress line).
     #[arg(long)]
     json: bool,
@@ -67,6 +72,22 @@ fn status_line(v: &Value) -> String {
 }
 
 pub fn migrate(a: &Args) -> CliResult {
+    if a.reclaim {
+        let (code, b) = crate::snap::http_unix(
+            &a.api_sock,
+            "PUT",
+            "/migrate/reclaim",
+            "",
+            Duration::from_secs(30),
+        )?;
+        if code != 204 {
+            return Err(CliError::Check(format!(
+                "PUT /migrate/reclaim refused ({code}): {b}"
+            )));
+        }
+        eprintln!("faultline migrate: reclaimed; the guest runs here again");
+        return Ok(());
+    }
     if let Some(to) = &a.to {
         a.security.check(to)?;
     }

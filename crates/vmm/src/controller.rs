@@ -56,6 +56,9 @@ pub enum Command {
     Migrate(MigrateRequest),
     /// The migration's state, progress and statistics.
     MigrateStatus,
+    /// The operator's decision after a migration failed with the guest in doubt (the
+    /// destination may run it): the destination does not run it, run it here again.
+    MigrateReclaim,
 }
 
 /// Whether the vCPUs run.
@@ -153,6 +156,15 @@ pub enum ControlError {
     /// A migration is running or the guest left already.
     #[error("a migration is already running or done")]
     MigrationDone,
+    /// The last migration failed after the machine state went out: the guest may run at
+    /// the destination.
+    #[error(
+        "the last migration failed after the destination got the guest's state: the guest may run there. If it does not, `PUT /migrate/reclaim` runs it here again; otherwise `PUT /vm/stop`"
+    )]
+    InDoubt,
+    /// Nothing to reclaim.
+    #[error("no migration left the guest in doubt")]
+    NotInDoubt,
     /// The VM has parts a migration cannot carry yet.
     #[error("this VM cannot be migrated yet: a migration would not carry {}", .0.join(", "))]
     Uncarried(Vec<String>),
@@ -573,6 +585,7 @@ impl RunningVm {
                 }
             }
             Command::Migrate(req) => self.start_migration(req),
+            Command::MigrateReclaim => self.reclaim(),
             Command::MigrateStatus => match &self.migration {
                 Some(m) => {
                     if m.status.is_final() {
@@ -607,6 +620,33 @@ impl RunningVm {
         }
     }
 
+    /// Whether the last migration left the guest in doubt (see [`ControlError::InDoubt`]).
+    fn in_doubt(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| !m.busy() && m.status.get().in_doubt)
+    }
+
+    /// `PUT /migrate/reclaim`: the operator says the destination does not run the guest.
+    fn reclaim(&mut self) -> Reply {
+        if !self.in_doubt() {
+            return Err(ControlError::NotInDoubt);
+        }
+        if let Some(m) = &self.migration {
+            m.status.update(|s| {
+                s.in_doubt = false;
+                s.error = Some(format!(
+                    "{}; reclaimed by the operator: the guest runs here",
+                    s.error.clone().unwrap_or_default()
+                ));
+            });
+        }
+        match self.machine.control().resume(PauseOwner::Migration) {
+            Resumed::Running | Resumed::StillPaused => Ok(Response::Done),
+            Resumed::HandedOver => Err(ControlError::HandedOver),
+        }
+    }
+
     fn start_migration(&mut self, req: MigrateRequest) -> Reply {
         if req.resume {
             let m = self.migration.as_ref().ok_or(ControlError::NoMigration)?;
@@ -628,6 +668,9 @@ impl RunningVm {
         }
         if self.migration_busy() || self.migrated {
             return Err(ControlError::MigrationDone);
+        }
+        if self.in_doubt() {
+            return Err(ControlError::InDoubt);
         }
         if self.snapshot_busy() {
             return Err(ControlError::Busy("a snapshot"));

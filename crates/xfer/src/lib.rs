@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: frames (a 16-byte header and a bounded payload), the two transports (TCP and
 //!   Unix stream sockets), listeners and endpoints, the bandwidth cap.
+//! - [`link`]: liveness: the link deadline, stalls as errors, keepalives.
 //! - [`proto`]: the handshake (hello, answer, the main and priority connections).
 //! - [`bitmap`], [`digest`], [`status`]: page bitmaps, the memory digest, the state machine.
 //! - [`reader`], [`dirty`]: memory to read pages from ([`reader::PageReader`]) and the log
@@ -11,10 +12,35 @@
 //!   a [`memx::FaultLoop`] through its [`memx::Installer`].
 //!
 //! # Protocol, version 1
-//! This crate speaks version 1 of `faultline-migrate` unchanged (frames, JSON payloads and
-//! their order as the VMM's own migration code has sent them), so a migration between old
-//! and new code works. One frame kind is new, [`wire::Kind::Keepalive`]; the engines never
-//! send it on their own (an old peer would refuse it as unknown).
+//! This crate speaks version 1 of `faultline-migrate` (frames, JSON payloads and their order
+//! as the VMM's own migration code has sent them), so a migration between old and new code
+//! works. Additions are negotiated, so an old peer never sees them:
+//!
+//! - **Keepalives** ([`wire::Kind::Keepalive`], kind 17): a hello and its answer carry
+//!   `keepalive_ms`, the sender's link deadline (absent or 0 in an old peer's). When both
+//!   carry one, after switchover each side sends a keepalive on each connection it has sent
+//!   nothing on for a quarter of the peer's deadline (at most every second), and counts a
+//!   connection lost when nothing came on it for its own deadline. Pre-copy frames flow
+//!   without pause; before switchover the destination bounds its reads by a 60 s stream
+//!   timeout.
+//! - **CRC32C trailers**: a hello and its answer carry `crc32c: true` (absent: false). When
+//!   both do, every `Pages`, `Zero`, `Switch`, `Needed` and `State` frame carries the
+//!   [`wire::FLAG_CRC`] flag and a 4-byte CRC32C trailer (format in [`wire`]); the
+//!   destination refuses such a frame without one. A damaged frame before switchover fails
+//!   the migration there (`Error` frame; the source guest runs on). After switchover a
+//!   damaged `Pages` frame is asked for again with [`wire::Kind::Resend`] (kind 18, priority
+//!   connection, `u32` count of pages at `arg`), which the source answers even for pages it
+//!   sent already; any other damaged frame counts as a lost link (recovery).
+//! - **Pre-copy digest before start**: a pre-copy `Switch` carries `digest` (the source's
+//!   memory digest at switchover, a JSON number); the destination compares it with its own
+//!   before it starts the guest.
+//! - **"Not started"**: an `Error` frame the destination sends before it starts the guest
+//!   says `"started": false`; only then may the source resume its guest after the `State`
+//!   frame went out (otherwise it stays paused: the destination may run the guest).
+//! - **Deadlines** (local, no wire change): every socket has a write deadline
+//!   ([`wire::link_deadline`], 10 s, `FAULTLINE_LINK_DEADLINE_MS`): a peer that takes
+//!   nothing for that long fails the write with [`wire::Stalled`] (kind `TimedOut`, errno
+//!   kept). A TCP connect is bounded by its timeout (`connect_timeout`).
 //!
 //! Two connections from the source to the destination's listener: **main** (hello, pages in
 //! the background, state, control) and **priority** (requests and their answers).
@@ -55,11 +81,12 @@
 //! | Request | 10 | D→S (prio) | exactly a `u32` count (1..=64) of pages at `arg` |
 //! | End | 11 | S→D | JSON |
 //! | Done | 12 | D→S | JSON report |
-//! | Error | 13 | both | JSON `{"error": ..}` |
+//! | Error | 13 | both | JSON `{"error": .., "started": false?}` |
 //! | Recover | 14 | D→S | bitmap as `Needed` |
 //! | Cancel | 15 | S→D | JSON `{"reason": ..}` |
 //! | Verdict | 16 | S→D | JSON `{"digest": "0x%016x"}` ([`digest::hex`]) |
-//! | Keepalive | 17 | both | empty (new; optional) |
+//! | Keepalive | 17 | both, either connection | empty; only to a peer whose hello/answer had `keepalive_ms` > 0 |
+//! | Resend | 18 | D→S (prio) | exactly a `u32` count (1..=64) of pages at `arg`; only with `crc32c` |
 //!
 //! ## States
 //! See [`status`]: `setup → precopy → switchover → (postcopy ⇄ postcopy-paused → resuming)
@@ -68,6 +95,7 @@
 pub mod bitmap;
 pub mod digest;
 pub mod dirty;
+pub mod link;
 pub mod precopy;
 pub mod proto;
 pub mod pull;

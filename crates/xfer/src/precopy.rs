@@ -40,6 +40,7 @@ pub struct Precopy {
     maybe: Vec<u64>,
     rounds: u32,
     buf: Vec<u8>,
+    crc: bool,
 }
 
 impl Precopy {
@@ -60,7 +61,13 @@ impl Precopy {
             maybe,
             rounds: 0,
             buf: Vec::new(),
+            crc: false,
         }
+    }
+
+    /// Send page frames with CRC32C trailers (when the hello negotiated them).
+    pub fn set_crc(&mut self, crc: bool) {
+        self.crc = crc;
     }
 
     /// Send one round: a `Round` frame, then the pages of `to_send` (zero pages as counts, and
@@ -85,6 +92,7 @@ impl Precopy {
                 false,
                 &self.sent,
                 &|q| once[(q / 64) as usize] & (1 << (q % 64)) != 0,
+                self.crc,
             )
             .map_err(RoundError::Send)?;
             for q in p..p + n {

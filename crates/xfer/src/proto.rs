@@ -8,12 +8,13 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::tls::Security;
-use crate::wire::{Endpoint, Kind, Listener, RecvError, Sock};
+use crate::wire::{Endpoint, Keepalive, Kind, Listener, RecvError, Sock, link_deadline};
 
 /// The protocol's name, in every hello.
 pub const PROTOCOL: &str = "faultline-migrate";
 /// The protocol version. This crate speaks version 1 unchanged, so old and new peers migrate
-/// between each other; [`Kind::Keepalive`] is the only addition, sent only when enabled.
+/// between each other; keepalives ([`Kind::Keepalive`]) are an addition negotiated in the
+/// hello and its answer (`keepalive_ms`), sent only to a peer that announced them.
 pub const VERSION: u32 = 1;
 /// Kernel socket buffer of the main connection (each side), bytes: the background stream
 /// then has little in flight, so a page the pusher has claimed arrives soon after it is asked.
@@ -89,7 +90,19 @@ pub struct Hello {
     /// Whether the VM has the in-kernel irqchip.
     #[serde(default)]
     pub irqchip: bool,
+    /// The sender understands keepalives and counts the link lost after this many ms of
+    /// silence on a connection (0 or absent: an older peer, which gets no keepalives).
+    #[serde(default)]
+    pub keepalive_ms: u64,
+    /// The sender checks and sends CRC32C frame trailers ([`crate::wire::FLAG_CRC`]); both
+    /// sides must say so for them to be used (absent in an older peer's hello).
+    #[serde(default)]
+    pub crc32c: bool,
 }
+
+/// The environment variable that makes a source not offer CRC32C trailers (tests: a link
+/// whose damage only the memory digest can catch).
+pub const NO_CRC_ENV: &str = "FAULTLINE_TEST_NO_CRC";
 
 impl Hello {
     /// A hello of this protocol for the main channel.
@@ -103,6 +116,8 @@ impl Hello {
             mode,
             config,
             irqchip: false,
+            keepalive_ms: link_deadline().as_millis() as u64,
+            crc32c: std::env::var_os(NO_CRC_ENV).is_none(),
         }
     }
 }
@@ -120,6 +135,27 @@ pub struct HelloAck {
     /// The destination runs `verify` and wants the source's checksums at switchover.
     #[serde(default)]
     pub want_checksums: bool,
+    /// As [`Hello::keepalive_ms`]: set only when the hello announced keepalives too.
+    #[serde(default)]
+    pub keepalive_ms: u64,
+    /// CRC32C trailers are used on this connection pair: set only when the hello offered
+    /// them.
+    #[serde(default)]
+    pub crc32c: bool,
+}
+
+impl HelloAck {
+    /// The keepalives this answer agrees on, with our own deadline.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        Keepalive::negotiate(link_deadline(), self.keepalive_ms)
+    }
+}
+
+impl Hello {
+    /// The keepalives an answer to this hello agrees on, with our own deadline.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        Keepalive::negotiate(link_deadline(), self.keepalive_ms)
+    }
 }
 
 /// The handshake failed.
@@ -257,20 +293,45 @@ pub fn read_hello(s: &mut Sock) -> Result<Hello, HandshakeError> {
     Ok(h)
 }
 
-/// Destination: answer a hello (`Err`: refuse, with the reason).
+/// Destination: answer a hello (`Err`: refuse, with the reason). No keepalives are
+/// offered: answer with [`ack_hello`] for that.
 pub fn ack(s: &mut Sock, r: Result<bool, String>) -> Result<(), HandshakeError> {
+    send_ack(s, r, false, false)
+}
+
+/// Destination: answer hello `h` (`Err`: refuse), agreeing to keepalives and CRC32C
+/// trailers if `h` offered them.
+pub fn ack_hello(s: &mut Sock, h: &Hello, r: Result<bool, String>) -> Result<(), HandshakeError> {
+    send_ack(s, r, h.keepalive_ms > 0, h.crc32c)
+}
+
+fn send_ack(
+    s: &mut Sock,
+    r: Result<bool, String>,
+    keepalive: bool,
+    crc32c: bool,
+) -> Result<(), HandshakeError> {
+    let keepalive_ms = if keepalive {
+        link_deadline().as_millis() as u64
+    } else {
+        0
+    };
     let a = match r {
         Ok(want_checksums) => HelloAck {
             version: VERSION,
             ok: true,
             error: None,
             want_checksums,
+            keepalive_ms,
+            crc32c,
         },
         Err(e) => HelloAck {
             version: VERSION,
             ok: false,
             error: Some(e),
             want_checksums: false,
+            keepalive_ms: 0,
+            crc32c: false,
         },
     };
     s.send_json(Kind::HelloAck, &a)
@@ -323,7 +384,7 @@ pub fn accept_pair(
             return Err(HandshakeError::Refused(e));
         }
     };
-    ack(&mut main, Ok(want))?;
+    ack_hello(&mut main, &h, Ok(want))?;
     main.set_buffers(MAIN_BUFFER);
     let wait = Duration::from_secs(10);
     let mut prio = accept_secure(l, sec, wait)?;
@@ -335,7 +396,7 @@ pub fn accept_pair(
         );
         return Err(HandshakeError::NotPriority);
     }
-    ack(&mut prio, Ok(want))?;
+    ack_hello(&mut prio, &p, Ok(want))?;
     for s in [&main, &prio] {
         s.set_read_timeout(None).map_err(HandshakeError::Setup)?;
     }

@@ -55,6 +55,9 @@ pub enum PullError {
         #[source]
         source: InstallError,
     },
+    /// CRC32C trailers were negotiated but a page frame came without one.
+    #[error("a {0:?} frame without its CRC32C trailer (negotiated in the hello)")]
+    Unchecked(Kind),
     /// The installer was not attached ([`Pull::attach`]) before pages came.
     #[error("pages came before the fault loop's installer was attached")]
     NotAttached,
@@ -122,6 +125,8 @@ pub struct PullStats {
     pub bytes: u64,
     /// Pages still at the source.
     pub left: u64,
+    /// Pages asked again because their frame arrived damaged.
+    pub resends: u64,
 }
 
 struct Shared {
@@ -136,6 +141,8 @@ struct Shared {
     requested: Bits,
     hashes: Vec<AtomicU64>,
     prio: Mutex<Option<Sock>>,
+    /// When a frame last went out on the priority connection.
+    prio_sent: Mutex<std::time::Instant>,
     pages_bg: AtomicU64,
     pages_prio: AtomicU64,
     zero_sent: AtomicU64,
@@ -144,6 +151,10 @@ struct Shared {
     requests: AtomicU64,
     duplicates: AtomicU64,
     bytes: AtomicU64,
+    /// CRC32C trailers were negotiated: page frames must carry one.
+    crc: std::sync::atomic::AtomicBool,
+    /// Pages asked again because their frame arrived damaged.
+    resends: AtomicU64,
 }
 
 impl Shared {
@@ -158,6 +169,42 @@ impl Shared {
                 *g = None;
             } else {
                 self.requests.fetch_add(1, SeqCst);
+                *self.prio_sent.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::Instant::now();
+            }
+        }
+    }
+
+    /// Ask the source to send pages `[p, p + n)` again (their frame arrived damaged).
+    /// `false`: there is no priority connection to ask on.
+    fn resend(&self, p: u64, n: u64) -> bool {
+        let mut g = self.prio.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = g.as_mut() else {
+            return false;
+        };
+        if s.send(Kind::Resend, p * PAGE, &(n as u32).to_le_bytes())
+            .is_err()
+        {
+            *g = None;
+            return false;
+        }
+        self.resends.fetch_add(n, SeqCst);
+        *self.prio_sent.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        true
+    }
+
+    fn keepalive(&self, every: std::time::Duration) {
+        let mut g = self.prio.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = self.prio_sent.lock().unwrap_or_else(|e| e.into_inner());
+        if sent.elapsed() < every {
+            return;
+        }
+        if let Some(s) = g.as_mut() {
+            if s.send(Kind::Keepalive, 0, &[]).is_err() {
+                // As for a request: the receivers notice the broken link.
+                *g = None;
+            } else {
+                *sent = std::time::Instant::now();
             }
         }
     }
@@ -254,6 +301,7 @@ impl Pull {
                 requested: Bits::new(pages),
                 hashes,
                 prio: Mutex::new(None),
+                prio_sent: Mutex::new(std::time::Instant::now()),
                 pages_bg: AtomicU64::new(0),
                 pages_prio: AtomicU64::new(0),
                 zero_sent: AtomicU64::new(0),
@@ -262,6 +310,8 @@ impl Pull {
                 requests: AtomicU64::new(0),
                 duplicates: AtomicU64::new(0),
                 bytes: AtomicU64::new(0),
+                crc: std::sync::atomic::AtomicBool::new(false),
+                resends: AtomicU64::new(0),
             }),
         }
     }
@@ -311,6 +361,19 @@ impl Pull {
                 .map_err(PullError::Setup)?;
         }
         Ok(())
+    }
+
+    /// Send a keepalive on the priority connection if nothing (no request) went out on it
+    /// for `every` (the supervisor calls this often; requests and keepalives share one lock,
+    /// so frames never interleave).
+    pub fn keepalive(&self, every: std::time::Duration) {
+        self.sh.keepalive(every);
+    }
+
+    /// Page frames must carry a CRC32C trailer (negotiated in the hello); a damaged one is
+    /// asked for again ([`Kind::Resend`]).
+    pub fn set_crc(&self, crc: bool) {
+        self.sh.crc.store(crc, SeqCst);
     }
 
     /// Pages still at the source.
@@ -370,6 +433,7 @@ impl Pull {
             duplicates: s.duplicates.load(SeqCst),
             bytes: s.bytes.load(SeqCst),
             left: s.left.load(SeqCst),
+            resends: s.resends.load(SeqCst),
         }
     }
 }
@@ -413,8 +477,56 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
     let mut buf = Vec::new();
     let (generation, channel) = (d.generation, d.channel);
     loop {
-        let h = match sock.recv(&mut buf) {
-            Ok(h) => h,
+        let h = match sock.recv_checked(&mut buf) {
+            Ok((h, checked)) => {
+                if sh.crc.load(SeqCst) && !checked && matches!(h.kind, Kind::Pages | Kind::Zero) {
+                    return d.end(Event::Failed {
+                        generation,
+                        channel,
+                        error: PullError::Unchecked(h.kind),
+                    });
+                }
+                h
+            }
+            Err(e @ RecvError::Checksum { .. }) => {
+                // Damaged on the way: a `Pages` frame is asked for again (the pages it names
+                // that are still needed). The header is covered too: if it named other
+                // pages, those never come and the source's wait for `Done` ends in a
+                // recovery. Anything else cannot be asked for again: the link counts as lost.
+                if let RecvError::Checksum {
+                    kind: Kind::Pages,
+                    arg,
+                    len,
+                    ..
+                } = e
+                {
+                    let (p, n) = (arg / PAGE, u64::from(len) / PAGE);
+                    if arg % PAGE == 0 && n > 0 && p.checked_add(n).is_some_and(|e| e <= sh.pages) {
+                        // Runs of the pages still needed (others came meanwhile).
+                        let mut q = p;
+                        while q < p + n {
+                            if !sh.needed.get(q) {
+                                q += 1;
+                                continue;
+                            }
+                            let mut e = q + 1;
+                            while e < p + n && sh.needed.get(e) {
+                                e += 1;
+                            }
+                            sh.resend(q, e - q);
+                            q = e;
+                        }
+                        continue;
+                    }
+                }
+                // As a lost link: after a reconnection the source learns exactly which pages
+                // are still needed (`Recover`).
+                return d.end(Event::Lost {
+                    generation,
+                    channel,
+                    error: e,
+                });
+            }
             Err(RecvError::Frame(e)) => {
                 return d.end(Event::Failed {
                     generation,

@@ -28,7 +28,10 @@ use thiserror::Error;
 use crate::bitmap::{Bits, bytes_to_words, words_for};
 use crate::digest::is_zero;
 use crate::reader::{PageReader, ReadError};
-use crate::wire::{FrameError, HEADER, Header, Kind, MAX_RUN, PAGE, RateLimit, RecvError, Sock};
+use crate::wire::{
+    Beat, FrameError, HEADER, Keepalive, Kind, MAX_RUN, PAGE, RateLimit, RecvError, Sock, Stalled,
+    encode_frame,
+};
 
 /// What ended a push session's link.
 #[derive(Debug, Error)]
@@ -112,6 +115,8 @@ pub struct PushStats {
     pub stride_pages: u64,
     /// Pages not yet sent.
     pub remaining: u64,
+    /// Pages sent again because they arrived damaged ([`Kind::Resend`]).
+    pub resent: u64,
 }
 
 /// Tuning of the priority responder.
@@ -125,6 +130,14 @@ pub struct PushConfig {
     pub max_stride: u64,
     /// Give the responder a higher and the pusher a lower scheduling priority (best effort).
     pub nice: bool,
+    /// Keepalives agreed with the destination: the responder sends one on the priority
+    /// connection when it has sent nothing for a while, and the link counts as lost when
+    /// nothing (no request, no keepalive) came on it for the deadline. `None`: an older
+    /// destination; silence is then never an error.
+    pub keepalive: Option<Keepalive>,
+    /// CRC32C trailers on every page frame (negotiated in the hello); the destination then
+    /// asks again ([`Kind::Resend`]) for the pages of a frame that arrived damaged.
+    pub crc: bool,
 }
 
 impl Default for PushConfig {
@@ -134,6 +147,8 @@ impl Default for PushConfig {
             stride_chunk: 8,
             max_stride: 4096,
             nice: true,
+            keepalive: None,
+            crc: false,
         }
     }
 }
@@ -159,6 +174,7 @@ struct Shared {
     stop: AtomicBool,
     requests: AtomicU64,
     stride_pages: AtomicU64,
+    resent: AtomicU64,
 }
 
 impl Shared {
@@ -219,6 +235,7 @@ impl Push {
                 stop: AtomicBool::new(false),
                 requests: AtomicU64::new(0),
                 stride_pages: AtomicU64::new(0),
+                resent: AtomicU64::new(0),
             }),
             pusher: None,
             responder: None,
@@ -312,6 +329,7 @@ impl Push {
             requests: s.requests.load(SeqCst),
             stride_pages: s.stride_pages.load(SeqCst),
             remaining: s.todo.count(),
+            resent: s.resent.load(SeqCst),
         }
     }
 }
@@ -372,6 +390,7 @@ pub fn send_run(
     urgent: bool,
     sent: &Sent,
     announce_zero: &dyn Fn(u64) -> bool,
+    crc: bool,
 ) -> Result<(), SendError> {
     // The buffer only grows (to the longest run): re-zeroing it for every run of another
     // length cost a memory pass per page on the pre-copy switchover's hot path.
@@ -401,7 +420,8 @@ pub fn send_run(
                     e += 1;
                 }
                 rate.take(HEADER + 4, urgent);
-                sock.send(Kind::Zero, (p + k) * PAGE, &((e - k) as u32).to_le_bytes())
+                let count = ((e - k) as u32).to_le_bytes();
+                sock.send_crc(Kind::Zero, (p + k) * PAGE, &count, crc)
                     .map_err(SendError::Io)?;
                 sent.bytes.fetch_add(HEADER as u64 + 4, SeqCst);
                 sent.zero_pages.fetch_add(e - k, SeqCst);
@@ -410,7 +430,7 @@ pub fn send_run(
         } else {
             let data = &buf[(i * PAGE) as usize..(j * PAGE) as usize];
             rate.take(data.len() + HEADER, urgent);
-            sock.send_vectored(Kind::Pages, (p + i) * PAGE, data)
+            sock.send_vectored_crc(Kind::Pages, (p + i) * PAGE, data, crc)
                 .map_err(SendError::Io)?;
             sent.bytes.fetch_add((data.len() + HEADER) as u64, SeqCst);
             sent.pages.fetch_add(j - i, SeqCst);
@@ -427,26 +447,20 @@ fn send_pages(sh: &Shared, sock: &mut Sock, pages: &[u64]) -> Result<(), LinkErr
     for &p in pages {
         sh.reader.read(p, &mut pg).map_err(LinkError::Read)?;
         let zero = is_zero(&pg);
-        let (kind, len) = if zero {
-            (Kind::Zero, 4)
-        } else {
-            (Kind::Pages, PAGE as u32)
-        };
-        out.extend_from_slice(
-            &Header {
-                kind,
-                len,
-                arg: p * PAGE,
-            }
-            .encode(),
-        );
-        if zero {
-            out.extend_from_slice(&1u32.to_le_bytes());
+        let r = if zero {
             sh.sent.zero_pages.fetch_add(1, SeqCst);
+            encode_frame(
+                &mut out,
+                Kind::Zero,
+                p * PAGE,
+                &1u32.to_le_bytes(),
+                sh.cfg.crc,
+            )
         } else {
-            out.extend_from_slice(&pg);
             sh.sent.pages.fetch_add(1, SeqCst);
-        }
+            encode_frame(&mut out, Kind::Pages, p * PAGE, &pg, sh.cfg.crc)
+        };
+        r.map_err(LinkError::PrioritySend)?;
     }
     // Speculative: it waits for the link like the background stream.
     sh.rate.take(out.len(), false);
@@ -496,6 +510,7 @@ fn pusher(sh: &Shared, mut sock: Sock) {
             false,
             &sh.sent,
             &|_| true,
+            sh.cfg.crc,
         );
         match r {
             Ok(()) => cursor = p + n,
@@ -508,15 +523,32 @@ fn pusher(sh: &Shared, mut sock: Sock) {
 /// Read requests into a channel (so that answering never waits behind reading, and
 /// speculative pushes stop the moment a request comes). Waits with `poll`, never with a read
 /// timeout that could split a frame.
-fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<u64>) {
+/// What the destination asks for.
+enum Ask {
+    /// A thread faulted on this page: send it unless it was sent already.
+    Fault(u64),
+    /// These pages arrived damaged: send them again.
+    Resend(u64, u64),
+}
+
+fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<Ask>) {
     if sh.cfg.nice {
         set_nice(-10);
     }
     let mut buf = Vec::new();
+    let mut heard = std::time::Instant::now();
     while !sh.done() {
         match rd.poll_readable(Duration::from_millis(100)) {
-            Ok(false) => continue,
-            Ok(true) => {}
+            Ok(false) => {
+                if let Some(k) = sh.cfg.keepalive
+                    && heard.elapsed() >= k.deadline
+                {
+                    let e = Stalled::Silent(k.deadline).into_io();
+                    return sh.lose(LinkError::PriorityRecv(RecvError::Io(e)));
+                }
+                continue;
+            }
+            Ok(true) => heard = std::time::Instant::now(),
             Err(e) => return sh.lose(LinkError::PriorityRecv(RecvError::Io(e))),
         }
         let h = match rd.recv(&mut buf) {
@@ -527,14 +559,19 @@ fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<u64>) {
         if h.kind == Kind::Keepalive {
             continue;
         }
-        if h.kind != Kind::Request || page >= sh.pages {
+        if !matches!(h.kind, Kind::Request | Kind::Resend) || page >= sh.pages {
             return sh.lose(LinkError::BadRequest { kind: h.kind, page });
         }
-        if let Err(e) = crate::wire::count(h.kind, &buf, MAX_RUN as u32) {
-            return sh.lose(LinkError::BadCount(e));
-        }
+        let n = match crate::wire::count(h.kind, &buf, MAX_RUN as u32) {
+            Ok(n) => u64::from(n).min(sh.pages - page),
+            Err(e) => return sh.lose(LinkError::BadCount(e)),
+        };
+        let ask = match h.kind {
+            Kind::Resend => Ask::Resend(page, n),
+            _ => Ask::Fault(page),
+        };
         sh.busy.fetch_add(1, SeqCst);
-        if tx.send(page).is_err() {
+        if tx.send(ask).is_err() {
             return;
         }
     }
@@ -561,7 +598,13 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
         let mut history: Vec<u64> = Vec::with_capacity(16);
         // (next page, stride, pages left) of the speculative push.
         let mut spec: Option<(u64, u64, u64)> = None;
+        // The responder is the priority connection's only writer: it keeps it alive.
+        let mut beat = Beat::new(sh.cfg.keepalive);
         while !sh.done() {
+            if let Err(e) = beat.tick(&mut sock) {
+                sh.lose(LinkError::PrioritySend(e));
+                break;
+            }
             let req = if spec.is_some() {
                 rx.try_recv().ok()
             } else {
@@ -571,7 +614,34 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             };
-            if let Some(p) = req {
+            if let Some(Ask::Resend(p, n)) = req {
+                beat.sent();
+                for q in p..p + n {
+                    sh.todo.clear(q);
+                }
+                let r = send_run(
+                    &mut sock,
+                    &*sh.reader,
+                    p,
+                    n,
+                    &mut buf,
+                    &sh.rate,
+                    true,
+                    &sh.sent,
+                    &|_| true,
+                    sh.cfg.crc,
+                );
+                match r {
+                    Ok(()) => {}
+                    Err(SendError::Io(e)) => sh.lose(LinkError::PrioritySend(e)),
+                    Err(SendError::Read(e)) => sh.lose(LinkError::Read(e)),
+                }
+                sh.resent.fetch_add(n, SeqCst);
+                sh.busy.fetch_sub(1, SeqCst);
+                continue;
+            }
+            if let Some(Ask::Fault(p)) = req {
+                beat.sent();
                 sh.requests.fetch_add(1, SeqCst);
                 if sh.todo.clear(p) {
                     let r = send_run(
@@ -584,6 +654,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                         true,
                         &sh.sent,
                         &|_| true,
+                        sh.cfg.crc,
                     );
                     match r {
                         Ok(()) => {}
@@ -618,6 +689,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 left -= 1;
             }
             if !batch.is_empty() {
+                beat.sent();
                 if let Err(e) = send_pages(sh, &mut sock, &batch) {
                     sh.lose(e);
                 }

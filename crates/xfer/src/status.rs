@@ -136,6 +136,10 @@ pub struct StatusInner {
     /// Source checksums at switchover (destination, `--verify`).
     #[serde(skip)]
     pub source_checksums: Option<Vec<u64>>,
+    /// Source: the migration failed after the machine state went out, so the destination
+    /// may run the guest. The guest stays paused here and no other migration starts until
+    /// the operator decides (the VMM's `PUT /migrate/reclaim`: the guest runs here again).
+    pub in_doubt: bool,
 }
 
 /// A migration's status, shared by its threads and the API.

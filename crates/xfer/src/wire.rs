@@ -6,12 +6,18 @@
 //! | bytes | field | meaning |
 //! |---|---|---|
 //! | 0 | `kind` | [`Kind`] |
-//! | 1 | `flags` | 0 (reserved; a frame with other flags is refused) |
+//! | 1 | `flags` | bit 0 [`FLAG_CRC`]: a CRC32C trailer follows; other bits reserved (refused) |
 //! | 2..4 | `magic` | `0x464c` (`"FL"`, little-endian): catches a stream out of step |
 //! | 4..8 | `len` | payload bytes, little-endian; at most [`Kind::max_len`] |
 //! | 8..16 | `arg` | little-endian; meaning per kind (a guest-physical address for pages) |
 //!
-//! [`Header::decode`] checks every header from the peer: the magic, a known kind, no flags,
+//! With [`FLAG_CRC`] (only when both hellos offered `crc32c`), the payload is followed by 4
+//! bytes not counted in `len`: the CRC32C (Castagnoli, as the `crc32c` crate computes it,
+//! hardware-accelerated), little-endian, of the 16 header bytes as sent (flags included)
+//! followed by the payload. [`read_frame_checked`] verifies it after reading the whole frame,
+//! so a damaged frame ([`RecvError::Checksum`]) leaves the stream in step.
+//!
+//! [`Header::decode`] checks every header from the peer: the magic, a known kind, known flags,
 //! and the payload length against the kind's exact size or bound ([`Kind::check`]), so no
 //! payload is read before its size is known to fit. Payloads with structure are parsed by
 //! checked functions ([`count`], and `bitmap::bytes_to_words` for bitmaps); nothing indexes a short
@@ -22,13 +28,18 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::link::stalled;
+pub use crate::link::{Beat, Direction, Keepalive, LINK_DEADLINE_ENV, Stalled, link_deadline};
+
 /// The frame magic.
 pub const MAGIC: u16 = 0x464c;
+/// Header flag: a 4-byte CRC32C trailer follows the payload (negotiated in the hello).
+pub const FLAG_CRC: u8 = 0x01;
 /// Header size.
 pub const HEADER: usize = 16;
 /// Page size on the wire.
@@ -78,9 +89,13 @@ pub enum Kind {
     /// from its (frozen) memory. JSON `{"digest": "0x.."}`.
     Verdict = 16,
     /// Either way, either connection: nothing to say, the link is alive; empty payload.
-    /// New in this crate: an engine sends it only when configured to (a peer of the old code
-    /// would refuse it as an unknown kind).
+    /// Sent only to a peer that announced keepalives in its hello or answer
+    /// (`keepalive_ms`): a peer of the old code would refuse it as an unknown kind.
     Keepalive = 17,
+    /// Destination → source (priority connection): the pages at `arg` arrived damaged (a
+    /// CRC32C mismatch): send them again, even though they were sent; payload: `u32` count
+    /// (1..=64). Sent only when CRC32C trailers were negotiated.
+    Resend = 18,
 }
 
 impl Kind {
@@ -103,7 +118,8 @@ impl Kind {
             14 => Recover,
             15 => Cancel,
             16 => Verdict,
-            17 => Keepalive,
+            17 => Kind::Keepalive,
+            18 => Kind::Resend,
             _ => return None,
         })
     }
@@ -112,7 +128,7 @@ impl Kind {
     pub fn max_len(self) -> u32 {
         match self {
             Kind::Pages => (MAX_RUN * PAGE) as u32,
-            Kind::Zero | Kind::Request => 4,
+            Kind::Zero | Kind::Request | Kind::Resend => 4,
             Kind::Keepalive => 0,
             Kind::State => 16 << 20,
             // 64 GiB of memory: 2 MiB of bitmap.
@@ -145,7 +161,7 @@ impl Kind {
             }
         };
         match self {
-            Kind::Zero | Kind::Request => exact(4),
+            Kind::Zero | Kind::Request | Kind::Resend => exact(4),
             Kind::Keepalive => exact(0),
             Kind::Pages if len == 0 || u64::from(len) % PAGE != 0 || arg % PAGE != 0 => {
                 Err(FrameError::Unaligned { arg, len })
@@ -230,6 +246,9 @@ pub enum FrameError {
         /// The bound.
         max: u32,
     },
+    /// CRC32C trailers were negotiated, but a frame that must carry one came without.
+    #[error("a {0:?} frame without its CRC32C trailer (negotiated in the hello)")]
+    Unchecked(Kind),
     /// A pages frame that is not whole pages, or not page-aligned.
     #[error("pages frame at {arg:#x} of {len} bytes: not whole, aligned pages")]
     Unaligned {
@@ -243,8 +262,14 @@ pub enum FrameError {
 impl Header {
     /// Encode.
     pub fn encode(&self) -> [u8; HEADER] {
+        self.encode_with(0)
+    }
+
+    /// Encode with `flags` ([`FLAG_CRC`] or 0).
+    pub fn encode_with(&self, flags: u8) -> [u8; HEADER] {
         let mut b = [0u8; HEADER];
         b[0] = self.kind as u8;
+        b[1] = flags;
         b[2..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&self.len.to_le_bytes());
         b[8..16].copy_from_slice(&self.arg.to_le_bytes());
@@ -258,7 +283,7 @@ impl Header {
             return Err(FrameError::Magic(magic));
         }
         let kind = Kind::from_u8(b[0]).ok_or(FrameError::Kind(b[0]))?;
-        if b[1] != 0 {
+        if b[1] & !FLAG_CRC != 0 {
             return Err(FrameError::Flags(b[1]));
         }
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -316,27 +341,62 @@ impl Sock {
         set_sock_buffers(self, bytes)
     }
 
+    /// Every new connection: no Nagle delay (TCP), and a write deadline of
+    /// [`link_deadline`]: a peer that takes nothing for that long fails the write with
+    /// [`Stalled`] instead of blocking the sender forever.
     fn tune(&self) {
         if let Sock::Tcp(s) = self {
             let _ = s.set_nodelay(true);
         }
+        let _ = self.set_write_timeout(Some(link_deadline()));
     }
 
     /// Write one frame (header and payload in one `write`, so a priority answer is one
     /// segment).
     pub fn send(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = outgoing(kind, arg, payload)?;
-        let mut buf = Vec::with_capacity(HEADER + payload.len());
-        buf.extend_from_slice(&h.encode());
-        buf.extend_from_slice(payload);
+        self.send_crc(kind, arg, payload, false)
+    }
+
+    /// [`send`](Self::send), with a CRC32C trailer when `crc` (negotiated in the hello).
+    pub fn send_crc(&mut self, kind: Kind, arg: u64, payload: &[u8], crc: bool) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(HEADER + payload.len() + 4);
+        encode_frame(&mut buf, kind, arg, payload, crc)?;
         self.write_all(&buf)
     }
 
     /// Write one frame with `writev`, straight from `payload` (no copy: guest memory goes to
     /// the socket as it is).
     pub fn send_vectored(&mut self, kind: Kind, arg: u64, payload: &[u8]) -> io::Result<()> {
-        let h = outgoing(kind, arg, payload)?.encode();
-        let mut bufs = [io::IoSlice::new(&h), io::IoSlice::new(payload)];
+        self.send_vectored_crc(kind, arg, payload, false)
+    }
+
+    /// [`send_vectored`](Self::send_vectored), with a CRC32C trailer when `crc`.
+    pub fn send_vectored_crc(
+        &mut self,
+        kind: Kind,
+        arg: u64,
+        payload: &[u8],
+        crc: bool,
+    ) -> io::Result<()> {
+        let mut h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
+        let trailer = crc32c::crc32c_append(crc32c::crc32c(&h), payload).to_le_bytes();
+        let corrupt;
+        let payload = match test_corruption(kind) {
+            Some(Damage::Payload) => {
+                corrupt = damaged(payload);
+                &corrupt[..]
+            }
+            Some(Damage::Address) => {
+                h[15] ^= 0x5a;
+                payload
+            }
+            None => payload,
+        };
+        let mut bufs = [
+            io::IoSlice::new(&h),
+            io::IoSlice::new(payload),
+            io::IoSlice::new(if crc { &trailer[..] } else { &[] }),
+        ];
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             match self.write_vectored(bufs) {
@@ -358,6 +418,12 @@ impl Sock {
     /// Read one frame into `buf` (resized to the payload, which [`Header::decode`] bounded).
     pub fn recv(&mut self, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
         read_frame(self, buf)
+    }
+
+    /// [`recv`](Self::recv), also saying whether the frame carried a checksum (then it was
+    /// verified: a mismatch is [`RecvError::Checksum`], the stream still in step).
+    pub fn recv_checked(&mut self, buf: &mut Vec<u8>) -> Result<(Header, bool), RecvError> {
+        read_frame_checked(self, buf)
     }
 
     /// Wait at most `timeout` for the connection to be readable (data, end of stream or an
@@ -419,13 +485,30 @@ pub enum RecvError {
     /// The header breaks the format.
     #[error("malformed frame")]
     Frame(#[source] FrameError),
+    /// The frame's CRC32C trailer does not match its bytes: damaged on the way. The whole
+    /// frame was read; the stream is still in step.
+    #[error(
+        "{kind:?} frame at {arg:#x} ({len} bytes) arrived damaged: CRC32C {got:#010x}, sent as {sent:#010x}"
+    )]
+    Checksum {
+        /// The kind the header names (the header is covered too: it may be damaged itself).
+        kind: Kind,
+        /// The argument it names.
+        arg: u64,
+        /// The payload length.
+        len: u32,
+        /// The trailer.
+        sent: u32,
+        /// Computed here.
+        got: u32,
+    },
 }
 
 impl RecvError {
     /// Whether the link is gone (closed, cut, or failing), as opposed to a peer that broke the
-    /// format.
+    /// format or a damaged frame.
     pub fn is_link(&self) -> bool {
-        !matches!(self, RecvError::Frame(_))
+        !matches!(self, RecvError::Frame(_) | RecvError::Checksum { .. })
     }
 }
 
@@ -445,41 +528,153 @@ fn read_full(r: &mut impl Read, b: &mut [u8]) -> Result<usize, io::Error> {
 /// Read one frame from `r` into `buf`: the header is decoded and checked before a byte of the
 /// payload is read, so a peer's length is bounded before use.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Header, RecvError> {
-    let mut h = [0u8; HEADER];
-    match read_full(r, &mut h).map_err(RecvError::Io)? {
+    read_frame_checked(r, buf).map(|(h, _)| h)
+}
+
+/// [`read_frame`], and whether the frame carried a CRC32C trailer ([`FLAG_CRC`]); one that
+/// does is verified over the header and the payload ([`RecvError::Checksum`] on a mismatch,
+/// after the whole frame was read: the stream stays in step).
+pub fn read_frame_checked(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+) -> Result<(Header, bool), RecvError> {
+    let mut raw = [0u8; HEADER];
+    match read_full(r, &mut raw).map_err(RecvError::Io)? {
         0 => return Err(RecvError::Closed),
         HEADER => {}
         _ => return Err(RecvError::Truncated),
     }
-    let h = Header::decode(&h).map_err(RecvError::Frame)?;
+    let h = Header::decode(&raw).map_err(RecvError::Frame)?;
     buf.resize(h.len as usize, 0);
     if read_full(r, buf).map_err(RecvError::Io)? != buf.len() {
         return Err(RecvError::Truncated);
     }
-    Ok(h)
+    if raw[1] & FLAG_CRC == 0 {
+        return Ok((h, false));
+    }
+    let mut t = [0u8; 4];
+    if read_full(r, &mut t).map_err(RecvError::Io)? != 4 {
+        return Err(RecvError::Truncated);
+    }
+    let sent = u32::from_le_bytes(t);
+    let got = crc32c::crc32c_append(crc32c::crc32c(&raw), buf);
+    if sent != got {
+        return Err(RecvError::Checksum {
+            kind: h.kind,
+            arg: h.arg,
+            len: h.len,
+            sent,
+            got,
+        });
+    }
+    Ok((h, true))
+}
+
+/// Append one frame to `out`: header, payload and (with `crc`) the CRC32C trailer, checked
+/// as the peer will check it.
+pub fn encode_frame(
+    out: &mut Vec<u8>,
+    kind: Kind,
+    arg: u64,
+    payload: &[u8],
+    crc: bool,
+) -> io::Result<()> {
+    let h = outgoing(kind, arg, payload)?.encode_with(if crc { FLAG_CRC } else { 0 });
+    out.extend_from_slice(&h);
+    let at = out.len();
+    out.extend_from_slice(payload);
+    if crc {
+        let c = crc32c::crc32c_append(crc32c::crc32c(&h), payload);
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    match test_corruption(kind) {
+        Some(Damage::Payload) => {
+            let bad = damaged(&out[at..at + payload.len()]);
+            out[at..at + payload.len()].copy_from_slice(&bad);
+        }
+        Some(Damage::Address) => out[at - HEADER + 15] ^= 0x5a,
+        None => {}
+    }
+    Ok(())
+}
+
+/// The environment variable of the corruption test hook: `N` flips one byte of the payload
+/// of the `N`th `Pages` frame this process sends (counted from 1), after its checksum was
+/// computed, as a bad link would; `addr:N` flips the top byte of its page address instead
+/// (a damaged header). For tests only; unset, nothing happens.
+pub const CORRUPT_ENV: &str = "FAULTLINE_TEST_CORRUPT_PAGE_FRAME";
+
+/// What the corruption test hook damages.
+#[derive(Clone, Copy)]
+enum Damage {
+    Payload,
+    Address,
+}
+
+fn damaged(p: &[u8]) -> Vec<u8> {
+    let mut v = p.to_vec();
+    if let Some(b) = v.get_mut(p.len() / 2) {
+        *b ^= 0x5a;
+    }
+    v
+}
+
+fn test_corruption(kind: Kind) -> Option<Damage> {
+    static NTH: std::sync::OnceLock<Option<(Damage, u64)>> = std::sync::OnceLock::new();
+    static SENT: AtomicU64 = AtomicU64::new(0);
+    let (what, nth) = (*NTH.get_or_init(|| {
+        let v = std::env::var(CORRUPT_ENV).ok()?;
+        match v.strip_prefix("addr:") {
+            Some(n) => Some((Damage::Address, n.parse().ok()?)),
+            None => Some((Damage::Payload, v.parse().ok()?)),
+        }
+    }))?;
+    if kind != Kind::Pages {
+        return None;
+    }
+    (SENT.fetch_add(1, SeqCst) + 1 == nth).then_some(what)
+}
+
+impl Sock {
+    fn read_deadline(&self) -> Option<Duration> {
+        match self {
+            Sock::Tcp(s) => s.read_timeout().ok().flatten(),
+            Sock::Unix(s) => s.read_timeout().ok().flatten(),
+        }
+    }
+
+    fn write_deadline(&self) -> Option<Duration> {
+        match self {
+            Sock::Tcp(s) => s.write_timeout().ok().flatten(),
+            Sock::Unix(s) => s.write_timeout().ok().flatten(),
+        }
+    }
 }
 
 impl Read for Sock {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.read(b),
             Sock::Unix(s) => s.read(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Receiving, self.read_deadline()))
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.write(b),
             Sock::Unix(s) => s.write(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
     fn write_vectored(&mut self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
+        let r = match self {
             Sock::Tcp(s) => s.write_vectored(b),
             Sock::Unix(s) => s.write_vectored(b),
-        }
+        };
+        r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -540,12 +735,17 @@ impl std::fmt::Display for Endpoint {
 }
 
 impl Endpoint {
-    /// Connect, retrying until `timeout` (the destination may still be starting).
+    /// Connect, retrying until `timeout` (the destination may still be starting). Each TCP
+    /// attempt is itself bounded by what is left of `timeout` (`connect_timeout`: a host that
+    /// drops SYNs would otherwise block for the kernel's ~2 minutes of retries).
     pub fn connect(&self, timeout: Duration) -> io::Result<Sock> {
         let deadline = Instant::now() + timeout;
         loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let r = match self {
-                Endpoint::Tcp(a) => TcpStream::connect(a).map(Sock::Tcp),
+                Endpoint::Tcp(a) => tcp_connect(a, left).map(Sock::Tcp),
                 Endpoint::Unix(p) => UnixStream::connect(p).map(Sock::Unix),
             };
             match r {
@@ -602,6 +802,19 @@ fn refuse_non_socket(p: &std::path::Path) -> io::Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Connect to the first address of `a` that answers, each attempt bounded by `within`.
+fn tcp_connect(a: &str, within: Duration) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{a}: no address"));
+    for addr in a.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, within) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A listening socket (non-blocking; [`Listener::accept`] waits with a timeout).
@@ -732,146 +945,5 @@ impl RateLimit {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_round_trip() {
-        for (kind, len, arg) in [
-            (Kind::Hello, 100, 0),
-            (Kind::Pages, 8192, 0x10_0000),
-            (Kind::Zero, 4, 0x2000),
-            (Kind::Verdict, 10, 0),
-        ] {
-            let h = Header { kind, len, arg };
-            assert_eq!(Header::decode(&h.encode()), Ok(h));
-        }
-    }
-
-    #[test]
-    fn bad_headers_are_refused() {
-        let good = Header {
-            kind: Kind::Pages,
-            len: 4096,
-            arg: 4096,
-        }
-        .encode();
-        let mut b = good;
-        b[2] = 0;
-        assert!(matches!(Header::decode(&b), Err(FrameError::Magic(_))));
-        let mut b = good;
-        b[0] = 99;
-        assert_eq!(Header::decode(&b), Err(FrameError::Kind(99)));
-        let mut b = good;
-        b[1] = 1;
-        assert_eq!(Header::decode(&b), Err(FrameError::Flags(1)));
-        let mut b = good;
-        b[4..8].copy_from_slice(&100u32.to_le_bytes());
-        assert!(matches!(
-            Header::decode(&b),
-            Err(FrameError::Unaligned { .. })
-        ));
-        // A short Zero payload is refused at the header, before any payload is read.
-        let z = Header {
-            kind: Kind::Zero,
-            len: 4,
-            arg: 0,
-        };
-        let mut b = z.encode();
-        b[4..8].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(
-            Header::decode(&b),
-            Err(FrameError::Length { want: 4, .. })
-        ));
-        assert!(count(Kind::Zero, &[1, 0], 10).is_err());
-        assert!(count(Kind::Zero, &0u32.to_le_bytes(), 10).is_err());
-        assert!(count(Kind::Zero, &11u32.to_le_bytes(), 10).is_err());
-        assert_eq!(count(Kind::Zero, &10u32.to_le_bytes(), 10), Ok(10));
-        let mut b = good;
-        b[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            Header::decode(&b),
-            Err(FrameError::TooLong { .. })
-        ));
-    }
-
-    /// Every byte string decodes to a header or an error; no panic (a fuzz loop over a
-    /// deterministic generator, plus every one-byte corruption of a valid header).
-    #[test]
-    fn decode_never_panics() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..200_000 {
-            let mut b = [0u8; HEADER];
-            for c in b.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-            }
-            if x & 1 == 0 {
-                b[2..4].copy_from_slice(&MAGIC.to_le_bytes());
-            }
-            let _ = Header::decode(&b);
-        }
-        let good = Header {
-            kind: Kind::Request,
-            len: 4,
-            arg: 8192,
-        }
-        .encode();
-        for i in 0..HEADER {
-            for v in 0..=255u8 {
-                let mut b = good;
-                b[i] = v;
-                if let Ok(h) = Header::decode(&b) {
-                    assert!(h.len <= h.kind.max_len());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn frames_the_peer_would_refuse_are_not_sent() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        let mut s = Sock::Unix(a);
-        for (kind, arg, len) in [
-            (Kind::Zero, 0, 2),
-            (Kind::Pages, 12, 4096),
-            (Kind::Pages, 0, 65 * 4096),
-            (Kind::Keepalive, 0, 1),
-        ] {
-            let e = s.send(kind, arg, &vec![0; len]).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
-            let e = s.send_vectored(kind, arg, &vec![0; len]).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{kind:?}");
-        }
-        s.send(Kind::Keepalive, 0, &[]).unwrap();
-    }
-
-    #[test]
-    fn endpoints_parse() {
-        assert_eq!(
-            "tcp:127.0.0.1:4444".parse::<Endpoint>(),
-            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
-        );
-        assert_eq!(
-            "unix:/tmp/x".parse::<Endpoint>(),
-            Ok(Endpoint::Unix("/tmp/x".into()))
-        );
-        for bad in ["tcp:host", "tcp:h:p", "unix:", "udp:1:2", ""] {
-            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn rate_limit_paces() {
-        let r = RateLimit::new(10 << 20);
-        let t = Instant::now();
-        for _ in 0..40 {
-            r.take(65536, false);
-        }
-        // 2.5 MiB at 10 MiB/s: about 250 ms (minus the first burst).
-        let ms = t.elapsed().as_millis();
-        assert!((150..1000).contains(&ms), "{ms} ms");
-    }
-}
+#[path = "wire_tests.rs"]
+mod tests;

@@ -89,6 +89,7 @@ pub fn route(method: &Method, url: &str, body: &str) -> Result<Command, HttpRepl
             }
             (false, Command::Migrate(r))
         }
+        "/migrate/reclaim" => (false, Command::MigrateReclaim),
         "/vm" => (true, Command::GetVm),
         "/vm/stats" => (true, Command::Stats),
         "/vm/pause" => (false, Command::Pause),
@@ -128,6 +129,8 @@ pub fn http(reply: Reply) -> HttpReply {
                 | ControlError::NotResumable(_)
                 | ControlError::CannotResumeHere
                 | ControlError::MigrationDone
+                | ControlError::InDoubt
+                | ControlError::NotInDoubt
                 | ControlError::Uncarried(_) => 409,
                 ControlError::NoMigration => 404,
                 ControlError::Finished
@@ -356,6 +359,10 @@ mod tests {
         assert_eq!(route(&Put, "/vm/pause?x=1", ""), Ok(Command::Pause));
         assert_eq!(route(&Get, "/migrate", ""), Ok(Command::MigrateStatus));
         assert_eq!(
+            route(&Put, "/migrate/reclaim", ""),
+            Ok(Command::MigrateReclaim)
+        );
+        assert_eq!(
             route(&Put, "/snapshot/create", r#"{"snapshot_dir":"/s"}"#),
             Ok(Command::SnapshotCreate {
                 dir: "/s".into(),
@@ -408,6 +415,7 @@ mod tests {
             409
         );
         assert_eq!(code(ControlError::HandedOver), 409);
+        assert_eq!(code(ControlError::InDoubt), 409);
         assert_eq!(code(ControlError::Busy("a snapshot")), 409);
         assert_eq!(
             code(ControlError::Snapshot(SnapshotError::Uncarried(vec![

@@ -13,12 +13,12 @@ use xfer::bitmap::{bytes_to_words, runs, words_for};
 use xfer::precopy::Precopied;
 use xfer::proto::{self, Channel, Hello};
 use xfer::pull::Pull;
-use xfer::wire::{HEADER, Kind, Listener, PAGE, RecvError, Sock};
+use xfer::wire::{FrameError, HEADER, Header, Kind, Listener, PAGE, RecvError, Sock};
 
 use super::supervisor::Supervisor;
 use super::{
     Endpoint, Migration, MigrationError, Role, State, Status, Switch, fail, io_err, peer_text,
-    pull_err,
+    pull_err, refuse,
 };
 use crate::config::VmConfig;
 use crate::guest::Workload;
@@ -225,6 +225,20 @@ struct Received {
     bytes: u64,
 }
 
+/// Read a frame; with CRC32C trailers negotiated, the frames that carry memory or state must
+/// have one (verified by the read).
+fn recv_checked(main: &mut Sock, buf: &mut Vec<u8>, crc: bool) -> Result<Header, RecvError> {
+    let (h, checked) = main.recv_checked(buf)?;
+    let must = matches!(
+        h.kind,
+        Kind::Pages | Kind::Zero | Kind::Switch | Kind::Needed | Kind::State
+    );
+    if crc && must && !checked {
+        return Err(RecvError::Frame(FrameError::Unchecked(h.kind)));
+    }
+    Ok(h)
+}
+
 /// Receive pre-copy rounds up to the switchover: pages go straight into memory (nothing runs
 /// yet), every frame checked.
 fn precopy(
@@ -232,16 +246,17 @@ fn precopy(
     mem: &GuestMem,
     cfg: &VmConfig,
     status: &Status,
+    crc: bool,
 ) -> Result<Received, MigrationError> {
     let pages = mem.size() / PAGE;
     let mut pre = Precopied::new(pages);
     let mut bytes = 0u64;
     let mut buf = Vec::new();
     loop {
-        let h = match main.recv(&mut buf) {
+        let h = match recv_checked(main, &mut buf, crc) {
             Ok(h) => h,
-            Err(e @ RecvError::Frame(_)) => {
-                return Err(fail(main, MigrationError::BeforeSwitchover(e)));
+            Err(e @ (RecvError::Frame(_) | RecvError::Checksum { .. })) => {
+                return Err(refuse(main, MigrationError::BeforeSwitchover(e)));
             }
             Err(e) => return Err(MigrationError::BeforeSwitchover(e)),
         };
@@ -261,12 +276,12 @@ fn precopy(
                         wrote = mem.write(p * PAGE, data);
                     }
                 })
-                .map_err(|e| fail(main, pull_err(e)))?;
-                wrote.map_err(|e| fail(main, MigrationError::GuestMemory(e)))?;
+                .map_err(|e| refuse(main, pull_err(e)))?;
+                wrote.map_err(|e| refuse(main, MigrationError::GuestMemory(e)))?;
             }
             Kind::Switch => {
                 let sw: Switch = serde_json::from_slice(&buf).map_err(|source| {
-                    fail(
+                    refuse(
                         main,
                         MigrationError::Json {
                             what: "Switch frame",
@@ -275,22 +290,21 @@ fn precopy(
                     )
                 })?;
                 if sw.heartbeats.len() != cfg.vcpus as usize {
-                    return Err(fail(
+                    return Err(refuse(
                         main,
                         protocol("Switch names the wrong number of vCPUs"),
                     ));
                 }
                 let needed =
                     if sw.postcopy {
-                        let h = main
-                            .recv(&mut buf)
-                            .map_err(|e| fail(main, MigrationError::BeforeSwitchover(e)))?;
+                        let h = recv_checked(main, &mut buf, crc)
+                            .map_err(|e| refuse(main, MigrationError::BeforeSwitchover(e)))?;
                         if h.kind != Kind::Needed {
-                            return Err(fail(main, protocol("expected the Needed bitmap")));
+                            return Err(refuse(main, protocol("expected the Needed bitmap")));
                         }
                         bytes += u64::from(h.len) + HEADER as u64;
                         Some(bytes_to_words(&buf, pages).ok_or_else(|| {
-                            fail(main, protocol("Needed bitmap of the wrong size"))
+                            refuse(main, protocol("Needed bitmap of the wrong size"))
                         })?)
                     } else {
                         None
@@ -309,7 +323,7 @@ fn precopy(
                 return Err(MigrationError::Peer(peer_text(&buf)));
             }
             k => {
-                return Err(fail(
+                return Err(refuse(
                     main,
                     protocol(format!("unexpected {k:?} frame before switchover")),
                 ));
@@ -336,25 +350,38 @@ fn receive(
     let pages = mem.size() / PAGE;
     main.set_read_timeout(Some(STREAM_TIMEOUT))
         .map_err(io_err("socket setup"))?;
-    let rx = precopy(&mut main, &mem, &cfg, status)?;
+    let crc = hello.crc32c;
+    let rx = precopy(&mut main, &mem, &cfg, status, crc)?;
     status
         .go(State::Switchover)
         .map_err(MigrationError::Transition)?;
     let mut buf = Vec::new();
-    let h = main
-        .recv(&mut buf)
-        .map_err(|e| fail(&mut main, MigrationError::BeforeSwitchover(e)))?;
+    let h = recv_checked(&mut main, &mut buf, crc)
+        .map_err(|e| refuse(&mut main, MigrationError::BeforeSwitchover(e)))?;
     if h.kind != Kind::State {
-        return Err(fail(&mut main, protocol("expected the State frame")));
+        return Err(refuse(&mut main, protocol("expected the State frame")));
     }
     let bytes = rx.bytes + u64::from(h.len) + HEADER as u64;
     let switch_t = Instant::now();
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)
-        .map_err(|e| fail(&mut main, MigrationError::State(e)))?;
+        .map_err(|e| refuse(&mut main, MigrationError::State(e)))?;
     let none = vec![0u64; words_for(pages)];
     let needed = rx.needed.as_deref().unwrap_or(&none);
     // Page 0 of guest memory is offset 0 of the fault loop's single region.
     let pull = Pull::new(pages, 0, needed, rx.pre.hashes());
+    pull.set_crc(crc);
+    // Pre-copy: every page is here; the guest starts only if memory is the source's.
+    if let (None, Some(want)) = (&rx.needed, rx.sw.digest) {
+        let got = pull.digest();
+        if got != want {
+            return Err(refuse(
+                &mut main,
+                MigrationError::Integrity(format!(
+                    "guest memory here (digest {got:#018x}) differs from the source's at switchover ({want:#018x}); the guest was not started here"
+                )),
+            ));
+        }
+    }
     // Post-copy: drop stale copies of needed pages, then let the fault loop catch every
     // access to a page not yet here.
     let fault_loop = match &rx.needed {
@@ -372,33 +399,39 @@ fn receive(
                 pull.attach(fl.installer());
                 Ok(fl)
             })()
-            .map_err(|e| fail(&mut main, e))?;
+            .map_err(|e| refuse(&mut main, e))?;
             Some(fl)
         }
         None => None,
     };
     vm_state
         .restore(&parts.vm)
-        .map_err(|e| fail(&mut main, MigrationError::State(e)))?;
+        .map_err(|e| refuse(&mut main, MigrationError::State(e)))?;
     parts.vcpus = build_vcpus(&parts.kvm, &parts.vm, &vcpu_states, &cfg, opts.verify)
-        .map_err(|e| fail(&mut main, MigrationError::Build(e)))?;
+        .map_err(|e| refuse(&mut main, MigrationError::Build(e)))?;
     if opts.verify {
         cfg.workload = Workload::Verify;
         cfg.run_for = None;
     }
     parts.cfg = cfg;
     parts.last_heartbeat = rx.sw.heartbeats.clone();
-    let vm = Vm::from_parts(parts).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
+    let vm = Vm::from_parts(parts).map_err(|e| refuse(&mut main, MigrationError::Vm(e)))?;
     if rx.sw.paused {
         // The operator had paused the guest at the source: it lands paused.
         vm.control().hold(PauseOwner::Operator);
     }
+    // A start that failed half-way may have run a vCPU: no "not started" claim here.
     let control = start(vm).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
     let resume_ns = mono_ns();
     main.send(Kind::Resumed, 0, b"{}")
         .map_err(io_err("telling the source the guest runs"))?;
-    main.set_read_timeout(None)
-        .map_err(io_err("socket setup"))?;
+    // From here the source sends keepalives (if it announced them): silence for the
+    // deadline on either connection is a lost link. Without them, reads block.
+    let keepalive = hello.keepalive();
+    for s in [&main, &prio] {
+        s.set_read_timeout(keepalive.map(|k| k.deadline))
+            .map_err(io_err("socket setup"))?;
+    }
     if fault_loop.is_some() {
         status
             .go(State::Postcopy)
@@ -416,6 +449,7 @@ fn receive(
         id: hello.id,
         recover_timeout: opts.recover_timeout,
         security,
+        keepalive,
         bytes,
         rounds: rx.sw.rounds,
         recoveries: 0,
@@ -451,7 +485,7 @@ mod tests {
         let mut main = Sock::Unix(a);
         let mem = GuestMem::new(2 << 20, Backend::Anonymous).unwrap();
         let status = Status::new(Role::Destination, None);
-        let r = precopy(&mut main, &mem, &VmConfig::default(), &status);
+        let r = precopy(&mut main, &mem, &VmConfig::default(), &status, false);
         (r, mem)
     }
 

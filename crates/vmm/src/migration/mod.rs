@@ -60,7 +60,14 @@
 //! `switchover`) → [`postcopy` → (`postcopy-paused` → `resuming` → `postcopy`)*] →
 //! `completed`; any state not final may end in `failed`. A pre-copy migration stays in
 //! `switchover` until it completes (the old `completing` is gone). Before the
-//! `State` frame is sent, every failure resumes the source guest. After it, the guest belongs
+//! `State` frame is sent, every failure resumes the source guest. After it, the guest may
+//! run at the destination: the source resumes it only if the destination said it did not
+//! start it (an `Error` frame with `"started": false`, e.g. a damaged frame or a digest
+//! mismatch). Any other failure before the destination's `Resumed` leaves the source guest
+//! paused and the status `failed` with `in_doubt: true`: no second migration starts, and
+//! `PUT /vm/resume` does not release it; the operator decides with `PUT /migrate/reclaim`
+//! (`faultline migrate --reclaim`: the guest runs here again; only when the destination is
+//! known not to run it) or `PUT /vm/stop`. After `Resumed`, the guest belongs
 //! to the destination: a lost link during post-copy leaves the source in `postcopy-paused`,
 //! serving nothing, until `faultline migrate --resume` reconnects (`Hello{resume:true}`); the
 //! destination answers with `Recover` (the pages it still needs) and post-copy goes on. On the
@@ -71,7 +78,19 @@
 //! Both sides compute a digest of guest memory at switchover: the sum, over non-zero pages,
 //! of a mix of the page number and the page's CRC-32. The destination hashes every page as it
 //! installs it; the source hashes its memory, frozen since the pause, after the transfer (so
-//! it also catches a page the dirty log missed). A mismatch fails the migration loudly.
+//! it also catches a page the dirty log missed). A mismatch fails the migration loudly. In
+//! pre-copy the source sends its digest in the `Switch` frame and the destination compares
+//! before it starts the guest: a mismatch refuses the switchover (`"started": false`) and
+//! the source guest runs on. With a peer that offers them, frames carrying memory or state
+//! also carry a CRC32C trailer (see `xfer`): a damaged frame fails a pre-copy before
+//! switchover, and in post-copy its pages are asked for again (`Resend`).
+//!
+//! # Liveness
+//! Every migration socket has a write deadline (`xfer::wire::link_deadline`, 10 s;
+//! `FAULTLINE_LINK_DEADLINE_MS`). After switchover both sides send keepalives on both
+//! connections when idle (if both hellos announced them) and count a connection silent for
+//! the deadline as lost: post-copy goes to `postcopy-paused` (the destination then waits for
+//! a recovery), pre-copy to `failed`.
 //! Destinations started with `--verify` run the guest's `verify` instead of resuming and
 //! compare its checksums with the source's at switchover.
 //!
@@ -155,6 +174,10 @@ pub struct Switch {
     /// The operator had paused the guest: it stays paused at the destination.
     #[serde(default)]
     pub paused: bool,
+    /// Pre-copy: the digest of the source's (frozen) memory, which the destination checks
+    /// before it starts the guest (absent from an older source, and in post-copy).
+    #[serde(default)]
+    pub digest: Option<u64>,
 }
 
 /// Sent when every page has been sent (JSON).
@@ -251,6 +274,9 @@ pub struct DestReport {
     pub digest: u64,
     /// Link losses recovered from.
     pub recoveries: u32,
+    /// Pages asked for again because their frame arrived damaged (CRC32C).
+    #[serde(default)]
+    pub resends: u64,
     /// Switchover (state received) → every page in, ms.
     pub postcopy_ms: f64,
 }
@@ -340,7 +366,7 @@ pub enum MigrationError {
     /// After switchover the link to the destination failed (not in post-copy, where the
     /// source waits for a recovery instead).
     #[error(
-        "after switchover (the source stays paused; PUT /vm/resume if the destination is not running the guest)"
+        "after switchover: the destination may run the guest, so it stays paused here; if the destination is not running it, `PUT /migrate/reclaim` (or `faultline migrate --api-sock SOCK --reclaim`) runs it here again"
     )]
     AfterSwitchover(#[source] LinkLost),
     /// Post-copy lost its link and no `--resume` came.
@@ -401,6 +427,10 @@ pub enum MigrationError {
     /// Memory differs between the two sides.
     #[error("integrity: {0}")]
     Integrity(String),
+    /// The destination refused the switchover before starting the guest (it says so in its
+    /// `Error` frame): the guest runs on at the source.
+    #[error("the destination refused the switchover and did not start the guest: {0}")]
+    Refused(String),
     /// Nothing to migrate, or a migration is running.
     #[error("{0}")]
     Invalid(String),
@@ -460,6 +490,22 @@ pub(crate) fn pull_err(e: xfer::pull::PullError) -> MigrationError {
     }
 }
 
+/// Destination, before it starts the guest: send an `Error` frame saying the guest was not
+/// started (`"started": false`, so the source may resume it) and hand the error back.
+pub(crate) fn refuse(main: &mut xfer::wire::Sock, e: MigrationError) -> MigrationError {
+    let _ = main.send_json(
+        xfer::wire::Kind::Error,
+        &serde_json::json!({ "error": uffd::error_chain(&e), "started": false }),
+    );
+    e
+}
+
+/// Whether an `Error` frame's payload says the destination did not start the guest.
+pub(crate) fn peer_not_started(b: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(b)
+        .is_ok_and(|v| v["started"] == serde_json::Value::Bool(false))
+}
+
 /// Send an `Error` frame to the peer (best effort) and hand the error back.
 pub(crate) fn fail(main: &mut xfer::wire::Sock, e: MigrationError) -> MigrationError {
     let _ = main.send_json(
@@ -487,18 +533,6 @@ impl Migration {
     pub(crate) fn busy(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
-}
-
-/// Wait at most `d` on a condition polled every millisecond.
-pub(crate) fn wait_for(d: Duration, f: impl Fn() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + d;
-    while !f() {
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
 }
 
 #[cfg(test)]

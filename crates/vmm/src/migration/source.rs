@@ -18,7 +18,7 @@ use xfer::proto::{self, Channel, Hello};
 use xfer::push::{Push, PushConfig, Sent};
 use xfer::reader::PageReader;
 use xfer::tls::Security;
-use xfer::wire::{Kind, PAGE, RateLimit, Sock};
+use xfer::wire::{Beat, Keepalive, Kind, PAGE, RateLimit, RecvError, Sock, Stalled};
 
 use super::guest_io::{GuestReader, KvmDirtyLog, scan};
 use super::{
@@ -91,6 +91,10 @@ struct Conns {
     main: Sock,
     prio: Sock,
     want_checksums: bool,
+    /// Keepalives agreed with the destination (`None`: an older destination).
+    keepalive: Option<Keepalive>,
+    /// CRC32C trailers on frames that carry memory or state.
+    crc: bool,
 }
 
 fn connect(
@@ -117,6 +121,8 @@ fn connect(
         main,
         prio,
         want_checksums: ack.want_checksums,
+        keepalive: ack.keepalive(),
+        crc: ack.crc32c,
     })
 }
 
@@ -158,12 +164,13 @@ fn migrate(
         ctx.control.reset_gaps();
         let maybe = scan(&ctx.mem, &*pipes.reader).map_err(MigrationError::Read)?;
         let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let pc = Precopy::new(
+        let mut pc = Precopy::new(
             pipes.reader.clone(),
             maybe,
             pipes.rate.clone(),
             pipes.sent.clone(),
         );
+        pc.set_crc(c.crc);
         precopy_then_switch(ctx, req, status, &mut c, &mut log, pc, &pipes, setup_ms, t0)
     })();
     let out = match r {
@@ -171,23 +178,88 @@ fn migrate(
             // The guest never left: it runs on here.
             log.stop();
             ctx.control.resume(PauseOwner::Migration);
-            return Err(e);
+            return Err(peer_reason(&mut c.main, e));
         }
         Ok(Switched::Unsure(e)) => {
             // The state may have reached the destination: the guest must not run twice.
             log.stop();
+            status.update(|s| s.in_doubt = true);
             return Err(e);
         }
         Ok(Switched::After(out)) => out,
     };
-    finish(
+    match finish(
         ctx, req, status, c, &log, &pipes, out, resume_rx, to, id, t0,
-    )
+    ) {
+        Err(e @ MigrationError::Refused(_)) => {
+            // The destination said it did not start the guest: it runs on here.
+            log.stop();
+            ctx.control.resume(PauseOwner::Migration);
+            Err(e)
+        }
+        Err(e) if !ctx.control.handed_over() => {
+            // The destination had the state and never said it runs the guest, nor that it
+            // does not: the guest may run there. It stays paused here until the operator
+            // decides (`PUT /migrate/reclaim`), and no other migration starts.
+            log.stop();
+            status.update(|s| s.in_doubt = true);
+            Err(e)
+        }
+        r => r,
+    }
+}
+
+/// The digest of the pages of `maybe` (the source's frozen memory), keeping `keep` alive
+/// meanwhile (called every run: keepalives on a quiet connection).
+fn memory_digest(
+    reader: &dyn PageReader,
+    maybe: &[u64],
+    mut keep: impl FnMut(),
+) -> Result<u64, MigrationError> {
+    let mut digest = 0u64;
+    let mut buf = Vec::new();
+    for (p, n) in runs(maybe) {
+        keep();
+        // Grown once to the longest run, never re-zeroed.
+        let len = (n * PAGE) as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let run = &mut buf[..len];
+        reader.read(p, run).map_err(MigrationError::Read)?;
+        for (k, pg) in run.chunks_exact(PAGE as usize).enumerate() {
+            digest = digest.wrapping_add(mix(p + k as u64, page_hash(pg)));
+        }
+    }
+    Ok(digest)
+}
+
+/// Before switchover the destination says nothing on the main connection unless it gives
+/// up: when sending failed, its `Error` frame (if one came) says why, better than a broken
+/// pipe.
+fn peer_reason(main: &mut Sock, e: MigrationError) -> MigrationError {
+    if matches!(e, MigrationError::NotConverged(_))
+        || !main.poll_readable(PROGRESS).unwrap_or(false)
+    {
+        return e;
+    }
+    let _ = main.set_read_timeout(Some(PROGRESS));
+    let mut buf = Vec::new();
+    match main.recv(&mut buf) {
+        Ok(h) if h.kind == Kind::Error => MigrationError::Peer(format!(
+            "{} (here: {})",
+            peer_text(&buf),
+            uffd::error_chain(&e)
+        )),
+        _ => e,
+    }
 }
 
 /// Where the switchover left things.
 struct AfterSwitch {
     pause: Instant,
+    /// Pre-copy: the source's memory digest, computed at switchover.
+    digest: Option<u64>,
     postcopy: bool,
     /// Pages the destination still needs (post-copy).
     needed: Vec<u64>,
@@ -381,27 +453,51 @@ fn precopy_then_switch(
         Ok(v) => v,
         Err(e) => return before(MigrationError::State(e)),
     };
+    // Pre-copy: the destination checks memory against this before it starts the guest.
+    let digest = if postcopy {
+        None
+    } else {
+        match memory_digest(&*pipes.reader, pc.maybe(), || {}) {
+            Ok(d) => Some(d),
+            Err(e) => return before(e),
+        }
+    };
     let sw = Switch {
         postcopy,
         heartbeats,
         rounds,
         paused: operator_paused,
+        digest,
     };
-    if let Err(e) = c.main.send_json(Kind::Switch, &sw) {
+    let body = match serde_json::to_vec(&sw) {
+        Ok(b) => b,
+        Err(source) => {
+            return before(MigrationError::Json {
+                what: "Switch frame",
+                source,
+            });
+        }
+    };
+    if let Err(e) = c.main.send_crc(Kind::Switch, 0, &body, c.crc) {
         return before(io_err("sending the switchover")(e));
     }
     if postcopy
-        && let Err(e) = c
-            .main
-            .send(Kind::Needed, 0, &xfer::bitmap::words_to_bytes(&needed))
+        && let Err(e) = c.main.send_crc(
+            Kind::Needed,
+            0,
+            &xfer::bitmap::words_to_bytes(&needed),
+            c.crc,
+        )
     {
         return before(io_err("sending the bitmap of needed pages")(e));
     }
-    // After this frame the destination may run the guest: never resume it here.
-    if let Err(e) = c.main.send(
+    // After this frame the destination may run the guest: never resume it here (unless it
+    // says it did not start it).
+    if let Err(e) = c.main.send_crc(
         Kind::State,
         0,
         &crate::snapshot::state::encode(&vm_state, &vcpus),
+        c.crc,
     ) {
         return Ok(Switched::Unsure(io_err(
             "sending the vCPU state (the source stays paused)",
@@ -409,6 +505,7 @@ fn precopy_then_switch(
     }
     Ok(Switched::After(AfterSwitch {
         pause,
+        digest,
         postcopy,
         needed,
         maybe: pc.maybe().to_vec(),
@@ -422,19 +519,46 @@ fn precopy_then_switch(
 /// What the main connection's reader saw.
 enum FromDest {
     Resumed,
+    /// The destination failed before starting the guest, and says so.
+    Refused(String),
     Done(Box<DestReport>),
     Lost(LinkLost),
 }
 
-/// Read the destination's frames on the main connection (on a clone) into a channel.
-fn spawn_reader(main: &Sock) -> Result<Receiver<FromDest>, MigrationError> {
+/// Read the destination's frames on the main connection (on a clone) into a channel. With
+/// keepalives, once the destination has said something (`Resumed`), silence for the
+/// deadline is a lost link (waits with `poll`; the socket's read deadline catches a frame
+/// that stops half-way).
+fn spawn_reader(main: &Sock, ka: Option<Keepalive>) -> Result<Receiver<FromDest>, MigrationError> {
     let mut sock = main.try_clone().map_err(io_err("socket setup"))?;
+    if let Some(k) = ka {
+        sock.set_read_timeout(Some(k.deadline))
+            .map_err(io_err("socket setup"))?;
+    }
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()
         .name("migration-rd".into())
         .spawn(move || {
             let mut buf = Vec::new();
+            let mut heard: Option<Instant> = None;
             loop {
+                match sock.poll_readable(PROGRESS) {
+                    Ok(true) => heard = Some(Instant::now()),
+                    Ok(false) => {
+                        let silent = ka.zip(heard).filter(|(k, h)| h.elapsed() >= k.deadline);
+                        if let Some((k, _)) = silent {
+                            let e = RecvError::Io(Stalled::Silent(k.deadline).into_io());
+                            let _ = tx.send(FromDest::Lost(LinkLost::recv(Channel::Main, e)));
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let e = LinkLost::recv(Channel::Main, RecvError::Io(e));
+                        let _ = tx.send(FromDest::Lost(e));
+                        return;
+                    }
+                }
                 let m = match sock.recv(&mut buf) {
                     Ok(h) => match h.kind {
                         Kind::Resumed => FromDest::Resumed,
@@ -443,6 +567,9 @@ fn spawn_reader(main: &Sock) -> Result<Receiver<FromDest>, MigrationError> {
                             Ok(r) => FromDest::Done(Box::new(r)),
                             Err(e) => FromDest::Lost(LinkLost::Malformed(Kind::Done, e)),
                         },
+                        Kind::Error if super::peer_not_started(&buf) => {
+                            FromDest::Refused(peer_text(&buf))
+                        }
                         Kind::Error => FromDest::Lost(LinkLost::Peer(peer_text(&buf))),
                         k => FromDest::Lost(LinkLost::Protocol(format!(
                             "unexpected {k:?} frame from the destination"
@@ -482,10 +609,11 @@ fn finish(
     t0: Instant,
 ) -> Result<serde_json::Value, MigrationError> {
     let pages = pipes.reader.pages();
-    let mut rrx = spawn_reader(&c.main)?;
+    let mut rrx = spawn_reader(&c.main, c.keepalive)?;
     // The destination starts the vCPUs: that ends the downtime.
     let downtime = match rrx.recv_timeout(ANSWER_TIMEOUT) {
         Ok(FromDest::Resumed) => sw.pause.elapsed(),
+        Ok(FromDest::Refused(why)) => return Err(MigrationError::Refused(why)),
         Ok(FromDest::Lost(e)) => return Err(MigrationError::AfterSwitchover(e)),
         Ok(FromDest::Done(_)) | Err(_) => {
             return Err(MigrationError::AfterSwitchover(LinkLost::Protocol(
@@ -508,7 +636,11 @@ fn finish(
             &sw.needed,
             pipes.rate.clone(),
             pipes.sent.clone(),
-            PushConfig::default(),
+            PushConfig {
+                keepalive: c.keepalive,
+                crc: c.crc,
+                ..PushConfig::default()
+            },
         )
     });
     let total_needed = popcount(&sw.needed);
@@ -610,7 +742,7 @@ fn finish(
             }
         }
         recoveries += 1;
-        rrx = spawn_reader(&c.main)?;
+        rrx = spawn_reader(&c.main, c.keepalive)?;
         status
             .go_with(State::Postcopy, |s| s.error = None)
             .map_err(MigrationError::Transition)?;
@@ -622,21 +754,20 @@ fn finish(
             p.stats()
         })
         .unwrap_or_default();
-    // Digest of the frozen source memory, then the verdict.
-    let mut digest = 0u64;
-    let mut buf = Vec::new();
-    for (p, n) in runs(&sw.maybe) {
-        // Grown once to the longest run, never re-zeroed.
-        let len = (n * PAGE) as usize;
-        if buf.len() < len {
-            buf.resize(len, 0);
+    // Digest of the frozen source memory (pre-copy: taken at switchover), then the verdict.
+    let digest = match sw.digest {
+        Some(d) => d,
+        None => {
+            // The destination waits for the verdict meanwhile: keep both connections alive
+            // (the responder has stopped).
+            let (mut beat, mut prio_beat) = (Beat::new(c.keepalive), Beat::new(c.keepalive));
+            let (main, prio) = (&mut c.main, &mut c.prio);
+            memory_digest(&*pipes.reader, &sw.maybe, || {
+                let _ = beat.tick(main);
+                let _ = prio_beat.tick(prio);
+            })?
         }
-        let run = &mut buf[..len];
-        pipes.reader.read(p, run).map_err(MigrationError::Read)?;
-        for (k, pg) in run.chunks_exact(PAGE as usize).enumerate() {
-            digest = digest.wrapping_add(mix(p + k as u64, page_hash(pg)));
-        }
-    }
+    };
     let _ = c.main.send_json(Kind::Verdict, &Verdict { digest });
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let verified = digest == report.digest;
@@ -666,6 +797,7 @@ fn finish(
         "blocktime_ms": block.iter().sum::<f64>(),
         "blocktime_per_vcpu_ms": block,
         "recoveries": recoveries,
+        "resent_pages": push_stats.resent,
         "digest": hex(digest),
         "digest_verified": verified,
         "destination": report,
@@ -694,7 +826,11 @@ fn serve(
     t0: Instant,
 ) -> Result<Box<DestReport>, LinkLost> {
     let mut last = Instant::now();
-    let mut end_sent = false;
+    let mut end_sent: Option<Instant> = None;
+    // Keepalives on the main connection once the pusher is done with it, and on the
+    // priority connection when no responder runs (pre-copy).
+    let mut main_beat = Beat::new(c.keepalive);
+    let mut prio_beat = Beat::new(c.keepalive);
     loop {
         if let Some(p) = push
             && p.is_lost()
@@ -704,15 +840,35 @@ fn serve(
                 LinkLost::Push,
             ));
         }
-        if !end_sent && push.is_none_or(|p| p.background_done()) {
+        let main_free = push.is_none_or(|p| p.background_done());
+        if end_sent.is_none() && main_free {
             c.main
                 .send_json(Kind::End, end)
                 .map_err(|e| LinkLost::Send(Kind::End, e))?;
-            end_sent = true;
+            main_beat.sent();
+            end_sent = Some(Instant::now());
+        }
+        if main_free {
+            main_beat
+                .tick(&mut c.main)
+                .map_err(|e| LinkLost::Send(Kind::Keepalive, e))?;
+        }
+        if push.is_none() {
+            prio_beat
+                .tick(&mut c.prio)
+                .map_err(|e| LinkLost::Send(Kind::Keepalive, e))?;
+        }
+        if let Some(t) = end_sent
+            && t.elapsed() > ANSWER_TIMEOUT
+        {
+            return Err(LinkLost::Protocol(format!(
+                "every page was sent but the destination did not report them in (Done) within {ANSWER_TIMEOUT:?}"
+            )));
         }
         match rrx.recv_timeout(Duration::from_millis(20)) {
             Ok(FromDest::Done(r)) => return Ok(r),
             Ok(FromDest::Lost(e)) => return Err(e),
+            Ok(FromDest::Refused(why)) => return Err(LinkLost::Peer(why)),
             Ok(FromDest::Resumed) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(LinkLost::Protocol("the connection reader is gone".into()));

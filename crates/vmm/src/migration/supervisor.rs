@@ -13,11 +13,11 @@ use serde::Deserialize;
 use serde_json::json;
 use xfer::proto::{self, Channel};
 use xfer::pull::{Event, Pull};
-use xfer::wire::{Kind, Listener, PAGE, Sock};
+use xfer::wire::{Beat, Keepalive, Kind, Listener, PAGE, Sock};
 
 use super::{
     DestReport, End, Latency, LinkLost, MigrationError, State, Status, fail, io_err, max_pause_ms,
-    peer_text, pull_err, wait_for,
+    peer_text, pull_err,
 };
 use crate::vstate::{Failure, Notifier, VcpuControl};
 
@@ -44,11 +44,19 @@ pub(crate) struct Supervisor {
     pub(crate) recover_timeout: Duration,
     /// Who may reconnect (the same rule as the first connection).
     pub(crate) security: xfer::tls::Security,
+    /// Keepalives agreed with the source (`None`: an older source).
+    pub(crate) keepalive: Option<Keepalive>,
     /// Bytes received before switchover.
     pub(crate) bytes: u64,
     pub(crate) rounds: u32,
     pub(crate) recoveries: u32,
 }
+
+/// How long to wait for each vCPU's first heartbeat here before reporting.
+const HEADS_WAIT: Duration = Duration::from_secs(2);
+
+/// How long to wait for the source's verdict after reporting every page in.
+const VERDICT_WAIT: Duration = Duration::from_secs(60);
 
 fn protocol(s: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(s.into())
@@ -106,16 +114,41 @@ impl Supervisor {
         let mut postcopy_ms = None;
         let total = self.pull.left();
         let mut last = Instant::now();
+        // This thread is the main connection's only writer: it keeps it alive; the pull's
+        // requests and keepalives share the priority connection's lock.
+        let mut beat = Beat::new(self.keepalive);
+        let mut done_at: Option<Instant> = None;
+        let mut heads_wait: Option<Instant> = None;
         let verdict = loop {
+            beat.tick(&mut main)
+                .map_err(io_err("sending a keepalive to the source"))?;
+            if let Some(k) = self.keepalive {
+                self.pull.keepalive(k.every);
+            }
+            if done_at.is_some_and(|t| t.elapsed() > VERDICT_WAIT) {
+                // Everything is in; the source's verdict never came.
+                break None;
+            }
             let left = self.pull.left();
             if left == 0 && postcopy_ms.is_none() {
                 postcopy_ms = Some(self.switch_t.elapsed().as_secs_f64() * 1e3);
                 self.stop_loop()?;
             }
+            // Let each vCPU beat once here (its head is part of the pause), at most 2 s,
+            // keeping the link alive meanwhile.
+            if let (0, None, Some(_)) = (left, &report, &end)
+                && !self.heads_in()
+                && heads_wait.get_or_insert_with(Instant::now).elapsed() < HEADS_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             if let (0, None, Some(_)) = (left, &report, &end) {
                 let r = self.report(postcopy_ms.unwrap_or(0.0));
                 main.send_json(Kind::Done, &r)
                     .map_err(io_err("sending Done"))?;
+                beat.sent();
+                done_at = Some(Instant::now());
                 report = Some(r);
             }
             if last.elapsed() > Duration::from_millis(100) {
@@ -225,13 +258,16 @@ impl Supervisor {
         }))
     }
 
+    /// Whether every vCPU has beaten here (or exited).
+    fn heads_in(&self) -> bool {
+        self.control
+            .cpus
+            .iter()
+            .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
+    }
+
     fn report(&self, postcopy_ms: f64) -> DestReport {
         let cpus = &self.control.cpus;
-        // Let each vCPU beat once here (its head is part of the pause), at most 2 s.
-        wait_for(Duration::from_secs(2), || {
-            cpus.iter()
-                .all(|c| c.first_hb_ns.load(SeqCst) != 0 || c.exited.load(SeqCst))
-        });
         let heads_us = cpus
             .iter()
             .map(|c| match c.first_hb_ns.load(SeqCst) {
@@ -272,6 +308,7 @@ impl Supervisor {
             first_heartbeats,
             digest: self.pull.digest(),
             recoveries: self.recoveries,
+            resends: ps.resends,
             postcopy_ms,
         }
     }
@@ -311,7 +348,11 @@ impl Supervisor {
                 }
             };
             match proto::read_hello(&mut main) {
-                Ok(h) if h.resume && h.id == self.id && h.channel == Channel::Main => {}
+                Ok(h) if h.resume && h.id == self.id && h.channel == Channel::Main => {
+                    if proto::ack_hello(&mut main, &h, Ok(false)).is_err() {
+                        continue;
+                    }
+                }
                 Ok(_) => {
                     let _ = proto::ack(
                         &mut main,
@@ -324,9 +365,6 @@ impl Supervisor {
                     continue;
                 }
             }
-            if proto::ack(&mut main, Ok(false)).is_err() {
-                continue;
-            }
             main.set_buffers(proto::MAIN_BUFFER);
             let wait = Duration::from_secs(10);
             let mut prio = match proto::accept_secure(listener, &self.security, wait) {
@@ -338,7 +376,7 @@ impl Supervisor {
             };
             match proto::read_hello(&mut prio) {
                 Ok(p) if p.id == self.id && p.channel == Channel::Priority => {
-                    if proto::ack(&mut prio, Ok(false)).is_err() {
+                    if proto::ack_hello(&mut prio, &p, Ok(false)).is_err() {
                         continue;
                     }
                 }
@@ -350,8 +388,10 @@ impl Supervisor {
             {
                 continue;
             }
+            let deadline = self.keepalive.map(|k| k.deadline);
             for s in [&main, &prio] {
-                s.set_read_timeout(None).map_err(io_err("socket setup"))?;
+                s.set_read_timeout(deadline)
+                    .map_err(io_err("socket setup"))?;
             }
             self.recoveries += 1;
             eprintln!("faultline: migration: the source reconnected; post-copy goes on");
