@@ -224,6 +224,25 @@ fn recv_json<T: for<'de> Deserialize<'de>>(s: &mut Sock, want: Kind) -> Result<T
     serde_json::from_slice(&buf).map_err(|e| HandshakeError::Malformed(want, e))
 }
 
+/// In TLS 1.3 a destination refuses our certificate only after our side finished: reading
+/// its answer then fails with the alert, which is named as TLS's refusal.
+fn tls_refusal(e: HandshakeError) -> HandshakeError {
+    match e {
+        HandshakeError::Recv(RecvError::Io(io))
+            if io.get_ref().is_some_and(|i| i.is::<crate::tls::TlsError>()) =>
+        {
+            match io
+                .into_inner()
+                .map(|b| b.downcast::<crate::tls::TlsError>())
+            {
+                Some(Ok(t)) => HandshakeError::Tls(*t),
+                _ => HandshakeError::Setup(std::io::Error::other("TLS")),
+            }
+        }
+        e => e,
+    }
+}
+
 /// Source: connect to `ep`, send `h`, and wait (at most `timeout`) for an accepting answer.
 pub fn hello(
     ep: &Endpoint,
@@ -237,16 +256,7 @@ pub fn hello(
             endpoint: ep.to_string(),
             source,
         })?;
-    let (mut s, relay) = sec.client(s, ep).map_err(HandshakeError::Tls)?;
-    // In TLS 1.3 a destination refuses our certificate only after our side finished: the
-    // answer's read then fails, and the relay knows why.
-    let tls_refusal = |e: HandshakeError| match relay
-        .as_ref()
-        .and_then(|r| r.error_within(Duration::from_millis(500)))
-    {
-        Some(t) => HandshakeError::Tls(t),
-        None => e,
-    };
+    let mut s = sec.client(s, ep).map_err(HandshakeError::Tls)?;
     s.set_read_timeout(Some(timeout))
         .map_err(HandshakeError::Setup)?;
     s.send_json(Kind::Hello, h)

@@ -300,6 +300,8 @@ pub enum Sock {
     Tcp(TcpStream),
     /// Unix stream socket.
     Unix(UnixStream),
+    /// TLS over TCP ([`crate::tls`]).
+    Tls(crate::tls::TlsStream),
 }
 
 impl Sock {
@@ -308,6 +310,7 @@ impl Sock {
         Ok(match self {
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tls(s) => Sock::Tls(s.clone()),
         })
     }
 
@@ -316,6 +319,10 @@ impl Sock {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(Shutdown::Both),
             Sock::Unix(s) => s.shutdown(Shutdown::Both),
+            Sock::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 
@@ -324,6 +331,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.set_read_timeout(t),
             Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tls(s) => s.tcp().set_read_timeout(t),
         }
     }
 
@@ -332,6 +340,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.set_write_timeout(t),
             Sock::Unix(s) => s.set_write_timeout(t),
+            Sock::Tls(s) => s.tcp().set_write_timeout(t),
         }
     }
 
@@ -430,6 +439,9 @@ impl Sock {
     /// error): wait this way, then [`recv`](Self::recv), rather than with a read timeout,
     /// which could split a frame.
     pub fn poll_readable(&self, timeout: Duration) -> io::Result<bool> {
+        if let Sock::Tls(s) = self {
+            return s.poll_readable(timeout);
+        }
         Ok(uffd::poll_in(&[self.as_fd()], Some(timeout))? & 1 != 0)
     }
 }
@@ -439,6 +451,7 @@ impl AsFd for Sock {
         match self {
             Sock::Tcp(s) => s.as_fd(),
             Sock::Unix(s) => s.as_fd(),
+            Sock::Tls(s) => s.tcp().as_fd(),
         }
     }
 }
@@ -640,6 +653,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.read_timeout().ok().flatten(),
             Sock::Unix(s) => s.read_timeout().ok().flatten(),
+            Sock::Tls(s) => s.tcp().read_timeout().ok().flatten(),
         }
     }
 
@@ -647,6 +661,7 @@ impl Sock {
         match self {
             Sock::Tcp(s) => s.write_timeout().ok().flatten(),
             Sock::Unix(s) => s.write_timeout().ok().flatten(),
+            Sock::Tls(s) => s.tcp().write_timeout().ok().flatten(),
         }
     }
 }
@@ -656,6 +671,7 @@ impl Read for Sock {
         let r = match self {
             Sock::Tcp(s) => s.read(b),
             Sock::Unix(s) => s.read(b),
+            Sock::Tls(s) => s.read(b),
         };
         r.map_err(|e| stalled(e, Direction::Receiving, self.read_deadline()))
     }
@@ -666,6 +682,7 @@ impl Write for Sock {
         let r = match self {
             Sock::Tcp(s) => s.write(b),
             Sock::Unix(s) => s.write(b),
+            Sock::Tls(s) => s.write(b),
         };
         r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
@@ -673,6 +690,7 @@ impl Write for Sock {
         let r = match self {
             Sock::Tcp(s) => s.write_vectored(b),
             Sock::Unix(s) => s.write_vectored(b),
+            Sock::Tls(s) => s.write_vectored(b),
         };
         r.map_err(|e| stalled(e, Direction::Sending, self.write_deadline()))
     }
@@ -840,6 +858,7 @@ impl Listener {
                     match &s {
                         Sock::Tcp(t) => t.set_nonblocking(false)?,
                         Sock::Unix(u) => u.set_nonblocking(false)?,
+                        Sock::Tls(_) => {}
                     }
                     s.tune();
                     return Ok(Some(s));

@@ -1,0 +1,564 @@
+//! Who may migrate to us, and who we migrate to: TLS 1.3 on TCP (rustls), in one of two
+//! modes, and the rule that plain TCP needs an explicit `insecure`.
+//!
+//! - **X.509**, as QEMU's `tls-creds-x509`: each side presents a certificate and key (PEM) and
+//!   verifies the peer's chain against a CA bundle; an allow-list of names (`allow`) narrows
+//!   who is accepted: the peer's certificate must be valid for one of the names (its
+//!   subjectAltName). Without an allow-list the source checks the destination against the
+//!   endpoint's host, and the destination accepts any client certificate the CA signed.
+//! - **Pre-shared key** for simple setups: both sides hold the same secret file (at least 32
+//!   bytes: `head -c 32 /dev/urandom > psk`). rustls has no TLS 1.3 external-PSK mode, so the
+//!   key is turned into an Ed25519 key pair (HKDF-SHA256 of the secret, domain-separated) and a
+//!   fixed self-signed certificate; each side presents it and accepts exactly that certificate
+//!   from the peer, whose handshake signature proves it holds the same key. The secret never
+//!   crosses the wire. (A low-entropy secret could be guessed offline from the public key, so
+//!   shorter files are refused.)
+//! - **Unix sockets** are protected by file permission: the listening socket is created with
+//!   mode 0600 ([`crate::wire::Endpoint::listen`]); TLS is optional there.
+//! - **Plain TCP** only with `insecure` set: [`Security::for_endpoint`] refuses it otherwise.
+//!
+//! # Threads
+//! The engines read and write one connection from separate threads (pages one way, requests
+//! the other) through clones of a [`Sock`]. A rustls connection is one object, so
+//! [`TlsStream`] shares it behind a lock taken only for sealing or opening records, never
+//! across a blocking socket call; a reader waits for data with `poll` first. (This kernel has
+//! no kernel TLS, `TCP_ULP "tls"`, to hand the keys to.)
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::danger::ClientCertVerifier;
+use thiserror::Error;
+
+use crate::wire::{Endpoint, Sock};
+
+mod stream;
+mod verify;
+
+pub use stream::TlsStream;
+use stream::handshake;
+use verify::{AllowClient, AllowServer, Pinned};
+
+/// The smallest pre-shared key accepted, bytes.
+pub const MIN_PSK: usize = 32;
+/// The largest key file read, bytes.
+const MAX_PSK: u64 = 4096;
+/// The name the pre-shared-key certificate carries.
+const PSK_NAME: &str = "faultline-psk";
+/// A TLS handshake must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The credentials a migration uses (in `PUT /migrate` and on the command line).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credentials {
+    /// X.509: our certificate chain and key, the CA bundle that signs peers, and an optional
+    /// allow-list of peer names.
+    X509 {
+        /// Our certificate chain (PEM).
+        cert: PathBuf,
+        /// Our private key (PEM, PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+        /// CA certificates the peer's chain must end in (PEM).
+        ca: PathBuf,
+        /// Names (subjectAltName) of which the peer's certificate must carry one; empty: any
+        /// (the destination's host for the source).
+        #[serde(default)]
+        allow: Vec<String>,
+    },
+    /// A secret file both sides hold (at least [`MIN_PSK`] bytes).
+    Psk {
+        /// The file.
+        key_file: PathBuf,
+    },
+}
+
+/// Setting up or running TLS failed.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// Plain TCP without `insecure`.
+    #[error(
+        "refusing plain TCP to/from {0}: give TLS credentials (--tls-psk FILE, or --tls-cert, --tls-key and --tls-ca) or --insecure"
+    )]
+    PlainTcp(String),
+    /// A credentials file could not be read.
+    #[error("reading {what} {path}")]
+    Read {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The cause (errno kept).
+        #[source]
+        source: io::Error,
+    },
+    /// A credentials file holds nothing usable.
+    #[error("{path}: {why}")]
+    Content {
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// rustls refused the configuration or the handshake.
+    #[error("TLS")]
+    Rustls(#[source] rustls::Error),
+    /// Building the pre-shared-key certificate failed.
+    #[error("deriving the pre-shared-key certificate")]
+    Rcgen(#[source] rcgen::Error),
+    /// A verifier could not be built from the CA bundle.
+    #[error("the CA bundle {path}")]
+    Verifier {
+        /// The bundle.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The endpoint's host is no name a certificate can carry.
+    #[error("{0}: not a host name or address for TLS")]
+    ServerName(String),
+    /// The handshake's I/O failed or timed out.
+    #[error("TLS handshake with {peer}")]
+    Handshake {
+        /// The peer.
+        peer: String,
+        /// The cause (errno kept; a timeout is `WouldBlock`/`TimedOut`).
+        #[source]
+        source: io::Error,
+    },
+    /// TLS needs a TCP connection here.
+    #[error("TLS runs over TCP; {0} is a Unix socket, protected by its file mode (0600)")]
+    NotTcp(String),
+    /// TLS closed the connection after the handshake: the peer sent an alert (in TLS 1.3 a
+    /// server refuses a client's certificate only after the client finished), or a record
+    /// failed to open.
+    #[error("TLS closed the connection: {0}")]
+    Closed(String),
+}
+
+/// The security of a migration's connections.
+#[derive(Clone)]
+pub enum Security {
+    /// No TLS: a Unix socket (file permissions), or TCP the operator declared insecure.
+    Plain,
+    /// TLS 1.3.
+    Tls(Arc<Tls>),
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Plain => f.write_str("Plain"),
+            Security::Tls(t) => write!(f, "Tls({})", t.mode),
+        }
+    }
+}
+
+/// Both ends' rustls configurations, built once from [`Credentials`].
+pub struct Tls {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    /// The name the source asks for: the pre-shared-key name, or `None` (the endpoint's host,
+    /// or the first allowed name).
+    fixed_name: Option<String>,
+    allow: Vec<String>,
+    mode: &'static str,
+}
+
+impl Security {
+    /// The security for `ep`: TLS with `creds`; without, a Unix socket is plain (file
+    /// permissions) and TCP is refused unless `insecure`.
+    pub fn for_endpoint(
+        ep: &Endpoint,
+        creds: Option<&Credentials>,
+        insecure: bool,
+    ) -> Result<Security, TlsError> {
+        match (creds, ep) {
+            (Some(_), Endpoint::Unix(_)) => Err(TlsError::NotTcp(ep.to_string())),
+            (Some(c), Endpoint::Tcp(_)) => Ok(Security::Tls(Arc::new(Tls::new(c)?))),
+            (None, Endpoint::Unix(_)) => Ok(Security::Plain),
+            (None, Endpoint::Tcp(_)) if insecure => Ok(Security::Plain),
+            (None, Endpoint::Tcp(_)) => Err(TlsError::PlainTcp(ep.to_string())),
+        }
+    }
+
+    /// Whether this is TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Security::Tls(_))
+    }
+
+    /// Source side: secure a connection just made to `ep`.
+    pub fn client(&self, s: Sock, ep: &Endpoint) -> Result<Sock, TlsError> {
+        match self {
+            Security::Plain => Ok(s),
+            Security::Tls(t) => t.client(s, ep),
+        }
+    }
+
+    /// Destination side: secure a connection just accepted.
+    pub fn server(&self, s: Sock) -> Result<Sock, TlsError> {
+        match self {
+            Security::Plain => Ok(s),
+            Security::Tls(t) => t.server(s),
+        }
+    }
+}
+
+/// ring's provider, AES-128-GCM first (the cheapest suite with AES-NI; the peer's choice
+/// is still one of the three TLS 1.3 suites).
+fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
+fn read_bounded(what: &'static str, path: &Path, max: u64) -> Result<Vec<u8>, TlsError> {
+    let err = |source| TlsError::Read {
+        what,
+        path: path.into(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut v = Vec::new();
+    f.take(max + 1).read_to_end(&mut v).map_err(err)?;
+    if v.len() as u64 > max {
+        return Err(TlsError::Content {
+            path: path.into(),
+            why: format!("{what} longer than {max} bytes"),
+        });
+    }
+    Ok(v)
+}
+
+fn pem_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_bounded(what, path, 1 << 20)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Content {
+            path: path.into(),
+            why: format!("not PEM certificates: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Content {
+            path: path.into(),
+            why: format!("no certificate in this {what}"),
+        });
+    }
+    Ok(certs)
+}
+
+fn pem_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_bounded("key", path, 1 << 20)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Content {
+        path: path.into(),
+        why: format!("no usable private key: {e}"),
+    })
+}
+
+/// The PKCS#8 (RFC 8410) encoding of an Ed25519 private key from its 32-byte seed.
+fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    let mut v = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    v.extend_from_slice(seed);
+    v
+}
+
+/// The certificate and key both sides derive from a pre-shared secret.
+fn psk_identity(
+    secret: &[u8],
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
+    struct Len32;
+    impl ring::hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let prk =
+        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"faultline-migrate-psk-v1").extract(secret);
+    let mut seed = [0u8; 32];
+    prk.expand(&[b"ed25519 identity"], Len32)
+        .and_then(|okm| okm.fill(&mut seed))
+        .map_err(|_| TlsError::Rustls(rustls::Error::General("HKDF".into())))?;
+    let pkcs8 = ed25519_pkcs8(&seed);
+    let kp = rcgen::KeyPair::try_from(pkcs8.as_slice()).map_err(TlsError::Rcgen)?;
+    let mut p =
+        rcgen::CertificateParams::new(vec![PSK_NAME.to_string()]).map_err(TlsError::Rcgen)?;
+    // Everything fixed, so both sides derive the same bytes (Ed25519 signs deterministically).
+    p.serial_number = Some(rcgen::SerialNumber::from(vec![1]));
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, PSK_NAME);
+    p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+    p.not_after = rcgen::date_time_ymd(9999, 12, 31);
+    let cert = p.self_signed(&kp).map_err(TlsError::Rcgen)?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(pkcs8.into())))
+}
+
+fn tls_err(e: rustls::Error) -> TlsError {
+    TlsError::Rustls(e)
+}
+
+impl Tls {
+    /// Build both ends' configurations from `c` (files are read now).
+    pub fn new(c: &Credentials) -> Result<Tls, TlsError> {
+        let prov = provider();
+        let algs = prov.signature_verification_algorithms;
+        let (certs, key, server_v, client_v, fixed_name, allow, mode): (
+            _,
+            _,
+            Arc<dyn ServerCertVerifier>,
+            Arc<dyn ClientCertVerifier>,
+            _,
+            _,
+            _,
+        ) = match c {
+            Credentials::Psk { key_file } => {
+                let secret = read_bounded("pre-shared key", key_file, MAX_PSK)?;
+                // A text key (hex, base64) may end with a newline; binary keys are used whole.
+                let trimmed = if secret
+                    .iter()
+                    .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+                {
+                    secret.trim_ascii()
+                } else {
+                    &secret[..]
+                };
+                if trimmed.len() < MIN_PSK {
+                    return Err(TlsError::Content {
+                        path: key_file.clone(),
+                        why: format!(
+                            "a pre-shared key of {} bytes; at least {MIN_PSK} needed (head -c 32 /dev/urandom > FILE)",
+                            trimmed.len()
+                        ),
+                    });
+                }
+                let (cert, key) = psk_identity(trimmed)?;
+                let pin = Arc::new(Pinned {
+                    cert: cert.clone(),
+                    algs,
+                });
+                (
+                    vec![cert],
+                    key,
+                    pin.clone() as _,
+                    pin as _,
+                    Some(PSK_NAME.to_string()),
+                    Vec::new(),
+                    "psk",
+                )
+            }
+            Credentials::X509 {
+                cert,
+                key,
+                ca,
+                allow,
+            } => {
+                let chain = pem_certs("certificate", cert)?;
+                let key = pem_key(key)?;
+                let mut roots = rustls::RootCertStore::empty();
+                for c in pem_certs("CA bundle", ca)? {
+                    roots.add(c).map_err(|e| TlsError::Content {
+                        path: ca.clone(),
+                        why: format!("a CA certificate rustls refuses: {e}"),
+                    })?;
+                }
+                let roots = Arc::new(roots);
+                let verifier_err = |source| TlsError::Verifier {
+                    path: ca.clone(),
+                    source,
+                };
+                let sv = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    roots.clone(),
+                    prov.clone(),
+                )
+                .build()
+                .map_err(verifier_err)?;
+                let cv = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots,
+                    prov.clone(),
+                )
+                .build()
+                .map_err(verifier_err)?;
+                (
+                    chain,
+                    key,
+                    Arc::new(AllowServer {
+                        inner: sv,
+                        allow: allow.clone(),
+                    }) as _,
+                    Arc::new(AllowClient {
+                        inner: cv,
+                        allow: allow.clone(),
+                    }) as _,
+                    None,
+                    allow.clone(),
+                    "x509",
+                )
+            }
+        };
+        let client = rustls::ClientConfig::builder_with_provider(prov.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .dangerous()
+            .with_custom_certificate_verifier(server_v)
+            .with_client_auth_cert(certs.clone(), key.clone_key())
+            .map_err(tls_err)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(prov)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(client_v)
+            .with_single_cert(certs, key)
+            .map_err(tls_err)?;
+        // No tickets: nothing but application data follows the handshake.
+        server.send_tls13_tickets = 0;
+        Ok(Tls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+            fixed_name,
+            allow,
+            mode,
+        })
+    }
+
+    fn client(&self, s: Sock, ep: &Endpoint) -> Result<Sock, TlsError> {
+        let name = match (&self.fixed_name, self.allow.first(), ep) {
+            (Some(n), _, _) => n.clone(),
+            (None, Some(n), _) => n.clone(),
+            (None, None, Endpoint::Tcp(a)) => a
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
+                .unwrap_or_default(),
+            (None, None, Endpoint::Unix(_)) => "localhost".to_string(),
+        };
+        let sn = ServerName::try_from(name.clone()).map_err(|_| TlsError::ServerName(name))?;
+        let conn = rustls::ClientConnection::new(self.client.clone(), sn).map_err(tls_err)?;
+        handshake(s, rustls::Connection::Client(conn), ep.to_string())
+    }
+
+    fn server(&self, s: Sock) -> Result<Sock, TlsError> {
+        let conn = rustls::ServerConnection::new(self.server.clone()).map_err(tls_err)?;
+        handshake(s, rustls::Connection::Server(conn), "the source".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Instant;
+
+    #[test]
+    fn psk_identity_is_deterministic_and_keyed() {
+        let a = psk_identity(&[7u8; 32]).unwrap();
+        let b = psk_identity(&[7u8; 32]).unwrap();
+        let c = psk_identity(&[8u8; 32]).unwrap();
+        assert_eq!(a.0, b.0, "both sides must derive the same certificate");
+        assert_ne!(a.0, c.0, "another key, another certificate");
+    }
+
+    /// A TLS pair over loopback with the pre-shared key in `dir`.
+    fn pair(dir: &Path) -> (Sock, Sock) {
+        let key = dir.join("psk");
+        std::fs::write(&key, (0u8..32).collect::<Vec<u8>>()).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ep: Endpoint = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
+        let sec =
+            Security::for_endpoint(&ep, Some(&Credentials::Psk { key_file: key }), false).unwrap();
+        let s2 = sec.clone();
+        let server = std::thread::spawn(move || {
+            let (t, _) = l.accept().unwrap();
+            s2.server(Sock::Tcp(t)).unwrap()
+        });
+        let c = sec
+            .client(
+                Sock::Tcp(std::net::TcpStream::connect(l_addr(&ep)).unwrap()),
+                &ep,
+            )
+            .unwrap();
+        (c, server.join().unwrap())
+    }
+
+    fn l_addr(ep: &Endpoint) -> String {
+        match ep {
+            Endpoint::Tcp(a) => a.clone(),
+            Endpoint::Unix(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn clones_carry_both_directions_at_once_and_timeouts_hold() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = pair(d.path());
+        const N: usize = 16 << 20;
+        fn pattern(i: usize) -> u8 {
+            (i * 7 + i / 4093) as u8
+        }
+        // Each side writes 16 MiB from one clone while reading 16 MiB on another.
+        let run = move |sock: Sock| {
+            let mut w = sock.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                let buf: Vec<u8> = (0..N).map(pattern).collect();
+                for chunk in buf.chunks(100_003) {
+                    w.write_all(chunk).unwrap();
+                }
+            });
+            let mut r = sock;
+            let mut got = vec![0u8; N];
+            r.read_exact(&mut got).unwrap();
+            writer.join().unwrap();
+            assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+            r
+        };
+        let t = std::thread::spawn(move || run(s));
+        let mut c = run(c);
+        let mut s = t.join().unwrap();
+        // Nothing more comes: a read timeout ends the read.
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let t0 = Instant::now();
+        let e = c.read(&mut [0u8; 8]).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        // A shutdown is the end of the stream for the peer.
+        c.shutdown();
+        assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[test]
+    fn plain_tcp_needs_insecure() {
+        let tcp: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
+        let e = Security::for_endpoint(&tcp, None, false).unwrap_err();
+        assert!(e.to_string().contains("--insecure"), "{e}");
+        assert!(!Security::for_endpoint(&tcp, None, true).unwrap().is_tls());
+        let unix: Endpoint = "unix:/tmp/x.sock".parse().unwrap();
+        assert!(!Security::for_endpoint(&unix, None, false).unwrap().is_tls());
+    }
+
+    #[test]
+    fn short_psk_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, b"short").unwrap();
+        let tcp: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
+        let e = Security::for_endpoint(&tcp, Some(&Credentials::Psk { key_file: p }), false)
+            .unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+    }
+}

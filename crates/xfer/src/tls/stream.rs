@@ -1,0 +1,261 @@
+//! The TLS connection the engines use: the handshake, then [`TlsStream`], shared by the
+//! clones of a [`Sock`].
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{HANDSHAKE_TIMEOUT, TlsError};
+use crate::wire::Sock;
+
+/// Run the handshake on `s` (within [`HANDSHAKE_TIMEOUT`]).
+pub(super) fn handshake(
+    s: Sock,
+    mut conn: rustls::Connection,
+    peer: String,
+) -> Result<Sock, TlsError> {
+    let mut tcp = match s {
+        Sock::Tcp(t) => t,
+        _ => return Err(TlsError::NotTcp(peer)),
+    };
+    let hs_err = |source| TlsError::Handshake {
+        peer: peer.clone(),
+        source,
+    };
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    while conn.is_handshaking() || conn.wants_write() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(hs_err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            )));
+        }
+        tcp.set_read_timeout(Some(left)).map_err(hs_err)?;
+        tcp.set_write_timeout(Some(left)).map_err(hs_err)?;
+        match conn.complete_io(&mut tcp) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(hs_err(e)),
+        }
+    }
+    tcp.set_read_timeout(None).map_err(hs_err)?;
+    tcp.set_write_timeout(Some(crate::wire::link_deadline()))
+        .map_err(hs_err)?;
+    conn.set_buffer_limit(None);
+    Ok(Sock::Tls(TlsStream(Arc::new(Inner {
+        conn: Mutex::new(conn),
+        rx: Mutex::new(Rx {
+            cipher: vec![0; RX_BUF],
+            start: 0,
+            end: 0,
+            plain: Vec::new(),
+            at: 0,
+            eof: false,
+        }),
+        tx: Mutex::new(()),
+        tcp,
+    }))))
+}
+
+/// A TLS connection over TCP, shared by its clones: each thread that reads or writes does
+/// its own decryption or encryption, with the rustls state locked only for that work (never
+/// across a blocking socket call), so a reader waiting for data never holds up a writer.
+#[derive(Clone)]
+pub struct TlsStream(Arc<Inner>);
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsStream({:?})", self.0.tcp)
+    }
+}
+
+struct Inner {
+    conn: Mutex<rustls::Connection>,
+    /// One reader at a time, with its buffers.
+    rx: Mutex<Rx>,
+    /// One writer at a time: records reach the socket in the order they were sealed.
+    tx: Mutex<()>,
+    tcp: TcpStream,
+}
+
+/// Bytes read from the socket at once (rustls itself reads 4 KiB a call).
+const RX_BUF: usize = 256 << 10;
+
+/// The reader's buffers: ciphertext read from the socket and not yet given to rustls
+/// (`cipher[start..end]`), and plaintext opened and not yet read (`plain[at..]`).
+struct Rx {
+    cipher: Vec<u8>,
+    start: usize,
+    end: usize,
+    plain: Vec<u8>,
+    at: usize,
+    eof: bool,
+}
+
+fn fatal(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, TlsError::Closed(e.to_string()))
+}
+
+impl TlsStream {
+    /// The TCP socket underneath (timeouts, shutdown, polling).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.0.tcp
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, rustls::Connection> {
+        self.0.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send whatever rustls has sealed (`tx` held by the caller).
+    fn send_sealed(&self) -> io::Result<()> {
+        let mut out = Vec::new();
+        {
+            let mut c = self.conn();
+            while c.wants_write() {
+                c.write_tls(&mut out)?;
+            }
+        }
+        (&self.0.tcp).write_all(&out)
+    }
+
+    /// Whether plaintext (or ciphertext to open) is ready without reading the socket.
+    fn buffered(&self) -> bool {
+        match self.0.rx.try_lock() {
+            Ok(rx) => {
+                rx.at < rx.plain.len()
+                    || rx.start < rx.end
+                    || rx.eof
+                    || self
+                        .conn()
+                        .process_new_packets()
+                        .is_ok_and(|st| st.plaintext_bytes_to_read() > 0)
+            }
+            // Someone is reading: the socket tells.
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a read would find data (or the end) within `timeout`.
+    pub fn poll_readable(&self, timeout: Duration) -> io::Result<bool> {
+        if self.buffered() {
+            return Ok(true);
+        }
+        Ok(uffd::poll_in(&[self.0.tcp.as_fd()], Some(timeout))? & 1 != 0)
+    }
+
+    /// Read plaintext: what rustls holds, else one socket read (bounded by the socket's read
+    /// timeout) decrypted. The end of the stream without a `close_notify` reads as the end
+    /// (the frame layer finds a frame cut short).
+    pub fn read(&self, b: &mut [u8]) -> io::Result<usize> {
+        if b.is_empty() {
+            return Ok(0);
+        }
+        let mut guard = self.0.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = &mut *guard;
+        loop {
+            if rx.at < rx.plain.len() {
+                let n = b.len().min(rx.plain.len() - rx.at);
+                b[..n].copy_from_slice(&rx.plain[rx.at..rx.at + n]);
+                rx.at += n;
+                return Ok(n);
+            }
+            rx.plain.clear();
+            rx.at = 0;
+            // What was read (or came with the handshake's last flight) first.
+            self.open(rx)?;
+            if !rx.plain.is_empty() {
+                continue;
+            }
+            if rx.eof {
+                return Ok(0);
+            }
+            // Wait without any lock but ours, honouring the read timeout.
+            let t = self.0.tcp.read_timeout()?;
+            if uffd::poll_in(&[self.0.tcp.as_fd()], t)? & 1 == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "nothing received within the read timeout",
+                ));
+            }
+            match (&self.0.tcp).read(&mut rx.cipher) {
+                Ok(0) => rx.eof = true,
+                Ok(n) => (rx.start, rx.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Give rustls the ciphertext read, and take out all the plaintext it opens.
+    fn open(&self, rx: &mut Rx) -> io::Result<()> {
+        let mut c = self.conn();
+        loop {
+            let mut rest = &rx.cipher[rx.start..rx.end];
+            let before = rest.len();
+            if before > 0 {
+                c.read_tls(&mut rest)?;
+            } else if rx.eof {
+                c.read_tls(&mut rest)?; // tells rustls the stream ended
+            }
+            rx.start += before - rest.len();
+            if let Err(e) = c.process_new_packets() {
+                // rustls queued an alert telling the peer why: send it, then fail.
+                let mut alert = Vec::new();
+                while c.wants_write() && c.write_tls(&mut alert).is_ok_and(|n| n > 0) {}
+                drop(c);
+                let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = (&self.0.tcp).write_all(&alert);
+                return Err(fatal(e));
+            }
+            match c.reader().read_to_end(&mut rx.plain) {
+                Ok(_) => rx.eof = true, // close_notify
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => rx.eof = true,
+                Err(e) => return Err(e),
+            }
+            if rx.start >= rx.end || rx.eof {
+                break;
+            }
+        }
+        if c.wants_write() {
+            drop(c);
+            let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+            self.send_sealed()?;
+        }
+        Ok(())
+    }
+
+    /// Seal and send all of `b` (bounded by the socket's write timeout).
+    pub fn write(&self, b: &[u8]) -> io::Result<usize> {
+        let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+        self.conn().writer().write_all(b)?;
+        self.send_sealed()?;
+        Ok(b.len())
+    }
+
+    /// Seal and send all the slices as one write.
+    pub fn write_vectored(&self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut c = self.conn();
+            for x in b {
+                c.writer().write_all(x)?;
+            }
+        }
+        self.send_sealed()?;
+        Ok(b.iter().map(|x| x.len()).sum())
+    }
+
+    /// Send `close_notify` (best effort, within the write timeout) and shut the socket down.
+    pub fn shutdown(&self) {
+        if let Ok(_tx) = self.0.tx.try_lock() {
+            self.conn().send_close_notify();
+            let _ = self.send_sealed();
+        }
+        let _ = self.0.tcp.shutdown(Shutdown::Both);
+    }
+}
