@@ -9,7 +9,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
-use serde::Serialize;
 use serde_json::json;
 use xfer::bitmap::{popcount, runs};
 use xfer::digest::{mix, page_hash};
@@ -22,7 +21,7 @@ use xfer::wire::{Kind, PAGE, RateLimit, Sock};
 use super::guest_io::{GuestReader, KvmDirtyLog, scan};
 use super::{
     DestReport, End, Endpoint, LinkLost, MigrateRequest, MigrationError, MigrationMode, State,
-    Status, Switch, io_err, max_pause_ms, peer_text,
+    Status, Switch, Verdict, io_err, max_pause_ms, peer_text,
 };
 use crate::config::VmConfig;
 use crate::memory::GuestMem;
@@ -446,13 +445,6 @@ fn spawn_reader(main: &Sock) -> Result<Receiver<FromDest>, MigrationError> {
         })
         .map_err(io_err("starting the connection reader"))?;
     Ok(rx)
-}
-
-/// The `Verdict` frame.
-#[derive(Serialize)]
-struct Verdict {
-    #[serde(with = "xfer::digest::hex")]
-    digest: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
