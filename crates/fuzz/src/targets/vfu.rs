@@ -126,6 +126,13 @@ fn answer(s: UnixStream, msgs: Vec<Vec<u8>>) {
 /// Client side: connect (VERSION, DEVICE_GET_INFO, each region's and IRQ's info), then a few
 /// calls whose replies carry structure; `true` if the client connected.
 pub fn client(data: &[u8]) -> bool {
+    static SIGPIPE: OnceLock<()> = OnceLock::new();
+    SIGPIPE.get_or_init(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler. Every Rust
+        // `main` does the same at start-up; libFuzzer's C `main` does not, and a write to the
+        // socket the answering end closed would otherwise kill the fuzzer.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
     let (l, path) = listener();
     let msgs = messages(data);
     let server = thread::scope(|sc| {
