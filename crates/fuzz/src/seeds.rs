@@ -127,8 +127,11 @@ pub fn xfer(state_bin: &[u8]) -> Seeds {
     out
 }
 
+/// Messages seen by the proxy: (fds, bytes).
+type Log = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
 /// Forward vfio-user messages from `from` to `to`, recording each with its fd count.
-fn forward(from: UnixStream, to: UnixStream, log: Arc<Mutex<Vec<(usize, Vec<u8>)>>>) {
+fn forward(from: UnixStream, to: UnixStream, log: Log) {
     let _ = from.set_read_timeout(Some(Duration::from_secs(10)));
     while let Ok(m) = sock::recv(&from, 1 << 24) {
         let mut bytes = m.header.as_bytes().to_vec();

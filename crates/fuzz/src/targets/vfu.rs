@@ -135,7 +135,7 @@ pub fn client(data: &[u8]) -> bool {
     });
     let (l, path) = listener();
     let msgs = messages(data);
-    let server = thread::scope(|sc| {
+    thread::scope(|sc| {
         let t = sc.spawn(|| {
             if let Ok((s, _)) = l.accept() {
                 answer(s, msgs);
@@ -158,6 +158,5 @@ pub fn client(data: &[u8]) -> bool {
         };
         let _ = t.join();
         ok
-    });
-    server
+    })
 }
