@@ -212,7 +212,7 @@ pub fn run_target(
     let bin = bins.join(target);
     let mut prefix = artifacts.clone().into_os_string();
     prefix.push("/");
-    let status = Command::new(&bin)
+    let mut child = Command::new(&bin)
         .arg(format!("-max_total_time={seconds}"))
         .arg("-timeout=10")
         .arg("-rss_limit_mb=2048")
@@ -227,11 +227,17 @@ pub fn run_target(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .status()
+        .spawn()
         .map_err(|source| RunError::Spawn {
             what: bin.display().to_string(),
             source,
         })?;
+    let pid = child.id();
+    let status = child.wait().map_err(|source| RunError::Spawn {
+        what: bin.display().to_string(),
+        source,
+    })?;
+    let _ = fs::remove_file(crate::targets::vfu::socket_path(pid));
     let text = fs::read(&log).map_err(|source| RunError::Io {
         what: "reading",
         path: log.clone(),

@@ -74,11 +74,15 @@ fn check(r: &Request, max_data: u32) {
     }
 }
 
+/// The socket the client target's process `pid` listens on (the runner removes it after).
+pub fn socket_path(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("faultline-fuzz-vfu-{pid}.sock"))
+}
+
 fn listener() -> &'static (UnixListener, PathBuf) {
     static L: OnceLock<(UnixListener, PathBuf)> = OnceLock::new();
     L.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("faultline-fuzz-vfu-{}.sock", std::process::id()));
+        let path = socket_path(std::process::id());
         let _ = std::fs::remove_file(&path);
         let l = UnixListener::bind(&path).expect("binding the fuzz socket");
         (l, path)
