@@ -102,31 +102,36 @@ pub fn build() -> Result<PathBuf, RunError> {
     let triple = host()?;
     let target_dir = root.join("target/fuzz");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Not `--locked`: the targets' lock file follows the workspace's, and a merge that adds a
+    // dependency to a workspace crate must not break the fuzz build (cargo adds the entry and
+    // keeps every other version; we say so below).
+    let lock = root.join("crates/fuzz/targets/Cargo.lock");
+    let before = fs::read(&lock).ok();
     let mut cmd = Command::new(&cargo);
-    cmd.args([
-        "build",
-        "--release",
-        "--locked",
-        "--bins",
-        "--manifest-path",
-    ])
-    .arg(root.join("crates/fuzz/targets/Cargo.toml"))
-    .arg("--target")
-    .arg(&triple)
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("RUSTFLAGS", RUSTFLAGS)
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env_remove("CARGO_TARGET_DIR")
-    .env_remove("CARGO_BUILD_TARGET")
-    .env_remove("RUSTC_WRAPPER")
-    .stdin(Stdio::null());
+    cmd.args(["build", "--release", "--bins", "--manifest-path"])
+        .arg(root.join("crates/fuzz/targets/Cargo.toml"))
+        .arg("--target")
+        .arg(&triple)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", RUSTFLAGS)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTC_WRAPPER")
+        .stdin(Stdio::null());
     let status = cmd.status().map_err(|source| RunError::Spawn {
         what: format!("{cargo} build (fuzz targets)"),
         source,
     })?;
     if !status.success() {
         return Err(RunError::Build { status });
+    }
+    if fs::read(&lock).ok() != before {
+        eprintln!(
+            "note: cargo updated {} to match the workspace; commit it",
+            lock.display()
+        );
     }
     Ok(target_dir.join(triple).join("release"))
 }
