@@ -128,21 +128,28 @@ fn fill(
 pub fn read_request(s: &mut UnixStream, total: Duration) -> Result<Request, ReadError> {
     let deadline = Instant::now() + total;
     let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
+    loop {
+        if let Some(r) = parse_request(&buf)? {
+            return Ok(r);
         }
+        fill(s, &mut buf, deadline, total)?;
+    }
+}
+
+/// Parse a request from the bytes received so far (untrusted): `Ok(None)` while it is not
+/// whole yet. Sizes are bounded before use ([`MAX_HEAD`], [`MAX_BODY`]).
+pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, ReadError> {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         if buf.len() > MAX_HEAD {
             return Err(ReadError::HeadTooLarge);
         }
-        fill(s, &mut buf, deadline, total)?;
+        return Ok(None);
     };
     if head_end > MAX_HEAD {
         return Err(ReadError::HeadTooLarge);
     }
     let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| ReadError::Bad("headers are not UTF-8".into()))?
-        .to_string();
+        .map_err(|_| ReadError::Bad("headers are not UTF-8".into()))?;
     let mut lines = head.split("\r\n");
     let line = lines.next().unwrap_or("");
     let mut parts = line.split(' ');
@@ -173,8 +180,8 @@ pub fn read_request(s: &mut UnixStream, total: Duration) -> Result<Request, Read
     }
     let start = head_end + 4;
     let want = start + len as usize;
-    while buf.len() < want {
-        fill(s, &mut buf, deadline, total)?;
+    if buf.len() < want {
+        return Ok(None);
     }
     let body = String::from_utf8(buf[start..want].to_vec())
         .map_err(|_| ReadError::Bad("the body is not UTF-8".into()))?;
@@ -183,11 +190,11 @@ pub fn read_request(s: &mut UnixStream, total: Duration) -> Result<Request, Read
         "PUT" => Method::Put,
         m => Method::Other(m.to_string()),
     };
-    Ok(Request {
+    Ok(Some(Request {
         method,
         url: url.to_string(),
         body,
-    })
+    }))
 }
 
 /// Close after an answer to a request not read whole: take what the client already sent

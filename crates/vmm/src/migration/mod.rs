@@ -473,13 +473,26 @@ impl LinkLost {
     }
 }
 
-/// An `Error` frame's text, bounded (a peer's bytes).
-pub(crate) fn peer_text(b: &[u8]) -> String {
+/// An `Error` (or `Cancel`) frame's text, bounded (a peer's bytes).
+pub fn peer_text(b: &[u8]) -> String {
     let v: Option<serde_json::Value> = serde_json::from_slice(b).ok();
     match v.as_ref().and_then(|v| v["error"].as_str()) {
         Some(e) => e.chars().take(4096).collect(),
         None => String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned(),
     }
+}
+
+/// The `Verdict` frame (JSON `{"digest": "0x.."}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The source's digest of guest memory at switchover.
+    #[serde(with = "xfer::digest::hex")]
+    pub digest: u64,
+}
+
+/// Parse a `Verdict` frame's payload.
+pub fn parse_verdict(b: &[u8]) -> Result<Verdict, serde_json::Error> {
+    serde_json::from_slice(b)
 }
 
 /// A page frame the destination refuses: pages outside guest memory are named as such.

@@ -9,7 +9,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
-use serde::Serialize;
 use serde_json::json;
 use xfer::bitmap::{popcount, runs};
 use xfer::digest::{mix, page_hash};
@@ -23,7 +22,7 @@ use xfer::wire::{Beat, Keepalive, Kind, PAGE, RateLimit, RecvError, Sock, Stalle
 use super::guest_io::{GuestReader, KvmDirtyLog, scan};
 use super::{
     DestReport, End, Endpoint, LinkLost, MigrateRequest, MigrationError, MigrationMode, State,
-    Status, Switch, io_err, max_pause_ms, peer_text,
+    Status, Switch, Verdict, io_err, max_pause_ms, peer_text,
 };
 use crate::config::VmConfig;
 use crate::memory::GuestMem;
@@ -585,13 +584,6 @@ fn spawn_reader(main: &Sock, ka: Option<Keepalive>) -> Result<Receiver<FromDest>
         })
         .map_err(io_err("starting the connection reader"))?;
     Ok(rx)
-}
-
-/// The `Verdict` frame.
-#[derive(Serialize)]
-struct Verdict {
-    #[serde(with = "xfer::digest::hex")]
-    digest: u64,
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -9,7 +9,6 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use memx::FaultLoop;
-use serde::Deserialize;
 use serde_json::json;
 use xfer::proto::{self, Channel};
 use xfer::pull::{Event, Pull};
@@ -17,16 +16,9 @@ use xfer::wire::{Beat, Keepalive, Kind, Listener, PAGE, Sock};
 
 use super::{
     DestReport, End, Latency, LinkLost, MigrationError, State, Status, fail, io_err, max_pause_ms,
-    peer_text, pull_err,
+    parse_verdict, peer_text, pull_err,
 };
 use crate::vstate::{Failure, Notifier, VcpuControl};
-
-/// The `Verdict` frame.
-#[derive(Deserialize)]
-struct Verdict {
-    #[serde(with = "xfer::digest::hex")]
-    digest: u64,
-}
 
 /// The destination's post-switchover thread.
 pub(crate) struct Supervisor {
@@ -186,11 +178,9 @@ impl Supervisor {
                         end = Some(e);
                     }
                     (Kind::Verdict, Channel::Main) => {
-                        let v: Verdict = serde_json::from_slice(&payload).map_err(|source| {
-                            MigrationError::Json {
-                                what: "Verdict frame",
-                                source,
-                            }
+                        let v = parse_verdict(&payload).map_err(|source| MigrationError::Json {
+                            what: "Verdict frame",
+                            source,
                         })?;
                         break Some(v.digest);
                     }

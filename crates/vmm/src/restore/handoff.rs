@@ -93,18 +93,26 @@ pub fn recv_msg<T: for<'de> Deserialize<'de>>(s: &UnixStream) -> io::Result<(T, 
         ));
     }
     (&*s).read_exact(&mut len[n..])?;
-    let len = u32::from_le_bytes(len);
+    let mut body = vec![0; msg_len(len)?];
+    (&*s).read_exact(&mut body)?;
+    Ok((parse_body(&body)?, file.map(OwnedFd::from)))
+}
+
+/// The body length a message's 4-byte prefix announces, bounded before use (at most 1 MiB).
+pub fn msg_len(prefix: [u8; 4]) -> io::Result<usize> {
+    let len = u32::from_le_bytes(prefix);
     if len > MAX_MSG {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("message of {len} bytes (at most {MAX_MSG})"),
         ));
     }
-    let mut body = vec![0; len as usize];
-    (&*s).read_exact(&mut body)?;
-    let v =
-        serde_json::from_slice(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok((v, file.map(OwnedFd::from)))
+    Ok(len as usize)
+}
+
+/// Parse a message's JSON body (the bytes after the length prefix).
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 pub(super) fn connect_handler(

@@ -37,7 +37,8 @@ use crate::vstate::{StateError, Vm, VmError};
 
 use handoff::connect_handler;
 pub use handoff::{
-    HANDOFF_PROTOCOL, HANDOFF_VERSION, Handoff, HandoffMapping, HandoffReply, recv_msg, send_msg,
+    HANDOFF_PROTOCOL, HANDOFF_VERSION, Handoff, HandoffMapping, HandoffReply, msg_len, parse_body,
+    recv_msg, send_msg,
 };
 use pager::PagerKind;
 pub use pager::{Pager, PagerError, PagerReport};

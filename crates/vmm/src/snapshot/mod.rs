@@ -488,27 +488,28 @@ fn read_checked(dir: &Path, r: &FileRef, what: &str) -> Result<Vec<u8>, Snapshot
     Ok(data)
 }
 
-/// Read and check a snapshot directory: manifest, state, index, memory file length.
-pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
-    let mpath = dir.join(files::MANIFEST);
-    let raw = std::fs::read(&mpath).map_err(io_err("reading", &mpath))?;
+/// Parse and check `manifest.json` (`raw`, read from `mpath`): format and version first (a
+/// newer layout is reported as such), then the fields, then what the manifest alone can check
+/// (memory size and page size against the configuration, one slice and checksum per vCPU,
+/// slices inside guest memory).
+pub fn parse_manifest(raw: &[u8], mpath: &Path) -> Result<Manifest, SnapshotError> {
     // Format and version first, so that a newer layout is reported as such.
     let head: serde_json::Value =
-        serde_json::from_slice(&raw).map_err(|source| SnapshotError::Manifest {
-            path: mpath.clone(),
+        serde_json::from_slice(raw).map_err(|source| SnapshotError::Manifest {
+            path: mpath.to_path_buf(),
             source,
         })?;
     let format = head.get("format").and_then(|v| v.as_str()).unwrap_or("");
     let version = head.get("version").and_then(|v| v.as_u64());
     if format != FORMAT || version != Some(u64::from(VERSION)) {
         return Err(SnapshotError::Version {
-            path: mpath,
+            path: mpath.to_path_buf(),
             what: format!("format '{format}' version {version:?}"),
         });
     }
     let manifest: Manifest =
         serde_json::from_value(head).map_err(|source| SnapshotError::Manifest {
-            path: mpath.clone(),
+            path: mpath.to_path_buf(),
             source,
         })?;
     let cfg = &manifest.config;
@@ -538,6 +539,16 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     {
         return bad("a slice lies outside guest memory".into());
     }
+    Ok(manifest)
+}
+
+/// Read and check a snapshot directory: manifest, state, index, memory file length.
+pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
+    let mpath = dir.join(files::MANIFEST);
+    let raw = std::fs::read(&mpath).map_err(io_err("reading", &mpath))?;
+    let manifest = parse_manifest(&raw, &mpath)?;
+    let cfg = &manifest.config;
+    let bad = |m: String| Err(SnapshotError::Inconsistent(m));
     let state = read_checked(dir, &manifest.state, "vCPU state")?;
     let (vm, vcpus) = state::decode(&state, cfg.vcpus as usize).map_err(SnapshotError::State)?;
     let index = MemoryIndex::decode(&read_checked(dir, &manifest.index, "memory index")?)?;
