@@ -125,6 +125,19 @@ pub fn xfer(state_bin: &[u8]) -> Seeds {
                 .unwrap();
         }),
     );
+    add(
+        "crc-trailers",
+        sock(&|s| {
+            // Frames with CRC32C trailers, as a peer that offered `crc32c` sends them.
+            s.send_crc(Kind::Pages, 0x3000, &page, true).unwrap();
+            s.send_crc(Kind::Zero, 0x4000, &2u32.to_le_bytes(), true)
+                .unwrap();
+            s.send_crc(Kind::Resend, 0x3000, &1u32.to_le_bytes(), true)
+                .unwrap();
+            s.send_vectored_crc(Kind::Pages, 0x5000, &page, true)
+                .unwrap();
+        }),
+    );
     out
 }
 
