@@ -6,6 +6,9 @@
 //! post-copy (> 60 % sent). For each cell the guest runs on exactly one side with verified
 //! memory, or there is a clear error (and, where the guest can still run, it does).
 //!
+//! Modes: pre-copy and post-copy at their phases, and hybrid at a pre-copy round and late in
+//! its post-copy.
+//!
 //! Not covered: the switchover itself (a window of a few ms that polling cannot hit).
 
 mod support;
@@ -257,5 +260,15 @@ fn postcopy_faults_early() {
 fn postcopy_faults_late() {
     for f in FAULTS {
         cell("postcopy", Phase::LatePostcopy, f);
+    }
+}
+
+#[test]
+fn hybrid_faults() {
+    for f in FAULTS {
+        cell("hybrid", Phase::PrecopyRound, f);
+    }
+    for f in FAULTS {
+        cell("hybrid", Phase::LatePostcopy, f);
     }
 }
