@@ -56,7 +56,7 @@ pub(super) fn handshake(
             at: 0,
             eof: false,
         }),
-        tx: Mutex::new(()),
+        tx: Mutex::new(Vec::new()),
         tcp,
     }))))
 }
@@ -78,7 +78,8 @@ struct Inner {
     /// One reader at a time, with its buffers.
     rx: Mutex<Rx>,
     /// One writer at a time: records reach the socket in the order they were sealed.
-    tx: Mutex<()>,
+    /// Its buffer of sealed records, reused (a fresh 256 KiB buffer a frame costs page faults).
+    tx: Mutex<Vec<u8>>,
     tcp: TcpStream,
 }
 
@@ -110,16 +111,16 @@ impl TlsStream {
         self.0.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Send whatever rustls has sealed (`tx` held by the caller).
-    fn send_sealed(&self) -> io::Result<()> {
-        let mut out = Vec::new();
+    /// Send whatever rustls has sealed, through `out` (the `tx` buffer, held by the caller).
+    fn send_sealed(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        out.clear();
         {
             let mut c = self.conn();
             while c.wants_write() {
-                c.write_tls(&mut out)?;
+                c.write_tls(out)?;
             }
         }
-        (&self.0.tcp).write_all(&out)
+        (&self.0.tcp).write_all(out)
     }
 
     /// Whether plaintext (or ciphertext to open) is ready without reading the socket.
@@ -223,38 +224,38 @@ impl TlsStream {
         }
         if c.wants_write() {
             drop(c);
-            let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
-            self.send_sealed()?;
+            let mut tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+            self.send_sealed(&mut tx)?;
         }
         Ok(())
     }
 
     /// Seal and send all of `b` (bounded by the socket's write timeout).
     pub fn write(&self, b: &[u8]) -> io::Result<usize> {
-        let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
         self.conn().writer().write_all(b)?;
-        self.send_sealed()?;
+        self.send_sealed(&mut tx)?;
         Ok(b.len())
     }
 
     /// Seal and send all the slices as one write.
     pub fn write_vectored(&self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
         {
             let mut c = self.conn();
             for x in b {
                 c.writer().write_all(x)?;
             }
         }
-        self.send_sealed()?;
+        self.send_sealed(&mut tx)?;
         Ok(b.iter().map(|x| x.len()).sum())
     }
 
     /// Send `close_notify` (best effort, within the write timeout) and shut the socket down.
     pub fn shutdown(&self) {
-        if let Ok(_tx) = self.0.tx.try_lock() {
+        if let Ok(mut tx) = self.0.tx.try_lock() {
             self.conn().send_close_notify();
-            let _ = self.send_sealed();
+            let _ = self.send_sealed(&mut tx);
         }
         let _ = self.0.tcp.shutdown(Shutdown::Both);
     }
