@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use vmm::migration::Endpoint;
-use xfer::tls::{Credentials, Security};
+use xfer::tls::Credentials;
 
 use crate::error::CliError;
 
@@ -53,7 +53,7 @@ impl TlsArgs {
 
     /// Check now (files readable, plain TCP allowed) so a mistake fails before anything runs.
     pub fn check(&self, ep: &Endpoint) -> Result<(), CliError> {
-        Security::for_endpoint(ep, self.credentials().as_ref(), self.insecure)
+        ep.security(self.credentials().as_ref(), self.insecure)
             .map(|_| ())
             .map_err(|e| CliError::Usage(uffd::error_chain(&e)))
     }

@@ -685,7 +685,8 @@ impl RunningVm {
             return Err(ControlError::Finished);
         }
         let to = req.to.as_ref().ok_or(ControlError::NoDestination)?;
-        let security = xfer::tls::Security::for_endpoint(to, req.tls.as_ref(), req.insecure)
+        let security = to
+            .security(req.tls.as_ref(), req.insecure)
             .map_err(ControlError::Security)?;
         let msr_list = self.machine.msr_list().map_err(ControlError::Kvm)?;
         let ctx = migration::source::SourceCtx {

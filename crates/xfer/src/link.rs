@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::wire::{Kind, Sock};
-
 /// The environment variable that sets [`link_deadline`] in milliseconds (tests shorten it).
 pub const LINK_DEADLINE_ENV: &str = "FAULTLINE_LINK_DEADLINE_MS";
 
@@ -68,15 +66,15 @@ impl Beat {
         self.last = Instant::now();
     }
 
-    /// Send a keepalive on `s` if nothing was sent for the interval.
-    pub fn tick(&mut self, s: &mut Sock) -> io::Result<()> {
+    /// Whether a keepalive is due (nothing sent for the interval); if so, it counts as sent.
+    /// (`Beat::tick` in `wire` sends it.)
+    pub fn due(&mut self) -> bool {
         match self.every {
             Some(e) if self.last.elapsed() >= e => {
-                s.send(Kind::Keepalive, 0, &[])?;
                 self.last = Instant::now();
-                Ok(())
+                true
             }
-            _ => Ok(()),
+            _ => false,
         }
     }
 }
@@ -146,6 +144,7 @@ pub(crate) fn stalled(e: io::Error, dir: Direction, after: Option<Duration>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Sock;
 
     #[test]
     fn keepalives_only_with_a_peer_that_announced_them() {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::tls::Security;
+use crate::tls::{Security, TlsError};
 use crate::wire::{Endpoint, Keepalive, Kind, Listener, RecvError, Sock, link_deadline};
 
 /// The protocol's name, in every hello.
@@ -224,6 +224,26 @@ fn recv_json<T: for<'de> Deserialize<'de>>(s: &mut Sock, want: Kind) -> Result<T
     serde_json::from_slice(&buf).map_err(|e| HandshakeError::Malformed(want, e))
 }
 
+/// Source side: secure a connection just made to `ep` (TLS needs TCP).
+pub fn secure_client(s: Sock, sec: &Security, ep: &Endpoint) -> Result<Sock, TlsError> {
+    match (sec, s, ep) {
+        (Security::Plain, s, _) => Ok(s),
+        (Security::Tls(t), Sock::Tcp(tcp), Endpoint::Tcp(addr)) => {
+            t.client(tcp, addr).map(Sock::Tls)
+        }
+        _ => Err(TlsError::NotTcp(ep.to_string())),
+    }
+}
+
+/// Destination side: secure a connection just accepted (TLS needs TCP).
+pub fn secure_server(s: Sock, sec: &Security) -> Result<Sock, TlsError> {
+    match (sec, s) {
+        (Security::Plain, s) => Ok(s),
+        (Security::Tls(t), Sock::Tcp(tcp)) => t.server(tcp).map(Sock::Tls),
+        _ => Err(TlsError::NotTcp("a Unix socket".into())),
+    }
+}
+
 /// In TLS 1.3 a destination refuses our certificate only after our side finished: reading
 /// its answer then fails with the alert, which is named as TLS's refusal.
 fn tls_refusal(e: HandshakeError) -> HandshakeError {
@@ -256,7 +276,7 @@ pub fn hello(
             endpoint: ep.to_string(),
             source,
         })?;
-    let mut s = sec.client(s, ep).map_err(HandshakeError::Tls)?;
+    let mut s = secure_client(s, sec, ep).map_err(HandshakeError::Tls)?;
     s.set_read_timeout(Some(timeout))
         .map_err(HandshakeError::Setup)?;
     s.send_json(Kind::Hello, h)
@@ -364,7 +384,7 @@ pub fn accept_secure(
         let Some(s) = l.accept(left).map_err(HandshakeError::Accept)? else {
             return Err(refused.map_or(HandshakeError::Timeout(timeout), HandshakeError::Tls));
         };
-        match sec.server(s) {
+        match secure_server(s, sec) {
             Ok(s) => return Ok(s),
             Err(e) => refused = Some(e),
         }

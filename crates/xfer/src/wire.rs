@@ -304,6 +304,16 @@ pub enum Sock {
     Tls(crate::tls::TlsStream),
 }
 
+impl Beat {
+    /// Send a keepalive on `s` if nothing was sent for the interval.
+    pub fn tick(&mut self, s: &mut Sock) -> io::Result<()> {
+        if self.due() {
+            s.send(Kind::Keepalive, 0, &[])?;
+        }
+        Ok(())
+    }
+}
+
 impl Sock {
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> io::Result<Sock> {
@@ -753,6 +763,21 @@ impl std::fmt::Display for Endpoint {
 }
 
 impl Endpoint {
+    /// The security for this endpoint ([`crate::tls::Security::choose`]): TLS with `creds`;
+    /// without, a Unix socket is plain (mode 0600) and TCP is refused unless `insecure`.
+    pub fn security(
+        &self,
+        creds: Option<&crate::tls::Credentials>,
+        insecure: bool,
+    ) -> Result<crate::tls::Security, crate::tls::TlsError> {
+        crate::tls::Security::choose(
+            matches!(self, Endpoint::Tcp(_)),
+            &self.to_string(),
+            creds,
+            insecure,
+        )
+    }
+
     /// Connect, retrying until `timeout` (the destination may still be starting). Each TCP
     /// attempt is itself bounded by what is left of `timeout` (`connect_timeout`: a host that
     /// drops SYNs would otherwise block for the kernel's ~2 minutes of retries).

@@ -153,9 +153,10 @@ pub fn incoming(
     notify: Notifier,
     start: impl FnOnce(Vm) -> Result<Arc<VcpuControl>, VmError>,
 ) -> Result<Incoming, MigrationError> {
-    let security =
-        xfer::tls::Security::for_endpoint(&opts.listen, opts.tls.as_ref(), opts.insecure)
-            .map_err(MigrationError::Security)?;
+    let security = opts
+        .listen
+        .security(opts.tls.as_ref(), opts.insecure)
+        .map_err(MigrationError::Security)?;
     let listener = opts
         .listen
         .listen()

@@ -704,7 +704,7 @@ fn finish(
                 to = t;
             }
             // A new endpoint gets the same credentials (and the same rule on plain TCP).
-            let sec = match Security::for_endpoint(&to, req.tls.as_ref(), req.insecure) {
+            let sec = match to.security(req.tls.as_ref(), req.insecure) {
                 Ok(s) => s,
                 Err(e) => {
                     status

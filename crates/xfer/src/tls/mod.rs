@@ -14,8 +14,8 @@
 //!   crosses the wire. (A low-entropy secret could be guessed offline from the public key, so
 //!   shorter files are refused.)
 //! - **Unix sockets** are protected by file permission: the listening socket is created with
-//!   mode 0600 ([`crate::wire::Endpoint::listen`]); TLS is optional there.
-//! - **Plain TCP** only with `insecure` set: [`Security::for_endpoint`] refuses it otherwise.
+//!   mode 0600 (`wire::Endpoint::listen`); TLS is optional there.
+//! - **Plain TCP** only with `insecure` set: [`Security::choose`] refuses it otherwise.
 //!
 //! # Threads
 //! The engines read and write one connection from separate threads (pages one way, requests
@@ -25,6 +25,7 @@
 //! no kernel TLS, `TCP_ULP "tls"`, to hand the keys to.)
 
 use std::io::{self, Read};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::danger::ClientCertVerifier;
 use thiserror::Error;
-
-use crate::wire::{Endpoint, Sock};
 
 mod stream;
 mod verify;
@@ -172,41 +171,27 @@ pub struct Tls {
 }
 
 impl Security {
-    /// The security for `ep`: TLS with `creds`; without, a Unix socket is plain (file
-    /// permissions) and TCP is refused unless `insecure`.
-    pub fn for_endpoint(
-        ep: &Endpoint,
+    /// The security for a connection over TCP (`tcp`) or a Unix socket, `what` naming it:
+    /// TLS with `creds`; without, a Unix socket is plain (file permissions) and TCP is
+    /// refused unless `insecure`. (`xfer::wire::Endpoint::security` calls this.)
+    pub fn choose(
+        tcp: bool,
+        what: &str,
         creds: Option<&Credentials>,
         insecure: bool,
     ) -> Result<Security, TlsError> {
-        match (creds, ep) {
-            (Some(_), Endpoint::Unix(_)) => Err(TlsError::NotTcp(ep.to_string())),
-            (Some(c), Endpoint::Tcp(_)) => Ok(Security::Tls(Arc::new(Tls::new(c)?))),
-            (None, Endpoint::Unix(_)) => Ok(Security::Plain),
-            (None, Endpoint::Tcp(_)) if insecure => Ok(Security::Plain),
-            (None, Endpoint::Tcp(_)) => Err(TlsError::PlainTcp(ep.to_string())),
+        match (creds, tcp) {
+            (Some(_), false) => Err(TlsError::NotTcp(what.into())),
+            (Some(c), true) => Ok(Security::Tls(Arc::new(Tls::new(c)?))),
+            (None, false) => Ok(Security::Plain),
+            (None, true) if insecure => Ok(Security::Plain),
+            (None, true) => Err(TlsError::PlainTcp(what.into())),
         }
     }
 
     /// Whether this is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Security::Tls(_))
-    }
-
-    /// Source side: secure a connection just made to `ep`.
-    pub fn client(&self, s: Sock, ep: &Endpoint) -> Result<Sock, TlsError> {
-        match self {
-            Security::Plain => Ok(s),
-            Security::Tls(t) => t.client(s, ep),
-        }
-    }
-
-    /// Destination side: secure a connection just accepted.
-    pub fn server(&self, s: Sock) -> Result<Sock, TlsError> {
-        match self {
-            Security::Plain => Ok(s),
-            Security::Tls(t) => t.server(s),
-        }
     }
 }
 
@@ -431,32 +416,31 @@ impl Tls {
         })
     }
 
-    fn client(&self, s: Sock, ep: &Endpoint) -> Result<Sock, TlsError> {
-        let name = match (&self.fixed_name, self.allow.first(), ep) {
-            (Some(n), _, _) => n.clone(),
-            (None, Some(n), _) => n.clone(),
-            (None, None, Endpoint::Tcp(a)) => a
+    /// Source side: secure a TCP connection just made to `addr` (`HOST:PORT`; the host is
+    /// the name checked when no allow-list names the destination).
+    pub fn client(&self, tcp: TcpStream, addr: &str) -> Result<TlsStream, TlsError> {
+        let name = match (&self.fixed_name, self.allow.first()) {
+            (Some(n), _) | (None, Some(n)) => n.clone(),
+            (None, None) => addr
                 .rsplit_once(':')
                 .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_string())
                 .unwrap_or_default(),
-            (None, None, Endpoint::Unix(_)) => "localhost".to_string(),
         };
         let sn = ServerName::try_from(name.clone()).map_err(|_| TlsError::ServerName(name))?;
         let conn = rustls::ClientConnection::new(self.client.clone(), sn).map_err(tls_err)?;
-        handshake(s, rustls::Connection::Client(conn), ep.to_string())
+        handshake(tcp, rustls::Connection::Client(conn), addr.to_string())
     }
 
-    fn server(&self, s: Sock) -> Result<Sock, TlsError> {
+    /// Destination side: secure a TCP connection just accepted.
+    pub fn server(&self, tcp: TcpStream) -> Result<TlsStream, TlsError> {
         let conn = rustls::ServerConnection::new(self.server.clone()).map_err(tls_err)?;
-        handshake(s, rustls::Connection::Server(conn), "the source".into())
+        handshake(tcp, rustls::Connection::Server(conn), "the source".into())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::time::Instant;
 
     #[test]
     fn psk_identity_is_deterministic_and_keyed() {
@@ -467,88 +451,17 @@ mod tests {
         assert_ne!(a.0, c.0, "another key, another certificate");
     }
 
-    /// A TLS pair over loopback with the pre-shared key in `dir`.
-    fn pair(dir: &Path) -> (Sock, Sock) {
-        let key = dir.join("psk");
-        std::fs::write(&key, (0u8..32).collect::<Vec<u8>>()).unwrap();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ep: Endpoint = format!("tcp:{}", l.local_addr().unwrap()).parse().unwrap();
-        let sec =
-            Security::for_endpoint(&ep, Some(&Credentials::Psk { key_file: key }), false).unwrap();
-        let s2 = sec.clone();
-        let server = std::thread::spawn(move || {
-            let (t, _) = l.accept().unwrap();
-            s2.server(Sock::Tcp(t)).unwrap()
-        });
-        let c = sec
-            .client(
-                Sock::Tcp(std::net::TcpStream::connect(l_addr(&ep)).unwrap()),
-                &ep,
-            )
-            .unwrap();
-        (c, server.join().unwrap())
-    }
-
-    fn l_addr(ep: &Endpoint) -> String {
-        match ep {
-            Endpoint::Tcp(a) => a.clone(),
-            Endpoint::Unix(_) => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn clones_carry_both_directions_at_once_and_timeouts_hold() {
-        let d = tempfile::tempdir().unwrap();
-        let (c, s) = pair(d.path());
-        const N: usize = 16 << 20;
-        fn pattern(i: usize) -> u8 {
-            (i * 7 + i / 4093) as u8
-        }
-        // Each side writes 16 MiB from one clone while reading 16 MiB on another.
-        let run = move |sock: Sock| {
-            let mut w = sock.try_clone().unwrap();
-            let writer = std::thread::spawn(move || {
-                let buf: Vec<u8> = (0..N).map(pattern).collect();
-                for chunk in buf.chunks(100_003) {
-                    w.write_all(chunk).unwrap();
-                }
-            });
-            let mut r = sock;
-            let mut got = vec![0u8; N];
-            r.read_exact(&mut got).unwrap();
-            writer.join().unwrap();
-            assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i)));
-            r
-        };
-        let t = std::thread::spawn(move || run(s));
-        let mut c = run(c);
-        let mut s = t.join().unwrap();
-        // Nothing more comes: a read timeout ends the read.
-        c.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let t0 = Instant::now();
-        let e = c.read(&mut [0u8; 8]).unwrap_err();
-        assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ),
-            "{e}"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        // A shutdown is the end of the stream for the peer.
-        c.shutdown();
-        assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0);
-    }
-
     #[test]
     fn plain_tcp_needs_insecure() {
-        let tcp: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
-        let e = Security::for_endpoint(&tcp, None, false).unwrap_err();
+        let tcp = "tcp:127.0.0.1:1";
+        let e = Security::choose(true, tcp, None, false).unwrap_err();
         assert!(e.to_string().contains("--insecure"), "{e}");
-        assert!(!Security::for_endpoint(&tcp, None, true).unwrap().is_tls());
-        let unix: Endpoint = "unix:/tmp/x.sock".parse().unwrap();
-        assert!(!Security::for_endpoint(&unix, None, false).unwrap().is_tls());
+        assert!(!Security::choose(true, tcp, None, true).unwrap().is_tls());
+        assert!(
+            !Security::choose(false, "unix:/tmp/x.sock", None, false)
+                .unwrap()
+                .is_tls()
+        );
     }
 
     #[test]
@@ -556,9 +469,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
         std::fs::write(&p, b"short").unwrap();
-        let tcp: Endpoint = "tcp:127.0.0.1:1".parse().unwrap();
-        let e = Security::for_endpoint(&tcp, Some(&Credentials::Psk { key_file: p }), false)
-            .unwrap_err();
+        let e = Security::choose(
+            true,
+            "tcp:127.0.0.1:1",
+            Some(&Credentials::Psk { key_file: p }),
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("at least 32"), "{e}");
     }
 }

@@ -1,5 +1,5 @@
 //! The TLS connection the engines use: the handshake, then [`TlsStream`], shared by the
-//! clones of a [`Sock`].
+//! clones of a `xfer::wire::Sock`.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -9,22 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{HANDSHAKE_TIMEOUT, TlsError};
-use crate::wire::Sock;
 
-/// Run the handshake on `s` (within [`HANDSHAKE_TIMEOUT`]).
+/// Run the handshake on `tcp` (within [`HANDSHAKE_TIMEOUT`]); the socket's write timeout is
+/// kept for the stream.
 pub(super) fn handshake(
-    s: Sock,
+    mut tcp: TcpStream,
     mut conn: rustls::Connection,
     peer: String,
-) -> Result<Sock, TlsError> {
-    let mut tcp = match s {
-        Sock::Tcp(t) => t,
-        _ => return Err(TlsError::NotTcp(peer)),
-    };
+) -> Result<TlsStream, TlsError> {
     let hs_err = |source| TlsError::Handshake {
         peer: peer.clone(),
         source,
     };
+    let write_timeout = tcp.write_timeout().map_err(hs_err)?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     while conn.is_handshaking() || conn.wants_write() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -43,10 +40,9 @@ pub(super) fn handshake(
         }
     }
     tcp.set_read_timeout(None).map_err(hs_err)?;
-    tcp.set_write_timeout(Some(crate::wire::link_deadline()))
-        .map_err(hs_err)?;
+    tcp.set_write_timeout(write_timeout).map_err(hs_err)?;
     conn.set_buffer_limit(None);
-    Ok(Sock::Tls(TlsStream(Arc::new(Inner {
+    Ok(TlsStream(Arc::new(Inner {
         conn: Mutex::new(conn),
         rx: Mutex::new(Rx {
             cipher: vec![0; RX_BUF],
@@ -58,7 +54,7 @@ pub(super) fn handshake(
         }),
         tx: Mutex::new(Vec::new()),
         tcp,
-    }))))
+    })))
 }
 
 /// A TLS connection over TCP, shared by its clones: each thread that reads or writes does
@@ -258,5 +254,23 @@ impl TlsStream {
             let _ = self.send_sealed(&mut tx);
         }
         let _ = self.0.tcp.shutdown(Shutdown::Both);
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        TlsStream::read(self, b)
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        TlsStream::write(self, b)
+    }
+    fn write_vectored(&mut self, b: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        TlsStream::write_vectored(self, b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
