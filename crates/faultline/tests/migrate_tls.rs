@@ -3,45 +3,15 @@
 //! Every refused peer is turned away while the destination keeps waiting for the real source,
 //! which then migrates with verified memory.
 
-use std::io::{Read, Write};
+mod support;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn api(sock: &Path, method: &str, path: &str) -> Value {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
-        return Value::Null;
-    };
-    let _ = write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    let body = r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(Value::Null)
-}
+use support::{Proc, api, bin, heartbeats, migrate_bg, source, text, wait_for};
 
 fn wait_until(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -49,38 +19,6 @@ fn wait_until(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < t, "{what}: not within {t:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A source VM with an API socket, beating.
-fn source(dir: &Path) -> (Proc, PathBuf) {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (KVM) and userfaultfd; run them as root on a KVM host"
-    );
-    let sock = dir.join("src.sock");
-    let p = Proc(
-        bin()
-            .args([
-                "run",
-                "--mem",
-                "64M",
-                "--workload-mem",
-                "16M",
-                "--guest",
-                "dirty",
-            ])
-            .args(["--seconds", "120", "--api-sock", sock.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the source"),
-    );
-    wait_until("the source beats", Duration::from_secs(30), || {
-        api(&sock, "GET", "/vm/stats")["vcpus"]
-            .as_array()
-            .is_some_and(|v| v.iter().all(|c| c["heartbeats"].as_u64() >= Some(2)))
-    });
-    (p, sock)
 }
 
 fn free_port() -> u16 {
@@ -93,43 +31,14 @@ fn free_port() -> u16 {
 
 fn destination(ep: &str, dir: &Path, security: &[&str]) -> (Proc, PathBuf) {
     let sock = dir.join("dst.sock");
-    let p = Proc(
-        bin()
-            .args([
-                "run",
-                "--incoming",
-                ep,
-                "--api-sock",
-                sock.to_str().unwrap(),
-            ])
-            .args(security)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the destination"),
-    );
-    (p, sock)
+    let mut extra = vec!["--api-sock", sock.to_str().unwrap()];
+    extra.extend_from_slice(security);
+    (support::destination(ep, &extra), sock)
 }
 
 /// `faultline migrate` (post-copy); its output, within a deadline.
 fn migrate(sock: &Path, to: &str, security: &[&str]) -> Output {
-    let mut c = bin()
-        .args(["migrate", "--api-sock", sock.to_str().unwrap(), "--to", to])
-        .args(["--mode", "postcopy", "--json"])
-        .args(security)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migrate");
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(90) {
-        if let Ok(Some(_)) = c.try_wait() {
-            return c.wait_with_output().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = c.kill();
-    panic!("faultline migrate hung: {:?}", c.wait_with_output());
+    migrate_bg(sock, to, "postcopy", security).join().unwrap().0
 }
 
 /// The attempt fails naming TLS, and the source's guest still runs (it never left).
@@ -150,11 +59,11 @@ fn refused(out: &Output, src: &Path, why: &str) {
         all.contains(named),
         "{why}: the error does not say {named:?}: {all}"
     );
-    let before = api(src, "GET", "/vm/stats")["vcpus"][0]["heartbeats"].as_u64();
+    let before = heartbeats(src);
     wait_until(
         &format!("{why}: the source guest beats on"),
         Duration::from_secs(10),
-        || api(src, "GET", "/vm/stats")["vcpus"][0]["heartbeats"].as_u64() > before,
+        || heartbeats(src) > before,
     );
 }
 
@@ -191,14 +100,11 @@ fn a_pre_shared_key_admits_only_its_holder_and_the_real_source_migrates() {
     );
     // The destination still waits; the holder of the key migrates.
     completed(&migrate(&src, &ep, &["--tls-psk", good.to_str().unwrap()]));
+    wait_for(&dst_sock);
     wait_until(
         "the guest runs at the destination",
         Duration::from_secs(20),
-        || {
-            api(&dst_sock, "GET", "/vm/stats")["vcpus"][0]["heartbeats"]
-                .as_u64()
-                .is_some()
-        },
+        || api(&dst_sock, "GET", "/vm")["state"] == "running",
     );
 }
 
