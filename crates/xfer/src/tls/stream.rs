@@ -48,8 +48,6 @@ pub(super) fn handshake(
             cipher: vec![0; RX_BUF],
             start: 0,
             end: 0,
-            plain: Vec::new(),
-            at: 0,
             eof: false,
         }),
         tx: Mutex::new(Vec::new()),
@@ -82,14 +80,12 @@ struct Inner {
 /// Bytes read from the socket at once (rustls itself reads 4 KiB a call).
 const RX_BUF: usize = 256 << 10;
 
-/// The reader's buffers: ciphertext read from the socket and not yet given to rustls
-/// (`cipher[start..end]`), and plaintext opened and not yet read (`plain[at..]`).
+/// The reader's buffer: ciphertext read from the socket and not yet given to rustls
+/// (`cipher[start..end]`); the plaintext stays in rustls until a caller reads it.
 struct Rx {
     cipher: Vec<u8>,
     start: usize,
     end: usize,
-    plain: Vec<u8>,
-    at: usize,
     eof: bool,
 }
 
@@ -123,8 +119,7 @@ impl TlsStream {
     fn buffered(&self) -> bool {
         match self.0.rx.try_lock() {
             Ok(rx) => {
-                rx.at < rx.plain.len()
-                    || rx.start < rx.end
+                rx.start < rx.end
                     || rx.eof
                     || self
                         .conn()
@@ -154,20 +149,18 @@ impl TlsStream {
         let mut guard = self.0.rx.lock().unwrap_or_else(|p| p.into_inner());
         let rx = &mut *guard;
         loop {
-            if rx.at < rx.plain.len() {
-                let n = b.len().min(rx.plain.len() - rx.at);
-                b[..n].copy_from_slice(&rx.plain[rx.at..rx.at + n]);
-                rx.at += n;
-                return Ok(n);
+            // What rustls has opened goes straight to the caller.
+            match self.conn().reader().read(b) {
+                Ok(n) => return Ok(n), // 0: close_notify
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
             }
-            rx.plain.clear();
-            rx.at = 0;
-            // What was read (or came with the handshake's last flight) first.
-            self.open(rx)?;
-            if !rx.plain.is_empty() {
-                continue;
-            }
-            if rx.eof {
+            if rx.start < rx.end || rx.eof {
+                let fed = self.open(rx)?;
+                if fed || !rx.eof {
+                    continue;
+                }
                 return Ok(0);
             }
             // Wait without any lock but ours, honouring the read timeout.
@@ -187,43 +180,47 @@ impl TlsStream {
         }
     }
 
-    /// Give rustls the ciphertext read, and take out all the plaintext it opens.
-    fn open(&self, rx: &mut Rx) -> io::Result<()> {
+    /// Give rustls the ciphertext read (until its plaintext buffer is full), and let it open
+    /// the records; `false` if nothing was left to give (the end of the stream was told).
+    fn open(&self, rx: &mut Rx) -> io::Result<bool> {
         let mut c = self.conn();
-        loop {
+        let mut fed = false;
+        while rx.start < rx.end {
             let mut rest = &rx.cipher[rx.start..rx.end];
             let before = rest.len();
-            if before > 0 {
-                c.read_tls(&mut rest)?;
-            } else if rx.eof {
-                c.read_tls(&mut rest)?; // tells rustls the stream ended
-            }
-            rx.start += before - rest.len();
-            if let Err(e) = c.process_new_packets() {
-                // rustls queued an alert telling the peer why: send it, then fail.
-                let mut alert = Vec::new();
-                while c.wants_write() && c.write_tls(&mut alert).is_ok_and(|n| n > 0) {}
-                drop(c);
-                let _tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = (&self.0.tcp).write_all(&alert);
-                return Err(fatal(e));
-            }
-            match c.reader().read_to_end(&mut rx.plain) {
-                Ok(_) => rx.eof = true, // close_notify
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => rx.eof = true,
+            match c.read_tls(&mut rest) {
+                Ok(_) => {}
+                // "received plaintext buffer full": the caller reads first.
+                Err(e) if e.kind() == io::ErrorKind::Other && fed => break,
                 Err(e) => return Err(e),
             }
-            if rx.start >= rx.end || rx.eof {
-                break;
-            }
+            rx.start += before - rest.len();
+            fed = true;
+            self.process(&mut c)?;
+        }
+        if !fed && rx.eof {
+            let _ = c.read_tls(&mut &[][..]); // tells rustls the stream ended
+            self.process(&mut c)?;
         }
         if c.wants_write() {
             drop(c);
             let mut tx = self.0.tx.lock().unwrap_or_else(|p| p.into_inner());
             self.send_sealed(&mut tx)?;
         }
-        Ok(())
+        Ok(fed)
+    }
+
+    /// Open what rustls was given; on a fatal error, send the alert rustls queued and fail.
+    fn process(&self, c: &mut std::sync::MutexGuard<'_, rustls::Connection>) -> io::Result<()> {
+        let Err(e) = c.process_new_packets() else {
+            return Ok(());
+        };
+        // Best effort, without the writers' lock (taking it under `conn` would invert the lock
+        // order): the connection is dead either way.
+        let mut alert = Vec::new();
+        while c.wants_write() && c.write_tls(&mut alert).is_ok_and(|n| n > 0) {}
+        let _ = (&self.0.tcp).write_all(&alert);
+        Err(fatal(e))
     }
 
     /// Seal and send all of `b` (bounded by the socket's write timeout).
