@@ -585,6 +585,28 @@ fn stride_of(history: &[u64], p: u64, max: u64) -> Option<u64> {
     })
 }
 
+/// Send pages `p..p + n` on the priority connection, ahead of the background; a failure
+/// loses the link.
+fn answer(sh: &Shared, sock: &mut Sock, p: u64, n: u64, buf: &mut Vec<u8>) {
+    let r = send_run(
+        sock,
+        &*sh.reader,
+        p,
+        n,
+        buf,
+        &sh.rate,
+        true,
+        &sh.sent,
+        &|_| true,
+        sh.cfg.crc,
+    );
+    match r {
+        Ok(()) => {}
+        Err(SendError::Io(e)) => sh.lose(LinkError::PrioritySend(e)),
+        Err(SendError::Read(e)) => sh.lose(LinkError::Read(e)),
+    }
+}
+
 /// Answer requests: the page asked for at once; then, when the recent requests show a
 /// stride, the next pages of that stride; otherwise the background goes on after the page.
 fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
@@ -619,23 +641,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 for q in p..p + n {
                     sh.todo.clear(q);
                 }
-                let r = send_run(
-                    &mut sock,
-                    &*sh.reader,
-                    p,
-                    n,
-                    &mut buf,
-                    &sh.rate,
-                    true,
-                    &sh.sent,
-                    &|_| true,
-                    sh.cfg.crc,
-                );
-                match r {
-                    Ok(()) => {}
-                    Err(SendError::Io(e)) => sh.lose(LinkError::PrioritySend(e)),
-                    Err(SendError::Read(e)) => sh.lose(LinkError::Read(e)),
-                }
+                answer(sh, &mut sock, p, n, &mut buf);
                 sh.resent.fetch_add(n, SeqCst);
                 sh.busy.fetch_sub(1, SeqCst);
                 continue;
@@ -644,23 +650,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 beat.sent();
                 sh.requests.fetch_add(1, SeqCst);
                 if sh.todo.clear(p) {
-                    let r = send_run(
-                        &mut sock,
-                        &*sh.reader,
-                        p,
-                        1,
-                        &mut buf,
-                        &sh.rate,
-                        true,
-                        &sh.sent,
-                        &|_| true,
-                        sh.cfg.crc,
-                    );
-                    match r {
-                        Ok(()) => {}
-                        Err(SendError::Io(e)) => sh.lose(LinkError::PrioritySend(e)),
-                        Err(SendError::Read(e)) => sh.lose(LinkError::Read(e)),
-                    }
+                    answer(sh, &mut sock, p, 1, &mut buf);
                 }
                 sh.busy.fetch_sub(1, SeqCst);
                 let stride = (sh.cfg.stride_depth > 0)
