@@ -289,6 +289,8 @@ fn bench_irq_json_lines_have_the_interface_keys_and_the_plot_is_drawn() {
         "50",
         "--guest-irqs",
         "10",
+        "--runs",
+        "2",
         "--plot",
         svg.to_str().unwrap(),
     ]);
@@ -298,7 +300,18 @@ fn bench_irq_json_lines_have_the_interface_keys_and_the_plot_is_drawn() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect();
     let mut seen = std::collections::BTreeSet::new();
+    let mut once = std::collections::BTreeSet::new();
     for l in lines.iter().filter(|l| l.get("p50_us").is_some()) {
+        // One line per path, placement, implementation and handler: the median of the runs.
+        assert!(
+            once.insert((
+                l["path"].to_string(),
+                l["placement"].to_string(),
+                l["impl"].to_string(),
+                l.get("handler").map(|h| h.to_string()),
+            )),
+            "a second line for {l}"
+        );
         for k in [
             "bench",
             "path",

@@ -203,6 +203,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median line of several runs' lines (each statistic on its own).
 fn median_line(runs: &[Line]) -> Line {
+    let opt = |f: fn(&Line) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
     let m = |f: fn(&Line) -> f64| median(runs.iter().map(f).collect());
     Line {
         p50_us: m(|l| l.p50_us),
@@ -211,6 +215,7 @@ fn median_line(runs: &[Line]) -> Line {
         max_us: m(|l| l.max_us),
         exits_per_irq: m(|l| l.exits_per_irq),
         samples: runs.iter().map(|l| l.samples).min().unwrap_or(0),
+        kvm_exits_per_irq: opt(|l| l.kvm_exits_per_irq),
         ..runs[0].clone()
     }
 }
@@ -286,7 +291,7 @@ pub fn run_host(p: &Params, mut f: impl FnMut(Out)) -> Result<(), IrqBenchError>
     Ok(())
 }
 
-/// Run the guest paths: the CPL 3 handler, then the CPL 0 one, the triggering thread on the
+/// Run the guest paths, `p.runs` times each (a VM per run): the CPL 3 handler, then the CPL 0 one, the triggering thread on the
 /// other CPU than the vCPU's (`cross-cpu`) and on the same (`same-cpu`).
 pub fn run_guest(p: &Params, mut f: impl FnMut(Out)) -> Result<(), IrqBenchError> {
     for o in guest::probe_apicv() {
@@ -300,7 +305,7 @@ pub fn run_guest(p: &Params, mut f: impl FnMut(Out)) -> Result<(), IrqBenchError
             match pl {
                 Ok((name, dev, hnd)) => {
                     // The vCPU takes the handler's CPU; the trigger runs on the device's.
-                    guest::run_guest(cpl, p.guest_irqs, name, hnd, dev, &mut f)?
+                    guest::run_guest(cpl, p.guest_irqs, p.runs, name, hnd, dev, &mut f)?
                 }
                 Err((name, reason)) => f(Out::Unavailable {
                     path: format!("guest paths (cpl{cpl} handler)"),
