@@ -82,6 +82,87 @@ fn a_handler_that_takes_the_userfaultfd_and_serves_nothing_stops_the_vm_at_the_d
 }
 
 #[test]
+fn a_handler_that_reads_faults_and_never_resolves_them_stops_the_vm_at_the_deadline() {
+    let t = tempfile::tempdir().unwrap();
+    let snap = t.path().join("snap");
+    make_snapshot(t.path(), &snap);
+    // The handler: accepts the hand-off, reads every fault it is sent (the userfaultfd is
+    // empty again, as with a working handler), and resolves none.
+    let hs = sock(t.path(), "reads");
+    let l = UnixListener::bind(&hs).unwrap();
+    let handler = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let (h, fd) = recv_msg::<Handoff>(&c).unwrap();
+        let u = uffd::Uffd::from_owned_fd(fd.unwrap(), uffd::Features::empty());
+        send_msg(
+            &c,
+            &HandoffReply {
+                version: h.version,
+                ok: true,
+                error: None,
+            },
+            None,
+        )
+        .unwrap();
+        c.set_nonblocking(true).unwrap();
+        let mut read = 0u64;
+        let t = Instant::now();
+        // Until the VMM closes the connection (it stops the VM), or 60 s.
+        while t.elapsed() < Duration::from_secs(60) {
+            let mut p = [
+                libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&u),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&c),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds for the call's duration.
+            unsafe { libc::poll(p.as_mut_ptr(), 2, 100) };
+            if p[1].revents != 0 {
+                match (&c).read(&mut [0u8; 16]) {
+                    Ok(0) => break,
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => break,
+                    _ => {}
+                }
+            }
+            // One event per readable poll: a read never blocks.
+            if p[0].revents & libc::POLLIN != 0 && matches!(u.read_event(), Ok(Some(_))) {
+                read += 1;
+            }
+        }
+        read
+    });
+    let t0 = Instant::now();
+    let p = spawn_restore(
+        &snap,
+        &[
+            "--mode",
+            "lazy",
+            "--page-handler",
+            hs.to_str().unwrap(),
+            "--handler-timeout",
+            "2",
+        ],
+    );
+    let o = finish(p, Duration::from_secs(30));
+    let e = text(&o.stderr);
+    assert!(!o.status.success(), "the VM ran without its pages: {e}");
+    assert!(e.contains("left it unresolved"), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let read = handler.join().unwrap();
+    assert!(read >= 1, "the handler read no fault");
+}
+
+#[test]
 fn the_page_server_serves_only_its_snapshot_dirs_and_several_vms_at_once() {
     let t = tempfile::tempdir().unwrap();
     let snap = t.path().join("snap");

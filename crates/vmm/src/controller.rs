@@ -388,7 +388,7 @@ impl RunningVm {
         notify: Notifier,
     ) -> Result<RunningVm, RunError> {
         if let Some(p) = &mut pager {
-            p.watch(notify.clone())?;
+            p.watch(notify.clone(), vm.control().clone())?;
         }
         let mut running = Self::launch_vm(vm, tx, rx, notify)?;
         if let Some(p) = &mut pager {

@@ -163,6 +163,7 @@ pub fn incoming(
         .map_err(io_err(format!("listening on {}", opts.listen)))?;
     let mut prepared = None;
     let accepted = proto::accept_pair(&listener, &security, opts.accept_timeout, |h| {
+        super::failpoint::hold("dest-hello");
         let r = prepare(h);
         let answer = match &r {
             Ok(_) => Ok(opts.verify),
@@ -362,6 +363,7 @@ fn receive(
     if h.kind != Kind::State {
         return Err(refuse(&mut main, protocol("expected the State frame")));
     }
+    super::failpoint::hold("dest-state");
     let bytes = rx.bytes + u64::from(h.len) + HEADER as u64;
     let switch_t = Instant::now();
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)

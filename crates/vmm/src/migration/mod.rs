@@ -102,6 +102,7 @@
 //! the same from its guest's serial heartbeats).
 
 pub(crate) mod dest;
+mod failpoint;
 mod guest_io;
 pub mod source;
 mod supervisor;

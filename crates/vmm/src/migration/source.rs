@@ -428,6 +428,7 @@ fn precopy_then_switch(
         .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
         .collect();
     let heartbeats = cpus.iter().map(|c| c.last_n.load(SeqCst)).collect();
+    super::failpoint::hold("source-switchover");
     let before = |e| Ok(Switched::Before(e));
     let d = match pc.dirty(log) {
         Ok(d) => d,
@@ -760,6 +761,7 @@ fn finish(
             })?
         }
     };
+    super::failpoint::hold("source-verdict");
     let _ = c.main.send_json(Kind::Verdict, &Verdict { digest });
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let verified = digest == report.digest;

@@ -1,7 +1,8 @@
 //! Serving a lazily restored VM's page faults for as long as it runs: the in-process fault
 //! loop over the snapshot's memory file (recording or pushing the working set), or an external
-//! handler process whose death, or a fault it leaves unread past the deadline
-//! (`--handler-timeout`), stops the VM instead of leaving vCPUs blocked.
+//! handler process whose death, a fault it leaves unread past the deadline
+//! (`--handler-timeout`), or a fault it read and left unresolved past it, stops the VM instead
+//! of leaving vCPUs blocked.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
@@ -17,7 +18,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::snapshot::{SnapshotError, SnapshotSource, WorkingSet};
-use crate::vstate::{Failure, Notifier};
+use crate::vstate::{Failure, Notifier, VcpuControl};
 
 /// The page-fault handler failed.
 #[derive(Debug, Error)]
@@ -37,6 +38,21 @@ pub enum PagerError {
         /// Its socket.
         path: PathBuf,
         /// How long the fault waited.
+        waited: std::time::Duration,
+        /// The deadline (`--handler-timeout`).
+        deadline: std::time::Duration,
+    },
+    /// The external handler read a fault and left it unresolved past the deadline.
+    #[error(
+        "the external page-fault handler at {} read a page fault and left it unresolved: vCPU {vcpu} waited {waited:?} in the kernel's userfault wait (deadline {deadline:?}); the VMM took the userfaultfd back and stops the VM",
+        .path.display()
+    )]
+    HandlerUnresolved {
+        /// Its socket.
+        path: PathBuf,
+        /// The vCPU left waiting.
+        vcpu: usize,
+        /// How long it waited.
         waited: std::time::Duration,
         /// The deadline (`--handler-timeout`).
         deadline: std::time::Duration,
@@ -128,9 +144,13 @@ impl Pager {
     /// vCPUs already waiting are woken to fault again (the faulting vCPU gets SIGBUS and stops
     /// with an error): no vCPU waits on a handler that is gone or stuck, never wrong data.
     ///
-    /// Not detected: a handler that reads faults and then never resolves them (the kernel
-    /// keeps no trace of a read, unresolved fault that the VMM could see).
-    pub(crate) fn watch(&mut self, notify: Notifier) -> Result<(), PagerError> {
+    /// A fault the handler read and never resolved leaves no trace in the userfaultfd; it is
+    /// seen on the vCPU threads of `control` instead ([`UserfaultWaits`]).
+    pub(crate) fn watch(
+        &mut self,
+        notify: Notifier,
+        control: Arc<VcpuControl>,
+    ) -> Result<(), PagerError> {
         let PagerKind::External {
             conn,
             path,
@@ -156,7 +176,20 @@ impl Pager {
             .name("handler-watch".into())
             .spawn(move || {
                 let mut unread_since: Option<Instant> = None;
+                let mut waits = UserfaultWaits::default();
                 while !st.load(SeqCst) {
+                    if let Some((vcpu, waited)) = waits.longest(&control)
+                        && waited >= deadline
+                    {
+                        notify.fail(Failure::Pager(Box::new(PagerError::HandlerUnresolved {
+                            path: path.clone(),
+                            vcpu,
+                            waited,
+                            deadline,
+                        })));
+                        take_over(uffd, range, &path, &st);
+                        return;
+                    }
                     let mut p = [
                         libc::pollfd {
                             fd: conn.as_fd().as_raw_fd(),
@@ -269,6 +302,62 @@ impl Pager {
         }
         Ok(report)
     }
+}
+
+/// vCPU threads asleep in the kernel's userfault wait, and since when: a thread whose wait
+/// channel (`/proc/self/task/TID/wchan`) is `handle_userfault` and whose count of voluntary
+/// context switches has not moved waits on one fault the whole time (every new fault is a
+/// new sleep, which moves the count; a handler serving fault after fault quickly is never
+/// taken for a stuck one). Where the kernel does not name wait channels (no kallsyms), nothing
+/// is seen and only the other checks apply.
+#[derive(Debug, Default)]
+pub(crate) struct UserfaultWaits {
+    /// Per vCPU: (voluntary context switches when the wait was first seen, since when).
+    seen: Vec<Option<(u64, Instant)>>,
+}
+
+impl UserfaultWaits {
+    /// The vCPU that has waited longest on one fault, and how long (sampled now).
+    pub(crate) fn longest(
+        &mut self,
+        control: &VcpuControl,
+    ) -> Option<(usize, std::time::Duration)> {
+        let n = control.cpus.len();
+        self.seen.resize(n, None);
+        let mut worst: Option<(usize, std::time::Duration)> = None;
+        for (i, cpu) in control.cpus.iter().enumerate() {
+            let tid = cpu.tid.load(SeqCst);
+            let waiting = (tid != 0 && !cpu.exited.load(SeqCst))
+                .then(|| userfault_wait(tid))
+                .flatten();
+            self.seen[i] = match (waiting, self.seen[i]) {
+                (Some(sw), Some((sw0, t))) if sw == sw0 => Some((sw0, t)),
+                (Some(sw), _) => Some((sw, Instant::now())),
+                (None, _) => None,
+            };
+            if let Some((_, t)) = self.seen[i]
+                && worst.is_none_or(|(_, w)| t.elapsed() > w)
+            {
+                worst = Some((i, t.elapsed()));
+            }
+        }
+        worst
+    }
+}
+
+/// If thread `tid` of this process sleeps in `handle_userfault`: its voluntary context
+/// switches so far.
+fn userfault_wait(tid: u32) -> Option<u64> {
+    let base = format!("/proc/self/task/{tid}");
+    let wchan = std::fs::read_to_string(format!("{base}/wchan")).ok()?;
+    if wchan.trim() != "handle_userfault" {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("{base}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Answers every fault by poisoning its page: what the VMM does once the handler is gone.
