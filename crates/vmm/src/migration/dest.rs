@@ -426,8 +426,14 @@ fn receive(
     // A start that failed half-way may have run a vCPU: no "not started" claim here.
     let control = start(vm).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
     let resume_ns = mono_ns();
-    main.send(Kind::Resumed, 0, b"{}")
-        .map_err(io_err("telling the source the guest runs"))?;
+    if let Err(e) = main.send(Kind::Resumed, 0, b"{}") {
+        if fault_loop.is_some() {
+            return Err(io_err("telling the source the guest runs")(e));
+        }
+        // Pre-copy: every page is here and matched the source's digest, so the guest runs
+        // on. The source never hears it (it stays paused, in doubt, until its operator
+        // decides); the supervisor finds the link lost and reports the migration unconfirmed.
+    }
     // From here the source sends keepalives (if it announced them): silence for the
     // deadline on either connection is a lost link. Without them, reads block.
     let keepalive = hello.keepalive();
