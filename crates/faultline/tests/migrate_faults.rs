@@ -458,7 +458,10 @@ fn point_cell(mode: &str, point: Point, fault: Fault) {
                 let d = dst.finish(Duration::from_secs(30));
                 let err = text(&d.stderr);
                 assert!(!d.status.success(), "{ctx}: {err}");
-                assert!(err.contains("telling the source the guest runs"), "{ctx}: {err}");
+                assert!(
+                    err.contains("telling the source the guest runs"),
+                    "{ctx}: {err}"
+                );
             }
         }
         // Every page is in: the guest runs at the destination whatever happens to the

@@ -17,12 +17,16 @@
 //!   mode 0600 (`wire::Endpoint::listen`); TLS is optional there.
 //! - **Plain TCP** only with `insecure` set: [`Security::choose`] refuses it otherwise.
 //!
-//! # Threads
-//! The engines read and write one connection from separate threads (pages one way, requests
-//! the other) through clones of a [`Sock`]. A rustls connection is one object, so
-//! [`TlsStream`] shares it behind a lock taken only for sealing or opening records, never
-//! across a blocking socket call; a reader waits for data with `poll` first. (This kernel has
-//! no kernel TLS, `TCP_ULP "tls"`, to hand the keys to.)
+//! # Records, and threads
+//! rustls runs the handshake and then hands the traffic keys over (its kernel-TLS entry point,
+//! `dangerous_extract_secrets`); the records themselves are sealed and opened in place by
+//! `record` (this kernel has no kernel TLS, `TCP_ULP "tls"`, to take them, and rustls's
+//! buffered connection copies a bulk transfer twice more each way). The engines read and write
+//! one connection from separate threads (pages one way, requests the other) through clones of
+//! a [`Sock`]: the reader and the writer of a [`TlsStream`] each have their own key and
+//! buffer, so neither waits for the other; a reader waits for data with `poll` first. The
+//! wire is unchanged TLS 1.3 (tested against rustls's own record layer); key updates are not
+//! taken, and a connection ends after [`MAX_RECORDS`] records each way.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -36,9 +40,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::danger::ClientCertVerifier;
 use thiserror::Error;
 
+mod record;
 mod stream;
 mod verify;
 
+pub use record::MAX_RECORDS;
 pub use stream::TlsStream;
 use stream::handshake;
 use verify::{AllowClient, AllowServer, Pinned};
@@ -392,13 +398,15 @@ impl Tls {
                 )
             }
         };
-        let client = rustls::ClientConfig::builder_with_provider(prov.clone())
+        let mut client = rustls::ClientConfig::builder_with_provider(prov.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
             .dangerous()
             .with_custom_certificate_verifier(server_v)
             .with_client_auth_cert(certs.clone(), key.clone_key())
             .map_err(tls_err)?;
+        // The records are ours once the handshake is over (`record`).
+        client.enable_secret_extraction = true;
         let mut server = rustls::ServerConfig::builder_with_provider(prov)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
@@ -407,6 +415,7 @@ impl Tls {
             .map_err(tls_err)?;
         // No tickets: nothing but application data follows the handshake.
         server.send_tls13_tickets = 0;
+        server.enable_secret_extraction = true;
         Ok(Tls {
             client: Arc::new(client),
             server: Arc::new(server),
@@ -462,6 +471,131 @@ mod tests {
                 .unwrap()
                 .is_tls()
         );
+    }
+
+    fn psk_tls() -> (tempfile::TempDir, Arc<Tls>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::fs::write(&p, [5u8; 32]).unwrap();
+        let creds = Credentials::Psk { key_file: p };
+        match Security::choose(true, "tcp:127.0.0.1:1", Some(&creds), false).unwrap() {
+            Security::Tls(t) => (d, t),
+            Security::Plain => unreachable!(),
+        }
+    }
+
+    /// Our record layer against rustls's own, both ways: a rustls client (its buffered
+    /// connection, records sealed and opened by rustls) talks to our server stream, with
+    /// records of every size, across record boundaries, and a close_notify each way.
+    #[test]
+    fn our_records_are_the_records_rustls_sends_and_takes() {
+        use std::io::Write;
+        let (_d, tls) = psk_tls();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let theirs = {
+            let (client, data) = (tls.client.clone(), data.clone());
+            std::thread::spawn(move || {
+                let tcp = TcpStream::connect(addr).unwrap();
+                let sn = ServerName::try_from(PSK_NAME).unwrap();
+                let conn = rustls::ClientConnection::new(client, sn).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                // Writes of odd sizes: records of every length.
+                for chunk in data.chunks(12_345) {
+                    s.write_all(chunk).unwrap();
+                }
+                s.flush().unwrap();
+                // Then read back what the server sends, to its close_notify.
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).unwrap();
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                back
+            })
+        };
+        let (tcp, _) = l.accept().unwrap();
+        let ours = tls.server(tcp).unwrap();
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < got.len() {
+            let n = ours.read(&mut got[at..]).unwrap();
+            assert!(n > 0, "ended after {at} bytes");
+            at += n;
+        }
+        assert!(got == data, "rustls's records opened by us differ");
+        // Ours to rustls: one write larger than a record, vectored writes across records.
+        ours.write(&data[..100_000]).unwrap();
+        ours.write_vectored(&[
+            std::io::IoSlice::new(&data[100_000..100_007]),
+            std::io::IoSlice::new(&[]),
+            std::io::IoSlice::new(&data[100_007..300_000]),
+        ])
+        .unwrap();
+        ours.shutdown();
+        let back = theirs.join().unwrap();
+        assert!(back == data, "our records opened by rustls differ");
+    }
+
+    /// A record damaged on the wire is an error for the reader, never wrong data.
+    #[test]
+    fn a_damaged_record_is_an_error() {
+        use std::io::Write;
+        let (_d, tls) = psk_tls();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let raddr = relay.local_addr().unwrap();
+        // A relay that flips one bit of the first application record after the handshake
+        // (the 2,000th byte from the client, well past its handshake flight).
+        std::thread::spawn(move || {
+            let (mut c, _) = relay.accept().unwrap();
+            let mut s = TcpStream::connect(addr).unwrap();
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let mut buf = vec![0u8; 1 << 16];
+            let mut seen = 0usize;
+            loop {
+                let n = match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if seen <= 4000 && seen + n > 4000 {
+                    buf[4000 - seen] ^= 0x40;
+                }
+                seen += n;
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let client = {
+            let tls = tls.clone();
+            std::thread::spawn(move || {
+                let tcp = TcpStream::connect(raddr).unwrap();
+                let s = tls.client(tcp, &raddr.to_string()).unwrap();
+                s.write(&vec![3u8; 50_000]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            })
+        };
+        let (tcp, _) = l.accept().unwrap();
+        let ours = tls.server(tcp).unwrap();
+        let mut buf = vec![0u8; 50_000];
+        let mut at = 0;
+        let err = loop {
+            match ours.read(&mut buf[at..]) {
+                Ok(0) => panic!("the stream ended instead of failing"),
+                Ok(n) => {
+                    assert!(buf[at..at + n].iter().all(|&b| b == 3), "wrong data read");
+                    at += n;
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("authenticate"), "{err}");
+        client.join().unwrap();
     }
 
     #[test]
