@@ -4,85 +4,17 @@
 //! post-copy link cut and resumed; a source killed during post-copy; pre-copy link loss; bad
 //! streams.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Proc, api, bin, kvm_present, text, wait_for};
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn kvm_present() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (KVM) and userfaultfd; run them as root on a KVM host"
-    );
-}
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Wait for it to exit (at most `t`); its stdout and stderr.
-    fn finish(mut self, t: Duration) -> Output {
-        let start = Instant::now();
-        while start.elapsed() < t {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let child = std::mem::replace(
-            &mut self.0,
-            Command::new("true").spawn().expect("spawn true"),
-        );
-        let out = child.wait_with_output().expect("wait");
-        let _ = self.0.wait();
-        out
-    }
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn api(sock: &Path, method: &str, path: &str) -> Value {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("API socket");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    let body = r.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or(Value::Null)
-}
 
 /// Start a source VM with an API socket; wait until every vCPU beats.
 fn source(dir: &Path, vcpus: u32, guest: &str) -> (Proc, PathBuf) {

@@ -4,12 +4,12 @@
 //! reading fails a pre-copy at its write deadline and the source guest runs on. Both
 //! processes run with a short link deadline (`FAULTLINE_LINK_DEADLINE_MS`).
 
-mod support;
+mod common;
 
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
-use support::*;
 
 /// A post-copy migration whose priority connection stays quiet for several link deadlines
 /// (the guest is paused by the operator: no vCPU faults, so no request and no answer, while

@@ -15,15 +15,15 @@
 //! the `State` frame before it starts the guest, and the end (every page in, before the
 //! source's `Verdict`). The test cuts or kills inside the window.
 
-mod support;
+mod common;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
-use support::*;
 
 /// A relay on a Unix socket to the destination's; [`Relay::cut`] shuts every relayed
 /// connection down (a lost link). With `drop_all`, every connection is closed at once.
@@ -191,7 +191,7 @@ fn cell(mode: &str, phase: Phase, fault: Fault) {
             let (out, _) = bg.join().unwrap();
             assert!(!out.status.success(), "{ctx}");
             wait_state(&sock, "postcopy-paused", Duration::from_secs(10));
-            let o = output_of(bin().args([
+            let o = output_of(bin_short_deadline().args([
                 "migrate",
                 "--api-sock",
                 sock.to_str().unwrap(),

@@ -5,12 +5,12 @@
 //! with verified memory; without CRC32C (`FAULTLINE_TEST_NO_CRC`, as with an older peer) the
 //! destination checks the memory digest before it starts the guest, and refuses.
 
-mod support;
+mod common;
 
 use std::time::Duration;
 
+use common::*;
 use serde_json::Value;
-use support::*;
 
 const CORRUPT: &str = "FAULTLINE_TEST_CORRUPT_PAGE_FRAME";
 
@@ -110,7 +110,7 @@ fn damaged_postcopy_header_is_recovered() {
     assert!(!out.status.success(), "{}", text(&out.stdout));
     wait_state(&sock, "postcopy-paused", Duration::from_secs(10));
     let p = Proc(
-        bin()
+        bin_short_deadline()
             .args([
                 "migrate",
                 "--api-sock",

@@ -6,14 +6,14 @@
 //! destination would (no `crc32c`, no `keepalive_ms`), so this also checks that the frames up
 //! to the state carry no CRC32C trailer for such a peer.
 
-mod support;
+mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Duration;
 
-use support::*;
+use common::*;
 
 fn read_frame(s: &mut impl Read) -> (u8, Vec<u8>) {
     let mut h = [0u8; 16];
@@ -101,7 +101,7 @@ fn a_failure_after_the_state_leaves_the_guest_paused_until_the_operator_decides(
     vm_paused_and_still(&sock);
     // The operator's decision: the destination does not run it.
     let p = Proc(
-        bin()
+        bin_short_deadline()
             .args(["migrate", "--api-sock", sock.to_str().unwrap(), "--reclaim"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -3,15 +3,15 @@
 //! Every refused peer is turned away while the destination keeps waiting for the real source,
 //! which then migrates with verified memory.
 
-mod support;
+mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::{Proc, api, bin_short_deadline, heartbeats, migrate_bg, source, text, wait_for};
 use serde_json::Value;
-use support::{Proc, api, bin, heartbeats, migrate_bg, source, text, wait_for};
 
 fn wait_until(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -33,7 +33,7 @@ fn destination(ep: &str, dir: &Path, security: &[&str]) -> (Proc, PathBuf) {
     let sock = dir.join("dst.sock");
     let mut extra = vec!["--api-sock", sock.to_str().unwrap()];
     extra.extend_from_slice(security);
-    (support::destination(ep, &extra), sock)
+    (common::destination(ep, &extra), sock)
 }
 
 /// `faultline migrate` (post-copy); its output, within a deadline.
@@ -193,7 +193,7 @@ fn x509_checks_the_chain_and_the_allow_list_both_ways() {
 #[test]
 fn plain_tcp_needs_insecure_and_says_so() {
     let ep = format!("tcp:127.0.0.1:{}", free_port());
-    let out = bin()
+    let out = bin_short_deadline()
         .args(["run", "--incoming", &ep])
         .output()
         .expect("run");
@@ -203,7 +203,7 @@ fn plain_tcp_needs_insecure_and_says_so() {
         err.contains("--insecure") && err.contains("--tls-psk"),
         "{err}"
     );
-    let out = bin()
+    let out = bin_short_deadline()
         .args(["migrate", "--api-sock", "/nonexistent", "--to", &ep])
         .output()
         .expect("migrate");
@@ -214,7 +214,7 @@ fn plain_tcp_needs_insecure_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let k = dir.path().join("k");
     std::fs::write(&k, b"tooshort").unwrap();
-    let out = bin()
+    let out = bin_short_deadline()
         .args(["run", "--incoming", &ep, "--tls-psk", k.to_str().unwrap()])
         .output()
         .expect("run");

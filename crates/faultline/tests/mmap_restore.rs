@@ -108,7 +108,7 @@ fn truncated_under_a_restore(pause: bool) {
         );
         let _ = put(&api, "/vm/resume");
     }
-    let o = finish(p, Duration::from_secs(30));
+    let o = p.finish_within(Duration::from_secs(30));
     let e = text(&o.stderr);
     {
         use std::os::unix::process::ExitStatusExt;

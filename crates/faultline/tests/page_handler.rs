@@ -69,7 +69,7 @@ fn a_handler_that_takes_the_userfaultfd_and_serves_nothing_stops_the_vm_at_the_d
             "2",
         ],
     );
-    let o = finish(p, Duration::from_secs(30));
+    let o = p.finish_within(Duration::from_secs(30));
     let e = text(&o.stderr);
     assert!(!o.status.success(), "the VM ran without a handler: {e}");
     assert!(e.contains("is stuck") && e.contains("unanswered"), "{e}");
@@ -149,7 +149,7 @@ fn a_handler_that_reads_faults_and_never_resolves_them_stops_the_vm_at_the_deadl
             "2",
         ],
     );
-    let o = finish(p, Duration::from_secs(30));
+    let o = p.finish_within(Duration::from_secs(30));
     let e = text(&o.stderr);
     assert!(!o.status.success(), "the VM ran without its pages: {e}");
     assert!(e.contains("left it unresolved"), "{e}");
@@ -198,7 +198,7 @@ fn the_page_server_serves_only_its_snapshot_dirs_and_several_vms_at_once() {
     );
     assert!(o.status.success(), "second VM: {}", text(&o.stderr));
     assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
-    let o = finish(first, Duration::from_secs(30));
+    let o = first.finish_within(Duration::from_secs(30));
     assert!(o.status.success(), "first VM: {}", text(&o.stderr));
 }
 

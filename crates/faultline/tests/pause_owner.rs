@@ -2,38 +2,15 @@
 //! lands it (and runs once the operator resumes it there); the source, once it has handed the
 //! guest over, refuses to resume. Two `faultline` processes, real KVM, userfaultfd, sockets.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{Proc, bin, wait_for};
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-}
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// One API call: (status, JSON body or null).
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {

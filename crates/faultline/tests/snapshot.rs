@@ -2,27 +2,16 @@
 //! the external page handler (honest, lying, dying) and bad snapshots. Real KVM, real
 //! userfaultfd, real Unix sockets; the binary started as a user would.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-}
+use common::{bin, copy_dir, kvm_present, restore, text, wait_for};
 
 fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("run faultline")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn kvm_present() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "these tests need /dev/kvm (KVM) and userfaultfd; run them as root on a KVM host"
-    );
 }
 
 /// A running `faultline run ... --api-sock`, killed on drop.
@@ -35,18 +24,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -94,15 +71,6 @@ fn snapshot_at(sock: &Path, out: &Path, page_checksums: bool) -> serde_json::Val
     let o = bin().args(&args).output().unwrap();
     assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
     serde_json::from_str(text(&o.stdout).trim()).unwrap()
-}
-
-fn restore(dir: &Path, extra: &[&str]) -> Output {
-    let mut c = bin();
-    c.arg("restore")
-        .arg(dir)
-        .args(extra)
-        .args(["--timeout", "60"]);
-    c.output().unwrap()
 }
 
 fn restored_json(o: &Output) -> serde_json::Value {
@@ -302,14 +270,6 @@ fn external_handler_serves_lies_are_caught_and_death_is_reported() {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

@@ -4,14 +4,16 @@
 //! verified on both sides, and the guest's heartbeat counter (in guest memory) must go on
 //! from where it was; at the end the guest stops cleanly.
 
-mod support;
+mod common;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{
+    Proc, api, bin_short_deadline, destination, heartbeats, kvm_present, migrate_bg, text, wait_for,
+};
 use serde_json::Value;
-use support::{Proc, api, bin, destination, heartbeats, kvm_present, migrate_bg, text, wait_for};
 
 const HOPS: usize = 50;
 
@@ -19,7 +21,7 @@ fn first_vm(dir: &Path) -> (Proc, std::path::PathBuf) {
     kvm_present();
     let sock = dir.join("vm-start.sock");
     let p = Proc(
-        bin()
+        bin_short_deadline()
             .args([
                 "run",
                 "--mem",

@@ -24,171 +24,23 @@
 //!   Our client re-asks with the `argsz` the server gave before looking at capabilities,
 //!   as the specification describes, so both forms work.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::JoinHandle;
-use std::time::Duration;
+mod common;
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use common::*;
 use rustvmm_vfio_user as rv;
 use vfio_bindings::bindings::vfio as vb;
 use vfu::client::{Client, ClientError};
 use vfu::devices::dma::{self, DmaEngine, DmaOps};
 use vfu::devices::gpio::{self, Gpio};
 use vfu::proto::*;
-use vfu::server::{AttachedDevice, Server, ShutdownHandle};
-use vmm_sys_util::eventfd::EventFd;
+use vfu::server::AttachedDevice;
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-const GUEST: u64 = 0x1000_0000;
-const GUEST_SIZE: usize = 4 << 20;
-
-/// Their client has no timeouts: every test body runs under a watchdog.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => {
-            let _ = h.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("did not finish within {secs} s"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("sent nothing but returned"),
-        },
-    }
-}
-
-struct Harness {
-    dir: tempfile::TempDir,
-    server: Server,
-    stop: ShutdownHandle,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Harness {
-    fn new() -> Harness {
-        let server = Server::new(false).unwrap();
-        let stop = server.shutdown_handle();
-        let s = server.clone();
-        let thread = std::thread::spawn(move || s.run().unwrap());
-        Harness {
-            dir: tempfile::tempdir().unwrap(),
-            server,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.stop.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn eventfd() -> EventFd {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap()
-}
-
-fn readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-    n > 0 && p.revents & libc::POLLIN != 0
-}
-
-fn memfd(size: usize) -> OwnedFd {
-    // SAFETY: memfd_create with a valid NUL-terminated name.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"vfu-interop".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(fd >= 0);
-    // SAFETY: a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate of our own memfd.
-    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
-    assert_eq!(r, 0);
-    // Sealed against shrinking and growing: the client hands only such fds to DMA_MAP.
-    // SAFETY: F_ADD_SEALS on our own memfd with an integer argument.
-    let r = unsafe {
-        libc::fcntl(
-            fd.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-        )
-    };
-    assert_eq!(r, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
-    fd
-}
-
-/// A shared mapping accessed through raw copies only.
-struct Mapped {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapped {
-    fn new(fd: RawFd, offset: u64, len: usize) -> Mapped {
-        // SAFETY: a new shared mapping of a descriptor we hold; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                offset as libc::off_t,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-        Mapped { ptr: p.cast(), len }
-    }
-
-    fn read(&self, off: usize, buf: &mut [u8]) {
-        assert!(off + buf.len() <= self.len);
-        // SAFETY: inside the live mapping (checked).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) }
-    }
-
-    fn write(&self, off: usize, data: &[u8]) {
-        assert!(off + data.len() <= self.len);
-        // SAFETY: inside the live, writable mapping (checked).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping of `len` bytes.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-        .collect()
-}
+// Their client has no timeouts: every test body runs under a watchdog (`within`).
 
 fn their_rd32(c: &mut rv::Client, region: u32, off: u64) -> u32 {
     let mut b = [0u8; 4];
@@ -216,7 +68,7 @@ fn their_cap(c: &mut rv::Client, id: u8) -> u64 {
 #[test]
 fn rustvmm_client_drives_our_gpio() {
     within(20, || {
-        let h = Harness::new();
+        let h = Harness::one_thread();
         let g = Gpio::new(true);
         let dev: AttachedDevice = Gpio::description()
             .realize(g.clone())
@@ -294,7 +146,7 @@ fn rustvmm_client_drives_our_gpio() {
 #[test]
 fn rustvmm_client_drives_our_dma_engine() {
     within(20, || {
-        let h = Harness::new();
+        let h = Harness::one_thread();
         let engine = DmaEngine::new();
         let dev = DmaEngine::description()
             .realize(Arc::new(DmaOps(engine.clone())))
@@ -336,7 +188,7 @@ fn rustvmm_client_drives_our_dma_engine() {
         assert_eq!(c.get_irq_info(IRQ_MSI).unwrap().count, 1);
 
         // Guest memory in a memfd, mapped with their DMA_MAP.
-        let mfd = memfd(GUEST_SIZE);
+        let mfd = memfd(GUEST_SIZE as u64, true);
         let mem = Mapped::new(mfd.as_raw_fd(), 0, GUEST_SIZE);
         c.dma_map(0, GUEST, GUEST_SIZE as u64, mfd.as_raw_fd())
             .unwrap();
@@ -554,7 +406,7 @@ fn our_client_drives_rustvmm_server() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rv.sock");
         let rw = vb::VFIO_REGION_INFO_FLAG_READ | vb::VFIO_REGION_INFO_FLAG_WRITE;
-        let bar2_mem = memfd(0x2000);
+        let bar2_mem = memfd(0x2000, true);
         let mut regions: Vec<rv::ServerRegion> =
             (0..PCI_NUM_REGIONS).map(|i| region(i, 0, 0)).collect();
         regions[0] = region(0, rw, 0x1000);
@@ -674,7 +526,7 @@ fn our_client_drives_rustvmm_server() {
         assert_eq!(b, [1, 2, 3, 4]);
 
         // DMA_MAP with an fd: their backend writes through it, we see it in our mapping.
-        let mfd = memfd(0x20000);
+        let mfd = memfd(0x20000, true);
         let mem = Mapped::new(mfd.as_raw_fd(), 0, 0x20000);
         c.dma_map_fd(
             GUEST,
@@ -737,7 +589,7 @@ fn our_client_drives_rustvmm_server() {
 #[test]
 fn both_clients_on_one_device_in_turn() {
     within(20, || {
-        let h = Harness::new();
+        let h = Harness::one_thread();
         let g = Gpio::new(true);
         let dev = Gpio::description()
             .realize(g.clone())

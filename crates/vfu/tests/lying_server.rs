@@ -4,10 +4,12 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use common::{TIMEOUT, memfd};
 use vfu::client::{CLIENT_MAX_DATA_XFER, Client, ClientError};
@@ -228,6 +230,245 @@ fn an_ioeventfd_outside_its_region_is_refused() {
             ),
         }
     }
+    drop(c);
+    t.join().unwrap();
+}
+
+fn version_payload() -> Vec<u8> {
+    let mut p = vec![0, 0, 1, 0];
+    p.extend(Caps::default().to_json());
+    p
+}
+
+/// Answer VERSION and DEVICE_GET_INFO (one region, no IRQs) honestly.
+fn honest_start(s: &UnixStream) {
+    let m = next(s, Command::Version);
+    reply(s, &m.header, &version_payload(), &[]);
+    let m = next(s, Command::DeviceGetInfo);
+    let i = DeviceInfo {
+        argsz: 16,
+        flags: DEVICE_FLAGS_PCI,
+        num_regions: 1,
+        num_irqs: 0,
+    };
+    reply(s, &m.header, i.as_bytes(), &[]);
+}
+
+#[test]
+fn client_survives_a_lying_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = Duration::from_millis(500);
+
+    // (a) A reply with the wrong message ID.
+    let (p, t) = fake_server(&dir, "a.sock", |s| {
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        let mut h = m.header;
+        h.msg_id = h.msg_id.wrapping_add(1);
+        reply(&s, &h, &version_payload(), &[]);
+        until_closed(&s);
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("wrong msg_id accepted");
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol {
+                cmd: Command::Version,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (b) A sparse mmap area outside its region.
+    let (p, t) = fake_server(&dir, "b.sock", |s| {
+        honest_start(&s);
+        while let Ok(m) = sock::recv(&s, 1 << 21) {
+            let caps = sparse_mmap_cap(&[(0x800, 0x1000)]);
+            let info = RegionInfo {
+                argsz: (32 + caps.len()) as u32,
+                flags: REGION_READ | REGION_CAPS,
+                index: 0,
+                cap_offset: 32,
+                size: 0x1000,
+                offset: 0,
+            };
+            let mut p = info.as_bytes().to_vec();
+            p.extend(caps);
+            reply(&s, &m.header, &p, &[]);
+        }
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("bad sparse area accepted");
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol {
+                cmd: Command::DeviceGetRegionInfo,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (c) Disconnects in the middle of negotiation (half a reply header).
+    let (p, t) = fake_server(&dir, "c.sock", |s| {
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        let h = m.header.reply(64);
+        let _ = (&s).write_all(&h.as_bytes()[..8]);
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("half a reply accepted");
+    assert!(
+        matches!(err, ClientError::Disconnected(Command::Version)),
+        "{err:?}"
+    );
+    t.join().unwrap();
+    // ... or before replying at all.
+    let (p, t) = fake_server(&dir, "c2.sock", |s| {
+        let _ = sock::recv(&s, 1 << 21);
+    });
+    let err = Client::connect(&p, short).err().expect("no reply accepted");
+    assert!(
+        matches!(err, ClientError::Disconnected(Command::Version)),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (d) Never replies: a timeout within the given time.
+    let (p, t) = fake_server(&dir, "d.sock", |s| {
+        let _ = sock::recv(&s, 1 << 21);
+        until_closed(&s);
+    });
+    let t0 = Instant::now();
+    let err = Client::connect(&p, short).err().expect("silence accepted");
+    let took = t0.elapsed();
+    assert!(
+        matches!(
+            err,
+            ClientError::Timeout {
+                cmd: Command::Version,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took >= short && took < short * 4, "took {took:?}");
+    t.join().unwrap();
+
+    // (e) Region info for another region than asked.
+    let (p, t) = fake_server(&dir, "e.sock", |s| {
+        honest_start(&s);
+        if let Ok(m) = sock::recv(&s, 1 << 21) {
+            let info = RegionInfo {
+                argsz: 32,
+                index: 5,
+                size: 16,
+                ..Default::default()
+            };
+            reply(&s, &m.header, info.as_bytes(), &[]);
+        }
+        until_closed(&s);
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("wrong region accepted");
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol {
+                cmd: Command::DeviceGetRegionInfo,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (f) A reply larger than anything negotiated: refused without allocating it.
+    let (p, t) = fake_server(&dir, "f.sock", |s| {
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        let h = m.header.reply(usize::MAX >> 33);
+        let _ = (&s).write_all(h.as_bytes());
+        until_closed(&s);
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("huge reply accepted");
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol {
+                cmd: Command::Version,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (g) Claims thousands of regions.
+    let (p, t) = fake_server(&dir, "g.sock", |s| {
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        reply(&s, &m.header, &version_payload(), &[]);
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        let i = DeviceInfo {
+            argsz: 16,
+            flags: DEVICE_FLAGS_PCI,
+            num_regions: 100_000,
+            num_irqs: 5,
+        };
+        reply(&s, &m.header, i.as_bytes(), &[]);
+        until_closed(&s);
+    });
+    let err = Client::connect(&p, short)
+        .err()
+        .expect("100000 regions accepted");
+    assert!(
+        matches!(
+            err,
+            ClientError::Protocol {
+                cmd: Command::DeviceGetInfo,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.join().unwrap();
+
+    // (h) A server-initiated DMA request for unmapped memory while the client waits: the
+    // client answers with an error and still gets its reply.
+    let (p, t) = fake_server(&dir, "h.sock", |s| {
+        honest_start(&s);
+        let m = sock::recv(&s, 1 << 21).unwrap();
+        let a = DmaAccess {
+            address: 0x1234_0000,
+            count: 16,
+        };
+        let dh = Header::command(0x8001, Command::DmaRead, HEADER_SIZE + 16);
+        sock::send(&s, &[dh.as_bytes(), a.as_bytes()], &[]).unwrap();
+        let r = sock::recv(&s, 1 << 21).unwrap();
+        assert!(r.header.is_reply() && r.header.is_error());
+        assert_eq!(r.header.msg_id, 0x8001);
+        assert_eq!(r.header.error, libc::EFAULT as u32);
+        let info = RegionInfo {
+            argsz: 32,
+            flags: REGION_READ,
+            index: 0,
+            size: 16,
+            ..Default::default()
+        };
+        reply(&s, &m.header, info.as_bytes(), &[]);
+        until_closed(&s);
+    });
+    let c = Client::connect(&p, short).expect("honest server");
+    assert_eq!(c.regions().len(), 1);
+    assert_eq!(c.dma_requests_served(), 0);
     drop(c);
     t.join().unwrap();
 }
