@@ -312,7 +312,7 @@ fn destination_with(endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Pro
     let mut args = vec!["run", "--incoming", endpoint, "--json-events"];
     args.extend_from_slice(extra);
     Proc(
-        bin()
+        bin_short_deadline()
             .envs(env.iter().copied())
             .args(&args)
             .stdout(std::process::Stdio::piped())
