@@ -44,7 +44,7 @@ mod record;
 mod stream;
 mod verify;
 
-pub use record::MAX_RECORDS;
+pub use record::{MAX_RECORDS, crypto_cost};
 pub use stream::TlsStream;
 use stream::handshake;
 use verify::{AllowClient, AllowServer, Pinned};
