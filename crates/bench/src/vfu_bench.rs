@@ -618,7 +618,7 @@ pub fn run(quick: bool, mut f: impl FnMut(&Line)) -> Result<(), BenchError> {
             region_rw_libvfio_user(&dir, &samples, n)?,
             0.0,
         )),
-        None => eprintln!(
+        None => tracing::warn!(
             "faultline bench: libvfio-user's samples not found (run scripts/libvfio-user.sh, or \
              set FAULTLINE_LIBVFIO_USER to their directory): no libvfio-user region-rw line"
         ),

@@ -2,16 +2,19 @@
 
 mod demo;
 mod device;
+mod docs;
 mod error;
 mod irq;
+mod logging;
 mod migrate;
+mod progress;
 mod run;
 mod snap;
 mod tls;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use error::{CliError, CliResult, failed};
 
@@ -22,6 +25,10 @@ use error::{CliError, CliResult, failed};
     about = "Userspace page faults, devices and interrupts for microVMs"
 )]
 struct Cli {
+    /// Log events as text or JSON lines on stderr (filter: FAULTLINE_LOG, EnvFilter syntax,
+    /// default info).
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -61,6 +68,19 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         which: BenchCmd,
+    },
+    /// Print a shell completion script (`faultline completions bash >
+    /// /etc/bash_completion.d/faultline`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page faultline(1), or write it and one page per subcommand into a
+    /// directory.
+    Man {
+        /// Write every page here instead (faultline.1, faultline-migrate.1, ...).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -396,7 +416,13 @@ fn bench_restore(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_format) {
+        eprintln!("faultline: {e}");
+        return ExitCode::from(2);
+    }
     let r = match cli.cmd {
+        Cmd::Completions { shell } => docs::completions(shell, Cli::command()),
+        Cmd::Man { dir } => docs::man(Cli::command(), dir.as_deref()),
         Cmd::Demo(a) => migrate::demo(&a),
         Cmd::MemxDemo(a) => demo::run(&a),
         Cmd::Migrate(a) => migrate::migrate(&a),

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use vmm::migration::{Endpoint, MigrationMode};
 
 use crate::error::{CliError, CliResult, failed};
+use crate::progress::Progress;
 
 /// `faultline migrate` options.
 #[derive(clap::Args)]
@@ -113,26 +114,31 @@ pub fn migrate(a: &Args) -> CliResult {
             "PUT /migrate refused ({code}): {b}"
         )));
     }
+    let mut progress = (!a.json).then(|| Progress::new("migration"));
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let (_, b) =
             crate::snap::http_unix(&a.api_sock, "GET", "/migrate", "", Duration::from_secs(30))?;
         let v: Value = serde_json::from_str(&b).map_err(failed(format!("GET /migrate: {b}")))?;
-        if !a.json {
-            eprint!("\r{}", status_line(&v));
+        let state = v["state"].as_str().unwrap_or("");
+        let end = matches!(
+            state,
+            "completed" | "cancelled" | "failed" | "postcopy-paused"
+        );
+        if let Some(p) = &mut progress {
+            let pct = v["percent"].as_f64().unwrap_or(0.0);
+            if end {
+                p.finish(&status_line(&v));
+            } else {
+                p.update(pct, &status_line(&v));
+            }
         }
-        match v["state"].as_str().unwrap_or("") {
+        match state {
             "completed" => {
-                if !a.json {
-                    eprintln!();
-                }
                 println!("{}", v["stats"]);
                 return Ok(());
             }
             "cancelled" | "failed" | "postcopy-paused" => {
-                if !a.json {
-                    eprintln!();
-                }
                 if a.json {
                     println!("{v}");
                 }
@@ -206,17 +212,17 @@ pub fn demo(a: &DemoArgs) -> CliResult {
             }
         );
     }
-    let json = a.json;
+    let mut progress = (!a.json).then(|| Progress::new("migration"));
     let out = bench::migrate_bench::run_one(&exe, &dir, &shape, |v| {
-        if !json {
-            eprint!("\r  {}", status_line(v));
+        if let Some(p) = &mut progress {
+            p.update(v["percent"].as_f64().unwrap_or(0.0), &status_line(v));
         }
     })
     .map_err(failed("the migration"));
     let _ = std::fs::remove_dir_all(&dir);
     let out = out?;
-    if !json {
-        eprintln!();
+    if let Some(p) = &mut progress {
+        p.finish(&status_line(&out.status));
     }
     let st = &out.status;
     if st["state"] != "completed" {
@@ -236,7 +242,7 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         .as_ref()
         .map(|v| &v["summary"])
         .filter(|v| v["stopped"] == true);
-    if json {
+    if a.json {
         println!(
             "{}",
             json!({ "migration": s, "destination_summary": out.dest_summary })

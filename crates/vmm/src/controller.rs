@@ -405,8 +405,10 @@ impl RunningVm {
         notify: Notifier,
     ) -> Result<RunningVm, VmError> {
         let telemetry = Telemetry::new(vm.config().vcpus as usize, vm.last_heartbeats().to_vec());
+        let (vcpus, mem_mib) = (vm.config().vcpus, vm.config().mem_bytes >> 20);
         let machine = Arc::new(vm.launch(notify.clone())?);
         let live = machine.control().cpus.len();
+        tracing::info!(vcpus, mem_mib, "VM started");
         Ok(RunningVm {
             machine,
             rx,

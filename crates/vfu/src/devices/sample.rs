@@ -140,12 +140,12 @@ impl Sample {
         if let Some((addr, _)) = direct
             && let Err(e) = dma_pass(dev, addr, false)
         {
-            eprintln!("sample: direct DMA at {addr:#x}: {e}");
+            tracing::warn!("sample: direct DMA at {addr:#x}: {e}");
         }
         if let Some((addr, _)) = by_msg
             && let Err(e) = dma_pass(dev, addr, true)
         {
-            eprintln!("sample: DMA by message at {addr:#x}: {e}");
+            tracing::warn!("sample: DMA by message at {addr:#x}: {e}");
         }
         self.fired
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -317,7 +317,7 @@ impl DeviceOps for Sample {
                 if let Some(slot) = st.slots.iter_mut().find(|s| s.is_none()) {
                     *slot = Some((address, size));
                 } else {
-                    eprintln!("sample: DMA slots full, {address:#x}+{size:#x} not used");
+                    tracing::warn!("sample: DMA slots full, {address:#x}+{size:#x} not used");
                 }
             }
             DmaNotice::Unmapped { address, size } => {

@@ -228,7 +228,7 @@ impl Server {
                         // up to `sock::SEND_TIMEOUT`.
                         if let Err(e) = stream.set_nonblocking(true) {
                             if self.sh.log {
-                                eprintln!("vfio-user: {}: accept: {e}", dev.name());
+                                tracing::warn!(device = dev.name(), "vfio-user: accept: {e}");
                             }
                             continue;
                         }
@@ -240,9 +240,9 @@ impl Server {
                             .count();
                         if open >= MAX_CONNECTIONS {
                             if self.sh.log {
-                                eprintln!(
-                                    "vfio-user: {}: {open} connections open; refusing another",
-                                    dev.name()
+                                tracing::warn!(
+                                    device = dev.name(),
+                                    "vfio-user: {open} connections open; refusing another"
                                 );
                             }
                             continue;
@@ -255,7 +255,11 @@ impl Server {
                         self.sh.live.fetch_add(1, Ordering::SeqCst);
                         lock(&SESSIONS).insert(id, Arc::downgrade(&s));
                         if self.sh.log {
-                            eprintln!("vfio-user: {}: client {id} connected", dev.name());
+                            tracing::info!(
+                                device = dev.name(),
+                                client = id,
+                                "vfio-user: client connected"
+                            );
                         }
                         self.add(Source::Session(s), fd, true)?;
                     }
@@ -263,7 +267,7 @@ impl Server {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         if self.sh.log {
-                            eprintln!("vfio-user: {}: accept: {e}", dev.name());
+                            tracing::warn!(device = dev.name(), "vfio-user: accept: {e}");
                         }
                         break;
                     }
@@ -308,10 +312,10 @@ impl Server {
                     }
                     Outcome::Close(why) => {
                         if self.sh.log {
-                            eprintln!(
-                                "vfio-user: {}: client {} disconnected: {why}",
-                                s.dev.name(),
-                                s.id
+                            tracing::info!(
+                                device = s.dev.name(),
+                                client = s.id,
+                                "vfio-user: client disconnected: {why}"
                             );
                         }
                         self.drop_session(token, s);
@@ -328,7 +332,10 @@ impl Server {
                         if let Err(e) = s.dev.region_access(spec.bar, spec.offset, &mut data, true)
                             && self.sh.log
                         {
-                            eprintln!("vfio-user: {}: ioeventfd write: {e}", s.dev.name());
+                            tracing::warn!(
+                                device = s.dev.name(),
+                                "vfio-user: ioeventfd write: {e}"
+                            );
                         }
                         // Not fatal: the client may have replaced or dropped this ioeventfd
                         // meanwhile (then it is no longer in the set).

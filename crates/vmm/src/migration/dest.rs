@@ -426,6 +426,10 @@ fn receive(
     // A start that failed half-way may have run a vCPU: no "not started" claim here.
     let control = start(vm).map_err(|e| fail(&mut main, MigrationError::Vm(e)))?;
     let resume_ns = mono_ns();
+    tracing::info!(
+        postcopy = fault_loop.is_some(),
+        "migration: the guest runs here"
+    );
     if let Err(e) = main.send(Kind::Resumed, 0, b"{}") {
         if fault_loop.is_some() {
             return Err(io_err("telling the source the guest runs")(e));

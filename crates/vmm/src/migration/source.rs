@@ -59,7 +59,15 @@ pub fn run(
     resume_rx: Receiver<Option<Endpoint>>,
 ) {
     let t0 = Instant::now();
+    tracing::info!(mode = req.mode.name(), to = ?req.to, "migration started");
     let r = migrate(&ctx, &req, &status, &resume_rx, t0);
+    match &r {
+        Ok(_) => tracing::info!(
+            ms = t0.elapsed().as_millis() as u64,
+            "migration completed: the guest runs at the destination"
+        ),
+        Err(e) => tracing::warn!("migration failed: {}", uffd::error_chain(e)),
+    }
     let end = match r {
         Ok(stats) => status.go_with(State::Completed, |s| {
             s.percent = 100.0;

@@ -324,7 +324,7 @@ impl Supervisor {
             self.pull.left(),
             self.recover_timeout
         );
-        eprintln!("faultline: migration: {msg}");
+        tracing::warn!("migration: {msg}");
         self.status
             .go_with(State::PostcopyPaused, |s| s.error = Some(msg))
             .map_err(MigrationError::Transition)?;
@@ -391,7 +391,7 @@ impl Supervisor {
                     .map_err(io_err("socket setup"))?;
             }
             self.recoveries += 1;
-            eprintln!("faultline: migration: the source reconnected; post-copy goes on");
+            tracing::info!("migration: the source reconnected; post-copy goes on");
             self.status
                 .go(State::Resuming)
                 .and_then(|()| self.status.go_with(State::Postcopy, |s| s.error = None))

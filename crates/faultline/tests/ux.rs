@@ -1,0 +1,173 @@
+//! What a user sees around the work, the binary started as a user would: the README's
+//! quick start (`faultline demo`) with its output piped as into a log, shell completions, man
+//! pages, and log events (`FAULTLINE_LOG`, `--log-format json`).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Proc(
+        bin()
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start faultline"),
+    )
+    .finish_within(Duration::from_secs(300))
+}
+
+/// The README's quick start, first command (`cargo run --release -p faultline -- demo`; here
+/// the built binary's `demo`), its output piped as `faultline demo | tee demo.log` would:
+/// it succeeds, prints what the README says (the statistics, the memory verified, the guest
+/// going on at the destination), and no line is longer than 200 characters (progress comes
+/// as plain lines, not carriage-return updates).
+#[test]
+fn the_quick_start_demo_prints_what_the_readme_says_in_short_lines() {
+    kvm_present();
+    let o = run(&["demo"], &[]);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "demo failed: {err}\n{out}");
+    for l in out.lines().chain(err.lines()) {
+        assert!(
+            l.chars().count() <= 200,
+            "a line of {} characters: {l:.120}...",
+            l.chars().count()
+        );
+        assert!(!l.contains('\r'), "a carriage-return update: {l:.120}");
+    }
+    let all = out.to_lowercase();
+    assert!(
+        all.contains("postcopy") || all.contains("post-copy"),
+        "{out}"
+    );
+    for said in [
+        "tls 1.3",
+        "total",
+        "downtime",
+        "max pause",
+        "faults",
+        "blocktime",
+        "equal on both sides",
+        "went on at the destination",
+    ] {
+        assert!(
+            all.contains(said),
+            "the demo's output lacks {said:?}:\n{out}"
+        );
+    }
+    assert!(
+        err.lines().any(|l| l.starts_with("migration: ")),
+        "no progress line on stderr:\n{err}"
+    );
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(&["completions", shell], &[]);
+        assert!(o.status.success(), "{shell}: {}", text(&o.stderr));
+        let s = text(&o.stdout);
+        for sub in ["demo", "migrate", "restore", "page-server", "bench"] {
+            assert!(s.contains(sub), "{shell}: no {sub} in the script");
+        }
+    }
+    // The bash script parses.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("faultline.bash");
+    std::fs::write(&f, run(&["completions", "bash"], &[]).stdout).unwrap();
+    let st = Command::new("bash").arg("-n").arg(&f).status().unwrap();
+    assert!(st.success(), "bash -n rejects the completion script");
+}
+
+#[test]
+fn man_pages_render_with_nroff() {
+    let o = run(&["man"], &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let page = text(&o.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH faultline"),
+        "{page:.200}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["man", "--dir", dir.path().to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for p in [
+        "faultline.1",
+        "faultline-migrate.1",
+        "faultline-bench-irq.1",
+    ] {
+        let f = dir.path().join(p);
+        assert!(f.exists(), "{p} was not written");
+        let r = Command::new("nroff")
+            .args(["-man"])
+            .arg(&f)
+            .output()
+            .expect("nroff (groff-base; scripts/tools.sh installs it)");
+        // nroff emboldens by overstriking (`N\x08N`): keep the last of each pair.
+        let mut shown = String::new();
+        for c in text(&r.stdout).chars() {
+            if c == '\x08' {
+                shown.pop();
+            } else {
+                shown.push(c);
+            }
+        }
+        assert!(r.status.success(), "nroff {p}: {}", text(&r.stderr));
+        assert!(
+            shown.contains("NAME") && shown.contains("SYNOPSIS"),
+            "{p} renders without its sections:\n{shown:.400}"
+        );
+    }
+}
+
+#[test]
+fn log_events_follow_faultline_log_as_text_or_json() {
+    kvm_present();
+    let args = [
+        "--log-format",
+        "json",
+        "run",
+        "--mem",
+        "36M",
+        "--guest",
+        "irq",
+        "--seconds",
+        "0.2",
+    ];
+    let o = run(&args, &[("FAULTLINE_LOG", "info")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let events: Vec<serde_json::Value> = text(&o.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "INFO"
+                && e["target"].as_str().is_some_and(|t| t.starts_with("vmm"))),
+        "no INFO event from vmm as JSON: {}",
+        text(&o.stderr)
+    );
+    // Filtered out at warn.
+    let o = run(&args, &[("FAULTLINE_LOG", "warn")]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        !text(&o.stderr).contains("\"INFO\""),
+        "INFO events at FAULTLINE_LOG=warn: {}",
+        text(&o.stderr)
+    );
+    // A filter that does not parse is a usage error naming the variable.
+    let o = run(&["probe"], &[("FAULTLINE_LOG", "vmm=notalevel")]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("FAULTLINE_LOG"),
+        "{}",
+        text(&o.stderr)
+    );
+}
