@@ -4,6 +4,7 @@
 
 pub mod irq_bench;
 pub mod migrate_bench;
+pub mod report;
 pub mod restore_bench;
 pub mod uffd_bench;
 pub mod vfu_bench;

@@ -57,13 +57,14 @@ fn print(json: bool, o: &Out) {
     }
 }
 
-/// Run the bench and print it (and plot it into `plot`).
+/// Run the bench and print it (and plot it into `plot`, and write a report into `report`).
 pub fn bench(
     json: bool,
     runs: usize,
     round_trips: usize,
     guest_irqs: usize,
     plot: Option<&std::path::Path>,
+    report: Option<&std::path::Path>,
 ) -> CliResult {
     if !json {
         println!(
@@ -97,6 +98,39 @@ pub fn bench(
     if let Some(f) = plot {
         irq_bench::plot::plot(&lines, f).map_err(failed("bench irq: plot"))?;
         eprintln!("faultline bench irq: plot written to {}", f.display());
+    }
+    if let Some(d) = report {
+        let what = format!("bench irq: the report in {}", d.display());
+        bench::report::create_dir(d).map_err(failed(what.clone()))?;
+        irq_bench::plot::plot(&lines, &d.join("irq.svg")).map_err(failed(what.clone()))?;
+        let rows: Vec<(String, String)> = lines
+            .iter()
+            .map(|l| {
+                let handler = l
+                    .handler
+                    .as_deref()
+                    .map(|h| format!(" {h}"))
+                    .unwrap_or_default();
+                (
+                    format!("{} {} {}{handler}", l.path, l.placement, l.r#impl),
+                    format!(
+                        "p50 {:.2} µs, p99 {:.2} µs, {:.2} exits/irq",
+                        l.p50_us, l.p99_us, l.exits_per_irq
+                    ),
+                )
+            })
+            .collect();
+        let index = bench::report::index(
+            d,
+            "faultline bench irq",
+            &[(
+                "One-way latency per path: dot p50, bar p50 to p99",
+                "irq.svg",
+            )],
+            &rows,
+        )
+        .map_err(failed(what.clone()))?;
+        eprintln!("report: {}", index.display());
     }
     Ok(())
 }

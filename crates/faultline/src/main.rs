@@ -144,6 +144,10 @@ enum BenchCmd {
         /// Also draw the figures into this SVG file.
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
+        /// Also write a report into this directory (irq.svg and an index.html with the
+        /// figures).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
     /// Snapshot restore: 1 GiB guest, 256 MiB touched after restore, every mode.
     Restore {
@@ -461,6 +465,7 @@ fn main() -> ExitCode {
                     round_trips,
                     guest_irqs,
                     plot,
+                    report,
                 },
         } => irq::bench(
             json,
@@ -468,6 +473,7 @@ fn main() -> ExitCode {
             round_trips as usize,
             guest_irqs as usize,
             plot.as_deref(),
+            report.as_deref(),
         ),
         Cmd::Device {
             cmd: device::DeviceCmd::Serve(a),

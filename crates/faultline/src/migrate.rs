@@ -42,9 +42,44 @@ pub struct Args {
     /// Print only the final status as JSON (no progress line).
     #[arg(long)]
     json: bool,
+    /// Also write a report into this directory: plots (fault latency, progress over time)
+    /// and an index.html with the figures.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
     /// Whom we migrate to.
     #[command(flatten)]
     security: crate::tls::TlsArgs,
+}
+
+/// The source's status over time, for a report.
+#[derive(Default)]
+struct Samples(
+    Vec<bench::report::ProgressSample>,
+    Option<std::time::Instant>,
+);
+
+impl Samples {
+    fn push(&mut self, v: &Value) {
+        let t0 = *self.1.get_or_insert_with(std::time::Instant::now);
+        self.0.push(bench::report::ProgressSample {
+            t_ms: t0.elapsed().as_secs_f64() * 1e3,
+            state: v["state"].as_str().unwrap_or("?").to_string(),
+            remaining_mib: v["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+        });
+    }
+}
+
+/// Write a migration's report into `dir` and say where.
+fn report(
+    dir: &std::path::Path,
+    title: &str,
+    stats: &Value,
+    samples: &[bench::report::ProgressSample],
+) -> CliResult {
+    let index = bench::report::migration(dir, title, stats, samples)
+        .map_err(failed(format!("writing the report into {}", dir.display())))?;
+    eprintln!("report: {}", index.display());
+    Ok(())
 }
 
 /// `1gbit`, `10Gbit`, `125M` (bytes/s), `0`.
@@ -115,11 +150,13 @@ pub fn migrate(a: &Args) -> CliResult {
         )));
     }
     let mut progress = (!a.json).then(|| Progress::new("migration"));
+    let mut samples = Samples::default();
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let (_, b) =
             crate::snap::http_unix(&a.api_sock, "GET", "/migrate", "", Duration::from_secs(30))?;
         let v: Value = serde_json::from_str(&b).map_err(failed(format!("GET /migrate: {b}")))?;
+        samples.push(&v);
         let state = v["state"].as_str().unwrap_or("");
         let end = matches!(
             state,
@@ -136,6 +173,9 @@ pub fn migrate(a: &Args) -> CliResult {
         match state {
             "completed" => {
                 println!("{}", v["stats"]);
+                if let Some(d) = &a.report {
+                    report(d, "faultline migrate", &v["stats"], &samples.0)?;
+                }
                 return Ok(());
             }
             "cancelled" | "failed" | "postcopy-paused" => {
@@ -177,6 +217,10 @@ pub struct DemoArgs {
     /// Print the final statistics as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also write a report into this directory: plots (fault latency, progress over time)
+    /// and an index.html with the figures.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
     /// Plain TCP instead of TLS with a fresh pre-shared key.
     #[arg(long)]
     insecure: bool,
@@ -213,7 +257,9 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         );
     }
     let mut progress = (!a.json).then(|| Progress::new("migration"));
+    let mut samples = Samples::default();
     let out = bench::migrate_bench::run_one(&exe, &dir, &shape, |v| {
+        samples.push(v);
         if let Some(p) = &mut progress {
             p.update(v["percent"].as_f64().unwrap_or(0.0), &status_line(v));
         }
@@ -236,6 +282,9 @@ pub fn demo(a: &DemoArgs) -> CliResult {
     let d = &s["destination"];
     if s["digest_verified"] != true {
         return Err(CliError::Check(format!("memory digest mismatch: {s}")));
+    }
+    if let Some(dir) = &a.report {
+        report(dir, "faultline demo", s, &samples.0)?;
     }
     let dest_ok = out
         .dest_summary

@@ -171,3 +171,68 @@ fn log_events_follow_faultline_log_as_text_or_json() {
         text(&o.stderr)
     );
 }
+
+/// `--report DIR` as a person would look at it: an index.html that shows every plot, each
+/// plot rendered (rsvg-convert) not blank, with its caption, axis labels and marks.
+fn check_report(dir: &std::path::Path, plots: &[&str]) {
+    let html = std::fs::read_to_string(dir.join("index.html")).expect("index.html");
+    for p in plots {
+        assert!(
+            html.contains(&format!("src=\"{p}\"")),
+            "index.html does not show {p}"
+        );
+        let img = bench::report::svgcheck::render(&dir.join(p)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            img.ink(0, img.width, 0, img.height) > img.width * img.height / 200,
+            "{p} is nearly blank"
+        );
+        assert!(img.ink(0, img.width, 0, 40) > 100, "{p}: no caption");
+        assert!(img.ink(0, 40, 60, img.height / 2) > 30, "{p}: no y label");
+        assert!(
+            img.colour(70, img.width, 40, img.height - 50) > 50,
+            "{p}: no marks"
+        );
+    }
+}
+
+#[test]
+fn demo_and_bench_irq_write_reports_with_plots_that_render() {
+    kvm_present();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("demo");
+    let o = run(
+        &[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--hot-mib",
+            "64",
+            "--report",
+            d.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    check_report(&d, &["faults.svg", "progress.svg"]);
+    let html = std::fs::read_to_string(d.join("index.html")).unwrap();
+    assert!(
+        html.contains("downtime") && html.contains("remote faults"),
+        "{html}"
+    );
+    let i = dir.path().join("irq");
+    let o = run(
+        &[
+            "bench",
+            "irq",
+            "--round-trips",
+            "50",
+            "--guest-irqs",
+            "10",
+            "--report",
+            i.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    check_report(&i, &["irq.svg"]);
+}

@@ -147,79 +147,27 @@ pub fn plot(lines: &[Line], file: &Path) -> Result<(), IrqBenchError> {
 mod tests {
     use super::*;
     use crate::irq_bench::line;
+    use crate::report::svgcheck::{self, Raster};
 
-    /// Render `svg` to PNG with `rsvg-convert` (installed by `scripts/tools.sh`, which this
-    /// runs when it is missing); returns (width, height, RGB pixels, row-major).
-    fn render(svg: &Path) -> (usize, usize, Vec<[u8; 3]>) {
-        let have = |_: ()| {
+    /// Render `svg` with [`crate::report::svgcheck`], installing `rsvg-convert` first if it
+    /// is missing (`scripts/tools.sh`, as root).
+    fn render(svg: &Path) -> Raster {
+        let have = || {
             std::process::Command::new("rsvg-convert")
                 .arg("--version")
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        if !have(()) {
+        if !have() {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/tools.sh");
             let st = std::process::Command::new("bash").arg(script).status();
             assert!(
-                have(()),
+                have(),
                 "rsvg-convert (Debian's librsvg2-bin) is missing and {script} could not \
                  install it ({st:?}): run it as root"
             );
         }
-        let png = svg.with_extension("png");
-        let out = std::process::Command::new("rsvg-convert")
-            .args(["-b", "white", "-o"])
-            .arg(&png)
-            .arg(svg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rsvg-convert: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut dec = png::Decoder::new(std::fs::File::open(&png).unwrap());
-        dec.set_transformations(png::Transformations::normalize_to_color8());
-        let mut r = dec.read_info().unwrap();
-        let mut buf = vec![0; r.output_buffer_size()];
-        let info = r.next_frame(&mut buf).unwrap();
-        let ch = info.color_type.samples();
-        let rgb = buf[..info.buffer_size()]
-            .chunks(ch)
-            .map(|p| {
-                if ch >= 3 {
-                    [p[0], p[1], p[2]]
-                } else {
-                    [p[0]; 3]
-                }
-            })
-            .collect();
-        (info.width as usize, info.height as usize, rgb)
-    }
-
-    type Image = (usize, usize, Vec<[u8; 3]>);
-
-    /// Pixels in the box `[x0, x1) x [y0, y1)` that `pick` selects.
-    fn count(img: &Image, b: [usize; 4], pick: fn([u8; 3]) -> bool) -> usize {
-        let (w, _, px) = img;
-        (b[2]..b[3])
-            .flat_map(|y| (b[0]..b[1]).map(move |x| px[y * w + x]))
-            .filter(|&p| pick(p))
-            .count()
-    }
-
-    /// Dark pixels (text, axes) in the box `[x0, x1, y0, y1)`.
-    fn ink(img: &Image, x0: usize, x1: usize, y0: usize, y1: usize) -> usize {
-        count(img, [x0, x1, y0, y1], |p| {
-            p.iter().map(|&c| u32::from(c)).sum::<u32>() < 3 * 128
-        })
-    }
-
-    /// Coloured pixels (the series' marks) in the box.
-    fn colour(img: &Image, x0: usize, x1: usize, y0: usize, y1: usize) -> usize {
-        count(img, [x0, x1, y0, y1], |p| {
-            p.iter().max().unwrap() - p.iter().min().unwrap() > 60
-        })
+        svgcheck::render(svg).unwrap()
     }
 
     #[test]
@@ -252,33 +200,30 @@ mod tests {
             assert!(svg.contains(label), "the SVG lacks the text {label:?}");
         }
         let img = render(&f);
-        let (w, h, _) = img;
+        let (w, h) = (img.width, img.height);
         assert_eq!((w, h), (1400, 1000));
-        let all = ink(&img, 0, w, 0, h);
+        let all = img.ink(0, w, 0, h);
         assert!(
             all > w * h / 200,
             "the rendering is nearly blank: {all} dark pixels"
         );
         // Each panel (top and bottom halves): a caption, the y axis's label on the left and
-        // the x axis's label at the bottom carry ink.
+        // the x axis's label at the bottom carry ink; coloured marks in its plotting area.
         for (y0, y1) in [(0, h / 2), (h / 2, h)] {
             assert!(
-                ink(&img, 0, w, y0, y0 + 40) > 100,
+                img.ink(0, w, y0, y0 + 40) > 100,
                 "panel at {y0}: no caption"
             );
             assert!(
-                ink(&img, 0, 40, y0 + 60, y1 - 60) > 100,
+                img.ink(0, 40, y0 + 60, y1 - 60) > 100,
                 "panel at {y0}: no y label"
             );
             assert!(
-                ink(&img, w / 3, 2 * w / 3, y1 - 40, y1) > 100,
+                img.ink(w / 3, 2 * w / 3, y1 - 40, y1) > 100,
                 "panel at {y0}: no x label"
             );
-        }
-        // The marks: coloured pixels (dots and bars) in each panel's plotting area.
-        for (y0, y1) in [(0, h / 2), (h / 2, h)] {
             assert!(
-                colour(&img, 70, w, y0 + 40, y1 - 50) > 50,
+                img.colour(70, w, y0 + 40, y1 - 50) > 50,
                 "panel at {y0}: no marks"
             );
         }

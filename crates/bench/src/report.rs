@@ -1,0 +1,330 @@
+//! `--report DIR`: a run's figures as SVG plots (`plotters`) and an `index.html` that shows
+//! them beside the run's numbers, to be looked at rather than read.
+//!
+//! For a migration: the remote-fault latency histogram in log2 buckets (as QEMU's
+//! `postcopy-latency-dist`), and the migration's progress over time (bytes still to move,
+//! per state) as the source reported it. For `bench irq`: the latency distributions per path
+//! (`irq_bench::plot`). [`svgcheck`] renders a plot as a person would see it, for the tests.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use thiserror::Error;
+
+pub mod svgcheck;
+
+/// Writing a report failed.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    /// The directory or a file could not be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The path.
+        path: PathBuf,
+        /// Cause (errno kept).
+        #[source]
+        source: std::io::Error,
+    },
+    /// A plot could not be drawn.
+    #[error("cannot draw {0}")]
+    Plot(String),
+}
+
+fn plot_err(what: &str) -> impl Fn(String) -> ReportError + '_ {
+    move |e| ReportError::Plot(format!("{what}: {e}"))
+}
+
+/// One sample of a migration's progress, as `GET /migrate` answered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressSample {
+    /// Since the migration started, ms.
+    pub t_ms: f64,
+    /// Its state (`precopy`, `postcopy`, ...).
+    pub state: String,
+    /// Bytes still to send, MiB.
+    pub remaining_mib: f64,
+}
+
+/// The remote-fault latency histogram: `buckets[i]` faults took `[2^i, 2^(i+1))` µs.
+pub fn fault_histogram(file: &Path, buckets: &[u64]) -> Result<(), ReportError> {
+    let err = plot_err("the fault histogram");
+    let last = buckets
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(8, |i| i + 1)
+        .max(4);
+    let top = buckets.iter().copied().max().unwrap_or(0).max(1);
+    let root = SVGBackend::new(file, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let total: u64 = buckets.iter().sum();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("remote page faults: {total}, latency in log2 buckets"),
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0u32..last as u32, 0u64..top + top / 10 + 1)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_labels(last)
+        .x_label_formatter(&|i| bucket_label(*i))
+        .x_desc("fault latency, µs (bucket lower bound)")
+        .y_desc("remote faults in the bucket")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(buckets.iter().take(last).enumerate().map(|(i, &n)| {
+            let i = i as u32;
+            Rectangle::new([(i, 0), (i + 1, n)], RGBColor(31, 119, 180).filled())
+        }))
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn bucket_label(i: u32) -> String {
+    match 1u64.checked_shl(i) {
+        Some(v) if v >= 1_000_000 => format!("{}s", v / 1_000_000),
+        Some(v) if v >= 1000 => format!("{}ms", v / 1000),
+        Some(v) => format!("{v}"),
+        None => String::new(),
+    }
+}
+
+/// The migration's progress: MiB still to send over time, one colour per state.
+pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), ReportError> {
+    let err = plot_err("the progress timeline");
+    let t_end = samples.last().map_or(1.0, |s| s.t_ms).max(1.0);
+    let top = samples
+        .iter()
+        .map(|s| s.remaining_mib)
+        .fold(1.0f64, f64::max);
+    let root = SVGBackend::new(file, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "migration progress (as the source reported it)",
+            ("sans-serif", 20),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..t_end * 1.02, 0f64..top * 1.1)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the migration started, ms")
+        .y_desc("still to send, MiB")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let mut states: Vec<&str> = Vec::new();
+    for s in samples {
+        if !states.contains(&s.state.as_str()) {
+            states.push(&s.state);
+        }
+    }
+    const PALETTE: [RGBColor; 5] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    for (k, st) in states.iter().enumerate() {
+        let c = PALETTE[k % PALETTE.len()];
+        chart
+            .draw_series(
+                samples
+                    .iter()
+                    .filter(|s| s.state == *st)
+                    .map(|s| Circle::new((s.t_ms, s.remaining_mib), 4, c.filled())),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .label(st.to_string())
+            .legend(move |(x, y)| Circle::new((x, y), 4, c.filled()));
+    }
+    chart
+        .draw_series(LineSeries::new(
+            samples.iter().map(|s| (s.t_ms, s.remaining_mib)),
+            BLACK.mix(0.3),
+        ))
+        .map_err(|e| err(e.to_string()))?;
+    if !states.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Write `index.html` into `dir`: `title`, the `figures` (caption, SVG file name in `dir`)
+/// and the run's numbers (`rows` of name and value).
+pub fn index(
+    dir: &Path,
+    title: &str,
+    figures: &[(&str, &str)],
+    rows: &[(String, String)],
+) -> Result<PathBuf, ReportError> {
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title>\
+         <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}\
+         td{{padding:2px 12px}}td:first-child{{color:#555}}</style></head><body>\n\
+         <h1>{t}</h1>\n<table>\n",
+        t = escape(title)
+    );
+    for (k, v) in rows {
+        let _ = writeln!(h, "<tr><td>{}</td><td>{}</td></tr>", escape(k), escape(v));
+    }
+    h.push_str("</table>\n");
+    for (cap, file) in figures {
+        let _ = writeln!(
+            h,
+            "<figure><img src=\"{f}\" alt=\"{c}\" width=\"900\"><figcaption>{c}</figcaption></figure>",
+            f = escape(file),
+            c = escape(cap)
+        );
+    }
+    h.push_str("</body></html>\n");
+    let path = dir.join("index.html");
+    std::fs::write(&path, h).map_err(|source| ReportError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// A migration's report in `dir`: `faults.svg` (from the stats' `latency_log2_us`),
+/// `progress.svg` (from `samples`) and `index.html` with the stats' main figures. Returns the
+/// `index.html` path.
+pub fn migration(
+    dir: &Path,
+    title: &str,
+    stats: &serde_json::Value,
+    samples: &[ProgressSample],
+) -> Result<PathBuf, ReportError> {
+    create_dir(dir)?;
+    let buckets: Vec<u64> = stats["latency_log2_us"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
+        .unwrap_or_default();
+    fault_histogram(&dir.join("faults.svg"), &buckets)?;
+    progress_timeline(&dir.join("progress.svg"), samples)?;
+    let f = |k: &str| stats[k].as_f64().unwrap_or(f64::NAN);
+    let rows = vec![
+        (
+            "mode".to_string(),
+            stats["mode"].as_str().unwrap_or("?").to_string(),
+        ),
+        ("total".into(), format!("{:.1} ms", f("total_ms"))),
+        ("downtime".into(), format!("{:.1} ms", f("downtime_ms"))),
+        (
+            "longest pause the guest saw".into(),
+            format!("{:.1} ms", f("max_pause_ms")),
+        ),
+        ("sent".into(), format!("{:.1} MiB", f("bytes") / 1048576.0)),
+        (
+            "remote faults".into(),
+            format!(
+                "{} (p50 {:.1} µs, p99 {:.1} µs)",
+                stats["faults_requested"],
+                stats["fault_latency_us"]["p50"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+                stats["fault_latency_us"]["p99"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            ),
+        ),
+        (
+            "vCPU blocktime".into(),
+            format!("{:.1} ms", f("blocktime_ms")),
+        ),
+        (
+            "memory digest".into(),
+            format!(
+                "{} (verified: {})",
+                stats["digest"], stats["digest_verified"]
+            ),
+        ),
+    ];
+    index(
+        dir,
+        title,
+        &[
+            ("Remote page-fault latency (log2 buckets)", "faults.svg"),
+            ("Bytes still to send over time, by state", "progress.svg"),
+        ],
+        &rows,
+    )
+}
+
+/// Create `dir` (and its parents).
+pub fn create_dir(dir: &Path) -> Result<(), ReportError> {
+    std::fs::create_dir_all(dir).map_err(|source| ReportError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_migration_plots_render_with_their_labels_and_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = dir.path().join("faults.svg");
+        let mut b = vec![0u64; 32];
+        (b[6], b[7], b[8], b[12]) = (40, 120, 30, 2);
+        fault_histogram(&h, &b).unwrap();
+        let p = dir.path().join("progress.svg");
+        let samples: Vec<ProgressSample> = (0..20)
+            .map(|i| ProgressSample {
+                t_ms: f64::from(i) * 50.0,
+                state: if i < 5 { "precopy" } else { "postcopy" }.into(),
+                remaining_mib: 512.0 - f64::from(i) * 25.0,
+            })
+            .collect();
+        progress_timeline(&p, &samples).unwrap();
+        for (f, labels) in [
+            (&h, &["fault latency", "faults", "remote page faults"][..]),
+            (&p, &["still to send", "time since", "postcopy"][..]),
+        ] {
+            let svg = std::fs::read_to_string(f).unwrap();
+            for l in labels {
+                assert!(svg.contains(l), "{}: no {l:?}", f.display());
+            }
+            let img = svgcheck::render(f).unwrap();
+            img.assert_looks_like_a_plot(&f.display().to_string());
+        }
+        let i = index(
+            dir.path(),
+            "a <run>",
+            &[("faults", "faults.svg")],
+            &[("total".into(), "5 ms".into())],
+        )
+        .unwrap();
+        let html = std::fs::read_to_string(i).unwrap();
+        assert!(
+            html.contains("faults.svg") && html.contains("a &lt;run&gt;") && html.contains("5 ms")
+        );
+    }
+}
