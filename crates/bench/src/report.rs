@@ -166,6 +166,105 @@ pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), 
     Ok(())
 }
 
+/// A guest heartbeat on the timeline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimelineBeat {
+    /// Since the migration was asked for, ms (negative: before).
+    pub t_ms: f64,
+    /// At the destination (else at the source).
+    pub destination: bool,
+    /// Its number.
+    pub n: u64,
+}
+
+/// The guest's pause as its heartbeats show it: the last beat at the source before the
+/// first at the destination, and that first one (ms since the migration was asked for).
+pub fn pause_of(beats: &[TimelineBeat]) -> Option<(f64, f64)> {
+    let first_dst = beats
+        .iter()
+        .filter(|b| b.destination)
+        .map(|b| b.t_ms)
+        .fold(f64::INFINITY, f64::min);
+    let last_src = beats
+        .iter()
+        .filter(|b| !b.destination && b.t_ms <= first_dst)
+        .map(|b| b.t_ms)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (first_dst.is_finite() && last_src.is_finite()).then_some((last_src, first_dst))
+}
+
+/// The guest's heartbeats over time at the source and at the destination, the pause
+/// between them shaded.
+pub fn heartbeat_timeline(file: &Path, beats: &[TimelineBeat]) -> Result<(), ReportError> {
+    let err = plot_err("the heartbeat timeline");
+    let t0 = beats.iter().map(|b| b.t_ms).fold(0f64, f64::min);
+    let t1 = beats.iter().map(|b| b.t_ms).fold(1f64, f64::max);
+    let n0 = beats.iter().map(|b| b.n).min().unwrap_or(0) as f64;
+    let n1 = beats.iter().map(|b| b.n).max().unwrap_or(1) as f64 + 1.0;
+    let pause = pause_of(beats);
+    let caption = match pause {
+        Some((a, b)) => format!(
+            "guest heartbeats: between the sides, {:.0} ms without a beat",
+            b - a
+        ),
+        None => "guest heartbeats".to_string(),
+    };
+    let root = SVGBackend::new(file, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(t0 - 50.0..t1 + 50.0, n0..n1 + (n1 - n0) * 0.15)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the migration was asked for, ms")
+        .y_desc("heartbeat number")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    if let Some((a, b)) = pause {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(a, n0), (b, n1 + (n1 - n0) * 0.15)],
+                RGBColor(214, 39, 40).mix(0.2).filled(),
+            )))
+            .map_err(|e| err(e.to_string()))?
+            .label("the guest paused")
+            .legend(|(x, y)| {
+                Rectangle::new(
+                    [(x - 5, y - 5), (x + 5, y + 5)],
+                    RGBColor(214, 39, 40).mix(0.4).filled(),
+                )
+            });
+    }
+    for (dest, name, c) in [
+        (false, "at the source", RGBColor(31, 119, 180)),
+        (true, "at the destination", RGBColor(255, 127, 14)),
+    ] {
+        chart
+            .draw_series(
+                beats
+                    .iter()
+                    .filter(|b| b.destination == dest)
+                    .map(|b| Circle::new((b.t_ms, b.n as f64), 3, c.filled())),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .label(name)
+            .legend(move |(x, y)| Circle::new((x, y), 4, c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -212,13 +311,14 @@ pub fn index(
 }
 
 /// A migration's report in `dir`: `faults.svg` (from the stats' `latency_log2_us`),
-/// `progress.svg` (from `samples`) and `index.html` with the stats' main figures. Returns the
-/// `index.html` path.
+/// `progress.svg` (from `samples`), `heartbeats.svg` (from `beats`, when there are any) and
+/// `index.html` with the stats' main figures. Returns the `index.html` path.
 pub fn migration(
     dir: &Path,
     title: &str,
     stats: &serde_json::Value,
     samples: &[ProgressSample],
+    beats: &[TimelineBeat],
 ) -> Result<PathBuf, ReportError> {
     create_dir(dir)?;
     let buckets: Vec<u64> = stats["latency_log2_us"]
@@ -265,15 +365,18 @@ pub fn migration(
             ),
         ),
     ];
-    index(
-        dir,
-        title,
-        &[
-            ("Remote page-fault latency (log2 buckets)", "faults.svg"),
-            ("Bytes still to send over time, by state", "progress.svg"),
-        ],
-        &rows,
-    )
+    let mut figures = vec![
+        ("Remote page-fault latency (log2 buckets)", "faults.svg"),
+        ("Bytes still to send over time, by state", "progress.svg"),
+    ];
+    if !beats.is_empty() {
+        heartbeat_timeline(&dir.join("heartbeats.svg"), beats)?;
+        figures.insert(
+            0,
+            ("The guest's heartbeats, the pause shaded", "heartbeats.svg"),
+        );
+    }
+    index(dir, title, &figures, &rows)
 }
 
 /// Create `dir` (and its parents).
@@ -304,7 +407,25 @@ mod tests {
             })
             .collect();
         progress_timeline(&p, &samples).unwrap();
+        let hb = dir.path().join("heartbeats.svg");
+        let beats: Vec<TimelineBeat> = (0..30)
+            .map(|i| TimelineBeat {
+                t_ms: f64::from(i) * 100.0 - 1000.0 + if i >= 12 { 40.0 } else { 0.0 },
+                destination: i >= 12,
+                n: 40 + i as u64,
+            })
+            .collect();
+        assert_eq!(pause_of(&beats), Some((100.0, 240.0)));
+        heartbeat_timeline(&hb, &beats).unwrap();
         for (f, labels) in [
+            (
+                &hb,
+                &[
+                    "heartbeat number",
+                    "the guest paused",
+                    "140 ms without a beat",
+                ][..],
+            ),
             (&h, &["fault latency", "faults", "remote page faults"][..]),
             (&p, &["still to send", "time since", "postcopy"][..]),
         ] {

@@ -75,8 +75,9 @@ fn report(
     title: &str,
     stats: &Value,
     samples: &[bench::report::ProgressSample],
+    beats: &[bench::report::TimelineBeat],
 ) -> CliResult {
-    let index = bench::report::migration(dir, title, stats, samples)
+    let index = bench::report::migration(dir, title, stats, samples, beats)
         .map_err(failed(format!("writing the report into {}", dir.display())))?;
     eprintln!("report: {}", index.display());
     Ok(())
@@ -174,7 +175,7 @@ pub fn migrate(a: &Args) -> CliResult {
             "completed" => {
                 println!("{}", v["stats"]);
                 if let Some(d) = &a.report {
-                    report(d, "faultline migrate", &v["stats"], &samples.0)?;
+                    report(d, "faultline migrate", &v["stats"], &samples.0, &[])?;
                 }
                 return Ok(());
             }
@@ -284,7 +285,19 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         return Err(CliError::Check(format!("memory digest mismatch: {s}")));
     }
     if let Some(dir) = &a.report {
-        report(dir, "faultline demo", s, &samples.0)?;
+        let beats: Vec<bench::report::TimelineBeat> = out
+            .beats
+            .iter()
+            .map(|b| bench::report::TimelineBeat {
+                t_ms: match b.at.checked_duration_since(out.started) {
+                    Some(d) => d.as_secs_f64() * 1e3,
+                    None => -(out.started.duration_since(b.at).as_secs_f64() * 1e3),
+                },
+                destination: b.destination,
+                n: b.n,
+            })
+            .collect();
+        report(dir, "faultline demo", s, &samples.0, &beats)?;
     }
     let dest_ok = out
         .dest_summary

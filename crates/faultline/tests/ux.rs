@@ -213,7 +213,7 @@ fn demo_and_bench_irq_write_reports_with_plots_that_render() {
         &[],
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
-    check_report(&d, &["faults.svg", "progress.svg"]);
+    check_report(&d, &["heartbeats.svg", "faults.svg", "progress.svg"]);
     let html = std::fs::read_to_string(d.join("index.html")).unwrap();
     assert!(
         html.contains("downtime") && html.contains("remote faults"),
