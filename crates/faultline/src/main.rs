@@ -383,7 +383,18 @@ fn bench_restore(
     let mut warm = None;
     let mut lazy = None;
     let mut prefetch = None;
+    let mut progress = progress::Progress::new("bench restore");
+    let mut done = 0;
+    progress.update(
+        0.0,
+        "taking the snapshot, then eager, mmap, lazy, prefetch, warm",
+    );
     let r = bench::restore_bench::run(&p, |l| {
+        done += 1;
+        progress.update(
+            f64::from(done) * 20.0,
+            &format!("{} done ({done}/5)", l.mode),
+        );
         match l.mode {
             "warm" => warm = Some(l.workload_ms),
             "lazy" => lazy = Some(l.workload_ms),
@@ -406,6 +417,7 @@ fn bench_restore(
             );
         }
     });
+    progress.finish(&format!("{done} modes"));
     let _ = std::fs::remove_dir_all(&dir);
     r.map_err(failed("bench restore"))?;
     if !json && let (Some(w), Some(l), Some(p)) = (warm, lazy, prefetch) {

@@ -388,6 +388,13 @@ pub fn bench(
     }
     let exe = std::env::current_exe().map_err(failed("cannot find this program"))?;
     let dir = bench::migrate_bench::scratch().map_err(failed("scratch directory"))?;
+    let n_links = bench::migrate_bench::LINKS
+        .iter()
+        .filter(|(l, _)| links.iter().any(|x| x == l))
+        .count();
+    let cells = (workloads.len() * n_links * modes.len() * tls.len()).max(1);
+    let mut done = 0usize;
+    let mut progress = Progress::new("bench migrate");
     for w in workloads {
         for (link, bw) in bench::migrate_bench::LINKS {
             if !links.iter().any(|l| l == link) {
@@ -408,8 +415,17 @@ pub fn bench(
                         after_ms: 0,
                         tls,
                     };
+                    progress.update(
+                        done as f64 * 100.0 / cells as f64,
+                        &format!(
+                            "cell {}/{cells}: {w} {link} {m} {}",
+                            done + 1,
+                            if tls { "tls" } else { "plain" }
+                        ),
+                    );
                     let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
                         .map_err(failed("bench migrate"))?;
+                    done += 1;
                     totals.push((line.security, line.total_ms, line.bytes));
                     if json {
                         println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
@@ -461,6 +477,7 @@ pub fn bench(
             }
         }
     }
+    progress.finish(&format!("{done} cells"));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
