@@ -35,15 +35,45 @@ fn plot_err(what: &str) -> impl Fn(String) -> ReportError + '_ {
     move |e| ReportError::Plot(format!("{what}: {e}"))
 }
 
-/// One sample of a migration's progress, as `GET /migrate` answered it.
+/// One sample of a migration's progress, as the source's `GET /migrate` answered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProgressSample {
     /// Since the migration started, ms.
     pub t_ms: f64,
     /// Its state (`precopy`, `postcopy`, ...).
     pub state: String,
+    /// The pre-copy round.
+    pub round: u64,
     /// Bytes still to send, MiB.
     pub remaining_mib: f64,
+    /// Bytes sent so far, MiB.
+    pub sent_mib: f64,
+    /// Of which answers to the destination's requests (post-copy), MiB.
+    pub priority_mib: f64,
+}
+
+impl ProgressSample {
+    /// From a `GET /migrate` answer taken `t_ms` after the start.
+    pub fn from_status(t_ms: f64, v: &serde_json::Value) -> ProgressSample {
+        let mib = |k: &str| v[k].as_f64().unwrap_or(0.0) / 1048576.0;
+        ProgressSample {
+            t_ms,
+            state: v["state"].as_str().unwrap_or("?").to_string(),
+            round: v["round"].as_u64().unwrap_or(0),
+            remaining_mib: mib("remaining_bytes"),
+            sent_mib: mib("bytes_sent"),
+            priority_mib: v["priority_pages"].as_f64().unwrap_or(0.0) * 4096.0 / 1048576.0,
+        }
+    }
+
+    /// The phase it belongs to: a pre-copy round, the post-copy background push, or a state.
+    fn phase(&self) -> String {
+        match self.state.as_str() {
+            "precopy" => format!("pre-copy round {}", self.round),
+            "postcopy" => "post-copy (background push)".into(),
+            s => s.to_string(),
+        }
+    }
 }
 
 /// The remote-fault latency histogram: `buckets[i]` faults took `[2^i, 2^(i+1))` µs.
@@ -95,68 +125,79 @@ fn bucket_label(i: u32) -> String {
     }
 }
 
-/// The migration's progress: MiB still to send over time, one colour per state.
+/// Bytes over time: MiB sent so far, one colour per phase (each pre-copy round, the
+/// post-copy background push), and of them the answers to the destination's page requests
+/// (the priority connection).
 pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), ReportError> {
-    let err = plot_err("the progress timeline");
+    let err = plot_err("the bytes-over-time plot");
     let t_end = samples.last().map_or(1.0, |s| s.t_ms).max(1.0);
-    let top = samples
-        .iter()
-        .map(|s| s.remaining_mib)
-        .fold(1.0f64, f64::max);
+    let top = samples.iter().map(|s| s.sent_mib).fold(1.0f64, f64::max);
     let root = SVGBackend::new(file, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "migration progress (as the source reported it)",
-            ("sans-serif", 20),
-        )
+        .caption("bytes sent over time, by phase", ("sans-serif", 20))
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..t_end * 1.02, 0f64..top * 1.1)
+        .build_cartesian_2d(0f64..t_end * 1.02, 0f64..top * 1.25)
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
         .x_desc("time since the migration started, ms")
-        .y_desc("still to send, MiB")
+        .y_desc("sent so far, MiB")
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    let mut states: Vec<&str> = Vec::new();
+    let mut phases: Vec<String> = Vec::new();
     for s in samples {
-        if !states.contains(&s.state.as_str()) {
-            states.push(&s.state);
+        let p = s.phase();
+        if !phases.contains(&p) {
+            phases.push(p);
         }
     }
-    const PALETTE: [RGBColor; 5] = [
+    const PALETTE: [RGBColor; 6] = [
         RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
         RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
     ];
-    for (k, st) in states.iter().enumerate() {
+    chart
+        .draw_series(LineSeries::new(
+            samples.iter().map(|s| (s.t_ms, s.sent_mib)),
+            BLACK.mix(0.3),
+        ))
+        .map_err(|e| err(e.to_string()))?;
+    for (k, ph) in phases.iter().enumerate() {
         let c = PALETTE[k % PALETTE.len()];
         chart
             .draw_series(
                 samples
                     .iter()
-                    .filter(|s| s.state == *st)
-                    .map(|s| Circle::new((s.t_ms, s.remaining_mib), 4, c.filled())),
+                    .filter(|s| s.phase() == *ph)
+                    .map(|s| Circle::new((s.t_ms, s.sent_mib), 4, c.filled())),
             )
             .map_err(|e| err(e.to_string()))?
-            .label(st.to_string())
+            .label(ph.clone())
             .legend(move |(x, y)| Circle::new((x, y), 4, c.filled()));
     }
-    chart
-        .draw_series(LineSeries::new(
-            samples.iter().map(|s| (s.t_ms, s.remaining_mib)),
-            BLACK.mix(0.3),
-        ))
-        .map_err(|e| err(e.to_string()))?;
-    if !states.is_empty() {
+    let red = RGBColor(214, 39, 40);
+    if samples.iter().any(|s| s.priority_mib > 0.0) {
+        chart
+            .draw_series(LineSeries::new(
+                samples.iter().map(|s| (s.t_ms, s.priority_mib)),
+                red.stroke_width(2),
+            ))
+            .map_err(|e| err(e.to_string()))?
+            .label("of which answers to page requests (priority)")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x - 8, y), (x + 8, y)], red.stroke_width(2))
+            });
+    }
+    if !phases.is_empty() {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
@@ -402,8 +443,11 @@ mod tests {
         let samples: Vec<ProgressSample> = (0..20)
             .map(|i| ProgressSample {
                 t_ms: f64::from(i) * 50.0,
-                state: if i < 5 { "precopy" } else { "postcopy" }.into(),
+                state: if i < 8 { "precopy" } else { "postcopy" }.into(),
+                round: (i / 4) as u64,
                 remaining_mib: 512.0 - f64::from(i) * 25.0,
+                sent_mib: f64::from(i) * 30.0,
+                priority_mib: if i < 8 { 0.0 } else { f64::from(i - 8) * 2.0 },
             })
             .collect();
         progress_timeline(&p, &samples).unwrap();
@@ -427,7 +471,16 @@ mod tests {
                 ][..],
             ),
             (&h, &["fault latency", "faults", "remote page faults"][..]),
-            (&p, &["still to send", "time since", "postcopy"][..]),
+            (
+                &p,
+                &[
+                    "sent so far",
+                    "time since",
+                    "pre-copy round 1",
+                    "background push",
+                    "priority",
+                ][..],
+            ),
         ] {
             let svg = std::fs::read_to_string(f).unwrap();
             for l in labels {

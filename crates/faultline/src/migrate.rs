@@ -61,11 +61,10 @@ struct Samples(
 impl Samples {
     fn push(&mut self, v: &Value) {
         let t0 = *self.1.get_or_insert_with(std::time::Instant::now);
-        self.0.push(bench::report::ProgressSample {
-            t_ms: t0.elapsed().as_secs_f64() * 1e3,
-            state: v["state"].as_str().unwrap_or("?").to_string(),
-            remaining_mib: v["remaining_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-        });
+        self.0.push(bench::report::ProgressSample::from_status(
+            t0.elapsed().as_secs_f64() * 1e3,
+            v,
+        ));
     }
 }
 

@@ -129,6 +129,11 @@ pub struct StatusInner {
     pub rate_mbps: f64,
     /// Bytes still to send (estimate).
     pub remaining_bytes: u64,
+    /// Source: bytes sent so far on both connections (headers included).
+    pub bytes_sent: u64,
+    /// Source, post-copy: pages sent as answers to the destination's requests (the priority
+    /// connection: each requested page, and the pages of a stride pushed with it).
+    pub priority_pages: u64,
     /// The error, when failed or paused.
     pub error: Option<String>,
     /// Final statistics.

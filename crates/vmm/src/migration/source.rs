@@ -317,8 +317,10 @@ fn watched_round(
                 }
                 let done = (pages() - p0).min(total);
                 let secs = t.elapsed().as_secs_f64().max(1e-6);
-                let bytes = sent.bytes.load(SeqCst) - b0;
+                let all = sent.bytes.load(SeqCst);
+                let bytes = all - b0;
                 status.update(|s| {
+                    s.bytes_sent = all;
                     s.percent = done as f64 * 100.0 / total.max(1) as f64;
                     s.rate_mbps = bytes as f64 / secs / 1e6;
                     s.remaining_bytes = (total - done) * PAGE;
@@ -881,7 +883,13 @@ fn serve(
             let left = push.map_or(0, |p| p.remaining());
             let secs = t0.elapsed().as_secs_f64();
             let bytes = pipes.sent.bytes.load(SeqCst);
+            let priority = push.map_or(0, |p| {
+                let st = p.stats();
+                st.requests + st.stride_pages
+            });
             status.update(|s| {
+                s.bytes_sent = bytes;
+                s.priority_pages = priority;
                 s.percent = 100.0 - left as f64 * 100.0 / total_needed.max(1) as f64;
                 s.remaining_bytes = left * PAGE;
                 s.rate_mbps = bytes as f64 / secs / 1e6;
