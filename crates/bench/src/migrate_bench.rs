@@ -378,13 +378,35 @@ pub fn cell(
     shape: &Shape,
     link: &str,
     runs: usize,
+    report: Option<&Path>,
 ) -> Result<MigrateLine, BenchError> {
     let mut stats = Vec::new();
     let mut conv = 0;
     let mut totals = Vec::new();
     for _ in 0..runs {
-        let o = run_one(exe, dir, shape, |_| {})?;
+        let mut samples = Vec::new();
+        let mut t0 = None;
+        let o = run_one(exe, dir, shape, |v| {
+            let t = *t0.get_or_insert_with(Instant::now);
+            samples.push(crate::report::ProgressSample::from_status(
+                t.elapsed().as_secs_f64() * 1e3,
+                v,
+            ));
+        })?;
         let st = &o.status["stats"];
+        // The report shows the cell's last run that completed.
+        if let Some(d) = report
+            && o.status["state"] == "completed"
+        {
+            let title = format!(
+                "faultline bench migrate: {} {link} {} {}",
+                shape.workload,
+                shape.mode,
+                shape.security()
+            );
+            crate::report::migration(d, &title, st, &samples, &crate::report::beats_of(&o))
+                .map_err(|e| BenchError::Run(format!("the report in {}: {e}", d.display())))?;
+        }
         totals.push(st["total_ms"].as_f64().unwrap_or(f64::NAN));
         if o.status["state"] == "completed" {
             conv += 1;

@@ -207,6 +207,85 @@ pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), 
     Ok(())
 }
 
+/// Grouped bars: for each of `categories`, one bar per series (`series`: name and one value
+/// per category), on a log scale.
+pub fn grouped_bars(
+    file: &Path,
+    caption: &str,
+    (x_desc, y_desc): (&str, &str),
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<(), ReportError> {
+    let err = plot_err("the bar chart");
+    let vals = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| *v > 0.0);
+    let (lo, hi) = vals.fold((f64::MAX, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if hi > 0.0 { (lo, hi) } else { (1.0, 10.0) };
+    let floor = (lo / 2.0).max(1e-3);
+    let root = SVGBackend::new(file, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let n = categories.len().max(1);
+    let k = series.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (floor..hi * 20.0).log_scale())
+        .map_err(|e| err(e.to_string()))?;
+    let cats = categories.to_vec();
+    chart
+        .configure_mesh()
+        .x_labels(n + 1)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                cats.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    const PALETTE: [RGBColor; 4] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
+    for (si, (name, v)) in series.iter().enumerate() {
+        let c = PALETTE[si % PALETTE.len()];
+        let w = 0.7 / k;
+        let off = -0.35 + w * si as f64;
+        chart
+            .draw_series(
+                v.iter()
+                    .enumerate()
+                    .filter(|(_, y)| **y > 0.0)
+                    .map(|(i, &y)| {
+                        let x = i as f64 + off;
+                        Rectangle::new([(x, floor), (x + w * 0.9, y)], c.filled())
+                    }),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x - 5, y - 5), (x + 5, y + 5)], c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
 /// A guest heartbeat on the timeline.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimelineBeat {
@@ -216,6 +295,21 @@ pub struct TimelineBeat {
     pub destination: bool,
     /// Its number.
     pub n: u64,
+}
+
+/// The heartbeats of a migration run ([`crate::migrate_bench::run_one`]) on its timeline.
+pub fn beats_of(o: &crate::migrate_bench::Outcome) -> Vec<TimelineBeat> {
+    o.beats
+        .iter()
+        .map(|b| TimelineBeat {
+            t_ms: match b.at.checked_duration_since(o.started) {
+                Some(d) => d.as_secs_f64() * 1e3,
+                None => -(o.started.duration_since(b.at).as_secs_f64() * 1e3),
+            },
+            destination: b.destination,
+            n: b.n,
+        })
+        .collect()
 }
 
 /// The guest's pause as its heartbeats show it: the last beat at the source before the
@@ -321,6 +415,17 @@ pub fn index(
     figures: &[(&str, &str)],
     rows: &[(String, String)],
 ) -> Result<PathBuf, ReportError> {
+    index_with_links(dir, title, figures, rows, &[])
+}
+
+/// [`index`] with `links` (text, relative address) to other reports under it.
+pub fn index_with_links(
+    dir: &Path,
+    title: &str,
+    figures: &[(&str, &str)],
+    rows: &[(String, String)],
+    links: &[(String, String)],
+) -> Result<PathBuf, ReportError> {
     let mut h = String::new();
     let _ = write!(
         h,
@@ -334,6 +439,18 @@ pub fn index(
         let _ = writeln!(h, "<tr><td>{}</td><td>{}</td></tr>", escape(k), escape(v));
     }
     h.push_str("</table>\n");
+    if !links.is_empty() {
+        h.push_str("<ul>\n");
+        for (text, href) in links {
+            let _ = writeln!(
+                h,
+                "<li><a href=\"{}\">{}</a></li>",
+                escape(href),
+                escape(text)
+            );
+        }
+        h.push_str("</ul>\n");
+    }
     for (cap, file) in figures {
         let _ = writeln!(
             h,
@@ -461,7 +578,23 @@ mod tests {
             .collect();
         assert_eq!(pause_of(&beats), Some((100.0, 240.0)));
         heartbeat_timeline(&hb, &beats).unwrap();
+        let bars = dir.path().join("bars.svg");
+        grouped_bars(
+            &bars,
+            "restore modes",
+            ("restore mode", "time, ms"),
+            &["eager".into(), "lazy".into()],
+            &[
+                ("first instruction".into(), vec![150.0, 4.0]),
+                ("workload".into(), vec![400.0, 1200.0]),
+            ],
+        )
+        .unwrap();
         for (f, labels) in [
+            (
+                &bars,
+                &["restore modes", "time, ms", "eager", "first instruction"][..],
+            ),
             (
                 &hb,
                 &[

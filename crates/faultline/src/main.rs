@@ -114,6 +114,10 @@ enum BenchCmd {
         /// Memory the workload uses, MiB.
         #[arg(long, default_value_t = 512)]
         hot_mib: u64,
+        /// Also write a report into this directory: per cell, the plots of its last
+        /// completed run; an index.html with every cell's figures.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
     /// vfio-user: region round trip, DMA throughput, IRQ trigger to eventfd wake-up, beside
     /// rust-vmm's vfio-user, memcpy and a bare eventfd.
@@ -169,6 +173,10 @@ enum BenchCmd {
         /// Snapshot directory (default: a temporary one).
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// Also write a report into this directory (times per mode, plotted, and an
+        /// index.html).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
     /// The microVM: boot to the first heartbeat (1 GiB), and the guest's dirtying speed
     /// against the same loop in a host process.
@@ -356,13 +364,63 @@ fn bench_vm(json: bool, boots: usize, seconds: f64) -> CliResult {
     Ok(())
 }
 
+/// `bench restore --report DIR`: the times per mode, plotted, and an index.html.
+fn restore_report(d: &std::path::Path, lines: &[bench::restore_bench::RestoreLine]) -> CliResult {
+    let what = format!("the report in {}", d.display());
+    bench::report::create_dir(d).map_err(failed(what.clone()))?;
+    let modes: Vec<String> = lines.iter().map(|l| l.mode.to_string()).collect();
+    bench::report::grouped_bars(
+        &d.join("restore.svg"),
+        "snapshot restore: time per mode (median of the runs)",
+        ("restore mode", "ms (log scale)"),
+        &modes,
+        &[
+            (
+                "first instruction".to_string(),
+                lines.iter().map(|l| l.first_instruction_ms).collect(),
+            ),
+            (
+                "the workload, after the restore".to_string(),
+                lines.iter().map(|l| l.workload_ms).collect(),
+            ),
+        ],
+    )
+    .map_err(failed(what.clone()))?;
+    let rows: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l.mode.to_string(),
+                format!(
+                    "first instruction {:.2} ms, workload {:.2} ms, {} faults, {} MiB read",
+                    l.first_instruction_ms,
+                    l.workload_ms,
+                    l.faults,
+                    l.bytes_read >> 20
+                ),
+            )
+        })
+        .collect();
+    let index = bench::report::index(
+        d,
+        "faultline bench restore",
+        &[(
+            "Time to the first instruction and of the workload, per mode",
+            "restore.svg",
+        )],
+        &rows,
+    )
+    .map_err(failed(what))?;
+    eprintln!("report: {}", index.display());
+    Ok(())
+}
+
 fn bench_restore(
     json: bool,
     runs: u64,
-    mem_mib: u64,
-    touch_mib: u64,
-    vcpus: u32,
+    (mem_mib, touch_mib, vcpus): (u64, u64, u32),
     dir: Option<std::path::PathBuf>,
+    report: Option<&std::path::Path>,
 ) -> CliResult {
     let tmp;
     let dir = match dir {
@@ -389,7 +447,9 @@ fn bench_restore(
         0.0,
         "taking the snapshot, then eager, mmap, lazy, prefetch, warm",
     );
+    let mut all = Vec::new();
     let r = bench::restore_bench::run(&p, |l| {
+        all.push(l.clone());
         done += 1;
         progress.update(
             f64::from(done) * 20.0,
@@ -420,6 +480,9 @@ fn bench_restore(
     progress.finish(&format!("{done} modes"));
     let _ = std::fs::remove_dir_all(&dir);
     r.map_err(failed("bench restore"))?;
+    if let Some(d) = report {
+        restore_report(d, &all)?;
+    }
     if !json && let (Some(w), Some(l), Some(p)) = (warm, lazy, prefetch) {
         println!(
             "prefetch/warm {:.2}x (goal <= 1.2), lazy/prefetch {:.2}x (goal >= 3)",
@@ -453,6 +516,7 @@ fn main() -> ExitCode {
                     security,
                     mem_mib,
                     hot_mib,
+                    report,
                 },
         } => migrate::bench(
             json,
@@ -461,8 +525,8 @@ fn main() -> ExitCode {
             &links,
             &modes,
             &security,
-            mem_mib,
-            hot_mib,
+            (mem_mib, hot_mib),
+            report.as_deref(),
         ),
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
@@ -505,8 +569,15 @@ fn main() -> ExitCode {
                     touch_mib,
                     vcpus,
                     dir,
+                    report,
                 },
-        } => bench_restore(json, runs, mem_mib, touch_mib, vcpus, dir),
+        } => bench_restore(
+            json,
+            runs,
+            (mem_mib, touch_mib, vcpus),
+            dir,
+            report.as_deref(),
+        ),
         Cmd::Bench {
             which:
                 BenchCmd::Uffd {

@@ -284,18 +284,7 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         return Err(CliError::Check(format!("memory digest mismatch: {s}")));
     }
     if let Some(dir) = &a.report {
-        let beats: Vec<bench::report::TimelineBeat> = out
-            .beats
-            .iter()
-            .map(|b| bench::report::TimelineBeat {
-                t_ms: match b.at.checked_duration_since(out.started) {
-                    Some(d) => d.as_secs_f64() * 1e3,
-                    None => -(out.started.duration_since(b.at).as_secs_f64() * 1e3),
-                },
-                destination: b.destination,
-                n: b.n,
-            })
-            .collect();
+        let beats = bench::report::beats_of(&out);
         report(dir, "faultline demo", s, &samples.0, &beats)?;
     }
     let dest_ok = out
@@ -370,8 +359,8 @@ pub fn bench(
     links: &[String],
     modes: &[String],
     security: &[String],
-    mem_mib: u64,
-    hot_mib: u64,
+    (mem_mib, hot_mib): (u64, u64),
+    report: Option<&std::path::Path>,
 ) -> CliResult {
     let mut tls = Vec::new();
     for s in security {
@@ -393,7 +382,11 @@ pub fn bench(
         .count();
     let cells = (workloads.len() * n_links * modes.len() * tls.len()).max(1);
     let mut done = 0usize;
+    if let Some(r) = report {
+        bench::report::create_dir(r).map_err(failed("the report directory"))?;
+    }
     let mut progress = Progress::new("bench migrate");
+    let mut cell_links = Vec::new();
     for w in workloads {
         for (link, bw) in bench::migrate_bench::LINKS {
             if !links.iter().any(|l| l == link) {
@@ -422,8 +415,29 @@ pub fn bench(
                             if tls { "tls" } else { "plain" }
                         ),
                     );
-                    let line = bench::migrate_bench::cell(&exe, &dir, &shape, link, runs)
-                        .map_err(failed("bench migrate"))?;
+                    let name = format!("{w}-{link}-{m}-{}", if tls { "tls" } else { "plain" });
+                    let cell_report = report.map(|r| r.join(&name));
+                    let line = bench::migrate_bench::cell(
+                        &exe,
+                        &dir,
+                        &shape,
+                        link,
+                        runs,
+                        cell_report.as_deref(),
+                    )
+                    .map_err(failed("bench migrate"))?;
+                    if cell_report
+                        .as_ref()
+                        .is_some_and(|d| d.join("index.html").exists())
+                    {
+                        cell_links.push((
+                            format!(
+                                "{name}: total {:.1} ms, downtime {:.1} ms, fault p50 {:.1} µs",
+                                line.total_ms, line.downtime_ms, line.fault_p50_us
+                            ),
+                            format!("{name}/index.html"),
+                        ));
+                    }
                     done += 1;
                     totals.push((line.security, line.total_ms, line.bytes));
                     if json {
@@ -477,6 +491,17 @@ pub fn bench(
         }
     }
     progress.finish(&format!("{done} cells"));
+    if let Some(r) = report {
+        let index = bench::report::index_with_links(
+            r,
+            "faultline bench migrate",
+            &[],
+            &[("runs per cell".to_string(), runs.to_string())],
+            &cell_links,
+        )
+        .map_err(failed(format!("the report in {}", r.display())))?;
+        eprintln!("report: {}", index.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

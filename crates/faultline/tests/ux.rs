@@ -196,7 +196,7 @@ fn check_report(dir: &std::path::Path, plots: &[&str]) {
 }
 
 #[test]
-fn demo_and_bench_irq_write_reports_with_plots_that_render() {
+fn demo_and_the_benches_write_reports_with_plots_that_render() {
     kvm_present();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
@@ -235,4 +235,56 @@ fn demo_and_bench_irq_write_reports_with_plots_that_render() {
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     check_report(&i, &["irq.svg"]);
+    // bench migrate: a report per cell, linked from the top one.
+    let m = dir.path().join("migrate");
+    let o = run(
+        &[
+            "bench",
+            "migrate",
+            "--runs",
+            "1",
+            "--workloads",
+            "dirty",
+            "--links",
+            "unlimited",
+            "--modes",
+            "postcopy",
+            "--mem-mib",
+            "128",
+            "--hot-mib",
+            "32",
+            "--report",
+            m.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let top = std::fs::read_to_string(m.join("index.html")).unwrap();
+    assert!(
+        top.contains("href=\"dirty-unlimited-postcopy-plain/index.html\""),
+        "{top}"
+    );
+    check_report(
+        &m.join("dirty-unlimited-postcopy-plain"),
+        &["heartbeats.svg", "faults.svg", "progress.svg"],
+    );
+    // bench restore.
+    let r = dir.path().join("restore");
+    let o = run(
+        &[
+            "bench",
+            "restore",
+            "--runs",
+            "1",
+            "--mem-mib",
+            "64",
+            "--touch-mib",
+            "16",
+            "--report",
+            r.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    check_report(&r, &["restore.svg"]);
 }
