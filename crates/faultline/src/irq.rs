@@ -87,14 +87,25 @@ pub fn bench(
         guest_irqs,
     };
     let mut lines = Vec::new();
+    let mut progress = crate::progress::Progress::spinner("bench irq");
     let mut out = |o: Out| {
         print(json, &o);
         if let Out::Line(l) = o {
+            progress.update(
+                0.0,
+                &format!(
+                    "{} paths measured, last {} {}",
+                    lines.len() + 1,
+                    l.path,
+                    l.placement
+                ),
+            );
             lines.push(l);
         }
     };
     irq_bench::run_host(&p, &mut out).map_err(failed("bench irq: host paths"))?;
     irq_bench::run_guest(&p, &mut out).map_err(failed("bench irq: guest paths"))?;
+    progress.finish(&format!("{} paths measured", lines.len()));
     if let Some(f) = plot {
         irq_bench::plot::plot(&lines, f).map_err(failed("bench irq: plot"))?;
         eprintln!("faultline bench irq: plot written to {}", f.display());

@@ -320,7 +320,14 @@ fn bench_vfu(json: bool, quick: bool) -> CliResult {
             "case", "impl", "p50_us", "p99_us", "GB/s"
         );
     }
-    bench::vfu_bench::run(quick, |l| {
+    let mut progress = progress::Progress::spinner("bench vfio-user");
+    let mut n = 0;
+    let r = bench::vfu_bench::run(quick, |l| {
+        n += 1;
+        progress.update(
+            0.0,
+            &format!("{n} cases measured, last {} {}", l.case, l.r#impl),
+        );
         if json {
             println!(
                 "{}",
@@ -332,8 +339,9 @@ fn bench_vfu(json: bool, quick: bool) -> CliResult {
                 l.case, l.r#impl, l.p50_us, l.p99_us, l.gbps
             );
         }
-    })
-    .map_err(failed("bench vfio-user"))
+    });
+    progress.finish(&format!("{n} cases measured"));
+    r.map_err(failed("bench vfio-user"))
 }
 
 fn bench_vm(json: bool, boots: usize, seconds: f64) -> CliResult {

@@ -35,7 +35,25 @@ impl Progress {
         }
     }
 
-    /// Now at `percent`, with a one-line `msg`.
+    /// Progress of `what` whose end cannot be told in advance: a spinner on a terminal.
+    pub fn spinner(what: &'static str) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new_spinner();
+            if let Ok(st) = ProgressStyle::with_template("{prefix} {spinner} {msg}") {
+                b.set_style(st);
+            }
+            b.set_prefix(what);
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Progress {
+            what,
+            bar,
+            last: None,
+        }
+    }
+
+    /// Now at `percent` (ignored by a spinner), with a one-line `msg`.
     pub fn update(&mut self, percent: f64, msg: &str) {
         match &self.bar {
             Some(b) => {

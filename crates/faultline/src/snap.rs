@@ -45,13 +45,42 @@ pub fn http_unix(
 pub fn snapshot(a: &SnapshotArgs) -> CliResult {
     let dir = std::path::absolute(&a.out).map_err(failed("--out"))?;
     let body = serde_json::json!({ "snapshot_dir": dir, "page_checksums": a.page_checksums });
-    let (code, body) = http_unix(
-        &a.api_sock,
-        "PUT",
-        "/snapshot/create",
-        &body.to_string(),
-        Duration::from_secs(600),
-    )?;
+    let sock = a.api_sock.clone();
+    let call = std::thread::spawn(move || {
+        http_unix(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            &body.to_string(),
+            Duration::from_secs(600),
+        )
+    });
+    let mut progress = crate::progress::Progress::spinner("snapshot");
+    let t = std::time::Instant::now();
+    while !call.is_finished() {
+        progress.update(
+            0.0,
+            &format!(
+                "writing {} ({:.1} s)",
+                dir.display(),
+                t.elapsed().as_secs_f64()
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = call
+        .join()
+        .map_err(|_| CliError::Check("the snapshot request thread panicked".into()))?;
+    progress.finish(&format!(
+        "{} in {:.1} s",
+        if r.as_ref().is_ok_and(|(c, _)| *c == 200) {
+            "written"
+        } else {
+            "failed"
+        },
+        t.elapsed().as_secs_f64()
+    ));
+    let (code, body) = r?;
     if code != 200 {
         return Err(CliError::Check(format!("snapshot failed ({code}): {body}")));
     }
@@ -143,8 +172,29 @@ pub fn restore(a: &RestoreArgs) -> CliResult {
     }
     let json = a.json_events;
     let mut first_resumed_hb = None;
+    // The prefetch's progress, until it is done (a bar on a terminal, lines otherwise).
+    let mut prefetch = running.prefetch_progress().map(|(h, total)| {
+        (
+            h,
+            total.max(1),
+            crate::progress::Progress::new("prefetch"),
+            false,
+        )
+    });
     let summary = {
         let r = running.wait(Duration::from_secs(a.timeout), |e| {
+            if let Some((h, total, p, done)) = &mut prefetch
+                && !*done
+            {
+                let n = h.pages();
+                let msg = format!("{n} of {total} working-set pages in");
+                if n >= *total {
+                    p.finish(&msg);
+                    *done = true;
+                } else {
+                    p.update(n as f64 * 100.0 / *total as f64, &msg);
+                }
+            }
             if let vmm::Event::Heartbeat { vcpu, n, .. } = e
                 && first_resumed_hb.is_none()
                 && *n > 0

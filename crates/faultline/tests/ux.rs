@@ -288,3 +288,25 @@ fn demo_and_the_benches_write_reports_with_plots_that_render() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     check_report(&r, &["restore.svg"]);
 }
+
+/// A restore with prefetch shows how far the prefetch has come (plain lines when stderr is
+/// not a terminal).
+#[test]
+fn a_restore_with_prefetch_shows_its_progress() {
+    let t = tempfile::tempdir().unwrap();
+    let snap = t.path().join("snap");
+    make_snapshot(t.path(), &snap);
+    // The first prefetch restore records the working set, the second prefetches it.
+    for _ in 0..2 {
+        let o = restore(&snap, &["--mode", "prefetch", "--verify"]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+    }
+    let o = restore(&snap, &["--mode", "prefetch", "--verify"]);
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("prefetch: ") && l.contains("working-set pages in")),
+        "no prefetch progress on stderr:\n{err}"
+    );
+}

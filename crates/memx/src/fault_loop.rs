@@ -63,6 +63,25 @@ impl WorkerEntry {
     }
 }
 
+/// How far a prefetch has come ([`FaultLoop::prefetch_progress`]); cheap to clone and poll.
+#[derive(Clone)]
+pub struct PrefetchProgress(Arc<ShardStats>);
+
+impl std::fmt::Debug for PrefetchProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PrefetchProgress({} pages)", self.pages())
+    }
+}
+
+impl PrefetchProgress {
+    /// Pages the prefetch placed so far.
+    pub fn pages(&self) -> u64 {
+        self.0
+            .populated_pages
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A running fault loop. Dropping it stops it (as [`FaultLoop::stop`]).
 pub struct FaultLoop {
     workers: Vec<WorkerEntry>,
@@ -307,6 +326,14 @@ impl FaultLoop {
             })?;
         self.prefetcher = Some((h, stats));
         Ok(())
+    }
+
+    /// A handle on the running prefetch's progress (pages it placed so far), to poll from
+    /// another thread; `None` before [`prefetch`](Self::prefetch).
+    pub fn prefetch_progress(&self) -> Option<PrefetchProgress> {
+        self.prefetcher
+            .as_ref()
+            .map(|(_, s)| PrefetchProgress(s.clone()))
     }
 
     /// Whether the prefetcher (if any) has pushed everything it was given.

@@ -44,7 +44,7 @@ mod stats;
 mod worker;
 
 pub use control::{Config, LoopError, Mode, Region, pin_to};
-pub use fault_loop::FaultLoop;
+pub use fault_loop::{FaultLoop, PrefetchProgress};
 pub use install::{InstallError, Installed, Installer};
 pub use mapping::{MapError, Mapping};
 pub use source::{

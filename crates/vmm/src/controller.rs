@@ -495,6 +495,11 @@ impl RunningVm {
         self.pager.as_ref().map(|p| p.report())
     }
 
+    /// The restore's prefetch: a handle to poll and the pages it was given (`None`: none).
+    pub fn prefetch_progress(&self) -> Option<(memx::PrefetchProgress, u64)> {
+        self.pager.as_ref().and_then(|p| p.prefetch_progress())
+    }
+
     /// The host's checksum of vCPU `i`'s slice (the same function the guest computes).
     pub fn host_checksum(&self, i: usize) -> Result<u64, VmError> {
         self.machine.host_checksum(i)

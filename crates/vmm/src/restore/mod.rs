@@ -285,6 +285,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                         record_to: None,
                         watcher: None,
                         prefetch: None,
+                        prefetch_total: 0,
                     }),
                 )
             } else {
@@ -331,6 +332,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
                         record_to: Some(dir.to_path_buf()),
                         watcher: None,
                         prefetch,
+                        prefetch_total: 0,
                     }),
                 )
             }

@@ -107,6 +107,8 @@ pub struct Pager {
     /// Working-set offsets to push once the vCPUs run (not before: the push would compete
     /// with setting up the VM and delay its first instruction).
     pub(super) prefetch: Option<(Vec<u64>, usize)>,
+    /// Pages the prefetch was given (0: no prefetch).
+    pub(super) prefetch_total: u64,
     pub(super) record_to: Option<PathBuf>,
     pub(super) watcher: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
 }
@@ -246,9 +248,18 @@ impl Pager {
         if let (Some((offsets, batch)), PagerKind::Local { fl, .. }) =
             (self.prefetch.take(), &mut self.kind)
         {
+            self.prefetch_total = offsets.len() as u64;
             fl.prefetch(offsets, batch).map_err(PagerError::FaultLoop)?;
         }
         Ok(())
+    }
+
+    /// The prefetch's progress handle and the pages it was given (`None`: no prefetch).
+    pub fn prefetch_progress(&self) -> Option<(memx::PrefetchProgress, u64)> {
+        match &self.kind {
+            PagerKind::Local { fl, .. } => fl.prefetch_progress().map(|p| (p, self.prefetch_total)),
+            PagerKind::External { .. } => None,
+        }
     }
 
     /// Counters so far.
