@@ -117,49 +117,19 @@ fn free_port() -> Result<u16, BenchError> {
 }
 
 /// Collect the `{"event":"summary"}` line of a child's `--json-events` output.
-/// A guest heartbeat as it reached us (`--json-events`), stamped on arrival: the source's
-/// and the destination's on one clock.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Beat {
-    /// The destination's (else the source's).
-    pub destination: bool,
-    /// The vCPU.
-    pub vcpu: u32,
-    /// Its number.
-    pub n: u64,
-    /// When it arrived.
-    pub at: Instant,
-}
-
-/// Read a `faultline run --json-events` stream: its summary line, and its heartbeats into
-/// `beats`.
+/// Read a `faultline run --json-events` stream to its end: its summary line.
 fn summary_reader(
     out: Option<std::process::ChildStdout>,
-    destination: bool,
-    beats: std::sync::Arc<std::sync::Mutex<Vec<Beat>>>,
 ) -> std::thread::JoinHandle<Option<Value>> {
     std::thread::spawn(move || {
         use std::io::BufRead;
         let mut summary = None;
         if let Some(o) = out {
             for line in std::io::BufReader::new(o).lines().map_while(Result::ok) {
-                let at = Instant::now();
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v["event"] == "summary" {
-                    summary = Some(v);
-                } else if v["event"] == "heartbeat"
-                    && let (Some(vcpu), Some(n)) = (v["vcpu"].as_u64(), v["n"].as_u64())
-                    && let Ok(mut b) = beats.lock()
-                    && b.len() < 1_000_000
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["event"] == "summary"
                 {
-                    b.push(Beat {
-                        destination,
-                        vcpu: vcpu as u32,
-                        n,
-                        at,
-                    });
+                    summary = Some(v);
                 }
             }
         }
@@ -174,10 +144,6 @@ pub struct Outcome {
     pub status: Value,
     /// The destination's summary line (`faultline run --json-events`), when it ran.
     pub dest_summary: Option<Value>,
-    /// When the migration was asked for.
-    pub started: Instant,
-    /// Every heartbeat of both sides, in arrival order per side.
-    pub beats: Vec<Beat>,
 }
 
 /// Migrate once. `progress` receives the source's status about every 200 ms.
@@ -221,9 +187,8 @@ pub fn run_one(
         "600",
         "--json-events",
     ];
-    let beats = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut src = spawn(&src_args, "source", Stdio::piped())?;
-    let src_reader = summary_reader(src.0.stdout.take(), false, beats.clone());
+    let src_reader = summary_reader(src.0.stdout.take());
     let incoming = format!("tcp:127.0.0.1:{port}");
     let psk = dir.join("psk");
     let psk_s = psk.to_str().unwrap_or_default();
@@ -243,7 +208,7 @@ pub fn run_one(
     ];
     dst_args.extend(&security);
     let mut dst = spawn(&dst_args, "destination", Stdio::piped())?;
-    let reader = summary_reader(dst.0.stdout.take(), true, beats.clone());
+    let reader = summary_reader(dst.0.stdout.take());
     wait_sock(&src_sock, &mut src)?;
     // Wait until every vCPU has filled its memory and beats.
     let t = Instant::now();
@@ -274,7 +239,6 @@ pub fn run_one(
     } else {
         body["insecure"] = json!(true);
     }
-    let started = Instant::now();
     let (code, v) = api(&src_sock, "PUT", "/migrate", &body.to_string())?;
     if code != 202 {
         return Err(BenchError::Run(format!("PUT /migrate: {code} {v}")));
@@ -319,12 +283,9 @@ pub fn run_one(
     drop(dst);
     let dest_summary = reader.join().ok().flatten();
     drop(src);
-    let beats = beats.lock().map(|b| b.clone()).unwrap_or_default();
     Ok(Outcome {
         status,
         dest_summary,
-        started,
-        beats,
     })
 }
 
@@ -404,7 +365,7 @@ pub fn cell(
                 shape.mode,
                 shape.security()
             );
-            crate::report::migration(d, &title, st, &samples, &crate::report::beats_of(&o))
+            crate::report::migration(d, &title, st, &samples)
                 .map_err(|e| BenchError::Run(format!("the report in {}: {e}", d.display())))?;
         }
         totals.push(st["total_ms"].as_f64().unwrap_or(f64::NAN));

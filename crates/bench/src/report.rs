@@ -297,19 +297,33 @@ pub struct TimelineBeat {
     pub n: u64,
 }
 
-/// The heartbeats of a migration run ([`crate::migrate_bench::run_one`]) on its timeline.
-pub fn beats_of(o: &crate::migrate_bench::Outcome) -> Vec<TimelineBeat> {
-    o.beats
-        .iter()
-        .map(|b| TimelineBeat {
-            t_ms: match b.at.checked_duration_since(o.started) {
-                Some(d) => d.as_secs_f64() * 1e3,
-                None => -(o.started.duration_since(b.at).as_secs_f64() * 1e3),
-            },
-            destination: b.destination,
-            n: b.n,
-        })
-        .collect()
+/// The guest's heartbeats around the pause from a migration's final stats (the source's
+/// last ones before it paused the guest, `beats_mono_us`, and the destination's first ones,
+/// `destination.beats_mono_us`: `[number, CLOCK_MONOTONIC µs]`), in ms from the pause
+/// (`pause_mono_us`). Both processes run on one host, so one clock. Empty if the stats carry
+/// none (an older peer).
+pub fn beats_from_stats(stats: &serde_json::Value) -> Vec<TimelineBeat> {
+    let Some(pause) = stats["pause_mono_us"].as_u64() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (v, destination) in [
+        (&stats["beats_mono_us"], false),
+        (&stats["destination"]["beats_mono_us"], true),
+    ] {
+        for cpu in v.as_array().into_iter().flatten() {
+            for b in cpu.as_array().into_iter().flatten() {
+                if let (Some(n), Some(us)) = (b[0].as_u64(), b[1].as_u64()) {
+                    out.push(TimelineBeat {
+                        t_ms: (us as f64 - pause as f64) / 1e3,
+                        destination,
+                        n,
+                    });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The guest's pause as its heartbeats show it: the last beat at the source before the
@@ -355,7 +369,7 @@ pub fn heartbeat_timeline(file: &Path, beats: &[TimelineBeat]) -> Result<(), Rep
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
-        .x_desc("time since the migration was asked for, ms")
+        .x_desc("time from the pause at the source, ms")
         .y_desc("heartbeat number")
         .draw()
         .map_err(|e| err(e.to_string()))?;
@@ -469,15 +483,16 @@ pub fn index_with_links(
 }
 
 /// A migration's report in `dir`: `faults.svg` (from the stats' `latency_log2_us`),
-/// `progress.svg` (from `samples`), `heartbeats.svg` (from `beats`, when there are any) and
+/// `progress.svg` (from `samples`), `heartbeats.svg` ([`beats_from_stats`], when there are
+/// any) and
 /// `index.html` with the stats' main figures. Returns the `index.html` path.
 pub fn migration(
     dir: &Path,
     title: &str,
     stats: &serde_json::Value,
     samples: &[ProgressSample],
-    beats: &[TimelineBeat],
 ) -> Result<PathBuf, ReportError> {
+    let beats = beats_from_stats(stats);
     create_dir(dir)?;
     let buckets: Vec<u64> = stats["latency_log2_us"]
         .as_array()
@@ -528,7 +543,7 @@ pub fn migration(
         ("Bytes still to send over time, by state", "progress.svg"),
     ];
     if !beats.is_empty() {
-        heartbeat_timeline(&dir.join("heartbeats.svg"), beats)?;
+        heartbeat_timeline(&dir.join("heartbeats.svg"), &beats)?;
         figures.insert(
             0,
             ("The guest's heartbeats, the pause shaded", "heartbeats.svg"),

@@ -74,9 +74,8 @@ fn report(
     title: &str,
     stats: &Value,
     samples: &[bench::report::ProgressSample],
-    beats: &[bench::report::TimelineBeat],
 ) -> CliResult {
-    let index = bench::report::migration(dir, title, stats, samples, beats)
+    let index = bench::report::migration(dir, title, stats, samples)
         .map_err(failed(format!("writing the report into {}", dir.display())))?;
     eprintln!("report: {}", index.display());
     Ok(())
@@ -174,7 +173,7 @@ pub fn migrate(a: &Args) -> CliResult {
             "completed" => {
                 println!("{}", v["stats"]);
                 if let Some(d) = &a.report {
-                    report(d, "faultline migrate", &v["stats"], &samples.0, &[])?;
+                    report(d, "faultline migrate", &v["stats"], &samples.0)?;
                 }
                 return Ok(());
             }
@@ -284,8 +283,7 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         return Err(CliError::Check(format!("memory digest mismatch: {s}")));
     }
     if let Some(dir) = &a.report {
-        let beats = bench::report::beats_of(&out);
-        report(dir, "faultline demo", s, &samples.0, &beats)?;
+        report(dir, "faultline demo", s, &samples.0)?;
     }
     let dest_ok = out
         .dest_summary

@@ -268,6 +268,17 @@ fn demo_and_the_benches_write_reports_with_plots_that_render() {
         &m.join("dirty-unlimited-postcopy-plain"),
         &["heartbeats.svg", "faults.svg", "progress.svg"],
     );
+    // faultline migrate --report, between two processes a user started.
+    let ep = format!("unix:{}", dir.path().join("mig.sock").display());
+    let dst = destination(&ep, &[]);
+    let (src, sock) = source(dir.path());
+    let mr = dir.path().join("migrate-cli");
+    let (out, _) = migrate_bg(&sock, &ep, "postcopy", &["--report", mr.to_str().unwrap()])
+        .join()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    check_report(&mr, &["heartbeats.svg", "faults.svg", "progress.svg"]);
+    drop((dst, src));
     // bench restore.
     let r = dir.path().join("restore");
     let o = run(

@@ -266,6 +266,10 @@ pub struct DestReport {
     pub blocktime_ms: Vec<f64>,
     /// Per vCPU: resume → first heartbeat, µs.
     pub heads_us: Vec<Option<u64>>,
+    /// Per vCPU: its first heartbeats here, `[number, CLOCK_MONOTONIC µs]` (a report's
+    /// timeline; absent from older destinations).
+    #[serde(default)]
+    pub beats_mono_us: Vec<Vec<[u64; 2]>>,
     /// Per vCPU: longest heartbeat gap on the destination during post-copy, µs.
     pub gaps_us: Vec<u64>,
     /// Per vCPU: first heartbeat number on the destination.

@@ -264,6 +264,10 @@ fn peer_reason(main: &mut Sock, e: MigrationError) -> MigrationError {
 
 /// Where the switchover left things.
 struct AfterSwitch {
+    /// The pause, host `CLOCK_MONOTONIC` µs.
+    pause_mono_us: u64,
+    /// Per vCPU, its last heartbeats before the pause: `[number, CLOCK_MONOTONIC µs]`.
+    beats_mono_us: Vec<Vec<[u64; 2]>>,
     pause: Instant,
     /// Pre-copy: the source's memory digest, computed at switchover.
     digest: Option<u64>,
@@ -438,6 +442,22 @@ fn precopy_then_switch(
         .map(|c| c.max_gap_ns.load(SeqCst) / 1000)
         .collect();
     let heartbeats = cpus.iter().map(|c| c.last_n.load(SeqCst)).collect();
+    // The last heartbeats before the pause, for a report's timeline.
+    let beats_mono_us: Vec<Vec<[u64; 2]>> = cpus
+        .iter()
+        .map(|c| {
+            c.beats
+                .lock()
+                .map(|b| {
+                    b.last
+                        .iter()
+                        .map(|&(n, ns)| [u64::from(n), ns / 1000])
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let pause_mono_us = now / 1000;
     super::failpoint::hold("source-switchover");
     let before = |e| Ok(Switched::Before(e));
     let d = match pc.dirty(log) {
@@ -515,6 +535,8 @@ fn precopy_then_switch(
     }
     Ok(Switched::After(AfterSwitch {
         pause,
+        pause_mono_us,
+        beats_mono_us,
         digest,
         postcopy,
         needed,
@@ -801,6 +823,8 @@ fn finish(
         "blocktime_ms": block.iter().sum::<f64>(),
         "blocktime_per_vcpu_ms": block,
         "recoveries": recoveries,
+        "pause_mono_us": sw.pause_mono_us,
+        "beats_mono_us": sw.beats_mono_us,
         "resent_pages": push_stats.resent,
         "digest": hex(digest),
         "digest_verified": verified,

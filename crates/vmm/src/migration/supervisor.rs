@@ -280,6 +280,20 @@ impl Supervisor {
             .iter()
             .map(|c| (c.first_hb_ns.load(SeqCst) != 0).then(|| c.last_n.load(SeqCst)))
             .collect();
+        let beats_mono_us = cpus
+            .iter()
+            .map(|c| {
+                c.beats
+                    .lock()
+                    .map(|b| {
+                        b.first
+                            .iter()
+                            .map(|&(n, ns)| [u64::from(n), ns / 1000])
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
         let ps = self.pull.stats();
         let ls = self.loop_stats.clone().unwrap_or_default();
         // Blocktime by the vCPU threads' ids (the fault loop knows threads, not vCPUs).
@@ -301,6 +315,7 @@ impl Supervisor {
             latency_log2_us: ls.latency_log2_us,
             blocktime_ms,
             heads_us,
+            beats_mono_us,
             gaps_us,
             first_heartbeats,
             digest: self.pull.digest(),

@@ -86,11 +86,35 @@ pub struct CpuTrack {
     pub tid: AtomicU32,
     /// The thread has returned from its loop.
     pub exited: AtomicBool,
+    /// Heartbeats with their host `CLOCK_MONOTONIC` ns: the first [`BEATS_KEPT`] and the last
+    /// [`BEATS_KEPT`] (a migration report's timeline around the pause).
+    pub beats: std::sync::Mutex<Beats>,
+}
+
+/// Heartbeats a [`CpuTrack`] keeps, at each end.
+pub const BEATS_KEPT: usize = 64;
+
+/// The first and the last heartbeats of a vCPU: `(number, CLOCK_MONOTONIC ns)`.
+#[derive(Debug, Default, Clone)]
+pub struct Beats {
+    /// The first ones (up to [`BEATS_KEPT`]).
+    pub first: Vec<(u32, u64)>,
+    /// The most recent ones (up to [`BEATS_KEPT`]), oldest first.
+    pub last: std::collections::VecDeque<(u32, u64)>,
 }
 
 impl CpuTrack {
     /// Record heartbeat number `n` at host time `now_ns`.
     pub fn heartbeat(&self, n: u32, now_ns: u64) {
+        if let Ok(mut b) = self.beats.lock() {
+            if b.first.len() < BEATS_KEPT {
+                b.first.push((n, now_ns));
+            }
+            if b.last.len() == BEATS_KEPT {
+                b.last.pop_front();
+            }
+            b.last.push_back((n, now_ns));
+        }
         if n >= 1 {
             let _ = self.first_hb_ns.compare_exchange(0, now_ns, SeqCst, SeqCst);
             let last = self.last_hb_ns.swap(now_ns, SeqCst);
