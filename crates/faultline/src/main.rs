@@ -1,5 +1,6 @@
 //! `faultline`: the command line. Thin: parsing and printing; the work is in the crates.
 
+mod benches;
 mod demo;
 mod device;
 mod docs;
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
-use error::{CliError, CliResult, failed};
+use error::{CliResult, failed};
 
 #[derive(Parser)]
 #[command(
@@ -129,6 +130,9 @@ enum BenchCmd {
         /// Fewer samples (for tests).
         #[arg(long)]
         quick: bool,
+        /// Also write a report into this directory (a chart and an index.html).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
     /// Interrupt delivery, every way side by side: host wake-ups (ours beside C) and, into
     /// the built-in guest, KVM_IRQ_LINE, irqfds and MSIs.
@@ -190,6 +194,9 @@ enum BenchCmd {
         /// Seconds of dirtying, guest and native each.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Also write a report into this directory (a chart and an index.html).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
     /// Fault service cost: faultline's fault loop against a minimal raw-ioctl loop.
     Uffd {
@@ -208,6 +215,9 @@ enum BenchCmd {
         /// Cases (default: all).
         #[arg(long, value_delimiter = ',')]
         case: Vec<CaseArg>,
+        /// Also write a report into this directory (a chart and an index.html).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
     },
 }
 
@@ -258,249 +268,6 @@ fn probe(json: bool) -> CliResult {
     Ok(())
 }
 
-fn bench_uffd(
-    json: bool,
-    faults: u64,
-    runs: u64,
-    threads: Vec<usize>,
-    case: Vec<CaseArg>,
-) -> CliResult {
-    use bench::uffd_bench::{Case, Params, run};
-    if threads.iter().any(|&t| t == 0 || t > 64) {
-        return Err(CliError::Usage(
-            "--threads: each count must be 1..=64".into(),
-        ));
-    }
-    let p = Params {
-        faults_per_thread: faults as usize,
-        runs: runs as usize,
-        threads,
-        cases: if case.is_empty() {
-            Case::ALL.to_vec()
-        } else {
-            case.into_iter().map(Case::from).collect()
-        },
-    };
-    if !json {
-        println!(
-            "{:<10} {:<10} {:>7} {:>8} {:>11} {:>11} {:>13}",
-            "case", "impl", "threads", "pages", "median_ns", "p99_ns", "pages_per_s"
-        );
-    }
-    let mut raw_median = 0;
-    run(&p, |l| {
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string(l).expect("plain struct serialises")
-            );
-        } else {
-            let ratio = if l.imp == "raw" {
-                raw_median = l.median_ns;
-                String::new()
-            } else {
-                format!(
-                    "  ({:.2}x raw)",
-                    l.median_ns as f64 / raw_median.max(1) as f64
-                )
-            };
-            println!(
-                "{:<10} {:<10} {:>7} {:>8} {:>11} {:>11} {:>13}{ratio}",
-                l.case, l.imp, l.threads, l.pages, l.median_ns, l.p99_ns, l.pages_per_s
-            );
-        }
-    })
-    .map_err(failed("bench uffd"))
-}
-
-fn bench_vfu(json: bool, quick: bool) -> CliResult {
-    if !json {
-        println!(
-            "{:<10} {:<10} {:>10} {:>10} {:>8}",
-            "case", "impl", "p50_us", "p99_us", "GB/s"
-        );
-    }
-    let mut progress = progress::Progress::spinner("bench vfio-user");
-    let mut n = 0;
-    let r = bench::vfu_bench::run(quick, |l| {
-        n += 1;
-        progress.update(
-            0.0,
-            &format!("{n} cases measured, last {} {}", l.case, l.r#impl),
-        );
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string(l).expect("plain struct serialises")
-            );
-        } else {
-            println!(
-                "{:<10} {:<10} {:>10.2} {:>10.2} {:>8.2}",
-                l.case, l.r#impl, l.p50_us, l.p99_us, l.gbps
-            );
-        }
-    });
-    progress.finish(&format!("{n} cases measured"));
-    r.map_err(failed("bench vfio-user"))
-}
-
-fn bench_vm(json: bool, boots: usize, seconds: f64) -> CliResult {
-    if !(seconds > 0.0 && seconds <= 600.0) {
-        return Err(CliError::Usage("--seconds must be in (0, 600]".into()));
-    }
-    let b = bench::vm_bench::boot(1024, boots).map_err(failed("bench vm: boot"))?;
-    let d = bench::vm_bench::dirty_rate(256, seconds).map_err(failed("bench vm: dirty rate"))?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&b).expect("plain struct serialises")
-        );
-        println!(
-            "{}",
-            serde_json::to_string(&d).expect("plain struct serialises")
-        );
-    } else {
-        println!(
-            "boot to first heartbeat ({} MiB): median {:.2} ms (goal 20 ms)",
-            b.mem_mib, b.median_ms
-        );
-        println!(
-            "dirty rate: guest {} pages/s, native {} pages/s, ratio {:.3} (goal 0.8)",
-            d.guest_pages_per_s, d.native_pages_per_s, d.ratio
-        );
-    }
-    Ok(())
-}
-
-/// `bench restore --report DIR`: the times per mode, plotted, and an index.html.
-fn restore_report(d: &std::path::Path, lines: &[bench::restore_bench::RestoreLine]) -> CliResult {
-    let what = format!("the report in {}", d.display());
-    bench::report::create_dir(d).map_err(failed(what.clone()))?;
-    let modes: Vec<String> = lines.iter().map(|l| l.mode.to_string()).collect();
-    bench::report::grouped_bars(
-        &d.join("restore.svg"),
-        "snapshot restore: time per mode (median of the runs)",
-        ("restore mode", "ms (log scale)"),
-        &modes,
-        &[
-            (
-                "first instruction".to_string(),
-                lines.iter().map(|l| l.first_instruction_ms).collect(),
-            ),
-            (
-                "the workload, after the restore".to_string(),
-                lines.iter().map(|l| l.workload_ms).collect(),
-            ),
-        ],
-    )
-    .map_err(failed(what.clone()))?;
-    let rows: Vec<(String, String)> = lines
-        .iter()
-        .map(|l| {
-            (
-                l.mode.to_string(),
-                format!(
-                    "first instruction {:.2} ms, workload {:.2} ms, {} faults, {} MiB read",
-                    l.first_instruction_ms,
-                    l.workload_ms,
-                    l.faults,
-                    l.bytes_read >> 20
-                ),
-            )
-        })
-        .collect();
-    let index = bench::report::index(
-        d,
-        "faultline bench restore",
-        &[(
-            "Time to the first instruction and of the workload, per mode",
-            "restore.svg",
-        )],
-        &rows,
-    )
-    .map_err(failed(what))?;
-    eprintln!("report: {}", index.display());
-    Ok(())
-}
-
-fn bench_restore(
-    json: bool,
-    runs: u64,
-    (mem_mib, touch_mib, vcpus): (u64, u64, u32),
-    dir: Option<std::path::PathBuf>,
-    report: Option<&std::path::Path>,
-) -> CliResult {
-    let tmp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            tmp = std::env::temp_dir()
-                .join(format!("faultline-bench-restore-{}", std::process::id()));
-            tmp.clone()
-        }
-    };
-    let p = bench::restore_bench::Params {
-        mem_mib,
-        touch_mib,
-        vcpus,
-        runs: runs as usize,
-        dir: dir.clone(),
-    };
-    let mut warm = None;
-    let mut lazy = None;
-    let mut prefetch = None;
-    let mut progress = progress::Progress::new("bench restore");
-    let mut done = 0;
-    progress.update(
-        0.0,
-        "taking the snapshot, then eager, mmap, lazy, prefetch, warm",
-    );
-    let mut all = Vec::new();
-    let r = bench::restore_bench::run(&p, |l| {
-        all.push(l.clone());
-        done += 1;
-        progress.update(
-            f64::from(done) * 20.0,
-            &format!("{} done ({done}/5)", l.mode),
-        );
-        match l.mode {
-            "warm" => warm = Some(l.workload_ms),
-            "lazy" => lazy = Some(l.workload_ms),
-            "prefetch" => prefetch = Some(l.workload_ms),
-            _ => {}
-        }
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string(l).expect("plain struct serialises")
-            );
-        } else {
-            println!(
-                "{:<9} first instruction {:>8.2} ms  workload {:>9.2} ms  faults {:>8}  read {:>6} MiB",
-                l.mode,
-                l.first_instruction_ms,
-                l.workload_ms,
-                l.faults,
-                l.bytes_read >> 20
-            );
-        }
-    });
-    progress.finish(&format!("{done} modes"));
-    let _ = std::fs::remove_dir_all(&dir);
-    r.map_err(failed("bench restore"))?;
-    if let Some(d) = report {
-        restore_report(d, &all)?;
-    }
-    if !json && let (Some(w), Some(l), Some(p)) = (warm, lazy, prefetch) {
-        println!(
-            "prefetch/warm {:.2}x (goal <= 1.2), lazy/prefetch {:.2}x (goal >= 3)",
-            p / w,
-            l / p
-        );
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = logging::init(cli.log_format) {
@@ -539,8 +306,13 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),
         Cmd::Bench {
-            which: BenchCmd::VfioUser { json, quick },
-        } => bench_vfu(json, quick),
+            which:
+                BenchCmd::VfioUser {
+                    json,
+                    quick,
+                    report,
+                },
+        } => benches::bench_vfu(json, quick, report.as_deref()),
         Cmd::Bench {
             which:
                 BenchCmd::Irq {
@@ -579,7 +351,7 @@ fn main() -> ExitCode {
                     dir,
                     report,
                 },
-        } => bench_restore(
+        } => benches::bench_restore(
             json,
             runs,
             (mem_mib, touch_mib, vcpus),
@@ -594,16 +366,18 @@ fn main() -> ExitCode {
                     runs,
                     threads,
                     case,
+                    report,
                 },
-        } => bench_uffd(json, faults, runs, threads, case),
+        } => benches::bench_uffd(json, (faults, runs), threads, case, report.as_deref()),
         Cmd::Bench {
             which:
                 BenchCmd::Vm {
                     json,
                     boots,
                     seconds,
+                    report,
                 },
-        } => bench_vm(json, boots as usize, seconds),
+        } => benches::bench_vm(json, boots as usize, seconds, report.as_deref()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -321,3 +321,37 @@ fn a_restore_with_prefetch_shows_its_progress() {
         "no prefetch progress on stderr:\n{err}"
     );
 }
+
+/// The other benches' `--report DIR`: a chart and an index.html each.
+#[test]
+fn the_uffd_vfio_user_and_vm_benches_write_reports() {
+    kvm_present();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, args) in [
+        (
+            "uffd",
+            &[
+                "bench",
+                "uffd",
+                "--faults",
+                "64",
+                "--runs",
+                "1",
+                "--threads",
+                "1",
+            ][..],
+        ),
+        ("vfio-user", &["bench", "vfio-user", "--quick"][..]),
+        (
+            "vm",
+            &["bench", "vm", "--boots", "1", "--seconds", "0.3"][..],
+        ),
+    ] {
+        let d = dir.path().join(name);
+        let mut a = args.to_vec();
+        a.extend(["--report", d.to_str().unwrap()]);
+        let o = run(&a, &[]);
+        assert!(o.status.success(), "{name}: {}", text(&o.stderr));
+        check_report(&d, &["bench.svg"]);
+    }
+}
