@@ -31,6 +31,18 @@ pub enum ReportError {
     Plot(String),
 }
 
+/// The colours of every plot's series, in order (matplotlib's "tab10").
+pub const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
 fn plot_err(what: &str) -> impl Fn(String) -> ReportError + '_ {
     move |e| ReportError::Plot(format!("{what}: {e}"))
 }
@@ -109,7 +121,7 @@ pub fn fault_histogram(file: &Path, buckets: &[u64]) -> Result<(), ReportError> 
     chart
         .draw_series(buckets.iter().take(last).enumerate().map(|(i, &n)| {
             let i = i as u32;
-            Rectangle::new([(i, 0), (i + 1, n)], RGBColor(31, 119, 180).filled())
+            Rectangle::new([(i, 0), (i + 1, n)], PALETTE[0].filled())
         }))
         .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
@@ -154,14 +166,12 @@ pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), 
             phases.push(p);
         }
     }
-    const PALETTE: [RGBColor; 6] = [
-        RGBColor(31, 119, 180),
-        RGBColor(44, 160, 44),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-    ];
+    // Red is kept for the answers to page requests.
+    let phase_colours: Vec<RGBColor> = PALETTE
+        .iter()
+        .copied()
+        .filter(|&c| c != PALETTE[3])
+        .collect();
     chart
         .draw_series(LineSeries::new(
             samples.iter().map(|s| (s.t_ms, s.sent_mib)),
@@ -169,7 +179,7 @@ pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), 
         ))
         .map_err(|e| err(e.to_string()))?;
     for (k, ph) in phases.iter().enumerate() {
-        let c = PALETTE[k % PALETTE.len()];
+        let c = phase_colours[k % phase_colours.len()];
         chart
             .draw_series(
                 samples
@@ -181,7 +191,7 @@ pub fn progress_timeline(file: &Path, samples: &[ProgressSample]) -> Result<(), 
             .label(ph.clone())
             .legend(move |(x, y)| Circle::new((x, y), 4, c.filled()));
     }
-    let red = RGBColor(214, 39, 40);
+    let red = PALETTE[3];
     if samples.iter().any(|s| s.priority_mib > 0.0) {
         chart
             .draw_series(LineSeries::new(
@@ -251,12 +261,6 @@ pub fn grouped_bars(
         .y_desc(y_desc)
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    const PALETTE: [RGBColor; 4] = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-    ];
     for (si, (name, v)) in series.iter().enumerate() {
         let c = PALETTE[si % PALETTE.len()];
         let w = 0.7 / k;
@@ -377,20 +381,20 @@ pub fn heartbeat_timeline(file: &Path, beats: &[TimelineBeat]) -> Result<(), Rep
         chart
             .draw_series(std::iter::once(Rectangle::new(
                 [(a, n0), (b, n1 + (n1 - n0) * 0.15)],
-                RGBColor(214, 39, 40).mix(0.2).filled(),
+                PALETTE[3].mix(0.2).filled(),
             )))
             .map_err(|e| err(e.to_string()))?
             .label("the guest paused")
             .legend(|(x, y)| {
                 Rectangle::new(
                     [(x - 5, y - 5), (x + 5, y + 5)],
-                    RGBColor(214, 39, 40).mix(0.4).filled(),
+                    PALETTE[3].mix(0.4).filled(),
                 )
             });
     }
     for (dest, name, c) in [
-        (false, "at the source", RGBColor(31, 119, 180)),
-        (true, "at the destination", RGBColor(255, 127, 14)),
+        (false, "at the source", PALETTE[0]),
+        (true, "at the destination", PALETTE[1]),
     ] {
         chart
             .draw_series(

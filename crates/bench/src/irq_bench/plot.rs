@@ -7,17 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::{IrqBenchError, Line};
-
-const PALETTE: [RGBColor; 8] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-];
+use crate::report::PALETTE;
 
 fn series(l: &Line) -> String {
     match &l.handler {
