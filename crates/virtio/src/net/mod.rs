@@ -1,0 +1,1 @@
+//! The virtio net device (being written).

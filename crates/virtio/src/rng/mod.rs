@@ -1,0 +1,1 @@
+//! The virtio rng device (being written).
