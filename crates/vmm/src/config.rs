@@ -38,7 +38,57 @@ pub struct VmConfig {
     /// KVM offers them (Linux guests and VMs with devices always ask for it).
     #[serde(default)]
     pub irqchip: bool,
+    /// virtio-mmio devices (`devices::virtio`), in bus order.
+    #[serde(default)]
+    pub virtio: Vec<VirtioSpec>,
+    /// How the virtio devices interrupt: legacy lines, or MSI offered to the driver.
+    #[serde(default)]
+    pub virtio_irq: virtio::IrqMode,
 }
+
+/// A device to attach, as the command line and the API name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum VirtioSpec {
+    /// A block device over a raw image file.
+    Block {
+        /// The image.
+        path: PathBuf,
+        /// Refuse writes.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// A network device on a tap interface.
+    Net {
+        /// The tap's name.
+        tap: String,
+        /// MAC address; `None`: one derived from the tap's name.
+        #[serde(default)]
+        mac: Option<[u8; 6]>,
+    },
+    /// A vsock device; the host side is a Unix socket (Firecracker's hybrid convention).
+    Vsock {
+        /// The guest's CID.
+        cid: u64,
+        /// The Unix socket the device listens on (and `<path>_<port>` it connects to).
+        uds: PathBuf,
+    },
+    /// An entropy device.
+    Rng,
+}
+
+impl VirtioSpec {
+    /// The device type's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VirtioSpec::Block { .. } => "block",
+            VirtioSpec::Net { .. } => "net",
+            VirtioSpec::Vsock { .. } => "vsock",
+            VirtioSpec::Rng => "rng",
+        }
+    }
+}
+
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -53,6 +103,8 @@ impl Default for VmConfig {
             linux: None,
             vfio_user: Vec::new(),
             irqchip: false,
+            virtio: Vec::new(),
+            virtio_irq: virtio::IrqMode::Legacy,
         }
     }
 }
@@ -98,6 +150,12 @@ pub enum ConfigError {
     /// A vCPU's share of the workload area is below 1 MiB.
     #[error("each vCPU needs at least 1 MiB of workload memory")]
     SliceTooSmall,
+    /// With virtio devices, memory must end below their windows.
+    #[error("with virtio devices guest memory must end below their windows at {limit:#x}")]
+    VirtioWindow {
+        /// Where the windows start.
+        limit: u64,
+    },
     /// With devices, memory must end below the PCI window.
     #[error("with vfio-user devices guest memory must end below the PCI window at {limit:#x}")]
     PciWindow {

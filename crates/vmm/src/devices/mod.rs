@@ -3,6 +3,7 @@
 //! wires it to the bus and to KVM (interrupts through an irqfd).
 
 pub mod pci;
+pub mod virtio;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -151,3 +151,83 @@ pub fn xorshift(mut x: u64) -> u64 {
     x ^= x << 17;
     x
 }
+
+/// The `virtio` workload's parameters (guest-physical, vCPU 0's slice + 0x1000), written by
+/// the VMM before the guest starts:
+///
+/// | offset | size | meaning |
+/// |---|---|---|
+/// | 0x00 | 8 | interrupt mode: 0 legacy, 1 MSI (the driver enables Dragonball's registers) |
+/// | 0x08 | 8 | job: [`VIRTIO_JOB_TEST`], [`VIRTIO_JOB_RR`], [`VIRTIO_JOB_BLK_RANDOM`], [`VIRTIO_JOB_BLK_SEQ`], [`VIRTIO_JOB_NET_TX`] |
+/// | 0x10 | 8 | iterations (the benchmark jobs) |
+/// | 0x18 | 8 | vsock: the host port the guest connects to |
+/// | 0x20 | 4 | net: the guest's IPv4 address (network order) |
+/// | 0x24 | 4 | net: the host's IPv4 address on the tap (network order) |
+/// | 0x28 | 8 | number of devices |
+/// | 0x30 + 16 i | 8 | device i: its window's address |
+/// | 0x38 + 16 i | 8 | device i: its virtio device ID |
+///
+/// The test job drives every device in order: **block** writes a pattern
+/// ([`virtio_blk_pattern`]) to sectors 0..8, flushes, reads it back and compares, and asks
+/// for the device ID (on a read-only disk the write must fail with IOERR); **entropy** reads
+/// 64 bytes and checks they are not all zero; **net** posts a receive buffer, sends an ARP
+/// request for the host's address and waits for the kernel's ARP reply; **vsock** connects
+/// to the host port, sends [`VIRTIO_VSOCK_PING`], expects it echoed, shuts down. For each
+/// device it reports [`KEY_VIRTIO_DEVICE`], [`KEY_VIRTIO_RESULT`], [`KEY_VIRTIO_IRQS`];
+/// DONE is 0 when every device passed. Every wait has a 2 s deadline.
+///
+/// A benchmark job drives device 0 for the given iterations, each request waited for
+/// through its interrupt, and reports [`KEY_VIRTIO_ITERATIONS`], [`KEY_VIRTIO_TICKS_LO`],
+/// [`KEY_VIRTIO_TICKS_HI`] (TSC ticks of the loop), [`KEY_VIRTIO_IRQS`], [`KEY_VIRTIO_RESULT`].
+pub const VIRTIO_PARAMS: u64 = IRQ_AREA + 0x1000;
+/// Job: drive every device once and check it.
+pub const VIRTIO_JOB_TEST: u64 = 0;
+/// Job: request/response round trips: 8 bytes from the entropy device.
+pub const VIRTIO_JOB_RR: u64 = 1;
+/// Job: 4 KiB reads at random 4 KiB-aligned offsets, queue depth 1.
+pub const VIRTIO_JOB_BLK_RANDOM: u64 = 2;
+/// Job: 1 MiB sequential reads, queue depth 1.
+pub const VIRTIO_JOB_BLK_SEQ: u64 = 3;
+/// Job: 1514-byte frames to the tap, 8 in flight.
+pub const VIRTIO_JOB_NET_TX: u64 = 4;
+/// Key: the next results are device `value & 0xffff` (its virtio ID) at index `value >> 16`.
+pub const KEY_VIRTIO_DEVICE: u32 = 0x300;
+/// Key: 0 if the device passed, else the step that failed ([`VIRTIO_FAIL_PROBE`]...).
+pub const KEY_VIRTIO_RESULT: u32 = 0x301;
+/// Key: interrupts the guest's handler took while it drove the device.
+pub const KEY_VIRTIO_IRQS: u32 = 0x302;
+/// Key: requests a benchmark job completed.
+pub const KEY_VIRTIO_ITERATIONS: u32 = 0x303;
+/// Key: TSC ticks of the benchmark loop, low 32 bits.
+pub const KEY_VIRTIO_TICKS_LO: u32 = 0x304;
+/// Key: TSC ticks of the benchmark loop, high 32 bits.
+pub const KEY_VIRTIO_TICKS_HI: u32 = 0x305;
+/// Key: a value the device returned (block on a read-only disk: the first word read).
+pub const KEY_VIRTIO_DATA: u32 = 0x306;
+/// Failure: no virtio-mmio version 2 device at the window.
+pub const VIRTIO_FAIL_PROBE: u32 = 1;
+/// Failure: the device refused the features (FEATURES_OK did not stick).
+pub const VIRTIO_FAIL_FEATURES: u32 = 2;
+/// Failure: the device asks for a reset after setup.
+pub const VIRTIO_FAIL_NEEDS_RESET: u32 = 3;
+/// Failure: a request did not complete within 2 s.
+pub const VIRTIO_FAIL_TIMEOUT: u32 = 4;
+/// Failure: a request completed with a bad status.
+pub const VIRTIO_FAIL_STATUS: u32 = 5;
+/// Failure: data read back differs.
+pub const VIRTIO_FAIL_DATA: u32 = 6;
+/// Failure: an unexpected reply (length, packet, frame).
+pub const VIRTIO_FAIL_REPLY: u32 = 7;
+/// Failure: a completion came without its interrupt within 2 s.
+pub const VIRTIO_FAIL_NO_IRQ: u32 = 8;
+/// Failure: a device type the guest does not drive.
+pub const VIRTIO_FAIL_UNKNOWN: u32 = 9;
+/// The payload the vsock test sends and expects back.
+pub const VIRTIO_VSOCK_PING: &[u8; 16] = b"faultline-vsock!";
+/// The guest's local vsock port.
+pub const VIRTIO_VSOCK_LOCAL_PORT: u32 = 0x4000;
+
+/// Word `i` (0..512) of the block test's 4 KiB pattern at sector 0.
+pub fn virtio_blk_pattern(i: u64) -> u64 {
+    0x5649_5254_494f_0000 ^ i.wrapping_mul(FILL_MUL)
+}

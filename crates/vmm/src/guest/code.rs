@@ -27,6 +27,7 @@ faultline_guest_start:
     .quad .Lwl_irq_cpl0 - faultline_guest_start
     .quad .Lirq_handler - faultline_guest_start  # not a workload: the irq workloads' handler
     .quad .Lexc_stubs - faultline_guest_start    # and their exception reporters, 16 B each
+    .quad .Lwl_virtio - faultline_guest_start   # the virtio workload (after the two slots above)
 
     # r12 = slice base, r13 = slice bytes, rbx = first page index, r14 = TSC ticks / 100 ms,
     # r15 = TSC deadline (all ones: none), rbp = seed; [rsp] = heartbeats, [rsp+8] = last one.
@@ -589,6 +590,12 @@ faultline_guest_start:
     FL_RDTSC
     movabs rcx, {irq_area}
     mov [rcx + 8], rax
+    mov rax, [rcx + 24]                         # a legacy virtio device to acknowledge
+    test rax, rax
+    jz .Lirq_pin
+    mov edx, [rax + 0x60]
+    mov [rax + 0x64], edx
+.Lirq_pin:
     mov rax, [rcx + 16]
     test rax, rax
     jz .Lirq_eoi
@@ -644,6 +651,9 @@ faultline_guest_start:
     out dx, eax
     jmp .Lexc_done
 
+"#,
+    include_str!("virtio.s"),
+    r#"
     .balign 8
     .globl faultline_guest_end
 faultline_guest_end:
@@ -683,6 +693,29 @@ faultline_guest_end:
     lapic_eoi = const abi::LAPIC_EOI,
     key_exc = const abi::KEY_EXCEPTION,
     key_exc_frame = const abi::KEY_EXCEPTION_FRAME,
+    irq_vector = const abi::IRQ_VECTOR,
+    key_vio_dev = const abi::KEY_VIRTIO_DEVICE,
+    key_vio_result = const abi::KEY_VIRTIO_RESULT,
+    key_vio_irqs = const abi::KEY_VIRTIO_IRQS,
+    key_vio_iters = const abi::KEY_VIRTIO_ITERATIONS,
+    key_vio_ticks_lo = const abi::KEY_VIRTIO_TICKS_LO,
+    key_vio_ticks_hi = const abi::KEY_VIRTIO_TICKS_HI,
+    key_vio_data = const abi::KEY_VIRTIO_DATA,
+    fail_probe = const abi::VIRTIO_FAIL_PROBE,
+    fail_features = const abi::VIRTIO_FAIL_FEATURES,
+    fail_reset = const abi::VIRTIO_FAIL_NEEDS_RESET,
+    fail_timeout = const abi::VIRTIO_FAIL_TIMEOUT,
+    fail_status = const abi::VIRTIO_FAIL_STATUS,
+    fail_data = const abi::VIRTIO_FAIL_DATA,
+    fail_reply = const abi::VIRTIO_FAIL_REPLY,
+    fail_no_irq = const abi::VIRTIO_FAIL_NO_IRQ,
+    fail_unknown = const abi::VIRTIO_FAIL_UNKNOWN,
+    ping_lo = const u64::from_le_bytes(*b"faultlin"),
+    ping_hi = const u64::from_le_bytes(*b"e-vsock!"),
+    vsock_local_port = const abi::VIRTIO_VSOCK_LOCAL_PORT,
+    job_rr = const abi::VIRTIO_JOB_RR,
+    job_net_tx = const abi::VIRTIO_JOB_NET_TX,
+    job_blk_seq = const abi::VIRTIO_JOB_BLK_SEQ,
 );
 
 unsafe extern "C" {

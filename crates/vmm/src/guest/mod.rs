@@ -41,11 +41,14 @@ pub enum Workload {
     /// The same with the handler at CPL 0 (a kernel code segment: a privilege change and a
     /// stack switch to the TSS's RSP0; emulated under PVM).
     IrqCpl0,
+    /// Drive the virtio-mmio devices (vCPU 0) as a driver at CPL 3 would, with the
+    /// interrupts through the irq workloads' handler: see [`abi::VIRTIO_PARAMS`].
+    Virtio,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Fill,
         Workload::Dirty,
         Workload::Read,
@@ -54,6 +57,7 @@ impl Workload {
         Workload::Devices,
         Workload::Irq,
         Workload::IrqCpl0,
+        Workload::Virtio,
     ];
 
     /// Index in the guest image's entry table.
@@ -67,6 +71,7 @@ impl Workload {
             Workload::Devices => 5,
             Workload::Irq => 6,
             Workload::IrqCpl0 => 7,
+            Workload::Virtio => 10,
         }
     }
 
@@ -81,6 +86,7 @@ impl Workload {
             Workload::Devices => "devices",
             Workload::Irq => "irq",
             Workload::IrqCpl0 => "irq-cpl0",
+            Workload::Virtio => "virtio",
         }
     }
 
@@ -96,7 +102,7 @@ impl Workload {
     /// handler's privilege level.
     pub fn irq_handler_cpl(self) -> Option<u8> {
         match self {
-            Workload::Irq => Some(3),
+            Workload::Irq | Workload::Virtio => Some(3),
             Workload::IrqCpl0 => Some(0),
             _ => None,
         }
@@ -118,7 +124,7 @@ impl FromStr for Workload {
             .find(|w| w.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices, irq, irq-cpl0)"
+                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices, irq, irq-cpl0, virtio)"
                 )
             })
     }

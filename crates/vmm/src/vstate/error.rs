@@ -85,6 +85,9 @@ pub enum VmError {
     /// Attaching vfio-user devices failed.
     #[error("devices")]
     Devices(#[source] crate::devices::pci::AttachError),
+    /// A virtio device could not be attached.
+    #[error("virtio devices")]
+    Virtio(#[source] crate::devices::virtio::VirtioError),
     /// The guest acknowledged an interrupt line the VMM could not lower.
     #[error("vCPU {vcpu}: lowering the acknowledged interrupt line failed")]
     IrqAck {

@@ -21,6 +21,7 @@ use crate::config::{ConfigError, Slice, VmConfig};
 use crate::cpl3;
 use crate::devices::LegacyDevices;
 use crate::devices::pci::{MMIO_BASE, PciBus};
+use crate::devices::virtio::{VIRTIO_BASE, VirtioBus};
 use crate::guest::{self, Workload, abi};
 use crate::memory::{Backend, GuestMem};
 
@@ -35,6 +36,7 @@ pub struct Vm {
     control: Arc<VcpuControl>,
     legacy: Option<Arc<LegacyDevices>>,
     pci: Option<Arc<PciBus>>,
+    virtio: Option<Arc<VirtioBus>>,
     irq: Arc<Interrupts>,
     last_heartbeat: Vec<u32>,
 }
@@ -76,8 +78,12 @@ impl Vm {
         cfg.check_builtin()?;
         let slices = cfg.slices()?;
         let with_pci = !cfg.vfio_user.is_empty();
+        let with_virtio = !cfg.virtio.is_empty();
         let irq_cpl = cfg.workload.irq_handler_cpl();
         let mut cfg = cfg;
+        if with_virtio && cfg.mem_bytes > VIRTIO_BASE {
+            return Err(ConfigError::VirtioWindow { limit: VIRTIO_BASE }.into());
+        }
         if with_pci {
             if cfg.mem_bytes > MMIO_BASE {
                 return Err(ConfigError::PciWindow { limit: MMIO_BASE }.into());
@@ -87,9 +93,9 @@ impl Vm {
         }
         let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
         let (kvm, vm, irqchip) =
-            create_vm(&mem, cfg.irqchip || with_pci || irq_cpl.is_some(), false)?;
-        // Devices' BARs and the LAPIC (the irq workloads' EOI) sit below 4 GiB.
-        let map_bytes = if with_pci || irq_cpl.is_some() {
+            create_vm(&mem, cfg.irqchip || with_pci || with_virtio || irq_cpl.is_some(), false)?;
+        // Devices' BARs and windows and the LAPIC (the irq workloads' EOI) sit below 4 GiB.
+        let map_bytes = if with_pci || with_virtio || irq_cpl.is_some() {
             4 << 30
         } else {
             cfg.mem_bytes
@@ -182,6 +188,7 @@ impl Vm {
         } else {
             None
         };
+        let virtio = virtio_bus(&irq, &mem, &cfg)?;
         let n = vcpus.len();
         Ok(Vm {
             kvm,
@@ -193,6 +200,7 @@ impl Vm {
             control: Arc::new(VcpuControl::new(t0, n)),
             legacy: None,
             pci,
+            virtio,
             irq,
             last_heartbeat: vec![0; n],
         })
@@ -219,6 +227,7 @@ impl Vm {
             control: Arc::new(control),
             legacy: None,
             pci: None,
+            virtio: None,
             last_heartbeat: p.last_heartbeat,
         })
     }
@@ -226,7 +235,19 @@ impl Vm {
     /// A Linux VM: in-kernel irqchip and PIT where KVM offers them, COM1 on an irqfd, the
     /// i8042 reset line, the kernel loaded by `linux-loader`.
     fn new_linux(cfg: VmConfig, t0: Instant) -> Result<Vm, VmError> {
-        let boot = cfg.linux.clone().expect("called for Linux configurations");
+        let mut boot = cfg.linux.clone().expect("called for Linux configurations");
+        if !cfg.virtio.is_empty() {
+            if cfg.mem_bytes > VIRTIO_BASE {
+                return Err(ConfigError::VirtioWindow { limit: VIRTIO_BASE }.into());
+            }
+            // Linux's virtio-mmio driver finds the devices on its command line (it uses the
+            // legacy interrupt: the MSI registers are not in mainline Linux).
+            boot.cmdline = format!(
+                "{} {}",
+                boot.cmdline,
+                VirtioBus::linux_cmdline(cfg.virtio.len())
+            );
+        }
         if cfg.vcpus == 0 || cfg.vcpus > crate::mptable::MAX_CPUS {
             return Err(ConfigError::LinuxVcpus {
                 max: crate::mptable::MAX_CPUS,
@@ -248,6 +269,7 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD for COM1"))?;
         }
         let legacy = Arc::new(LegacyDevices::new(com1, Box::new(std::io::stdout())));
+        let virtio = virtio_bus(&irq, &mem, &cfg)?;
         let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
         crate::mptable::write(mem.mem(), cfg.vcpus).map_err(VmError::MpTable)?;
         crate::acpi::write(mem.mem(), cfg.vcpus).map_err(|source| VmError::GuestWrite {
@@ -286,6 +308,7 @@ impl Vm {
             control: Arc::new(VcpuControl::new(t0, n)),
             legacy: Some(legacy),
             pci: None,
+            virtio,
             irq,
             last_heartbeat: vec![0; n],
         })
@@ -337,6 +360,7 @@ impl Vm {
             let control = self.control.clone();
             let legacy = self.legacy.clone();
             let pci = self.pci.clone();
+            let virtio = self.virtio.clone();
             let irq = self.irq.clone();
             let mem = self.mem.clone();
             let h = thread::Builder::new()
@@ -346,6 +370,7 @@ impl Vm {
                         control: &control,
                         legacy: legacy.as_deref(),
                         pci: pci.as_deref(),
+                        virtio: virtio.as_deref(),
                         irq: &irq,
                         notify: &notify,
                         mem: &mem,
@@ -373,9 +398,24 @@ impl Vm {
             threads: Mutex::new(threads),
             legacy: self.legacy,
             pci: self.pci,
+            virtio: self.virtio,
             irq: self.irq,
         })
     }
+}
+
+/// The VM's virtio-mmio devices, if its configuration names any.
+fn virtio_bus(
+    irq: &Arc<Interrupts>,
+    mem: &GuestMem,
+    cfg: &VmConfig,
+) -> Result<Option<Arc<VirtioBus>>, VmError> {
+    if cfg.virtio.is_empty() {
+        return Ok(None);
+    }
+    VirtioBus::new(irq.clone(), mem.mem(), &cfg.virtio, cfg.virtio_irq)
+        .map(|b| Some(Arc::new(b)))
+        .map_err(VmError::Virtio)
 }
 
 /// The built-in guest's entry registers for `workload` on vCPU `i` (fresh start, no run
@@ -482,6 +522,7 @@ pub struct Machine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     legacy: Option<Arc<LegacyDevices>>,
     pci: Option<Arc<PciBus>>,
+    virtio: Option<Arc<VirtioBus>>,
     irq: Arc<Interrupts>,
 }
 
@@ -532,6 +573,11 @@ impl Machine {
         self.pci.as_ref()
     }
 
+    /// The virtio-mmio devices, if the VM has any.
+    pub fn virtio(&self) -> Option<&Arc<VirtioBus>> {
+        self.virtio.as_ref()
+    }
+
     /// The MSRs KVM lists for saving.
     pub fn msr_list(&self) -> Result<Vec<u32>, KvmError> {
         Ok(self
@@ -549,6 +595,14 @@ impl Machine {
         if self.legacy.is_some() {
             v.push(Uncarried("the Linux guest's serial port (COM1)".into()));
             v.push(Uncarried("the Linux guest's i8042 controller".into()));
+        }
+        if let Some(b) = &self.virtio {
+            for d in b.stats() {
+                v.push(Uncarried(format!(
+                    "virtio {} device {} at {:#x}",
+                    d.kind, d.index, d.base
+                )));
+            }
         }
         if let Some(p) = &self.pci {
             for d in p.stats() {

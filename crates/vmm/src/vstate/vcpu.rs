@@ -14,6 +14,7 @@ use super::error::VmError;
 use super::irq::Interrupts;
 use super::notice::{Notice, Notifier};
 use crate::devices::pci::PciBus;
+use crate::devices::virtio::VirtioBus;
 use crate::devices::{LegacyDevices, PioResult};
 use crate::guest::{Event, abi};
 use crate::memory::GuestMem;
@@ -26,6 +27,8 @@ pub struct VcpuContext<'a> {
     pub legacy: Option<&'a LegacyDevices>,
     /// The PCI bus with vfio-user devices.
     pub pci: Option<&'a PciBus>,
+    /// The virtio-mmio devices.
+    pub virtio: Option<&'a VirtioBus>,
     /// The VM's interrupt routes (the irq workloads acknowledge level-triggered pins).
     pub irq: &'a Interrupts,
     /// Where to report.
@@ -193,14 +196,20 @@ fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError>
                 }
             }
             VcpuExit::MmioRead(addr, data) => {
-                if !ctx.pci.is_some_and(|p| p.mmio(addr, data, false)) {
+                if !ctx.virtio.is_some_and(|v| v.mmio(addr, data, false))
+                    && !ctx.pci.is_some_and(|p| p.mmio(addr, data, false))
+                {
                     data.fill(0xff);
                 }
             }
             VcpuExit::MmioWrite(addr, data) => {
-                if let Some(p) = ctx.pci {
-                    let mut d = data.to_vec();
-                    p.mmio(addr, &mut d, true);
+                let mut d = [0u8; 8];
+                let n = data.len().min(8);
+                d[..n].copy_from_slice(&data[..n]);
+                if !ctx.virtio.is_some_and(|v| v.mmio(addr, &mut d[..n], true))
+                    && let Some(p) = ctx.pci
+                {
+                    p.mmio(addr, &mut d[..n], true);
                 }
             }
             VcpuExit::IoOut(port, data) => {
