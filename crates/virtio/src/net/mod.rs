@@ -341,3 +341,5 @@ impl VirtioDevice for Net {
 mod tap_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod worker_tests;

@@ -31,17 +31,22 @@ pub(super) fn frame(len: usize, seed: u8) -> Vec<u8> {
 
 /// Transmit `f` from the guest: header and frame in two descriptors. Returns the head.
 pub(super) fn tx(d: &mut Driver, f: &[u8]) -> u16 {
+    let head = tx_chain(d, f);
+    d.kick(TX);
+    head
+}
+
+/// Put `f` on the transmit queue without notifying. Returns the head.
+pub(super) fn tx_chain(d: &mut Driver, f: &[u8]) -> u16 {
     d.put(DATA, &[0u8; HDR_LEN]);
     d.put(DATA + 0x100, f);
-    let head = d.add(
+    d.add(
         TX,
         &[
             (DATA, HDR_LEN as u32, false),
             (DATA + 0x100, f.len() as u32, false),
         ],
-    );
-    d.kick(TX);
-    head
+    )
 }
 
 /// Wait (up to 5 s) until `fd` is readable.
