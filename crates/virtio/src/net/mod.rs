@@ -21,7 +21,8 @@
 //!
 //! - **Transmit**: a chain's readable bytes are the header (ignored: no offload was offered)
 //!   and the frame. A chain shorter than the header, or whose frame is longer than
-//!   [`MAX_FRAME`] bytes, is a malformed request: the device asks for a reset. The frame is
+//!   [`MAX_FRAME`] bytes, is a malformed request: the device asks for a reset. A frame
+//!   shorter than an Ethernet header ([`ETH_HLEN`]) is dropped and counted. The frame is
 //!   given to the backend and the chain completed with length 0. A frame the backend
 //!   refuses for now (`EAGAIN`, `ENOBUFS`) or for itself (`EINVAL`, `EMSGSIZE`) is dropped
 //!   and counted ([`NetStats::dropped`]), the device's thread never waits; a backend that
@@ -62,6 +63,8 @@ pub const TX: usize = 1;
 pub const QUEUE_SIZE: u16 = 256;
 /// The longest frame (without the header) the device transmits or receives.
 pub const MAX_FRAME: usize = 65550;
+/// The shortest frame transmitted: an Ethernet header (shorter ones are dropped and counted).
+pub const ETH_HLEN: usize = 14;
 /// Length of `virtio_net_hdr_v1`.
 pub const HDR_LEN: usize = 12;
 
@@ -178,6 +181,13 @@ impl Net {
                     queue: TX,
                     what: format!("a transmit frame of {len} bytes is over {MAX_FRAME}"),
                 });
+            }
+            if len < ETH_HLEN as u64 {
+                // Not an Ethernet frame (a tap refuses it; on a socket an empty message
+                // would read as the end of the link): dropped, as a wire would.
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                qs.complete(TX, c.head, 0)?;
+                continue;
             }
             let buf = &mut self.tx_buf[..HDR_LEN + len as usize];
             c.read_at(qs.mem(), 0, buf)

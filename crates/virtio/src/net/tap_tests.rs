@@ -237,6 +237,22 @@ fn tap_deleted_while_active_fails_the_device() {
 }
 
 #[test]
+fn tap_deleted_while_active_fails_the_device_on_receive() {
+    let mut t = TapIf::new('e');
+    let tap = Tap::open(&t.name).expect("open the tap");
+    let (mut d, _) = driver(Box::new(tap));
+    d.add(RX, &[(DATA, 2048, true)]);
+    let fd = polled(&d);
+    t.delete();
+    // the detached tap's fd polls as an error: the worker would call the device
+    wait_readable(fd);
+    d.t.backend_ready(fd);
+    assert!(d.needs_reset(), "RX on a deleted tap");
+    let why = d.t.broken().unwrap_or_default().to_string();
+    assert!(why.contains("net receive"), "{why}");
+}
+
+#[test]
 fn tap_bad_names_are_refused() {
     for name in ["", "a/b", "sixteen_chars_xx", "nul\0x"] {
         assert!(

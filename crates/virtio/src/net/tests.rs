@@ -317,3 +317,23 @@ fn reset_forgets_a_held_frame() {
         "after a reset and DRIVER_OK the fd is polled again"
     );
 }
+
+#[test]
+fn a_frame_shorter_than_an_ethernet_header_is_dropped() {
+    let (dev, mut peer) = SocketBackend::pair().unwrap();
+    let (mut d, stats) = driver(Box::new(dev));
+    // only the header, then 13 bytes of frame: neither reaches the peer, nor resets
+    d.put(DATA, &[0u8; HDR_LEN]);
+    let h1 = d.add(TX, &[(DATA, HDR_LEN as u32, false)]);
+    let h2 = tx(&mut d, &frame(13, 0));
+    assert_eq!(d.used(TX), vec![(h1, 0), (h2, 0)]);
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 2);
+    assert!(!d.needs_reset());
+    let mut b = [0u8; 64];
+    let e = peer.recv(&mut b).expect_err("nothing sent to the peer");
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+    // the shortest frame goes through
+    let f = frame(ETH_HLEN, 0);
+    tx(&mut d, &f);
+    assert_eq!(peer_recv(&mut peer), f);
+}
