@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -59,6 +59,12 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// It is neither a regular file nor a block device.
+    #[error("{path} is neither a regular file nor a block device")]
+    NotADisk {
+        /// Path.
+        path: PathBuf,
+    },
     /// Its size is not a whole number of 512-byte sectors.
     #[error("{path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
     NotSectors {
@@ -96,6 +102,18 @@ impl FileBackend {
                 path: path.to_owned(),
                 source,
             })?;
+        let kind = file
+            .metadata()
+            .map_err(|source| OpenError::Size {
+                path: path.to_owned(),
+                source,
+            })?
+            .file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(OpenError::NotADisk {
+                path: path.to_owned(),
+            });
+        }
         // Seeking to the end also sizes a block device node (whose metadata says 0).
         let size = file
             .seek(SeekFrom::End(0))
