@@ -38,6 +38,27 @@ pub struct Args {
     /// state then travels with snapshots and migrations.
     #[arg(long)]
     irqchip: bool,
+    /// Attach a virtio-blk disk over this raw image (`PATH` or `PATH,ro`; repeatable).
+    #[arg(long = "disk", value_name = "IMG[,ro]", value_parser = parse_disk)]
+    disks: Vec<vmm::VirtioSpec>,
+    /// Attach a virtio-net device on this existing tap interface (repeatable).
+    #[arg(long = "net", value_name = "TAP")]
+    nets: Vec<String>,
+    /// Attach a virtio-vsock device whose host side is this Unix socket (Firecracker's
+    /// hybrid convention: connect and write `CONNECT <port>\n`; the guest's connections to
+    /// port P go to `SOCK_P`).
+    #[arg(long, value_name = "SOCK")]
+    vsock: Option<std::path::PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3, requires = "vsock")]
+    vsock_cid: u64,
+    /// Attach a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+    /// How the virtio devices interrupt: `legacy` (a line, InterruptStatus/ACK) or `msi`
+    /// (offered through Dragonball's registers; the driver enables it).
+    #[arg(long, default_value = "legacy", value_parser = parse_irq)]
+    irq: vmm::IrqMode,
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
@@ -75,6 +96,51 @@ pub struct Args {
     security: crate::tls::TlsArgs,
 }
 
+/// Parse `--disk PATH[,ro]`.
+pub fn parse_disk(s: &str) -> Result<vmm::VirtioSpec, String> {
+    let (path, ro) = match s.strip_suffix(",ro") {
+        Some(p) => (p, true),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("--disk needs an image path".into());
+    }
+    Ok(vmm::VirtioSpec::Block {
+        path: path.into(),
+        read_only: ro,
+    })
+}
+
+/// Parse `--irq legacy|msi`.
+pub fn parse_irq(s: &str) -> Result<vmm::IrqMode, String> {
+    match s {
+        "legacy" => Ok(vmm::IrqMode::Legacy),
+        "msi" => Ok(vmm::IrqMode::Msi),
+        _ => Err(format!("'{s}': expected legacy or msi")),
+    }
+}
+
+impl Args {
+    /// The virtio devices named on the command line, in bus order: disks, nets, vsock, rng.
+    fn virtio(&self) -> Vec<vmm::VirtioSpec> {
+        let mut v = self.disks.clone();
+        v.extend(self.nets.iter().map(|t| vmm::VirtioSpec::Net {
+            tap: t.clone(),
+            mac: None,
+        }));
+        if let Some(u) = &self.vsock {
+            v.push(vmm::VirtioSpec::Vsock {
+                cid: self.vsock_cid,
+                uds: u.clone(),
+            });
+        }
+        if self.rng {
+            v.push(vmm::VirtioSpec::Rng);
+        }
+        v
+    }
+}
+
 /// Parse `512M`, `1G`, `4096K` or a byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -109,6 +175,9 @@ pub fn run(a: &Args) -> CliResult {
         }),
         vfio_user: a.vfio_user.clone(),
         irqchip: a.irqchip,
+        virtio: a.virtio(),
+        virtio_irq: a.irq,
+        virtio_job: vmm::VirtioJob::default(),
     };
     let running = match &a.incoming {
         Some(ep) => {
@@ -196,6 +265,22 @@ pub fn run(a: &Args) -> CliResult {
             summary.wall_ms,
             summary.checksums_verified
         );
+        for d in &summary.virtio {
+            println!(
+                "  virtio {} {} at {:#x}: {} requests, {} register exits, {} legacy / {} MSI interrupts{}",
+                d.kind,
+                d.index,
+                d.base,
+                d.completed,
+                d.reads + d.writes,
+                d.legacy_irqs,
+                d.msi_irqs,
+                d.needs_reset
+                    .as_ref()
+                    .map(|r| format!(", NEEDS RESET: {r}"))
+                    .unwrap_or_default()
+            );
+        }
         for v in &summary.vcpus {
             println!(
                 "  vCPU {}: checksum {}, {} heartbeats, max gap {:.1} ms, exit code {}",

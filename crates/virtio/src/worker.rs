@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::mmio::MmioTransport;
 
 const STOP: u64 = u64::MAX;
+const RESYNC: u64 = u64::MAX - 1;
 const BACKEND: u64 = 1 << 32;
 
 /// Starting a device's thread failed.
@@ -35,6 +36,7 @@ pub struct Worker {
     transport: Arc<Mutex<MmioTransport>>,
     notify: Vec<EventFd>,
     stop: EventFd,
+    resync: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -51,6 +53,7 @@ impl Worker {
             .map(|_| EventFd::new(EFD_NONBLOCK).map_err(io("notify eventfd")))
             .collect::<Result<Vec<_>, _>>()?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(io("stop eventfd"))?;
+        let resync = EventFd::new(EFD_NONBLOCK).map_err(io("resync eventfd"))?;
         let epoll = Epoll::new().map_err(io("epoll_create"))?;
         for (i, e) in notify.iter().enumerate() {
             epoll
@@ -68,6 +71,14 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, STOP),
             )
             .map_err(io("epoll_ctl"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                resync.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, RESYNC),
+            )
+            .map_err(io("epoll_ctl"))?;
+        let resync_fd = resync.try_clone().map_err(io("eventfd dup"))?;
         let fds = notify
             .iter()
             .map(|e| e.try_clone())
@@ -76,12 +87,13 @@ impl Worker {
         let t = transport.clone();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run(t, fds, epoll))
+            .spawn(move || run(t, fds, resync_fd, epoll))
             .map_err(io("spawn"))?;
         Ok(Worker {
             transport,
             notify,
             stop,
+            resync,
             thread: Some(thread),
         })
     }
@@ -108,6 +120,12 @@ impl Worker {
         }
     }
 
+    /// Have the thread ask the device again which backend fds to poll (after the driver
+    /// changed the device's status: activation, reset).
+    pub fn resync(&self) {
+        let _ = self.resync.write(1);
+    }
+
     /// Stop the thread and wait for it.
     pub fn stop(&mut self) {
         let _ = self.stop.write(1);
@@ -123,7 +141,7 @@ impl Drop for Worker {
     }
 }
 
-fn run(transport: Arc<Mutex<MmioTransport>>, notify: Vec<EventFd>, epoll: Epoll) {
+fn run(transport: Arc<Mutex<MmioTransport>>, notify: Vec<EventFd>, resync: EventFd, epoll: Epoll) {
     let mut events = vec![EpollEvent::default(); 16];
     let mut polled: HashSet<RawFd> = HashSet::new();
     loop {
@@ -142,6 +160,10 @@ fn run(transport: Arc<Mutex<MmioTransport>>, notify: Vec<EventFd>, epoll: Epoll)
             let data = ev.data();
             if data == STOP {
                 return;
+            }
+            if data == RESYNC {
+                let _ = resync.read();
+                continue;
             }
             if data & BACKEND != 0 {
                 t.backend_ready(data as u32 as RawFd);

@@ -44,6 +44,36 @@ pub struct VmConfig {
     /// How the virtio devices interrupt: legacy lines, or MSI offered to the driver.
     #[serde(default)]
     pub virtio_irq: virtio::IrqMode,
+    /// What the built-in guest's `virtio` workload does.
+    #[serde(default)]
+    pub virtio_job: VirtioJob,
+}
+
+/// The `virtio` workload's parameters (see `guest::abi::VIRTIO_PARAMS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioJob {
+    /// `guest::abi::VIRTIO_JOB_*`.
+    pub job: u64,
+    /// Requests of a benchmark job.
+    pub iterations: u64,
+    /// The host vsock port the guest connects to.
+    pub vsock_port: u32,
+    /// The guest's IPv4 address for the net test's ARP request.
+    pub guest_ip: [u8; 4],
+    /// The host's IPv4 address on the tap, asked for.
+    pub host_ip: [u8; 4],
+}
+
+impl Default for VirtioJob {
+    fn default() -> Self {
+        VirtioJob {
+            job: 0,
+            iterations: 0,
+            vsock_port: 5000,
+            guest_ip: [172, 30, 0, 2],
+            host_ip: [172, 30, 0, 1],
+        }
+    }
 }
 
 /// A device to attach, as the command line and the API name it.
@@ -89,7 +119,6 @@ impl VirtioSpec {
     }
 }
 
-
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
@@ -105,6 +134,7 @@ impl Default for VmConfig {
             irqchip: false,
             virtio: Vec::new(),
             virtio_irq: virtio::IrqMode::Legacy,
+            virtio_job: VirtioJob::default(),
         }
     }
 }

@@ -326,6 +326,9 @@ pub struct RunSummary {
     /// vfio-user devices on the PCI bus and what went through them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceStats>,
+    /// virtio-mmio devices and what went through them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtio: Vec<crate::devices::virtio::VirtioDeviceStats>,
 }
 
 /// A running VM and its controller.
@@ -912,6 +915,7 @@ impl RunningVm {
             matches_source,
             reports: self.telemetry.reports.clone(),
             devices: self.machine.pci().map(|p| p.stats()).unwrap_or_default(),
+            virtio: self.machine.virtio().map(|v| v.stats()).unwrap_or_default(),
         })
     }
 }

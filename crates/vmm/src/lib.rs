@@ -37,8 +37,9 @@ pub mod restore;
 pub mod snapshot;
 pub mod vstate;
 
-pub use config::VmConfig;
+pub use config::{VirtioJob, VirtioSpec, VmConfig};
 pub use controller::{RunError, RunSummary, RunningVm};
 pub use guest::{Event, Workload};
 pub use memory::Backend;
+pub use virtio::IrqMode;
 pub use vstate::{Vm, VmError};

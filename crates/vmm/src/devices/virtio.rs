@@ -14,8 +14,8 @@
 //! Every other register access exits and is handled here, on the vCPU thread, under the
 //! device's lock.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use kvm_ioctls::IoEventAddress;
 use serde::Serialize;
@@ -180,11 +180,24 @@ impl std::fmt::Debug for VirtioBus {
 }
 
 fn open(spec: &VirtioSpec, index: usize) -> Result<Box<dyn VirtioDevice>, VirtioError> {
-    // DEVICES-PENDING: the device models land from their branches.
-    Err(VirtioError::Backend {
-        kind: spec.kind(),
-        index,
-        what: "not built yet".into(),
+    let kind = spec.kind();
+    let fail = |what: String| VirtioError::Backend { kind, index, what };
+    Ok(match spec {
+        VirtioSpec::Block { path, read_only } => {
+            let file = virtio::blk::FileBackend::open(path, *read_only)
+                .map_err(|e| fail(format!("{}: {}", path.display(), virtio::error_chain(&e))))?;
+            Box::new(virtio::blk::Block::new(Box::new(file)))
+        }
+        VirtioSpec::Net { tap, mac } => {
+            let backend = virtio::net::Tap::open(tap)
+                .map_err(|e| fail(format!("tap {tap}: {}", virtio::error_chain(&e))))?;
+            let mac = mac.unwrap_or_else(|| derived_mac(tap));
+            Box::new(virtio::net::Net::new(Box::new(backend), mac))
+        }
+        VirtioSpec::Vsock { .. } => {
+            return Err(fail("vsock is not built yet".into()));
+        }
+        VirtioSpec::Rng => Box::new(virtio::rng::Rng::new()),
     })
 }
 
@@ -244,7 +257,11 @@ impl VirtioBus {
                     continue;
                 };
                 irq.vm()
-                    .register_ioevent(fd, &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY), q as u32)
+                    .register_ioevent(
+                        fd,
+                        &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                        q as u32,
+                    )
                     .map_err(|source| VirtioError::Ioeventfd {
                         index,
                         queue: q,
@@ -278,9 +295,12 @@ impl VirtioBus {
             return true;
         };
         if write {
-            if let WriteAction::Notify(q) = t.write(off, data) {
-                drop(t);
-                slot.worker.notify(usize::from(q));
+            let action = t.write(off, data);
+            drop(t);
+            match action {
+                WriteAction::Notify(q) => slot.worker.notify(usize::from(q)),
+                WriteAction::None if off == reg::STATUS => slot.worker.resync(),
+                WriteAction::None => {}
             }
         } else {
             t.read(off, data);

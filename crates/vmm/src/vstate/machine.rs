@@ -92,8 +92,11 @@ impl Vm {
             cfg.backend = Backend::Memfd;
         }
         let mem = Arc::new(GuestMem::new(cfg.mem_bytes, cfg.backend).map_err(VmError::Memory)?);
-        let (kvm, vm, irqchip) =
-            create_vm(&mem, cfg.irqchip || with_pci || with_virtio || irq_cpl.is_some(), false)?;
+        let (kvm, vm, irqchip) = create_vm(
+            &mem,
+            cfg.irqchip || with_pci || with_virtio || irq_cpl.is_some(),
+            false,
+        )?;
         // Devices' BARs and windows and the LAPIC (the irq workloads' EOI) sit below 4 GiB.
         let map_bytes = if with_pci || with_virtio || irq_cpl.is_some() {
             4 << 30
@@ -189,6 +192,25 @@ impl Vm {
             None
         };
         let virtio = virtio_bus(&irq, &mem, &cfg)?;
+        if let Some(b) = &virtio {
+            // Firmware's part for a guest without a kernel: each device's IOAPIC pin, edge,
+            // to the irq workloads' vector on vCPU 0 (a Linux guest programs its own).
+            for d in b.stats() {
+                irq.route_pin(d.gsi, abi::IRQ_VECTOR, false, 0)
+                    .map_err(|source| {
+                        VmError::Virtio(crate::devices::virtio::VirtioError::Irq {
+                            index: d.index,
+                            source,
+                        })
+                    })?;
+            }
+        }
+        if cfg.workload == Workload::Virtio {
+            write_virtio_params(&mem, &cfg).map_err(|source| VmError::GuestWrite {
+                what: "the virtio workload's parameters",
+                source,
+            })?;
+        }
         let n = vcpus.len();
         Ok(Vm {
             kvm,
@@ -402,6 +424,31 @@ impl Vm {
             irq: self.irq,
         })
     }
+}
+
+/// The `virtio` workload's parameter block (`abi::VIRTIO_PARAMS`).
+fn write_virtio_params(mem: &GuestMem, cfg: &VmConfig) -> Result<(), vm_memory::GuestMemoryError> {
+    use crate::devices::virtio::VIRTIO_STRIDE;
+    let j = &cfg.virtio_job;
+    let mut p = Vec::with_capacity(0x30 + 16 * cfg.virtio.len());
+    p.extend_from_slice(&u64::from(cfg.virtio_irq == virtio::IrqMode::Msi).to_le_bytes());
+    p.extend_from_slice(&j.job.to_le_bytes());
+    p.extend_from_slice(&j.iterations.to_le_bytes());
+    p.extend_from_slice(&u64::from(j.vsock_port).to_le_bytes());
+    p.extend_from_slice(&j.guest_ip);
+    p.extend_from_slice(&j.host_ip);
+    p.extend_from_slice(&(cfg.virtio.len() as u64).to_le_bytes());
+    for (i, d) in cfg.virtio.iter().enumerate() {
+        let id: u64 = match d {
+            crate::config::VirtioSpec::Net { .. } => 1,
+            crate::config::VirtioSpec::Block { .. } => 2,
+            crate::config::VirtioSpec::Rng => 4,
+            crate::config::VirtioSpec::Vsock { .. } => 19,
+        };
+        p.extend_from_slice(&(VIRTIO_BASE + VIRTIO_STRIDE * i as u64).to_le_bytes());
+        p.extend_from_slice(&id.to_le_bytes());
+    }
+    vm_memory::Bytes::write_slice(mem.mem(), &p, vm_memory::GuestAddress(abi::VIRTIO_PARAMS))
 }
 
 /// The VM's virtio-mmio devices, if its configuration names any.
