@@ -8,6 +8,7 @@ pub mod report;
 pub mod restore_bench;
 pub mod uffd_bench;
 pub mod vfu_bench;
+pub mod virtio_bench;
 pub mod vm_bench;
 
 use thiserror::Error;

@@ -141,6 +141,158 @@ pub fn bench_vfu(json: bool, quick: bool, report: Option<&std::path::Path>) -> C
     }
 }
 
+pub fn bench_virtio(
+    json: bool,
+    cases: &[String],
+    runs: usize,
+    irq: vmm::IrqMode,
+    iterations: u64,
+    report: Option<&std::path::Path>,
+) -> CliResult {
+    for c in cases {
+        if !["rr", "blk", "net"].contains(&c.as_str()) {
+            return Err(CliError::Usage(format!(
+                "unknown case '{c}' (expected rr, blk, net)"
+            )));
+        }
+    }
+    if iterations == 0 || iterations > 10_000_000 {
+        return Err(CliError::Usage("--iterations must be in 1..=10000000".into()));
+    }
+    let has = |c: &str| cases.iter().any(|x| x == c);
+    let mut progress = crate::progress::Progress::spinner("bench virtio");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let mut bars: Vec<Bar> = Vec::new();
+    if has("rr") {
+        progress.update(0.0, "rr: legacy and MSI round trips");
+        for l in bench::virtio_bench::rr(iterations, runs).map_err(failed("bench virtio: rr"))? {
+            bars.push((
+                "rr".into(),
+                l.irq.into(),
+                l.per_s,
+                format!(
+                    "{:.0}/s ({:.0}-{:.0}); {:.2} exits to userspace, {} in the kernel per round trip",
+                    l.per_s,
+                    l.per_s_range[0],
+                    l.per_s_range[1],
+                    l.exits_user,
+                    l.exits_kernel.map_or("-".into(), |k| format!("{k:.2}"))
+                ),
+            ));
+            lines.push(serde_json::to_value(&l).expect("plain struct serialises"));
+        }
+    }
+    if has("blk") {
+        progress.update(0.0, "blk: 4 KiB random and 1 MiB sequential reads, guest and host");
+        let dir = tempfile_dir()?;
+        for l in bench::virtio_bench::blk(dir.path(), 20_000, 300, irq, runs)
+            .map_err(failed("bench virtio: blk"))?
+        {
+            bars.push((
+                format!("blk {}", l.pattern),
+                l.imp.into(),
+                l.iops,
+                format!("{:.0} IOPS, {:.1} MB/s", l.iops, l.mb_s),
+            ));
+            lines.push(serde_json::to_value(&l).expect("plain struct serialises"));
+        }
+    }
+    if has("net") {
+        progress.update(0.0, "net: frames into a tap, guest and host");
+        for l in bench::virtio_bench::net(40_000, irq, runs).map_err(failed("bench virtio: net"))? {
+            bars.push((
+                "net".into(),
+                l.imp.into(),
+                l.frames_per_s,
+                format!("{:.3} Gbit/s, {:.0} frames/s", l.gbit_s, l.frames_per_s),
+            ));
+            lines.push(serde_json::to_value(&l).expect("plain struct serialises"));
+        }
+    }
+    progress.finish("done");
+    if let Some(dir) = report {
+        bars_report(
+            dir,
+            "faultline bench virtio",
+            "virtio-mmio devices driven by the built-in guest, beside their anchors",
+            ("case", "requests (frames) per second, log scale"),
+            &bars,
+        )?;
+    }
+    for l in &lines {
+        if json {
+            println!("{l}");
+        } else {
+            println!("{}", human_virtio(l));
+        }
+    }
+    if !json {
+        let rate = |irq: &str| {
+            lines
+                .iter()
+                .find(|l| l["case"] == "rr" && l["irq"] == irq)
+                .and_then(|l| l["per_s"].as_f64())
+        };
+        if let (Some(a), Some(b)) = (rate("legacy"), rate("msi")) {
+            println!("rr: MSI / legacy = {:.2}x (goal 1.3x)", b / a);
+        }
+        let iops = |imp: &str| {
+            lines
+                .iter()
+                .find(|l| l["case"] == "blk" && l["pattern"] == "rand-4k-qd1" && l["impl"] == imp)
+                .and_then(|l| l["iops"].as_f64())
+        };
+        if let (Some(g), Some(h)) = (iops("faultline"), iops("host")) {
+            println!(
+                "blk 4 KiB random QD1: guest / host = {:.1}% (goal 70%)",
+                100.0 * g / h
+            );
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
+        .prefix("faultline-bench-virtio")
+        .tempdir()
+        .map_err(failed("a temporary directory for the disk image"))
+}
+
+fn human_virtio(l: &serde_json::Value) -> String {
+    match l["case"].as_str() {
+        Some("rr") => format!(
+            "rr {:<6}: {:>9.0} round trips/s ({:.0}-{:.0}), {:.2} exits to userspace + {} in the kernel, {:.2} interrupts per round trip",
+            l["irq"].as_str().unwrap_or(""),
+            l["per_s"].as_f64().unwrap_or(0.0),
+            l["per_s_range"][0].as_f64().unwrap_or(0.0),
+            l["per_s_range"][1].as_f64().unwrap_or(0.0),
+            l["exits_user"].as_f64().unwrap_or(0.0),
+            l["exits_kernel"].as_f64().map_or("-".into(), |k| format!("{k:.2}")),
+            l["irqs"].as_f64().unwrap_or(0.0),
+        ),
+        Some("blk") => format!(
+            "blk {} {:<9} {:<6}: {:>9.0} IOPS ({:.0}-{:.0}), {:.1} MB/s",
+            l["pattern"].as_str().unwrap_or(""),
+            l["impl"].as_str().unwrap_or(""),
+            l["irq"].as_str().unwrap_or(""),
+            l["iops"].as_f64().unwrap_or(0.0),
+            l["iops_range"][0].as_f64().unwrap_or(0.0),
+            l["iops_range"][1].as_f64().unwrap_or(0.0),
+            l["mb_s"].as_f64().unwrap_or(0.0),
+        ),
+        _ => format!(
+            "net {:<9} {:<6}: {:.3} Gbit/s ({:.3}-{:.3}), {:.0} frames/s",
+            l["impl"].as_str().unwrap_or(""),
+            l["irq"].as_str().unwrap_or(""),
+            l["gbit_s"].as_f64().unwrap_or(0.0),
+            l["gbit_s_range"][0].as_f64().unwrap_or(0.0),
+            l["gbit_s_range"][1].as_f64().unwrap_or(0.0),
+            l["frames_per_s"].as_f64().unwrap_or(0.0),
+        ),
+    }
+}
+
 pub fn bench_vm(
     json: bool,
     boots: usize,

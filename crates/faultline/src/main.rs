@@ -182,6 +182,29 @@ enum BenchCmd {
         #[arg(long)]
         report: Option<std::path::PathBuf>,
     },
+    /// virtio-mmio devices driven by the built-in guest: request/response round trips
+    /// (legacy against MSI interrupts, with exits), block reads (beside the host reading
+    /// the same file), frames into a tap (beside the host writing them).
+    Virtio {
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Which cases: rr, blk, net (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "rr,blk,net")]
+        cases: Vec<String>,
+        /// Runs per figure (medians reported, with the range).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        runs: u64,
+        /// Interrupt mode of the blk and net cases (rr measures both).
+        #[arg(long, default_value = "msi", value_parser = run::parse_irq)]
+        irq: vmm::IrqMode,
+        /// Round trips per run of `rr`.
+        #[arg(long, default_value_t = 20000)]
+        iterations: u64,
+        /// Also write a report into this directory (charts and an index.html).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+    },
     /// The microVM: boot to the first heartbeat (1 GiB), and the guest's dirtying speed
     /// against the same loop in a host process.
     Vm {
@@ -369,6 +392,24 @@ fn main() -> ExitCode {
                     report,
                 },
         } => benches::bench_uffd(json, (faults, runs), threads, case, report.as_deref()),
+        Cmd::Bench {
+            which:
+                BenchCmd::Virtio {
+                    json,
+                    cases,
+                    runs,
+                    irq,
+                    iterations,
+                    report,
+                },
+        } => benches::bench_virtio(
+            json,
+            &cases,
+            runs as usize,
+            irq,
+            iterations,
+            report.as_deref(),
+        ),
         Cmd::Bench {
             which:
                 BenchCmd::Vm {

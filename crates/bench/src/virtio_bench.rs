@@ -1,0 +1,430 @@
+//! `faultline bench virtio`: the virtio-mmio devices driven by the built-in guest, each
+//! figure beside its anchor measured in the same run.
+//!
+//! - `rr`: request/response round trips (8 bytes from the entropy device, each waited for
+//!   through its interrupt) per second, legacy against MSI, with the exits each costs: the
+//!   analog of netperf TCP_RR in the MSI-for-virtio-mmio series.
+//! - `blk`: 4 KiB reads at random 4 KiB offsets and 1 MiB sequential reads, queue depth 1,
+//!   from the guest, beside this process reading the same file the same way (`"impl":"host"`).
+//! - `net`: 1514-byte frames from the guest into a tap (8 in flight), beside this process
+//!   writing the same frames into the same tap.
+//!
+//! Exits: a baseline run of the same job with no iterations (the driver's setup) is
+//! subtracted, so the figures are per request.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vmm::guest::abi;
+use vmm::{IrqMode, VirtioJob, VirtioSpec, Vm, VmConfig, Workload};
+
+use crate::BenchError;
+
+/// `rr` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct RrLine {
+    /// `"virtio"`.
+    pub bench: &'static str,
+    /// `"rr"`.
+    pub case: &'static str,
+    /// `"legacy"` or `"msi"`.
+    pub irq: &'static str,
+    /// Round trips per second (median of the runs).
+    pub per_s: f64,
+    /// Slowest and fastest run.
+    pub per_s_range: [f64; 2],
+    /// Exits to userspace per round trip.
+    pub exits_user: f64,
+    /// Exits handled in the kernel per round trip (`None`: no KVM binary stats here).
+    pub exits_kernel: Option<f64>,
+    /// Interrupts the guest took per round trip.
+    pub irqs: f64,
+    /// Round trips per run.
+    pub iterations: u64,
+    /// Runs.
+    pub runs: usize,
+}
+
+/// `blk` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlkLine {
+    /// `"virtio"`.
+    pub bench: &'static str,
+    /// `"blk"`.
+    pub case: &'static str,
+    /// `"rand-4k-qd1"` or `"seq-1m-qd1"`.
+    pub pattern: &'static str,
+    /// `"faultline"` (the guest) or `"host"` (this process, `pread`).
+    #[serde(rename = "impl")]
+    pub imp: &'static str,
+    /// The guest's interrupt mode (`None` for the host).
+    pub irq: Option<&'static str>,
+    /// Requests per second (median of the runs).
+    pub iops: f64,
+    /// MB/s (10^6 bytes).
+    pub mb_s: f64,
+    /// Slowest and fastest run, IOPS.
+    pub iops_range: [f64; 2],
+    /// Requests per run.
+    pub iterations: u64,
+    /// Runs.
+    pub runs: usize,
+}
+
+/// `net` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetLine {
+    /// `"virtio"`.
+    pub bench: &'static str,
+    /// `"net"`.
+    pub case: &'static str,
+    /// `"faultline"` (guest to tap) or `"host"` (this process writing into the tap).
+    #[serde(rename = "impl")]
+    pub imp: &'static str,
+    /// The guest's interrupt mode (`None` for the host).
+    pub irq: Option<&'static str>,
+    /// Gbit/s of Ethernet frames (median of the runs).
+    pub gbit_s: f64,
+    /// Frames per second.
+    pub frames_per_s: f64,
+    /// Slowest and fastest run, Gbit/s.
+    pub gbit_s_range: [f64; 2],
+    /// Frames per run.
+    pub frames: u64,
+    /// Runs.
+    pub runs: usize,
+}
+
+fn irq_name(m: IrqMode) -> &'static str {
+    match m {
+        IrqMode::Legacy => "legacy",
+        IrqMode::Msi => "msi",
+    }
+}
+
+/// What a guest job did.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    iterations: u64,
+    secs: f64,
+    irqs: u64,
+    exits_user: u64,
+    exits_kernel: Option<u64>,
+}
+
+fn err(what: &str) -> impl FnOnce(&dyn std::error::Error) -> BenchError + '_ {
+    move |e| BenchError::Run(format!("{what}: {}", uffd::error_chain(e)))
+}
+
+/// Run the `virtio` workload's `job` on `devices` for `iterations`.
+fn guest_job(
+    devices: &[VirtioSpec],
+    irq: IrqMode,
+    job: u64,
+    iterations: u64,
+) -> Result<Job, BenchError> {
+    let vm = Vm::new(VmConfig {
+        mem_bytes: 64 << 20,
+        vcpus: 1,
+        workload: Workload::Virtio,
+        virtio: devices.to_vec(),
+        virtio_irq: irq,
+        virtio_job: VirtioJob {
+            job,
+            iterations,
+            ..VirtioJob::default()
+        },
+        ..VmConfig::default()
+    })
+    .map_err(|e| err("creating the VM")(&e))?;
+    let stats = vm
+        .vcpu_stats(0)
+        .map_err(|e| err("KVM_GET_STATS_FD")(&e))?;
+    let khz = f64::from(vm.tsc_khz().map_err(|e| err("KVM_GET_TSC_KHZ")(&e))?);
+    let running = place(|| vm.start()).map_err(|e| err("starting the VM")(&e))?;
+    let s = running
+        .wait(Duration::from_secs(300), |_| {})
+        .map_err(|e| err("running the VM")(&e))?;
+    let get = |k: u32| {
+        s.reports
+            .iter()
+            .rev()
+            .find(|r| r.0 == k)
+            .map(|r| u64::from(r.1))
+    };
+    let result = get(abi::KEY_VIRTIO_RESULT).unwrap_or(u64::MAX);
+    if result != 0 {
+        return Err(BenchError::Run(format!(
+            "the guest's virtio job {job} failed at step {result} after {} requests; devices: {}",
+            get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
+            serde_json::to_string(&s.virtio).unwrap_or_default()
+        )));
+    }
+    let ticks = get(abi::KEY_VIRTIO_TICKS_LO).unwrap_or(0)
+        | (get(abi::KEY_VIRTIO_TICKS_HI).unwrap_or(0) << 32);
+    let kernel = stats
+        .as_ref()
+        .and_then(|st| st.read("exits").ok())
+        .map(|k| k.saturating_sub(s.exits));
+    Ok(Job {
+        iterations: get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
+        secs: ticks as f64 / (khz * 1000.0),
+        irqs: get(abi::KEY_VIRTIO_IRQS).unwrap_or(0),
+        exits_user: s.exits,
+        exits_kernel: kernel,
+    })
+}
+
+/// Where the threads run: the device workers on the first allowed CPU, the vCPU on the last
+/// (it inherits the affinity of the thread that starts it). On one CPU a worker woken by the
+/// spinning vCPU waits for the scheduler to preempt it; across CPUs each wake costs the other
+/// CPU's wake-up (`shared/PVM.md`: ~26 µs here).
+pub const PLACEMENT: &str = "device threads on the first CPU, the vCPU on the last";
+
+fn place<T>(start: impl FnOnce() -> T) -> T {
+    let cpus = crate::irq_bench::host::allowed_cpus();
+    let (Some(&first), Some(&last)) = (cpus.first(), cpus.last()) else {
+        return start();
+    };
+    if first == last {
+        return start();
+    }
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("virtio-")
+                && let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>()
+            {
+                let _ = crate::irq_bench::host::pin_thread(tid, first);
+            }
+        }
+    }
+    let _ = crate::irq_bench::host::pin(last);
+    let r = start();
+    let _ = crate::irq_bench::host::pin_set(&cpus);
+    r
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn range(v: &[f64]) -> [f64; 2] {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    [lo, hi]
+}
+
+/// `rr` for both interrupt modes, `runs` runs of `iterations` round trips each.
+pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
+    let mut out = Vec::new();
+    for irq in [IrqMode::Legacy, IrqMode::Msi] {
+        let base = guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, 0)?;
+        let mut rates = Vec::new();
+        let mut last = None;
+        for _ in 0..runs.max(1) {
+            let j = guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, iterations)?;
+            rates.push(j.iterations as f64 / j.secs.max(1e-9));
+            last = Some(j);
+        }
+        let j = last.expect("at least one run");
+        let n = j.iterations.max(1) as f64;
+        out.push(RrLine {
+            bench: "virtio",
+            case: "rr",
+            irq: irq_name(irq),
+            per_s_range: range(&rates),
+            per_s: median(&mut rates),
+            exits_user: (j.exits_user.saturating_sub(base.exits_user)) as f64 / n,
+            exits_kernel: match (j.exits_kernel, base.exits_kernel) {
+                (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / n),
+                _ => None,
+            },
+            irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
+            iterations: j.iterations,
+            runs: runs.max(1),
+        });
+    }
+    Ok(out)
+}
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// A file of `bytes` with non-zero data, written through and left in the page cache.
+fn image(dir: &Path, bytes: u64) -> Result<std::path::PathBuf, BenchError> {
+    let p = dir.join("bench-disk.img");
+    let io = |e: std::io::Error| BenchError::Run(format!("{}: {e}", p.display()));
+    let mut f = std::fs::File::create(&p).map_err(io)?;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 + 1) as u8).collect();
+    for _ in 0..bytes >> 20 {
+        f.write_all(&chunk).map_err(io)?;
+    }
+    f.sync_all().map_err(io)?;
+    Ok(p)
+}
+
+/// The host's reads of `path`, as the guest's job does them: (IOPS, MB/s).
+fn host_reads(path: &Path, seq: bool, iterations: u64, seed: u64) -> Result<f64, BenchError> {
+    let f = std::fs::File::open(path).map_err(|e| BenchError::Run(format!("{e}")))?;
+    let len = f.metadata().map_err(|e| BenchError::Run(format!("{e}")))?.len();
+    let (sectors, req) = (len / 512, if seq { 1 << 20 } else { 4096usize });
+    let mut buf = vec![0u8; req];
+    let mut x = seed;
+    let t = Instant::now();
+    for i in 0..iterations {
+        let sector = if seq {
+            (i % (sectors >> 11)) << 11
+        } else {
+            x = xorshift(x);
+            (x % (sectors >> 3)) * 8
+        };
+        f.read_exact_at(&mut buf, sector * 512)
+            .map_err(|e| BenchError::Run(format!("host pread: {e}")))?;
+    }
+    Ok(iterations as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `blk`: both patterns, the guest in `irq` mode and the host, `runs` runs each.
+pub fn blk(
+    dir: &Path,
+    rand_iterations: u64,
+    seq_iterations: u64,
+    irq: IrqMode,
+    runs: usize,
+) -> Result<Vec<BlkLine>, BenchError> {
+    let img = image(dir, 256 << 20)?;
+    let spec = VirtioSpec::Block {
+        path: img.clone(),
+        read_only: true,
+    };
+    let mut out = Vec::new();
+    for (pattern, seq, iters, job) in [
+        ("rand-4k-qd1", false, rand_iterations, abi::VIRTIO_JOB_BLK_RANDOM),
+        ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
+    ] {
+        let bytes = if seq { 1u64 << 20 } else { 4096 };
+        let (mut guest, mut host) = (Vec::new(), Vec::new());
+        for _ in 0..runs.max(1) {
+            let j = guest_job(std::slice::from_ref(&spec), irq, job, iters)?;
+            guest.push(j.iterations as f64 / j.secs.max(1e-9));
+            // The guest's seed: VmConfig's default (1) for vCPU 0.
+            host.push(host_reads(&img, seq, iters, 1)?);
+        }
+        for (imp, irq, v) in [
+            ("faultline", Some(irq_name(irq)), &mut guest),
+            ("host", None, &mut host),
+        ] {
+            let r = range(v);
+            let iops = median(v);
+            out.push(BlkLine {
+                bench: "virtio",
+                case: "blk",
+                pattern,
+                imp,
+                irq,
+                iops,
+                mb_s: iops * bytes as f64 / 1e6,
+                iops_range: r,
+                iterations: iters,
+                runs: runs.max(1),
+            });
+        }
+    }
+    let _ = std::fs::remove_file(&img);
+    Ok(out)
+}
+
+/// A tap for the benchmark, deleted on drop.
+struct BenchTap(String);
+
+impl BenchTap {
+    fn new() -> Result<BenchTap, BenchError> {
+        let name = format!("flbench{}", std::process::id() % 10_000);
+        let ip = |args: &[&str]| -> Result<(), BenchError> {
+            let o = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| BenchError::Run(format!("ip: {e}")))?;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(BenchError::Run(format!(
+                    "ip {args:?}: {} (the net case needs root and tun/tap)",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )))
+            }
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"])?;
+        let t = BenchTap(name.clone());
+        ip(&["link", "set", &name, "up"])?;
+        Ok(t)
+    }
+}
+
+impl Drop for BenchTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}
+
+/// `net`: guest to tap in `irq` mode, and this process into the same tap.
+pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, BenchError> {
+    use virtio::net::NetBackend;
+    let tap = BenchTap::new()?;
+    let spec = VirtioSpec::Net {
+        tap: tap.0.clone(),
+        mac: None,
+    };
+    let frame_bits = 1514.0 * 8.0;
+    let (mut guest, mut host) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let j = guest_job(std::slice::from_ref(&spec), irq, abi::VIRTIO_JOB_NET_TX, frames)?;
+        guest.push(j.iterations as f64 / j.secs.max(1e-9));
+        // The same frames from this process, the tap opened again once the VM closed it.
+        let mut t = virtio::net::Tap::open(&tap.0).map_err(|e| err("opening the tap")(&e))?;
+        let mut frame = vec![0u8; 1514];
+        frame[..6].fill(0xff);
+        frame[12] = 0x88;
+        frame[13] = 0xb5;
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while sent < frames {
+            match t.send(&frame) {
+                Ok(()) => sent += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => return Err(BenchError::Run(format!("host write to the tap: {e}"))),
+            }
+        }
+        host.push(sent as f64 / start.elapsed().as_secs_f64());
+    }
+    let mut out = Vec::new();
+    for (imp, irq, v) in [
+        ("faultline", Some(irq_name(irq)), &mut guest),
+        ("host", None, &mut host),
+    ] {
+        let r = range(v);
+        let fps = median(v);
+        out.push(NetLine {
+            bench: "virtio",
+            case: "net",
+            imp,
+            irq,
+            gbit_s: fps * frame_bits / 1e9,
+            frames_per_s: fps,
+            gbit_s_range: [r[0] * frame_bits / 1e9, r[1] * frame_bits / 1e9],
+            frames,
+            runs: runs.max(1),
+        });
+    }
+    Ok(out)
+}
