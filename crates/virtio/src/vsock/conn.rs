@@ -235,6 +235,8 @@ pub struct PendingHost {
     pub stream: UnixStream,
     /// The line so far.
     pub line: Vec<u8>,
+    /// When it connected.
+    pub since: std::time::Instant,
 }
 
 /// What reading a `CONNECT` line gave.

@@ -4,6 +4,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
@@ -199,6 +200,9 @@ impl Vsock {
                 }
             };
             if self.conns.len() + self.pending.len() >= MAX_CONNS {
+                self.evict_slow_lines();
+            }
+            if self.conns.len() + self.pending.len() >= MAX_CONNS {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 continue; // dropped: closed at once
             }
@@ -211,8 +215,29 @@ impl Vsock {
                 PendingHost {
                     stream,
                     line: Vec::new(),
+                    since: Instant::now(),
                 },
             );
+        }
+    }
+
+    /// Close the host streams that have not sent their `CONNECT` line within the deadline
+    /// (done when the connections are all taken: they hold slots others could use).
+    fn evict_slow_lines(&mut self) {
+        let now = Instant::now();
+        let slow: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.since) >= self.line_deadline)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in slow {
+            if let Some(p) = self.pending.remove(&fd) {
+                tracing::debug!("vsock: host stream closed: no CONNECT line in time");
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let _ = p.stream.shutdown(std::net::Shutdown::Both);
+                self.graveyard.push(p.stream);
+            }
         }
     }
 
@@ -252,8 +277,9 @@ impl Vsock {
     fn ephemeral_port(&mut self, peer: u32) -> u32 {
         loop {
             let p = self.next_port;
+            // u32::MAX is VMADDR_PORT_ANY: never a port.
             self.next_port = match self.next_port.wrapping_add(1) {
-                0 => super::FIRST_LOCAL_PORT,
+                u32::MAX => super::FIRST_LOCAL_PORT,
                 n => n,
             };
             if !self.conns.contains_key(&(p, peer)) {

@@ -34,7 +34,8 @@
 //!   still held); with both flags, or its `OP_RST`, the device answers `OP_RST` (not to an
 //!   RST) and closes the host stream. Half-closed host streams are not kept.
 //! - **Bounds**: at most [`MAX_CONNS`] connections and host streams still sending their
-//!   `CONNECT` line (more are accepted and closed at once); at most [`CTL_QUEUE`] control
+//!   `CONNECT` line (more are accepted and closed at once, after closing the streams that
+//!   took longer than [`CONNECT_LINE_DEADLINE`] over their line); at most [`CTL_QUEUE`] control
 //!   packets wait for rx buffers (the tx queue is left alone while it is full); a tx packet
 //!   whose `len` is past its buffers or past 64 KiB, or an rx buffer smaller than the
 //!   header, is malformed (`DeviceError::Request`: the device needs a reset). A packet with
@@ -51,6 +52,8 @@ mod host;
 pub mod packet;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_flow;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
@@ -58,6 +61,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use thiserror::Error;
 use vmm_sys_util::epoll::Epoll;
@@ -78,6 +82,9 @@ pub const DEFAULT_GUEST_CID: u64 = 3;
 pub const MAX_CONNS: usize = 256;
 /// The most control packets waiting for rx buffers.
 pub const CTL_QUEUE: usize = 1024;
+/// How long a host stream may take to send its `CONNECT` line before it may be closed to
+/// make room for another (when all [`MAX_CONNS`] are taken).
+pub const CONNECT_LINE_DEADLINE: Duration = Duration::from_secs(5);
 /// The first ephemeral local port of host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -151,6 +158,8 @@ pub struct Vsock {
     listener_paused: bool,
     /// The next ephemeral local port to try.
     next_port: u32,
+    /// [`CONNECT_LINE_DEADLINE`] (shorter in tests).
+    line_deadline: Duration,
     /// The connection served last (rx round robin).
     last_served: Option<Key>,
     /// Streams closed during this call: their fds are released at the next call, after the
@@ -193,10 +202,18 @@ impl Vsock {
             tx_stalled: false,
             listener_paused: false,
             next_port: FIRST_LOCAL_PORT,
+            line_deadline: CONNECT_LINE_DEADLINE,
             last_served: None,
             graveyard: Vec::new(),
             stats: Arc::default(),
         })
+    }
+
+    /// The same device with another `CONNECT` line deadline (tests).
+    #[cfg(test)]
+    fn with_line_deadline(mut self, d: Duration) -> Vsock {
+        self.line_deadline = d;
+        self
     }
 
     /// Its counters.
@@ -336,7 +353,6 @@ impl Vsock {
         if !qs.ready(RX) {
             return Ok(());
         }
-        self.ask_credit();
         let mut data = Vec::new();
         loop {
             if let Some(h) = self.ctl.front().copied() {
@@ -351,6 +367,11 @@ impl Vsock {
                 continue;
             }
             let Some(key) = self.next_ready() else {
+                let before = self.ctl.len();
+                self.ask_credit();
+                if self.ctl.len() > before {
+                    continue;
+                }
                 return Ok(());
             };
             let Some(chain) = qs.pop(RX)? else {

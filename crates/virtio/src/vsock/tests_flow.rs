@@ -1,0 +1,178 @@
+//! Flow control, limits and resets of the vsock device, over real Unix sockets.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::MAX_CONNS;
+use super::conn::BUF_ALLOC;
+use super::packet::Op;
+use super::tests::{DEADLINE, assert_closed, env, env_with, g, host_connect, host_stream};
+use crate::mmio::reg;
+use crate::testing::DATA;
+
+#[test]
+fn a_device_reset_closes_every_host_stream() {
+    let mut e = env();
+    let (mut s, _) = host_connect(&mut e, 1);
+    let mut waiting = host_stream(&e);
+    e.settle(30);
+    e.d.w32(reg::STATUS, 0);
+    assert_closed(&mut s, "connected stream after reset");
+    assert_closed(&mut waiting, "stream without a CONNECT line after reset");
+}
+
+#[test]
+fn the_guest_refusing_a_host_connect_closes_the_host_stream() {
+    let mut e = env();
+    let mut s = host_stream(&e);
+    std::io::Write::write_all(&mut s, b"CONNECT 80\n").unwrap();
+    let (h, _) = e.recv();
+    assert_eq!(h.op(), Some(Op::Request));
+    e.send(g(Op::Rst, 80, h.src_port), &[], None);
+    e.settle(30);
+    assert_closed(&mut s, "refused by the guest");
+    assert!(e.got.is_empty(), "no answer to an RST: {:?}", e.got);
+}
+
+#[test]
+fn an_rx_buffer_smaller_than_a_header_needs_reset() {
+    let mut e = env();
+    e.send(g(Op::Request, 7, 5002), &[], None); // an RST waits for the guest
+    e.d.add(0, &[(DATA, 20, true)]);
+    e.d.kick(0);
+    assert!(e.d.needs_reset());
+    let why = e.d.t.broken().unwrap_or_default().to_string();
+    assert!(why.contains("cannot hold the 44-byte header"), "{why}");
+}
+
+/// The guest sends `n` packets of 64 KiB (bytes `i % 251`) on a connection.
+fn send_64k(e: &mut super::tests::Env, port: u32, local: u32, n: usize, off: &mut usize) {
+    for _ in 0..n {
+        let chunk: Vec<u8> = (*off..*off + 65536).map(|i| (i % 251) as u8).collect();
+        *off += chunk.len();
+        e.send(g(Op::Rw, port, local), &chunk, None);
+    }
+}
+
+#[test]
+fn guest_bytes_wait_for_a_slow_host_and_flow_when_it_reads() {
+    let mut e = env();
+    let (s, local) = host_connect(&mut e, 2);
+    let idle = e.d.t.poll_fds().len();
+    // 256 KiB: all the credit the device gives; the host reads nothing yet.
+    let mut off = 0;
+    send_64k(&mut e, 2, local, 4, &mut off);
+    assert!(!e.d.needs_reset());
+    e.settle(20);
+    assert!(
+        e.got.iter().all(|(h, _)| h.op() != Some(Op::Rst)),
+        "{:?}",
+        e.got
+    );
+    assert_eq!(
+        e.d.t.poll_fds().len(),
+        idle + 1,
+        "the writability epoll is polled while bytes wait"
+    );
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut all = vec![0u8; 4 * 65536];
+        s.read_exact(&mut all).unwrap();
+        (all, s) // the stream stays open
+    });
+    let end = Instant::now() + DEADLINE;
+    while !reader.is_finished() {
+        assert!(Instant::now() < end, "the host never got the bytes");
+        e.round(10);
+    }
+    let (all, _s) = reader.join().unwrap();
+    assert!(
+        all.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+        "bytes out of order"
+    );
+    e.settle(20);
+    assert_eq!(e.d.t.poll_fds().len(), idle, "nothing waits: not polled");
+    // The guest heard its credit come back, unasked.
+    let updates: Vec<u32> = e
+        .got
+        .iter()
+        .filter(|(h, _)| h.op() == Some(Op::CreditUpdate))
+        .map(|(h, _)| h.fwd_cnt)
+        .collect();
+    assert!(
+        updates.iter().any(|&f| f >= BUF_ALLOC / 2),
+        "credit updates {updates:?}"
+    );
+    e.got.clear();
+    e.send(g(Op::CreditRequest, 2, local), &[], None);
+    let (h, _) = e.recv();
+    assert_eq!((h.op(), h.fwd_cnt), (Some(Op::CreditUpdate), 4 * 65536));
+}
+
+#[test]
+fn a_guest_overrunning_its_credit_gets_rst() {
+    let mut e = env();
+    let (mut s, local) = host_connect(&mut e, 3);
+    let mut off = 0;
+    // 1 MiB with the host reading nothing: far more than the 256 KiB of credit plus what
+    // the socket buffer holds (the credit updates the device sends meanwhile are ignored).
+    send_64k(&mut e, 3, local, 16, &mut off);
+    assert!(
+        !e.d.needs_reset(),
+        "an overrun is the connection's fault, not the device's"
+    );
+    let h = loop {
+        let (h, _) = e.recv();
+        if h.op() != Some(Op::CreditUpdate) {
+            break h;
+        }
+    };
+    assert_eq!(h.op(), Some(Op::Rst));
+    assert!(e.stats.resets.load(Ordering::Relaxed) >= 1);
+    // The host gets what was written before, then the end.
+    let mut b = vec![0u8; 1 << 16];
+    let mut n = 0;
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("host read: {e}"),
+        }
+    }
+    assert!(n < 16 * 65536, "{n} bytes");
+}
+
+#[test]
+fn connections_are_bounded_and_slow_connect_lines_make_room() {
+    let deadline = Duration::from_millis(1500);
+    let mut e = env_with(|v| v.with_line_deadline(deadline));
+    let start = Instant::now();
+    let mut idle: Vec<UnixStream> = (0..MAX_CONNS).map(|_| host_stream(&e)).collect();
+    // Accept them all (16 per readiness of the listener).
+    while e.round(20) > 0 {}
+    let mut over = host_stream(&e);
+    e.settle(30);
+    assert!(
+        start.elapsed() < deadline,
+        "setting up took too long for the test ({:?})",
+        start.elapsed()
+    );
+    assert_closed(&mut over, "one stream over the limit");
+    assert_eq!(e.stats.refused.load(Ordering::Relaxed), 1);
+    // Past the deadline, a new stream closes the silent ones and gets its connection.
+    std::thread::sleep(deadline.saturating_sub(start.elapsed()) + Duration::from_millis(50));
+    let mut late = host_stream(&e);
+    std::io::Write::write_all(&mut late, b"CONNECT 9\n").unwrap();
+    let (h, _) = e.recv();
+    assert_eq!((h.op(), h.dst_port), (Some(Op::Request), 9));
+    assert_eq!(
+        e.stats.refused.load(Ordering::Relaxed),
+        1 + MAX_CONNS as u64
+    );
+    assert_closed(&mut idle[0], "a silent stream past the deadline");
+    idle.clear();
+}
