@@ -236,7 +236,7 @@ impl Vsock {
                 tracing::debug!("vsock: host stream closed: no CONNECT line in time");
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 let _ = p.stream.shutdown(std::net::Shutdown::Both);
-                self.graveyard.push(p.stream);
+                self.graveyard.get_mut().push(p.stream);
             }
         }
     }
@@ -257,7 +257,7 @@ impl Vsock {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 if let Some(p) = self.pending.remove(&fd) {
                     let _ = p.stream.shutdown(std::net::Shutdown::Both);
-                    self.graveyard.push(p.stream);
+                    self.graveyard.get_mut().push(p.stream);
                 }
                 return;
             }

@@ -55,6 +55,7 @@ mod tests;
 #[cfg(test)]
 mod tests_flow;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -162,9 +163,13 @@ pub struct Vsock {
     line_deadline: Duration,
     /// The connection served last (rx round robin).
     last_served: Option<Key>,
-    /// Streams closed during this call: their fds are released at the next call, after the
-    /// worker has stopped polling them (so a new stream reusing the number is polled).
-    graveyard: Vec<UnixStream>,
+    /// Streams closed (shut down) since the worker last asked for [`poll_fds`]: their fds
+    /// are released then, once the worker knows not to poll them. Released earlier, a
+    /// stream accepted later in the same epoll batch could reuse the number, and the
+    /// worker, seeing a number it already polls, would never register the new stream.
+    ///
+    /// [`poll_fds`]: VirtioDevice::poll_fds
+    graveyard: RefCell<Vec<UnixStream>>,
     stats: Arc<VsockStats>,
 }
 
@@ -204,7 +209,7 @@ impl Vsock {
             next_port: FIRST_LOCAL_PORT,
             line_deadline: CONNECT_LINE_DEADLINE,
             last_served: None,
-            graveyard: Vec::new(),
+            graveyard: RefCell::new(Vec::new()),
             stats: Arc::default(),
         })
     }
@@ -281,7 +286,7 @@ impl Vsock {
             }
             // The host sees the end now, whatever the worker does with the fd.
             let _ = c.stream.shutdown(std::net::Shutdown::Both);
-            self.graveyard.push(c.stream);
+            self.graveyard.get_mut().push(c.stream);
             self.listener_paused = false;
         }
     }
@@ -445,7 +450,7 @@ impl Vsock {
         }
         for (_, p) in self.pending.drain() {
             let _ = p.stream.shutdown(std::net::Shutdown::Both);
-            self.graveyard.push(p.stream);
+            self.graveyard.get_mut().push(p.stream);
         }
         self.ctl.clear();
         self.tx_stalled = false;
@@ -475,12 +480,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        self.graveyard.clear();
         self.clear();
     }
 
     fn process_queue(&mut self, qs: &mut Queues<'_>, index: usize) -> Result<(), DeviceError> {
-        self.graveyard.clear();
         match index {
             TX => self.process_tx(qs)?,
             RX => {}
@@ -490,6 +493,8 @@ impl VirtioDevice for Vsock {
     }
 
     fn poll_fds(&self) -> Vec<RawFd> {
+        // The worker stops polling what is not listed here: the closed streams can go.
+        self.graveyard.borrow_mut().clear();
         let mut fds = Vec::new();
         if !self.listener_paused && self.ctl_room(1) {
             fds.push(self.listener.as_raw_fd());
@@ -511,7 +516,6 @@ impl VirtioDevice for Vsock {
     }
 
     fn backend_ready(&mut self, qs: &mut Queues<'_>, fd: RawFd) -> Result<(), DeviceError> {
-        self.graveyard.clear();
         if fd == self.listener.as_raw_fd() {
             self.accept();
         } else if fd == self.out_epoll.as_raw_fd() {

@@ -1,7 +1,7 @@
 //! The vsock device driven through the transport's registers over real guest memory, with
 //! real Unix sockets in a temporary directory on the host side.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::{HDR_LEN, HOST_CID, Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::{Vsock, VsockError, VsockStats};
@@ -28,6 +30,9 @@ pub(super) struct Env {
     pub(super) stats: Arc<VsockStats>,
     pub(super) got: VecDeque<(Header, Vec<u8>)>,
     pub(super) rx_out: usize,
+    /// The worker's epoll and the fds it polls.
+    epoll: Epoll,
+    polled: HashSet<RawFd>,
 }
 
 pub(super) fn env() -> Env {
@@ -50,6 +55,8 @@ pub(super) fn env_with(f: impl FnOnce(Vsock) -> Vsock) -> Env {
         stats,
         got: VecDeque::new(),
         rx_out: 0,
+        epoll: Epoll::new().unwrap(),
+        polled: HashSet::new(),
     }
 }
 
@@ -103,27 +110,35 @@ impl Env {
         }
     }
 
-    /// One round of the worker: wait up to `ms` for a polled fd and hand the ready ones to
-    /// the device. Returns how many were ready.
-    pub(super) fn round(&mut self, ms: i32) -> usize {
-        let fds = self.d.t.poll_fds();
-        let mut p: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|&fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: `p` is a live array of `p.len()` pollfds.
-        let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
-        assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
-        let ready: Vec<RawFd> = p.iter().filter(|x| x.revents != 0).map(|x| x.fd).collect();
-        for &fd in &ready {
-            self.d.t.backend_ready(fd);
+    /// Make the polled set what the device wants, as the worker does after each batch: add
+    /// the new fds, delete the ones gone (a number it already has is left alone).
+    fn sync(&mut self) {
+        let want: HashSet<RawFd> = self.d.t.poll_fds().into_iter().collect();
+        for fd in self.polled.difference(&want) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
         }
+        for fd in want.difference(&self.polled) {
+            let ev = EpollEvent::new(EventSet::IN, *fd as u32 as u64);
+            self.epoll.ctl(ControlOperation::Add, *fd, ev).unwrap();
+        }
+        self.polled = want;
+    }
+
+    /// One round of the worker (worker.rs): wait up to `ms` for a polled fd, hand every
+    /// ready one of the batch to the device, then update the polled set. Returns how many
+    /// were ready.
+    pub(super) fn round(&mut self, ms: i32) -> usize {
+        self.sync(); // the test called the device (a kick) since the last round
+        let mut events = vec![EpollEvent::default(); 16];
+        let n = self.epoll.wait(ms, &mut events).unwrap();
+        for ev in &events[..n] {
+            self.d.t.backend_ready(ev.data() as u32 as RawFd);
+        }
+        self.sync();
         self.collect();
-        ready.len()
+        n
     }
 
     /// Run the worker's rounds for `ms` milliseconds.
@@ -447,4 +462,19 @@ fn host_eof_sends_shutdown_and_a_later_packet_gets_rst() {
     let (h, _) = e.recv();
     assert_eq!(h.op(), Some(Op::Rst));
     assert!(!e.d.needs_reset());
+}
+
+#[test]
+fn a_stream_closed_and_one_accepted_in_the_same_batch_are_both_served() {
+    let mut e = env();
+    let mut bad = host_stream(&e);
+    e.settle(30); // accepted: it waits for its line
+    // One batch: the bad line (the device closes that stream) and the listener (it accepts
+    // a stream that could get the closed one's fd number).
+    bad.write_all(b"BAD\n").unwrap();
+    let mut good = host_stream(&e);
+    good.write_all(b"CONNECT 5\n").unwrap();
+    let (h, _) = e.recv();
+    assert_eq!((h.op(), h.dst_port), (Some(Op::Request), 5));
+    assert_closed(&mut bad, "bad line");
 }
