@@ -48,8 +48,15 @@ pub struct Conn {
     pub rx_hint: bool,
     /// A `CREDIT_REQUEST` went to the guest and no credit came back since.
     pub credit_requested: bool,
-    /// The guest will send no more: shut the host stream's write side once `tx_buf` is out.
+    /// The guest will send no more (`OP_SHUTDOWN` with the send flag): shut the host
+    /// stream's write side once `tx_buf` is out.
     pub shut_write: bool,
+    /// The guest will receive no more (`OP_SHUTDOWN` with the receive flag).
+    pub guest_no_rcv: bool,
+    /// The host stream reached its end (the guest was sent `OP_SHUTDOWN`, send flag).
+    pub host_eof: bool,
+    /// The guest shut both ways: `OP_RST` once `tx_buf` is out.
+    pub closing: bool,
     /// The stream is registered for writability (its `tx_buf` is not empty).
     pub out_polled: bool,
 }
@@ -82,8 +89,17 @@ impl Conn {
             rx_hint: false,
             credit_requested: false,
             shut_write: false,
+            guest_no_rcv: false,
+            host_eof: false,
+            closing: false,
             out_polled: false,
         }
+    }
+
+    /// Whether host bytes may go to the guest (given credit): established, and neither
+    /// side has ended that direction.
+    pub fn relaying(&self) -> bool {
+        self.state == State::Established && !self.host_eof && !self.guest_no_rcv && !self.closing
     }
 
     /// Take the guest's credit from one of its packets.

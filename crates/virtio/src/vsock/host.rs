@@ -67,26 +67,26 @@ impl Vsock {
                     self.reset_conn(key);
                 }
             }
-            (Op::Rw, State::Established) => {
+            (Op::Rw, State::Established) if !c.shut_write => {
                 if !self.send_host(key, payload, true) {
                     self.reset_conn(key);
                 }
             }
             (Op::Shutdown, _) => {
-                let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                if h.flags & both == both {
+                c.guest_no_rcv |= h.flags & SHUTDOWN_RCV != 0;
+                c.shut_write |= h.flags & SHUTDOWN_SEND != 0;
+                c.closing = c.guest_no_rcv && c.shut_write;
+                // Shut the host's write side now if nothing waits for it.
+                if c.flush().is_err() {
                     self.reset_conn(key);
-                } else if h.flags & SHUTDOWN_SEND != 0 {
-                    c.shut_write = true;
-                    if c.flush().is_err() {
-                        self.reset_conn(key);
-                    }
+                } else {
+                    self.maybe_finish(key);
                 }
             }
             (Op::CreditUpdate, _) => {}
             (Op::CreditRequest, _) => self.queue_ctl(key, Op::CreditUpdate, 0),
-            // A response to nothing, data before the response: the guest is confused about
-            // this connection.
+            // A response to nothing, data before the response or after the guest's shutdown:
+            // the guest is confused about this connection.
             (Op::Response | Op::Rw, _) | (Op::Request, _) => self.reset_conn(key),
         }
     }
@@ -288,7 +288,8 @@ impl Vsock {
         }
     }
 
-    /// The writability epoll is readable: write out what host streams hold.
+    /// The writability epoll is readable: write out what host streams hold (and end the
+    /// connections that waited for that).
     pub(super) fn writable(&mut self) -> Result<(), DeviceError> {
         let mut events = vec![EpollEvent::default(); 32];
         let n = match self.out_epoll.wait(0, &mut events) {
@@ -302,6 +303,9 @@ impl Vsock {
             }
         };
         for ev in &events[..n] {
+            if !self.ctl_room(2) {
+                break; // the rest stay ready in the epoll
+            }
             let fd = ev.data() as u32 as RawFd;
             let Some(key) = self.by_fd.get(&fd).copied() else {
                 continue;
@@ -310,7 +314,13 @@ impl Vsock {
                 continue;
             };
             let ok = match c.flush() {
-                Ok(_) => self.after_write(key),
+                Ok(_) => {
+                    let ok = self.after_write(key);
+                    if ok {
+                        self.maybe_finish(key);
+                    }
+                    ok
+                }
                 Err(e) => {
                     tracing::debug!(port = key.0, "vsock: writing to the host stream: {e}");
                     false
@@ -327,18 +337,44 @@ impl Vsock {
         Ok(())
     }
 
-    /// The host stream of `key` ended (EOF) or failed: tell the guest and forget it.
+    /// The host stream of `key` ended (EOF) or failed. At EOF the guest hears
+    /// `OP_SHUTDOWN` (send flag: the host may still read, a half-close); on an error, RST.
     pub(super) fn host_closed(&mut self, key: Key, err: Option<io::Error>) {
         match err {
             None => {
-                let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
-                self.queue_ctl(key, Op::Shutdown, both);
-                self.remove(key);
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                c.host_eof = true;
+                if c.shut_write && c.tx_buf.is_empty() {
+                    self.maybe_finish(key); // both ways done: SHUTDOWN with both flags
+                } else {
+                    self.queue_ctl(key, Op::Shutdown, SHUTDOWN_SEND);
+                }
             }
             Some(e) => {
                 tracing::debug!(port = key.0, "vsock: reading the host stream: {e}");
                 self.reset_conn(key);
             }
+        }
+    }
+
+    /// End connection `key` if both sides are done with it and no guest bytes wait for
+    /// the host: the guest shut both ways (answer `OP_RST`), or the guest shut its sending
+    /// side and the host stream ended (`OP_SHUTDOWN` with both flags). The caller made
+    /// room for one control packet.
+    pub(super) fn maybe_finish(&mut self, key: Key) {
+        let Some(c) = self.conns.get(&key) else {
+            return;
+        };
+        if !c.tx_buf.is_empty() {
+            return;
+        }
+        if c.closing {
+            self.reset_conn(key);
+        } else if c.host_eof && c.shut_write {
+            self.queue_ctl(key, Op::Shutdown, SHUTDOWN_RCV | SHUTDOWN_SEND);
+            self.remove(key);
         }
     }
 }

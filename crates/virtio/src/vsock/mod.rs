@@ -340,7 +340,7 @@ impl Vsock {
 
     /// The next connection whose host bytes can go to the guest now (round robin).
     fn next_ready(&self) -> Option<Key> {
-        let ok = |c: &Conn| c.rx_hint && c.state == conn::State::Established && c.peer_credit() > 0;
+        let ok = |c: &Conn| c.rx_hint && c.relaying() && c.peer_credit() > 0;
         let after = self.last_served.map(|k| {
             self.conns
                 .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded))
@@ -424,10 +424,7 @@ impl Vsock {
             .conns
             .iter()
             .filter(|(_, c)| {
-                c.rx_hint
-                    && c.state == conn::State::Established
-                    && c.peer_credit() == 0
-                    && !c.credit_requested
+                c.rx_hint && c.relaying() && c.peer_credit() == 0 && !c.credit_requested
             })
             .map(|(k, _)| *k)
             .collect();
@@ -505,11 +502,12 @@ impl VirtioDevice for Vsock {
         let mut out = false;
         for c in self.conns.values() {
             out |= c.out_polled;
-            if c.state == conn::State::Established && !c.rx_hint && c.peer_credit() > 0 {
+            if c.relaying() && !c.rx_hint && c.peer_credit() > 0 {
                 fds.push(c.stream.as_raw_fd());
             }
         }
-        if out {
+        // Writing out may end a connection (a control packet): not while they are full.
+        if out && self.ctl_room(2) {
             fds.push(self.out_epoll.as_raw_fd());
         }
         fds

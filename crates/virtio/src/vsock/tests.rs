@@ -451,17 +451,43 @@ fn a_stream_is_not_polled_while_its_bytes_cannot_go_anywhere() {
 }
 
 #[test]
-fn host_eof_sends_shutdown_and_a_later_packet_gets_rst() {
+fn host_eof_sends_shutdown_and_a_closed_host_resets_later_data() {
     let mut e = env();
     let (s, local) = host_connect(&mut e, 44);
     drop(s);
     let (h, _) = e.recv();
     assert_eq!(h.op(), Some(Op::Shutdown));
-    assert_eq!(h.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    assert_eq!(h.flags, SHUTDOWN_SEND, "the host sends no more");
     e.send(g(Op::Rw, 44, local), b"late", None);
+    let (h, _) = e.recv();
+    assert_eq!(h.op(), Some(Op::Rst), "nobody reads: EPIPE, reset");
+    // The connection is gone: a packet on it gets RST too.
+    e.send(g(Op::Rw, 44, local), b"later", None);
     let (h, _) = e.recv();
     assert_eq!(h.op(), Some(Op::Rst));
     assert!(!e.d.needs_reset());
+}
+
+#[test]
+fn a_half_closed_host_still_gets_the_guest_reply() {
+    let mut e = env();
+    let (mut s, local) = host_connect(&mut e, 45);
+    s.write_all(b"request").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (h, data) = e.recv();
+    assert_eq!((h.op(), data.as_slice()), (Some(Op::Rw), &b"request"[..]));
+    let (h, _) = e.recv();
+    assert_eq!((h.op(), h.flags), (Some(Op::Shutdown), SHUTDOWN_SEND));
+    e.send(g(Op::Rw, 45, local), b"reply", None);
+    assert_eq!(host_read(&mut s, 5), b"reply");
+    // The guest closes: shutdown both ways, the device answers RST and ends the stream.
+    let mut sh = g(Op::Shutdown, 45, local);
+    sh.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    e.send(sh, &[], None);
+    let (h, _) = e.recv();
+    assert_eq!(h.op(), Some(Op::Rst));
+    e.settle(20);
+    assert_closed(&mut s, "after the guest's close");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::MAX_CONNS;
 use super::conn::BUF_ALLOC;
-use super::packet::Op;
+use super::packet::{Op, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use super::tests::{DEADLINE, assert_closed, env, env_with, g, host_connect, host_stream};
 use crate::mmio::reg;
 use crate::testing::DATA;
@@ -175,4 +175,43 @@ fn connections_are_bounded_and_slow_connect_lines_make_room() {
     );
     assert_closed(&mut idle[0], "a silent stream past the deadline");
     idle.clear();
+}
+
+#[test]
+fn a_guest_close_waits_for_its_bytes_to_reach_a_slow_host() {
+    let mut e = env();
+    let (s, local) = host_connect(&mut e, 4);
+    let mut off = 0;
+    send_64k(&mut e, 4, local, 4, &mut off);
+    let mut sh = g(Op::Shutdown, 4, local);
+    sh.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    e.send(sh, &[], None);
+    e.settle(20);
+    assert!(
+        e.got.iter().all(|(h, _)| h.op() != Some(Op::Rst)),
+        "RST before the bytes are out: {:?}",
+        e.got
+    );
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        all
+    });
+    let end = Instant::now() + DEADLINE;
+    while !reader.is_finished() {
+        assert!(Instant::now() < end, "the host never got its EOF");
+        e.round(10);
+    }
+    let all = reader.join().unwrap();
+    assert_eq!(all.len(), 4 * 65536, "every byte, then EOF");
+    assert!(all.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    let h = loop {
+        let (h, _) = e.recv();
+        if h.op() != Some(Op::CreditUpdate) {
+            break h;
+        }
+    };
+    assert_eq!(h.op(), Some(Op::Rst));
 }
