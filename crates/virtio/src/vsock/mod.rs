@@ -28,11 +28,16 @@
 //!   resets the connection). It answers `OP_CREDIT_REQUEST` with `OP_CREDIT_UPDATE`, sends
 //!   one when half its buffer was consumed since the guest last heard, and asks with
 //!   `OP_CREDIT_REQUEST` when the guest's credit runs out.
-//! - **Closing**: host EOF (or a read error) sends the guest `OP_SHUTDOWN` with both flags
-//!   and forgets the connection (a later guest packet on it gets `OP_RST`). The guest's
-//!   `OP_SHUTDOWN` with the send flag shuts the host stream's write side (after the bytes
-//!   still held); with both flags, or its `OP_RST`, the device answers `OP_RST` (not to an
-//!   RST) and closes the host stream. Half-closed host streams are not kept.
+//! - **Closing**, a direction at a time: host EOF sends the guest `OP_SHUTDOWN` with the
+//!   send flag (the host may still read: a half-close; a host that closed fully makes the
+//!   next write fail with `EPIPE`, and the guest gets `OP_RST`). The guest's `OP_SHUTDOWN`
+//!   with the send flag shuts the host stream's write side once the bytes it holds are out;
+//!   with the receive flag, host bytes stop. When the guest has shut both ways the device
+//!   answers `OP_RST` once its bytes reached the host, and closes the host stream; when the
+//!   guest shut its sending side and the host reached EOF, the device sends `OP_SHUTDOWN`
+//!   with both flags and forgets the connection. The guest's `OP_RST` closes the host
+//!   stream; a host read error resets the connection. A packet for a connection the device
+//!   does not know gets `OP_RST` (never an RST).
 //! - **Bounds**: at most [`MAX_CONNS`] connections and host streams still sending their
 //!   `CONNECT` line (more are accepted and closed at once, after closing the streams that
 //!   took longer than [`CONNECT_LINE_DEADLINE`] over their line); at most [`CTL_QUEUE`] control

@@ -215,3 +215,34 @@ fn a_guest_close_waits_for_its_bytes_to_reach_a_slow_host() {
     };
     assert_eq!(h.op(), Some(Op::Rst));
 }
+
+#[test]
+fn control_packets_are_bounded_and_the_tx_queue_waits_for_rx_buffers() {
+    let mut e = env();
+    // Packets with a wrong CID each get an RST; no rx buffer takes them.
+    let mut sent = 0u32;
+    loop {
+        let mut h = g(Op::Request, 1, sent);
+        h.src_cid = 9;
+        e.send(h, &[], None);
+        if e.d.used(1).is_empty() {
+            break; // the device left this one on the queue
+        }
+        sent += 1;
+        assert!(
+            sent as usize <= super::CTL_QUEUE,
+            "control packets unbounded"
+        );
+    }
+    assert!(
+        sent as usize >= super::CTL_QUEUE - 2,
+        "stalled early: {sent}"
+    );
+    assert!(!e.d.needs_reset());
+    // Rx buffers come: every RST arrives in order, and the waiting packet is taken.
+    for port in 0..=sent {
+        let (h, _) = e.recv();
+        assert_eq!((h.op(), h.src_port), (Some(Op::Rst), port));
+    }
+    assert_eq!(e.d.used(1).len(), 1, "the waiting tx packet was completed");
+}
