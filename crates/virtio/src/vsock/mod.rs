@@ -388,6 +388,13 @@ impl Vsock {
                 return Ok(());
             };
             let room = packet::rx_room(&chain, RX)?;
+            if room == 0 {
+                // A buffer with room for a header only (a read of 0 bytes would look like
+                // EOF): it takes a credit update, and the bytes go to the next buffer.
+                qs.unpop(RX);
+                self.queue_ctl(key, Op::CreditUpdate, 0);
+                continue;
+            }
             let Some(c) = self.conns.get_mut(&key) else {
                 qs.unpop(RX);
                 continue;

@@ -504,3 +504,34 @@ fn a_stream_closed_and_one_accepted_in_the_same_batch_are_both_served() {
     assert_eq!((h.op(), h.dst_port), (Some(Op::Request), 5));
     assert_closed(&mut bad, "bad line");
 }
+
+#[test]
+fn an_rx_buffer_with_room_for_a_header_only_takes_no_data() {
+    let mut e = env();
+    let (mut s, local) = host_connect(&mut e, 46);
+    // Use up the rx buffers the device holds.
+    let end = Instant::now() + DEADLINE;
+    let mut written = 0;
+    while e.rx_out > 0 {
+        assert!(Instant::now() < end, "rx buffers not used up");
+        s.write_all(b"abcd").unwrap();
+        written += 4;
+        e.round(20);
+    }
+    e.got.clear();
+    // Bytes wait; the guest gives a 44-byte buffer, then normal ones.
+    s.write_all(b"wxyz").unwrap();
+    written += 4;
+    e.round(50);
+    let head = e.d.add(0, &[(0, 0, true)]);
+    let addr = DATA + u64::from(head) * u64::from(RX_BUF);
+    e.d.raw_desc(0, head, addr, HDR_LEN as u32, 2, 0);
+    e.rx_out += 1;
+    e.d.kick(0);
+    let (h, data) = e.recv();
+    assert_eq!(h.op(), Some(Op::CreditUpdate), "{h:?} {data:?}");
+    let (h, data) = e.recv();
+    assert_eq!((h.op(), h.src_port), (Some(Op::Rw), local));
+    assert_eq!(data, b"wxyz");
+    assert!(written > 4);
+}
