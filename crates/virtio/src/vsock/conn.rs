@@ -34,6 +34,9 @@ pub struct Conn {
     pub state: State,
     /// Bytes from the guest not yet written to the host stream (at most [`BUF_ALLOC`]).
     pub tx_buf: Vec<u8>,
+    /// How many bytes at the front of `tx_buf` are the device's own (the `OK` line), not
+    /// the guest's.
+    pub uncounted: usize,
     /// Bytes from the guest written to the host stream (wrapping), sent as `fwd_cnt`.
     pub fwd_cnt: u32,
     /// The `fwd_cnt` the guest last heard.
@@ -81,6 +84,7 @@ impl Conn {
             stream,
             state,
             tx_buf: Vec::new(),
+            uncounted: 0,
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
             rx_cnt: 0,
@@ -121,19 +125,25 @@ impl Conn {
         self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent) >= BUF_ALLOC / 2
     }
 
-    /// Bytes from the guest for the host: write what the stream takes now, keep the rest.
-    /// `Ok(false)`: the guest overran the credit it was given.
-    pub fn send_to_host(&mut self, data: &[u8]) -> io::Result<bool> {
-        if self.tx_buf.len() + data.len() > BUF_ALLOC as usize {
+    /// Bytes for the host: write what the stream takes now, keep the rest. `counted`: the
+    /// guest's payload (it counts in `fwd_cnt` and against the credit given to the guest),
+    /// else the device's own `OK` line. `Ok(false)`: the guest overran its credit.
+    pub fn send_to_host(&mut self, data: &[u8], counted: bool) -> io::Result<bool> {
+        let held = self.tx_buf.len() - self.uncounted;
+        if counted && held + data.len() > BUF_ALLOC as usize {
             return Ok(false);
         }
-        if self.tx_buf.is_empty() {
-            let n = send_some(&self.stream, data)?;
-            self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
-            self.tx_buf.extend_from_slice(&data[n..]);
+        let n = if self.tx_buf.is_empty() {
+            send_some(&self.stream, data)?
         } else {
-            self.tx_buf.extend_from_slice(data);
+            0
+        };
+        if counted {
+            self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+        } else {
+            self.uncounted += data.len() - n;
         }
+        self.tx_buf.extend_from_slice(&data[n..]);
         Ok(true)
     }
 
@@ -143,7 +153,10 @@ impl Conn {
         if !self.tx_buf.is_empty() {
             let n = send_some(&self.stream, &self.tx_buf)?;
             self.tx_buf.drain(..n);
-            self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+            // The device's own bytes come first in the buffer and are not counted.
+            let own = n.min(self.uncounted);
+            self.uncounted -= own;
+            self.fwd_cnt = self.fwd_cnt.wrapping_add((n - own) as u32);
         }
         if self.tx_buf.is_empty() && self.shut_write {
             // ENOTCONN: the host already closed; nothing left to tell it.
@@ -357,5 +370,38 @@ mod tests {
         c.peer_fwd_cnt = u32::MAX - 10;
         c.rx_cnt = 20;
         assert_eq!(c.peer_credit(), 1000 - 31);
+    }
+
+    #[test]
+    fn the_device_own_bytes_held_for_the_host_are_not_counted() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(a, State::Established);
+        // Fill the socket so everything after is held.
+        let mut filler = 0;
+        while send_some(&c.stream, &[0u8; 4096]).unwrap() > 0 {
+            filler += 1;
+        }
+        assert!(filler > 0);
+        assert!(c.send_to_host(b"OK 9\n", false).unwrap());
+        assert!(c.send_to_host(b"data", true).unwrap());
+        assert_eq!((c.tx_buf.len(), c.uncounted, c.fwd_cnt), (9, 5, 0));
+        // The host drains its socket: the held bytes go, only the guest's are counted.
+        b.set_nonblocking(true).unwrap();
+        let mut sink = [0u8; 65536];
+        while let Ok(n) = b.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        assert!(c.flush().unwrap());
+        assert_eq!((c.uncounted, c.fwd_cnt), (0, 4));
+        // Credit: BUF_ALLOC of the guest's bytes may be held, not one more.
+        while send_some(&c.stream, &[0u8; 4096]).unwrap() > 0 {}
+        assert!(
+            c.send_to_host(&vec![1u8; BUF_ALLOC as usize], true)
+                .unwrap()
+        );
+        assert!(!c.send_to_host(b"x", true).unwrap(), "overrun");
     }
 }

@@ -98,8 +98,7 @@ impl Vsock {
         let Some(c) = self.conns.get_mut(&key) else {
             return false;
         };
-        let fwd = c.fwd_cnt;
-        match c.send_to_host(data) {
+        match c.send_to_host(data, counted) {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(port = key.0, "vsock: the guest overran its credit: reset");
@@ -109,11 +108,6 @@ impl Vsock {
                 tracing::debug!(port = key.0, "vsock: writing to the host stream: {e}");
                 return false;
             }
-        }
-        if !counted {
-            // The OK line is the device's, not the guest's: it is not in fwd_cnt.
-            c.fwd_cnt = fwd;
-            c.fwd_cnt_sent = fwd;
         }
         self.after_write(key)
     }

@@ -148,7 +148,7 @@ fn a_guest_overrunning_its_credit_gets_rst() {
 
 #[test]
 fn connections_are_bounded_and_slow_connect_lines_make_room() {
-    let deadline = Duration::from_millis(1500);
+    let deadline = Duration::from_millis(2500);
     let mut e = env_with(|v| v.with_line_deadline(deadline));
     let start = Instant::now();
     let mut idle: Vec<UnixStream> = (0..MAX_CONNS).map(|_| host_stream(&e)).collect();
