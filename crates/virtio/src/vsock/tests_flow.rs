@@ -246,3 +246,72 @@ fn control_packets_are_bounded_and_the_tx_queue_waits_for_rx_buffers() {
     }
     assert_eq!(e.d.used(1).len(), 1, "the waiting tx packet was completed");
 }
+
+/// Wait for the next used rx buffer while the real worker thread runs the device.
+fn wait_rx(e: &mut super::tests::Env) -> (super::packet::Header, Vec<u8>) {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        e.collect();
+        if let Some(p) = e.got.pop_front() {
+            return p;
+        }
+        assert!(
+            Instant::now() < end,
+            "no packet for the guest within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_real_worker_thread_runs_a_connection() {
+    use std::io::Write;
+
+    use crate::{IrqMode, MmioTransport, Worker};
+
+    let mut e = env();
+    // Hand the initialised transport to a worker thread (worker.rs); the driver keeps
+    // writing rings in the shared guest memory and notifies through the worker.
+    let spare = tempfile::tempdir().unwrap();
+    let placeholder = MmioTransport::new(
+        Box::new(super::Vsock::new(3, &spare.path().join("p")).unwrap()),
+        e.d.mem.clone(),
+        std::sync::Arc::new(crate::interrupt::Counted::default()),
+        IrqMode::Legacy,
+    );
+    let t = std::mem::replace(&mut e.d.t, placeholder);
+    let mut w = Worker::spawn(t, "vsock-test".into()).unwrap();
+    for _ in 0..8 {
+        let head = e.d.add(0, &[(0, 0, true)]);
+        let addr = DATA + u64::from(head) * 0x1000;
+        e.d.raw_desc(0, head, addr, 0x1000, 2, 0);
+        e.rx_out += 1;
+    }
+    w.notify(0);
+    let mut s = host_stream(&e);
+    s.write_all(b"CONNECT 77\n").unwrap();
+    let (h, _) = wait_rx(&mut e);
+    assert_eq!((h.op(), h.dst_port), (Some(Op::Request), 77));
+    let local = h.src_port;
+    let send = |e: &mut super::tests::Env, w: &Worker, h: super::packet::Header, p: &[u8]| {
+        let mut h = h;
+        h.len = p.len() as u32;
+        e.d.put(super::tests::TX_AREA, &h.encode());
+        e.d.put(super::tests::TX_AREA + 44, p);
+        e.d.add(1, &[(super::tests::TX_AREA, 44 + p.len() as u32, false)]);
+        w.notify(1);
+    };
+    send(&mut e, &w, g(Op::Response, 77, local), &[]);
+    let line = format!("OK {local}\n");
+    assert_eq!(super::tests::host_read(&mut s, line.len()), line.as_bytes());
+    s.write_all(b"hi").unwrap();
+    let (h, data) = wait_rx(&mut e);
+    assert_eq!((h.op(), data.as_slice()), (Some(Op::Rw), &b"hi"[..]));
+    send(&mut e, &w, g(Op::Rw, 77, local), b"yo");
+    assert_eq!(super::tests::host_read(&mut s, 2), b"yo");
+    w.stop();
+    assert!(
+        w.transport().lock().unwrap().broken().is_none(),
+        "the device did not fail"
+    );
+}
