@@ -181,7 +181,8 @@ pub struct Vsock {
 impl Vsock {
     /// A vsock device for a guest with CID `guest_cid` (usually [`DEFAULT_GUEST_CID`]),
     /// listening for host connections on the Unix socket `uds_path` (which must not exist;
-    /// guest-initiated connections go to `<uds_path>_<port>`).
+    /// it is removed when the device is dropped). Guest-initiated connections go to
+    /// `<uds_path>_<port>`.
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
         if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::Cid(guest_cid));
@@ -190,15 +191,20 @@ impl Vsock {
             path: uds_path.to_path_buf(),
             source,
         })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| VsockError::Setup {
-                what: "making the listener non-blocking",
+        let setup = || -> Result<Epoll, VsockError> {
+            listener
+                .set_nonblocking(true)
+                .map_err(|source| VsockError::Setup {
+                    what: "making the listener non-blocking",
+                    source,
+                })?;
+            Epoll::new().map_err(|source| VsockError::Setup {
+                what: "epoll_create",
                 source,
-            })?;
-        let out_epoll = Epoll::new().map_err(|source| VsockError::Setup {
-            what: "epoll_create",
-            source,
+            })
+        };
+        let out_epoll = setup().inspect_err(|_| {
+            let _ = std::fs::remove_file(uds_path);
         })?;
         Ok(Vsock {
             guest_cid,
@@ -464,6 +470,15 @@ impl Vsock {
         self.ctl.clear();
         self.tx_stalled = false;
         self.last_served = None;
+    }
+}
+
+impl Drop for Vsock {
+    /// The listening socket's path goes with the device (a new device can bind it again).
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            tracing::debug!("vsock: removing {}: {e}", self.uds_path.display());
+        }
     }
 }
 

@@ -235,6 +235,11 @@ fn the_config_space_holds_the_guest_cid_and_bad_cids_are_refused() {
     // The path is taken: a clear bind error.
     let err = Vsock::new(3, &e.uds).unwrap_err();
     assert!(matches!(err, VsockError::Bind { .. }), "{err}");
+    // A dropped device leaves the path free for the next one.
+    let p = dir.path().join("again");
+    drop(Vsock::new(3, &p).unwrap());
+    assert!(!p.exists(), "socket file left behind");
+    drop(Vsock::new(3, &p).unwrap());
 }
 
 #[test]
