@@ -43,6 +43,9 @@ pub struct RrLine {
     pub exits_kernel: Option<f64>,
     /// Interrupts the guest took per round trip.
     pub irqs: f64,
+    /// The guest's idle calls per round trip (its stand-in for `hlt`, an exit of its own,
+    /// not counted in `exits_user`).
+    pub idle_per_rt: f64,
     /// Round trips per run.
     pub iterations: u64,
     /// Runs.
@@ -113,6 +116,7 @@ struct Job {
     secs: f64,
     irqs: u64,
     exits_user: u64,
+    idle: u64,
     exits_kernel: Option<u64>,
 }
 
@@ -141,9 +145,7 @@ fn guest_job(
         ..VmConfig::default()
     })
     .map_err(|e| err("creating the VM")(&e))?;
-    let stats = vm
-        .vcpu_stats(0)
-        .map_err(|e| err("KVM_GET_STATS_FD")(&e))?;
+    let stats = vm.vcpu_stats(0).map_err(|e| err("KVM_GET_STATS_FD")(&e))?;
     let khz = f64::from(vm.tsc_khz().map_err(|e| err("KVM_GET_TSC_KHZ")(&e))?);
     let running = place(|| vm.start()).map_err(|e| err("starting the VM")(&e))?;
     let s = running
@@ -174,7 +176,8 @@ fn guest_job(
         iterations: get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
         secs: ticks as f64 / (khz * 1000.0),
         irqs: get(abi::KEY_VIRTIO_IRQS).unwrap_or(0),
-        exits_user: s.exits,
+        exits_user: s.exits - s.idle_exits,
+        idle: s.idle_exits,
         exits_kernel: kernel,
     })
 }
@@ -199,7 +202,7 @@ fn place<T>(start: impl FnOnce() -> T) -> T {
             if comm.starts_with("virtio-")
                 && let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>()
             {
-                let _ = crate::irq_bench::host::pin_thread(tid, first);
+                let _ = crate::irq_bench::host::pin_thread(tid, last);
             }
         }
     }
@@ -246,6 +249,7 @@ pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
                 _ => None,
             },
             irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
+            idle_per_rt: (j.idle.saturating_sub(base.idle)) as f64 / n,
             iterations: j.iterations,
             runs: runs.max(1),
         });
@@ -276,7 +280,10 @@ fn image(dir: &Path, bytes: u64) -> Result<std::path::PathBuf, BenchError> {
 /// The host's reads of `path`, as the guest's job does them: (IOPS, MB/s).
 fn host_reads(path: &Path, seq: bool, iterations: u64, seed: u64) -> Result<f64, BenchError> {
     let f = std::fs::File::open(path).map_err(|e| BenchError::Run(format!("{e}")))?;
-    let len = f.metadata().map_err(|e| BenchError::Run(format!("{e}")))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| BenchError::Run(format!("{e}")))?
+        .len();
     let (sectors, req) = (len / 512, if seq { 1 << 20 } else { 4096usize });
     let mut buf = vec![0u8; req];
     let mut x = seed;
@@ -309,7 +316,12 @@ pub fn blk(
     };
     let mut out = Vec::new();
     for (pattern, seq, iters, job) in [
-        ("rand-4k-qd1", false, rand_iterations, abi::VIRTIO_JOB_BLK_RANDOM),
+        (
+            "rand-4k-qd1",
+            false,
+            rand_iterations,
+            abi::VIRTIO_JOB_BLK_RANDOM,
+        ),
         ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
     ] {
         let bytes = if seq { 1u64 << 20 } else { 4096 };
@@ -388,7 +400,12 @@ pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, Bench
     let frame_bits = 1514.0 * 8.0;
     let (mut guest, mut host) = (Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let j = guest_job(std::slice::from_ref(&spec), irq, abi::VIRTIO_JOB_NET_TX, frames)?;
+        let j = guest_job(
+            std::slice::from_ref(&spec),
+            irq,
+            abi::VIRTIO_JOB_NET_TX,
+            frames,
+        )?;
         guest.push(j.iterations as f64 / j.secs.max(1e-9));
         // The same frames from this process, the tap opened again once the VM closed it.
         let mut t = virtio::net::Tap::open(&tap.0).map_err(|e| err("opening the tap")(&e))?;

@@ -157,7 +157,9 @@ pub fn bench_virtio(
         }
     }
     if iterations == 0 || iterations > 10_000_000 {
-        return Err(CliError::Usage("--iterations must be in 1..=10000000".into()));
+        return Err(CliError::Usage(
+            "--iterations must be in 1..=10000000".into(),
+        ));
     }
     let has = |c: &str| cases.iter().any(|x| x == c);
     let mut progress = crate::progress::Progress::spinner("bench virtio");
@@ -183,7 +185,10 @@ pub fn bench_virtio(
         }
     }
     if has("blk") {
-        progress.update(0.0, "blk: 4 KiB random and 1 MiB sequential reads, guest and host");
+        progress.update(
+            0.0,
+            "blk: 4 KiB random and 1 MiB sequential reads, guest and host",
+        );
         let dir = tempfile_dir()?;
         for l in bench::virtio_bench::blk(dir.path(), 20_000, 300, irq, runs)
             .map_err(failed("bench virtio: blk"))?
@@ -268,7 +273,9 @@ fn human_virtio(l: &serde_json::Value) -> String {
             l["per_s_range"][0].as_f64().unwrap_or(0.0),
             l["per_s_range"][1].as_f64().unwrap_or(0.0),
             l["exits_user"].as_f64().unwrap_or(0.0),
-            l["exits_kernel"].as_f64().map_or("-".into(), |k| format!("{k:.2}")),
+            l["exits_kernel"]
+                .as_f64()
+                .map_or("-".into(), |k| format!("{k:.2}")),
             l["irqs"].as_f64().unwrap_or(0.0),
         ),
         Some("blk") => format!(

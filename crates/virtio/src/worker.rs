@@ -172,16 +172,20 @@ fn run(transport: Arc<Mutex<MmioTransport>>, notify: Vec<EventFd>, resync: Event
                 t.notify(data as usize);
             }
         }
-        // Keep the backend fds polled as the device wants them.
+        // Keep the backend fds polled as the device wants them. Every wanted fd is added
+        // again each round (EEXIST ignored): a device may close an fd and get the same number
+        // back for a new stream within one batch, which epoll dropped with the old file.
         let want: HashSet<RawFd> = t.poll_fds().into_iter().collect();
         drop(t);
         for fd in polled.difference(&want) {
             let _ = epoll.ctl(ControlOperation::Delete, *fd, EpollEvent::default());
         }
-        for fd in want.difference(&polled) {
+        for fd in &want {
             let ev = EpollEvent::new(EventSet::IN, BACKEND | u64::from(*fd as u32));
-            if let Err(e) = epoll.ctl(ControlOperation::Add, *fd, ev) {
-                tracing::warn!("virtio worker: cannot poll fd {fd}: {e}");
+            match epoll.ctl(ControlOperation::Add, *fd, ev) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => tracing::warn!("virtio worker: cannot poll fd {fd}: {e}"),
             }
         }
         polled = want;

@@ -307,6 +307,8 @@ pub struct RunSummary {
     pub wall_ms: u64,
     /// VM exits handled (all vCPUs).
     pub exits: u64,
+    /// Of those, the guest's idle calls (`abi::PORT_IDLE`).
+    pub idle_exits: u64,
     /// Stopped through the API before the workload finished.
     pub stopped: bool,
     /// Host time (µs since creation / restore start) of the first entry into the guest.
@@ -906,6 +908,7 @@ impl RunningVm {
             checksums_verified: verified,
             wall_ms: control.t0().elapsed().as_millis() as u64,
             exits: control.exits.load(SeqCst),
+            idle_exits: control.idle_exits.load(SeqCst),
             stopped: self.stopped,
             config: self.machine.config().clone(),
             first_run_us: self.first_run_us(),

@@ -194,9 +194,10 @@ fn open(spec: &VirtioSpec, index: usize) -> Result<Box<dyn VirtioDevice>, Virtio
             let mac = mac.unwrap_or_else(|| derived_mac(tap));
             Box::new(virtio::net::Net::new(Box::new(backend), mac))
         }
-        VirtioSpec::Vsock { .. } => {
-            return Err(fail("vsock is not built yet".into()));
-        }
+        VirtioSpec::Vsock { cid, uds } => Box::new(
+            virtio::vsock::Vsock::new(*cid, uds)
+                .map_err(|e| fail(format!("{}: {}", uds.display(), virtio::error_chain(&e))))?,
+        ),
         VirtioSpec::Rng => Box::new(virtio::rng::Rng::new()),
     })
 }

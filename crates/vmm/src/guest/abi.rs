@@ -11,6 +11,7 @@
 //! | `0x0f06` SLEEP_US | 32 | the vCPU sleeps this many microseconds (a guest without a kernel has no idle) |
 //! | `0x0f07` KEY | 32 | a result key (`KEY_*`) for the next VALUE |
 //! | `0x0f08` VALUE | 32 | the value for the last KEY; the VMM reports `(key, value)` |
+//! | `0x0f0a` IDLE | 32 | the guest waits for an interrupt: the VMM yields the vCPU's CPU (`sched_yield`), a CPL-3 guest's stand-in for `hlt`; counted apart from other exits |
 //! | `0x0f09` IRQ_ACK | 32 | the irq workloads' handler acknowledges level-triggered IOAPIC pin n: the VMM lowers the line |
 //! | `0x0cf8` PCI_ADDR | 32 | PCI configuration mechanism #1: `0x8000_0000 \| bus << 16 \| dev << 11 \| fn << 8 \| reg` (`devices` only) |
 //! | `0x0cfc` PCI_DATA | 32 | the configuration dword at PCI_ADDR (`devices` uses only 32-bit accesses, `reg` dword-aligned) |
@@ -50,6 +51,8 @@ pub const PORT_SLEEP_US: u16 = 0x0f06;
 /// The irq workloads: the handler acknowledges a level-triggered IOAPIC pin (the VMM lowers it).
 pub const PORT_IRQ_ACK: u16 = 0x0f09;
 
+/// The guest has nothing to do until an interrupt comes: the VMM yields the CPU once.
+pub const PORT_IDLE: u16 = 0x0f0a;
 /// The irq workloads' IDT vector (every path delivers it).
 pub const IRQ_VECTOR: u8 = 0x40;
 /// The irq workloads' shared words (guest-physical, the start of vCPU 0's slice): `+0`

@@ -694,6 +694,7 @@ faultline_guest_end:
     key_exc = const abi::KEY_EXCEPTION,
     key_exc_frame = const abi::KEY_EXCEPTION_FRAME,
     irq_vector = const abi::IRQ_VECTOR,
+    idle = const abi::PORT_IDLE,
     key_vio_dev = const abi::KEY_VIRTIO_DEVICE,
     key_vio_result = const abi::KEY_VIRTIO_RESULT,
     key_vio_irqs = const abi::KEY_VIRTIO_IRQS,

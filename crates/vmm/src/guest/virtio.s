@@ -195,7 +195,8 @@
     mov rdx, [rsi + 0xf08]
     cmp ax, dx
     jne .Lvw_got
-    pause
+    mov dx, {idle}
+    out dx, eax
     FL_RDTSC
     cmp rax, r9
     jb .Lvw_spin
@@ -220,7 +221,8 @@
 .Lvwi_spin:
     cmp [r12], r11
     jne .Lvq_wait
-    pause
+    mov dx, {idle}
+    out dx, eax
     FL_RDTSC
     cmp rax, r9
     jb .Lvwi_spin

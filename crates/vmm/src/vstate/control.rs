@@ -157,6 +157,8 @@ pub struct VcpuControl {
     cv: Condvar,
     /// VM exits handled (all vCPUs).
     pub exits: AtomicU64,
+    /// Of those, the guest's idle calls (`abi::PORT_IDLE`): not a device's cost.
+    pub idle_exits: AtomicU64,
     /// Host time (µs since `t0`) at which the first vCPU first entered `KVM_RUN`; 0: not yet.
     pub first_run_us: AtomicU64,
     /// Per vCPU: heartbeat timing, thread id, whether its thread has ended.
@@ -188,6 +190,7 @@ impl VcpuControl {
             }),
             cv: Condvar::new(),
             exits: AtomicU64::new(0),
+            idle_exits: AtomicU64::new(0),
             first_run_us: AtomicU64::new(0),
             cpus: (0..vcpus).map(|_| CpuTrack::default()).collect(),
             pthreads: Mutex::new(Vec::new()),

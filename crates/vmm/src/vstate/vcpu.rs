@@ -323,6 +323,10 @@ fn guest_port(
                 return PortAction::Failed(VmError::IrqAck { vcpu: id, source });
             }
         }
+        abi::PORT_IDLE => {
+            control.idle_exits.fetch_add(1, Relaxed);
+            std::thread::yield_now();
+        }
         abi::PORT_SLEEP_US => control.sleep(Duration::from_micros(u64::from(v.min(1_000_000)))),
         abi::PORT_DONE => {
             if ctx.pci.is_some() {
