@@ -76,6 +76,11 @@ pub struct Args {
     /// http://localhost/vm`).
     #[arg(long)]
     api_sock: Option<std::path::PathBuf>,
+    /// Do not boot until the API says so (`PUT /actions` with `{"action_type":
+    /// "InstanceStart"}`); devices may be added through the API before (`PUT /drives/{id}`,
+    /// `/network-interfaces/{id}`, `/vsock`, `/entropy`), as with Firecracker.
+    #[arg(long, requires = "api_sock", conflicts_with = "incoming")]
+    boot_via_api: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
@@ -179,7 +184,22 @@ pub fn run(a: &Args) -> CliResult {
         virtio_irq: a.irq,
         virtio_job: vmm::VirtioJob::default(),
     };
+    let mut api = None;
     let running = match &a.incoming {
+        None if a.boot_via_api => {
+            let pre = vmm::preboot::PreBoot::new();
+            let p = a.api_sock.as_ref().expect("clap requires --api-sock");
+            api = Some(
+                vmm::api::ApiServer::start(p, pre.handle())
+                    .map_err(failed(format!("API socket {}", p.display())))?,
+            );
+            eprintln!(
+                "faultline run: waiting for PUT /actions {{\"action_type\":\"InstanceStart\"}} on {}",
+                p.display()
+            );
+            pre.run(cfg, Duration::from_secs(a.timeout))
+                .map_err(failed("booting through the API"))?
+        }
         Some(ep) => {
             a.security.check(ep)?;
             eprintln!("faultline run: waiting for a migration on {ep}");
@@ -219,12 +239,13 @@ pub fn run(a: &Args) -> CliResult {
             vm.start().map_err(failed("starting the VM"))?
         }
     };
-    let _api = match &a.api_sock {
-        Some(p) => Some(
+    let _api = match (&a.api_sock, api) {
+        (_, Some(api)) => Some(api),
+        (Some(p), None) => Some(
             vmm::api::ApiServer::start(p, running.api_sender())
                 .map_err(failed(format!("API socket {}", p.display())))?,
         ),
-        None => None,
+        (None, None) => None,
     };
     let json = a.json_events;
     let summary = running

@@ -88,6 +88,100 @@ fn check(spec: &Value, op: &Value, what: &str, (code, body): &(u16, Value)) {
     }
 }
 
+/// A described path with its parameters filled in.
+fn concrete(path: &str) -> String {
+    path.replace("{drive_id}", "rootfs")
+        .replace("{iface_id}", "eth0")
+}
+
+/// An operation's example body, its placeholders made real under `dir`.
+fn example(op: &Value, dir: &Path) -> String {
+    op.pointer("/requestBody/content/application~1json/example")
+        .map(|e| {
+            e.to_string()
+                .replace("SNAPSHOT_DIR", dir.join("snap").to_str().unwrap())
+                .replace("DEST_SOCKET", dir.join("nobody.sock").to_str().unwrap())
+                .replace("VSOCK_SOCKET", dir.join("v.sock").to_str().unwrap())
+                .replace("IMAGE", dir.join("disk.img").to_str().unwrap())
+                .replace("\"TAP\"", "\"TAP_NAME\"")
+        })
+        .unwrap_or_default()
+}
+
+/// Before boot (`--boot-via-api`): the device calls and the start answer as described, the
+/// configuration shows the devices, and the start of a VM that cannot boot is a 400 that can
+/// be fixed and started again.
+#[test]
+fn a_vm_configured_and_booted_through_the_api() {
+    let spec = spec();
+    let paths = &spec["paths"];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("disk.img"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.path().join("api.sock");
+    let _vm = Proc(
+        bin()
+            .args([
+                "run",
+                "--guest",
+                "virtio",
+                "--boot-via-api",
+                "--timeout",
+                "60",
+                "--api-sock",
+            ])
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&sock);
+    let r = call(&sock, "GET", "/vm", "");
+    check(&spec, &paths["/vm"]["get"], "GET /vm (before boot)", &r);
+    assert_eq!(r.1["state"], "not_started", "{}", r.1);
+    let r = call(&sock, "PUT", "/vm/pause", "");
+    assert_eq!(r.0, 409, "pause before boot: {}", r.1);
+    // A drive whose image does not exist yet: the start says why, with 400.
+    let missing = json!({"path_on_host": dir.path().join("none.img")}).to_string();
+    let r = call(&sock, "PUT", "/drives/rootfs", &missing);
+    check(
+        &spec,
+        &paths["/drives/{drive_id}"]["put"],
+        "PUT /drives",
+        &r,
+    );
+    assert_eq!(r.0, 204, "{}", r.1);
+    let start = example(&paths["/actions"]["put"], dir.path());
+    let r = call(&sock, "PUT", "/actions", &start);
+    check(&spec, &paths["/actions"]["put"], "PUT /actions", &r);
+    assert_eq!(r.0, 400, "{}", r.1);
+    assert!(
+        r.1["error"].as_str().unwrap().contains("none.img"),
+        "{}",
+        r.1
+    );
+    for p in ["/drives/{drive_id}", "/entropy"] {
+        let body = example(&paths[p]["put"], dir.path());
+        let r = call(&sock, "PUT", &concrete(p), &body);
+        check(&spec, &paths[p]["put"], p, &r);
+        assert_eq!(r.0, 204, "{p}: {}", r.1);
+    }
+    let r = call(&sock, "GET", "/vm", "");
+    check(&spec, &paths["/vm"]["get"], "GET /vm (configured)", &r);
+    let kinds: Vec<&str> = r.1["config"]["virtio"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["block", "rng"], "{}", r.1);
+    let r = call(&sock, "PUT", "/actions", &start);
+    assert_eq!(r.0, 204, "{}", r.1);
+}
+
 #[test]
 fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
     let spec = spec();
@@ -113,6 +207,11 @@ fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
         ("PUT", "/snapshot/create"),
         ("PUT", "/migrate"),
         ("PUT", "/migrate/reclaim"),
+        ("PUT", "/drives/{drive_id}"),
+        ("PUT", "/network-interfaces/{iface_id}"),
+        ("PUT", "/vsock"),
+        ("PUT", "/entropy"),
+        ("PUT", "/actions"),
         ("PUT", "/vm/stop"),
     ];
     let done: BTreeSet<(String, String)> = order
@@ -123,19 +222,11 @@ fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
         done, described,
         "the test's calls and the description differ"
     );
-    let snap = dir.path().join("snap");
-    let nobody = dir.path().join("nobody.sock");
-    for (method, path) in order {
-        let op = &paths[path][method.to_lowercase()];
+    for (method, spec_path) in order {
+        let path = &*concrete(spec_path);
+        let op = &paths[spec_path][method.to_lowercase()];
         let what = format!("{method} {path}");
-        let body = op
-            .pointer("/requestBody/content/application~1json/example")
-            .map(|e| {
-                e.to_string()
-                    .replace("SNAPSHOT_DIR", snap.to_str().unwrap())
-                    .replace("DEST_SOCKET", nobody.to_str().unwrap())
-            })
-            .unwrap_or_default();
+        let body = example(op, dir.path());
         if let Some(schema) = op.pointer("/requestBody/content/application~1json/schema") {
             // The example itself is a valid request.
             let root = json!({ "$ref": schema["$ref"], "components": spec["components"] });
@@ -145,7 +236,7 @@ fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
         }
         // Requests this description forbids, before the real one.
         for other in ["POST", "DELETE", "PATCH", "GET", "PUT"] {
-            if paths[path].get(other.to_lowercase()).is_none() {
+            if paths[spec_path].get(other.to_lowercase()).is_none() {
                 let (code, b) = call(&sock, other, path, "");
                 assert!((400..500).contains(&code), "{other} {path}: {code} {b}");
                 check(
@@ -164,6 +255,9 @@ fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
             ("PUT", "/migrate") => 202,
             ("PUT", "/migrate/reclaim") => 409, // not in doubt
             ("PUT", _) if path.starts_with("/vm/") => 204,
+            // Devices and the start are for a VM that has not booted: this one runs.
+            ("PUT", "/actions" | "/vsock" | "/entropy") => 400,
+            ("PUT", _) if path.starts_with("/drives/") || path.starts_with("/network-") => 400,
             _ => 200,
         };
         assert_eq!(r.0, want, "{what}: {}", r.1);
@@ -192,6 +286,14 @@ fn every_described_call_answers_as_described_and_forbidden_calls_get_4xx() {
                 "{\"to\": \"unix:/x\", \"mode\": \"sideways\"}",
                 "{\"to\": \"unix:/x\", \"tls\": {\"neither\": {}}}",
             ],
+            "/actions" => &["{}", "{\"action_type\": \"Reboot\"}", "[]"],
+            "/vsock" => &["{\"uds_path\": \"/x\"}", "{\"guest_cid\": 3}"],
+            p if p.starts_with("/drives/") => {
+                &["{}", "{\"drive_id\": \"other\", \"path_on_host\": \"/x\"}"]
+            }
+            p if p.starts_with("/network-") => {
+                &["{}", "{\"host_dev_name\": \"t\", \"guest_mac\": \"zz\"}"]
+            }
             _ => &[],
         };
         for b in bad {

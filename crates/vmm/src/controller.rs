@@ -59,12 +59,25 @@ pub enum Command {
     /// The operator's decision after a migration failed with the guest in doubt (the
     /// destination may run it): the destination does not run it, run it here again.
     MigrateReclaim,
+    /// Before boot: add or replace the virtio device called `id` (`PUT /drives/{id}`,
+    /// `/network-interfaces/{id}`, `/vsock`, `/entropy`).
+    PutDevice {
+        /// Its name (a drive's or interface's id; `vsock`, `entropy`).
+        id: String,
+        /// The device.
+        spec: crate::config::VirtioSpec,
+    },
+    /// Boot the configured VM (`PUT /actions` with `InstanceStart`).
+    InstanceStart,
 }
 
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
+    /// Not booted yet: the configuration can still change.
+    #[serde(rename = "not_started")]
+    NotStarted,
     /// They run.
     Running,
     /// Someone holds a pause.
@@ -192,6 +205,15 @@ pub enum ControlError {
     /// The controller is gone or did not answer in time.
     #[error("the VM is not answering (stopped?)")]
     Gone,
+    /// A request that needs a running VM, before boot.
+    #[error("the VM has not booted yet (PUT /actions with InstanceStart boots it)")]
+    NotStarted,
+    /// A pre-boot request after boot.
+    #[error("the VM has booted: devices are set up before boot")]
+    AfterBoot,
+    /// The VM could not be built from its configuration.
+    #[error("the VM cannot boot with this configuration")]
+    Boot(#[source] VmError),
 }
 
 fn names(o: &[PauseOwner]) -> String {
@@ -362,7 +384,7 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-fn channel() -> (Sender<Msg>, Receiver<Msg>, Notifier) {
+pub(crate) fn channel() -> (Sender<Msg>, Receiver<Msg>, Notifier) {
     let (tx, rx) = mpsc::channel();
     let ntx = tx.clone();
     let notify = Notifier::new(move |n| {
@@ -385,7 +407,7 @@ impl RunningVm {
         Self::launch(vm, pager, tx, rx, notify)
     }
 
-    fn launch(
+    pub(crate) fn launch(
         vm: Vm,
         mut pager: Option<Pager>,
         tx: Sender<Msg>,
@@ -598,6 +620,7 @@ impl RunningVm {
             }
             Command::Migrate(req) => self.start_migration(req),
             Command::MigrateReclaim => self.reclaim(),
+            Command::PutDevice { .. } | Command::InstanceStart => Err(ControlError::AfterBoot),
             Command::MigrateStatus => match &self.migration {
                 Some(m) => {
                     if m.status.is_final() {

@@ -33,6 +33,7 @@ pub mod linux;
 pub mod memory;
 pub mod migration;
 pub mod mptable;
+pub mod preboot;
 pub mod restore;
 pub mod snapshot;
 pub mod vstate;

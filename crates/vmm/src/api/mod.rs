@@ -11,6 +11,11 @@
 //! | `GET /vm/stats` | uptime, exits, per-vCPU heartbeats and longest gap |
 //! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written, when it is written (pauses, snapshots, resumes unless someone else holds a pause); 409 for a VM with parts a snapshot cannot carry, or while a snapshot or migration runs |
 //! | `PUT /migrate` with `{"to": "tcp:HOST:PORT", "mode": "postcopy", "max_bandwidth": 0, "downtime_limit_ms": 300}` | 202; the migration runs in the background (`{"resume": true}` reconnects a post-copy whose link was lost) |
+//! | `PUT /drives/{id}` with `{"drive_id": id, "path_on_host": IMG, "is_read_only": false}` | before boot (`--boot-via-api`): 204, a virtio-blk disk (`is_root_device` is accepted and ignored) |
+//! | `PUT /network-interfaces/{id}` with `{"iface_id": id, "host_dev_name": TAP, "guest_mac": "06:00:00:00:00:01"}` | before boot: 204, a virtio-net device on the tap |
+//! | `PUT /vsock` with `{"guest_cid": 3, "uds_path": SOCK}` | before boot: 204, a virtio-vsock device (Firecracker's hybrid Unix-socket convention) |
+//! | `PUT /entropy` with `{}` | before boot: 204, a virtio-rng device |
+//! | `PUT /actions` with `{"action_type": "InstanceStart"}` | boots the configured VM: 204, or 400 with why it cannot boot (fix and start again) |
 //! | `GET /migrate` | state (`setup`, `precopy`, `switchover`, `postcopy`, `postcopy-paused`, `completed`, `cancelled`, `failed`), progress, error, final statistics |
 //!
 //! The HTTP is ours ([`wire`]), bounded: one request per connection, read whole within
@@ -36,6 +41,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::config::VirtioSpec;
 use crate::controller::{Command, ControlError, ControlHandle, Reply, Response};
 use crate::snapshot::SnapshotError;
 
@@ -56,6 +62,53 @@ const QUICK: Duration = Duration::from_secs(30);
 
 fn error(code: u16, msg: impl std::fmt::Display) -> HttpReply {
     (code, json!({ "error": msg.to_string() }))
+}
+
+fn json_body(body: &str) -> Result<Value, HttpReply> {
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| error(400, format!("body is not JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(error(400, "the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// The `{id}` of `/drives/{id}`: 1 to 64 characters of `[A-Za-z0-9_-]`.
+fn resource_id<'a>(path: &'a str, prefix: &str) -> Result<&'a str, HttpReply> {
+    let id = &path[prefix.len()..];
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(error(
+            400,
+            format!("bad id {id:?}: 1 to 64 letters, digits, '_' or '-'"),
+        ));
+    }
+    Ok(id)
+}
+
+/// The body's id field, if present, must name the same resource as the URL.
+fn same_id(v: &Value, field: &str, id: &str) -> Result<(), HttpReply> {
+    match v.get(field).and_then(Value::as_str) {
+        Some(b) if b != id => Err(error(
+            400,
+            format!("\"{field}\" {b:?} differs from the URL's {id:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
 }
 
 /// Parse a request into a command (or the HTTP error that answers it).
@@ -90,6 +143,90 @@ pub fn route(method: &Method, url: &str, body: &str) -> Result<Command, HttpRepl
             (false, Command::Migrate(r))
         }
         "/migrate/reclaim" => (false, Command::MigrateReclaim),
+        "/actions" => {
+            let v = json_body(body)?;
+            match v.get("action_type").and_then(Value::as_str) {
+                Some("InstanceStart") => (false, Command::InstanceStart),
+                Some(other) => return Err(error(400, format!("unknown action_type {other:?}"))),
+                None => return Err(error(400, "missing \"action_type\" (InstanceStart)")),
+            }
+        }
+        "/vsock" => {
+            let v = json_body(body)?;
+            let cid = v.get("guest_cid").and_then(Value::as_u64);
+            let uds = v.get("uds_path").and_then(Value::as_str);
+            let (Some(cid), Some(uds)) = (cid, uds) else {
+                return Err(error(400, "need \"guest_cid\" (a number) and \"uds_path\""));
+            };
+            let spec = VirtioSpec::Vsock {
+                cid,
+                uds: PathBuf::from(uds),
+            };
+            (
+                false,
+                Command::PutDevice {
+                    id: "vsock".into(),
+                    spec,
+                },
+            )
+        }
+        "/entropy" => {
+            json_body(body)?;
+            (
+                false,
+                Command::PutDevice {
+                    id: "entropy".into(),
+                    spec: VirtioSpec::Rng,
+                },
+            )
+        }
+        p if p.starts_with("/drives/") => {
+            let id = resource_id(p, "/drives/")?;
+            let v = json_body(body)?;
+            same_id(&v, "drive_id", id)?;
+            let Some(path) = v.get("path_on_host").and_then(Value::as_str) else {
+                return Err(error(400, "missing \"path_on_host\" (a raw image)"));
+            };
+            let spec = VirtioSpec::Block {
+                path: PathBuf::from(path),
+                read_only: v
+                    .get("is_read_only")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            };
+            (
+                false,
+                Command::PutDevice {
+                    id: id.into(),
+                    spec,
+                },
+            )
+        }
+        p if p.starts_with("/network-interfaces/") => {
+            let id = resource_id(p, "/network-interfaces/")?;
+            let v = json_body(body)?;
+            same_id(&v, "iface_id", id)?;
+            let Some(tap) = v.get("host_dev_name").and_then(Value::as_str) else {
+                return Err(error(400, "missing \"host_dev_name\" (a tap interface)"));
+            };
+            let mac = match v.get("guest_mac").and_then(Value::as_str) {
+                Some(m) => Some(parse_mac(m).ok_or_else(|| {
+                    error(400, format!("\"guest_mac\" {m:?} is not six hex bytes"))
+                })?),
+                None => None,
+            };
+            let spec = VirtioSpec::Net {
+                tap: tap.into(),
+                mac,
+            };
+            (
+                false,
+                Command::PutDevice {
+                    id: id.into(),
+                    spec,
+                },
+            )
+        }
         "/vm" => (true, Command::GetVm),
         "/vm/stats" => (true, Command::Stats),
         "/vm/pause" => (false, Command::Pause),
@@ -137,6 +274,8 @@ pub fn http(reply: Reply) -> HttpReply {
                 | ControlError::NoDestination
                 | ControlError::Security(_) => 400,
                 ControlError::Kvm(_) | ControlError::Thread { .. } => 500,
+                ControlError::NotStarted => 409,
+                ControlError::AfterBoot | ControlError::Boot(_) => 400,
                 ControlError::Gone => 503,
             };
             error(code, uffd::error_chain(&e))
