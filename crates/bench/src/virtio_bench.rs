@@ -33,6 +33,8 @@ pub struct RrLine {
     pub case: &'static str,
     /// `"legacy"` or `"msi"`.
     pub irq: &'static str,
+    /// The guest's interrupt handler: `"cpl0"` (a kernel's) or `"cpl3"`.
+    pub handler: &'static str,
     /// Round trips per second (median of the runs).
     pub per_s: f64,
     /// Slowest and fastest run.
@@ -61,6 +63,8 @@ pub struct BlkLine {
     pub case: &'static str,
     /// `"rand-4k-qd1"` or `"seq-1m-qd1"`.
     pub pattern: &'static str,
+    /// `"page-cache"` (buffered, both sides) or `"direct"` (`O_DIRECT`, both sides).
+    pub cache: &'static str,
     /// `"faultline"` (the guest) or `"host"` (this process, `pread`).
     #[serde(rename = "impl")]
     pub imp: &'static str,
@@ -131,6 +135,16 @@ fn guest_job(
     job: u64,
     iterations: u64,
 ) -> Result<Job, BenchError> {
+    guest_job_at(devices, irq, job, iterations, 0)
+}
+
+fn guest_job_at(
+    devices: &[VirtioSpec],
+    irq: IrqMode,
+    job: u64,
+    iterations: u64,
+    handler_cpl: u8,
+) -> Result<Job, BenchError> {
     let vm = Vm::new(VmConfig {
         mem_bytes: 64 << 20,
         vcpus: 1,
@@ -140,6 +154,7 @@ fn guest_job(
         virtio_job: VirtioJob {
             job,
             iterations,
+            handler_cpl,
             ..VirtioJob::default()
         },
         ..VmConfig::default()
@@ -147,7 +162,7 @@ fn guest_job(
     .map_err(|e| err("creating the VM")(&e))?;
     let stats = vm.vcpu_stats(0).map_err(|e| err("KVM_GET_STATS_FD")(&e))?;
     let khz = f64::from(vm.tsc_khz().map_err(|e| err("KVM_GET_TSC_KHZ")(&e))?);
-    let running = place(|| vm.start()).map_err(|e| err("starting the VM")(&e))?;
+    let running = vm.start().map_err(|e| err("starting the VM")(&e))?;
     let s = running
         .wait(Duration::from_secs(300), |_| {})
         .map_err(|e| err("running the VM")(&e))?;
@@ -182,36 +197,6 @@ fn guest_job(
     })
 }
 
-/// Where the threads run: the device workers on the first allowed CPU, the vCPU on the last
-/// (it inherits the affinity of the thread that starts it). On one CPU a worker woken by the
-/// spinning vCPU waits for the scheduler to preempt it; across CPUs each wake costs the other
-/// CPU's wake-up (`shared/PVM.md`: ~26 µs here).
-pub const PLACEMENT: &str = "device threads on the first CPU, the vCPU on the last";
-
-fn place<T>(start: impl FnOnce() -> T) -> T {
-    let cpus = crate::irq_bench::host::allowed_cpus();
-    let (Some(&first), Some(&last)) = (cpus.first(), cpus.last()) else {
-        return start();
-    };
-    if first == last {
-        return start();
-    }
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.starts_with("virtio-")
-                && let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>()
-            {
-                let _ = crate::irq_bench::host::pin_thread(tid, last);
-            }
-        }
-    }
-    let _ = crate::irq_bench::host::pin(last);
-    let r = start();
-    let _ = crate::irq_bench::host::pin_set(&cpus);
-    r
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
@@ -223,36 +208,41 @@ fn range(v: &[f64]) -> [f64; 2] {
     [lo, hi]
 }
 
-/// `rr` for both interrupt modes, `runs` runs of `iterations` round trips each.
+/// `rr` for both interrupt modes and both handler privileges, `runs` runs of `iterations`
+/// round trips each.
 pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
     let mut out = Vec::new();
-    for irq in [IrqMode::Legacy, IrqMode::Msi] {
-        let base = guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, 0)?;
-        let mut rates = Vec::new();
-        let mut last = None;
-        for _ in 0..runs.max(1) {
-            let j = guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, iterations)?;
-            rates.push(j.iterations as f64 / j.secs.max(1e-9));
-            last = Some(j);
+    for (handler, cpl) in [("cpl0", 0u8), ("cpl3", 3u8)] {
+        for irq in [IrqMode::Legacy, IrqMode::Msi] {
+            let job = |n| guest_job_at(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl);
+            let base = job(0)?;
+            let mut rates = Vec::new();
+            let mut last = None;
+            for _ in 0..runs.max(1) {
+                let j = job(iterations)?;
+                rates.push(j.iterations as f64 / j.secs.max(1e-9));
+                last = Some(j);
+            }
+            let j = last.expect("at least one run");
+            let n = j.iterations.max(1) as f64;
+            out.push(RrLine {
+                bench: "virtio",
+                case: "rr",
+                irq: irq_name(irq),
+                handler,
+                per_s_range: range(&rates),
+                per_s: median(&mut rates),
+                exits_user: (j.exits_user.saturating_sub(base.exits_user)) as f64 / n,
+                exits_kernel: match (j.exits_kernel, base.exits_kernel) {
+                    (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / n),
+                    _ => None,
+                },
+                irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
+                idle_per_rt: (j.idle.saturating_sub(base.idle)) as f64 / n,
+                iterations: j.iterations,
+                runs: runs.max(1),
+            });
         }
-        let j = last.expect("at least one run");
-        let n = j.iterations.max(1) as f64;
-        out.push(RrLine {
-            bench: "virtio",
-            case: "rr",
-            irq: irq_name(irq),
-            per_s_range: range(&rates),
-            per_s: median(&mut rates),
-            exits_user: (j.exits_user.saturating_sub(base.exits_user)) as f64 / n,
-            exits_kernel: match (j.exits_kernel, base.exits_kernel) {
-                (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / n),
-                _ => None,
-            },
-            irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
-            idle_per_rt: (j.idle.saturating_sub(base.idle)) as f64 / n,
-            iterations: j.iterations,
-            runs: runs.max(1),
-        });
     }
     Ok(out)
 }
@@ -277,15 +267,29 @@ fn image(dir: &Path, bytes: u64) -> Result<std::path::PathBuf, BenchError> {
     Ok(p)
 }
 
-/// The host's reads of `path`, as the guest's job does them: (IOPS, MB/s).
-fn host_reads(path: &Path, seq: bool, iterations: u64, seed: u64) -> Result<f64, BenchError> {
-    let f = std::fs::File::open(path).map_err(|e| BenchError::Run(format!("{e}")))?;
+/// The host's reads of `path`, as the guest's job does them (`O_DIRECT` if `direct`): IOPS.
+fn host_reads(
+    path: &Path,
+    seq: bool,
+    direct: bool,
+    iterations: u64,
+    seed: u64,
+) -> Result<f64, BenchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .map_err(|e| BenchError::Run(format!("{}: {e}", path.display())))?;
     let len = f
         .metadata()
         .map_err(|e| BenchError::Run(format!("{e}")))?
         .len();
     let (sectors, req) = (len / 512, if seq { 1 << 20 } else { 4096usize });
-    let mut buf = vec![0u8; req];
+    // Aligned, as O_DIRECT needs.
+    let mut backing = vec![0u8; req + 4096];
+    let off = backing.as_ptr().align_offset(4096).min(4096);
+    let buf = &mut backing[off..off + req];
     let mut x = seed;
     let t = Instant::now();
     for i in 0..iterations {
@@ -295,13 +299,14 @@ fn host_reads(path: &Path, seq: bool, iterations: u64, seed: u64) -> Result<f64,
             x = xorshift(x);
             (x % (sectors >> 3)) * 8
         };
-        f.read_exact_at(&mut buf, sector * 512)
+        f.read_exact_at(buf, sector * 512)
             .map_err(|e| BenchError::Run(format!("host pread: {e}")))?;
     }
     Ok(iterations as f64 / t.elapsed().as_secs_f64())
 }
 
-/// `blk`: both patterns, the guest in `irq` mode and the host, `runs` runs each.
+/// `blk`: both patterns, through the page cache and direct, the guest in `irq` mode and the
+/// host doing the same, `runs` runs each.
 pub fn blk(
     dir: &Path,
     rand_iterations: u64,
@@ -310,46 +315,45 @@ pub fn blk(
     runs: usize,
 ) -> Result<Vec<BlkLine>, BenchError> {
     let img = image(dir, 256 << 20)?;
-    let spec = VirtioSpec::Block {
-        path: img.clone(),
-        read_only: true,
-    };
     let mut out = Vec::new();
-    for (pattern, seq, iters, job) in [
-        (
-            "rand-4k-qd1",
-            false,
-            rand_iterations,
-            abi::VIRTIO_JOB_BLK_RANDOM,
-        ),
-        ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
-    ] {
-        let bytes = if seq { 1u64 << 20 } else { 4096 };
-        let (mut guest, mut host) = (Vec::new(), Vec::new());
-        for _ in 0..runs.max(1) {
-            let j = guest_job(std::slice::from_ref(&spec), irq, job, iters)?;
-            guest.push(j.iterations as f64 / j.secs.max(1e-9));
-            // The guest's seed: VmConfig's default (1) for vCPU 0.
-            host.push(host_reads(&img, seq, iters, 1)?);
-        }
-        for (imp, irq, v) in [
-            ("faultline", Some(irq_name(irq)), &mut guest),
-            ("host", None, &mut host),
+    for (cache, direct) in [("page-cache", false), ("direct", true)] {
+        let spec = VirtioSpec::Block {
+            path: img.clone(),
+            read_only: true,
+            direct,
+        };
+        for (pattern, seq, iters, job) in [
+            ("rand-4k-qd1", false, rand_iterations, abi::VIRTIO_JOB_BLK_RANDOM),
+            ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
         ] {
-            let r = range(v);
-            let iops = median(v);
-            out.push(BlkLine {
-                bench: "virtio",
-                case: "blk",
-                pattern,
-                imp,
-                irq,
-                iops,
-                mb_s: iops * bytes as f64 / 1e6,
-                iops_range: r,
-                iterations: iters,
-                runs: runs.max(1),
-            });
+            let bytes = if seq { 1u64 << 20 } else { 4096 };
+            let (mut guest, mut host) = (Vec::new(), Vec::new());
+            for _ in 0..runs.max(1) {
+                let j = guest_job(std::slice::from_ref(&spec), irq, job, iters)?;
+                guest.push(j.iterations as f64 / j.secs.max(1e-9));
+                // The guest's seed: VmConfig's default (1) for vCPU 0.
+                host.push(host_reads(&img, seq, direct, iters, 1)?);
+            }
+            for (imp, irq, v) in [
+                ("faultline", Some(irq_name(irq)), &mut guest),
+                ("host", None, &mut host),
+            ] {
+                let r = range(v);
+                let iops = median(v);
+                out.push(BlkLine {
+                    bench: "virtio",
+                    case: "blk",
+                    pattern,
+                    cache,
+                    imp,
+                    irq,
+                    iops,
+                    mb_s: iops * bytes as f64 / 1e6,
+                    iops_range: r,
+                    iterations: iters,
+                    runs: runs.max(1),
+                });
+            }
         }
     }
     let _ = std::fs::remove_file(&img);

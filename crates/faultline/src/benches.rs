@@ -169,7 +169,7 @@ pub fn bench_virtio(
         progress.update(0.0, "rr: legacy and MSI round trips");
         for l in bench::virtio_bench::rr(iterations, runs).map_err(failed("bench virtio: rr"))? {
             bars.push((
-                "rr".into(),
+                format!("rr, {} handler", l.handler),
                 l.irq.into(),
                 l.per_s,
                 format!(
@@ -194,7 +194,7 @@ pub fn bench_virtio(
             .map_err(failed("bench virtio: blk"))?
         {
             bars.push((
-                format!("blk {}", l.pattern),
+                format!("blk {} {}", l.pattern, l.cache),
                 l.imp.into(),
                 l.iops,
                 format!("{:.0} IOPS, {:.1} MB/s", l.iops, l.mb_s),
@@ -232,26 +232,35 @@ pub fn bench_virtio(
         }
     }
     if !json {
-        let rate = |irq: &str| {
-            lines
-                .iter()
-                .find(|l| l["case"] == "rr" && l["irq"] == irq)
-                .and_then(|l| l["per_s"].as_f64())
-        };
-        if let (Some(a), Some(b)) = (rate("legacy"), rate("msi")) {
-            println!("rr: MSI / legacy = {:.2}x (goal 1.3x)", b / a);
+        for handler in ["cpl0", "cpl3"] {
+            let rate = |irq: &str| {
+                lines
+                    .iter()
+                    .find(|l| l["case"] == "rr" && l["irq"] == irq && l["handler"] == handler)
+                    .and_then(|l| l["per_s"].as_f64())
+            };
+            if let (Some(a), Some(b)) = (rate("legacy"), rate("msi")) {
+                println!("rr, {handler} handler: MSI / legacy = {:.2}x (goal 1.3x)", b / a);
+            }
         }
-        let iops = |imp: &str| {
-            lines
-                .iter()
-                .find(|l| l["case"] == "blk" && l["pattern"] == "rand-4k-qd1" && l["impl"] == imp)
-                .and_then(|l| l["iops"].as_f64())
-        };
-        if let (Some(g), Some(h)) = (iops("faultline"), iops("host")) {
-            println!(
-                "blk 4 KiB random QD1: guest / host = {:.1}% (goal 70%)",
-                100.0 * g / h
-            );
+        for cache in ["page-cache", "direct"] {
+            let iops = |imp: &str| {
+                lines
+                    .iter()
+                    .find(|l| {
+                        l["case"] == "blk"
+                            && l["pattern"] == "rand-4k-qd1"
+                            && l["cache"] == cache
+                            && l["impl"] == imp
+                    })
+                    .and_then(|l| l["iops"].as_f64())
+            };
+            if let (Some(g), Some(h)) = (iops("faultline"), iops("host")) {
+                println!(
+                    "blk 4 KiB random QD1, {cache}: guest / host = {:.1}% (goal 70%)",
+                    100.0 * g / h
+                );
+            }
         }
     }
     Ok(())
@@ -267,8 +276,9 @@ fn tempfile_dir() -> Result<tempfile::TempDir, CliError> {
 fn human_virtio(l: &serde_json::Value) -> String {
     match l["case"].as_str() {
         Some("rr") => format!(
-            "rr {:<6}: {:>9.0} round trips/s ({:.0}-{:.0}), {:.2} exits to userspace + {} in the kernel, {:.2} interrupts per round trip",
+            "rr {:<6} ({} handler): {:>7.0} round trips/s ({:.0}-{:.0}), {:.2} exits to userspace + {} in the kernel, {:.2} interrupts per round trip",
             l["irq"].as_str().unwrap_or(""),
+            l["handler"].as_str().unwrap_or(""),
             l["per_s"].as_f64().unwrap_or(0.0),
             l["per_s_range"][0].as_f64().unwrap_or(0.0),
             l["per_s_range"][1].as_f64().unwrap_or(0.0),
@@ -279,8 +289,9 @@ fn human_virtio(l: &serde_json::Value) -> String {
             l["irqs"].as_f64().unwrap_or(0.0),
         ),
         Some("blk") => format!(
-            "blk {} {:<9} {:<6}: {:>9.0} IOPS ({:.0}-{:.0}), {:.1} MB/s",
+            "blk {} {:<10} {:<9} {:<6}: {:>9.0} IOPS ({:.0}-{:.0}), {:.1} MB/s",
             l["pattern"].as_str().unwrap_or(""),
+            l["cache"].as_str().unwrap_or(""),
             l["impl"].as_str().unwrap_or(""),
             l["irq"].as_str().unwrap_or(""),
             l["iops"].as_f64().unwrap_or(0.0),

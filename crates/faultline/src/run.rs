@@ -38,8 +38,9 @@ pub struct Args {
     /// state then travels with snapshots and migrations.
     #[arg(long)]
     irqchip: bool,
-    /// Attach a virtio-blk disk over this raw image (`PATH` or `PATH,ro`; repeatable).
-    #[arg(long = "disk", value_name = "IMG[,ro]", value_parser = parse_disk)]
+    /// Attach a virtio-blk disk over this raw image (repeatable): `,ro` refuses writes,
+    /// `,direct` bypasses the host's page cache (O_DIRECT, QEMU's cache=none).
+    #[arg(long = "disk", value_name = "IMG[,ro][,direct]", value_parser = parse_disk)]
     disks: Vec<vmm::VirtioSpec>,
     /// Attach a virtio-net device on this existing tap interface (repeatable).
     #[arg(long = "net", value_name = "TAP")]
@@ -101,18 +102,25 @@ pub struct Args {
     security: crate::tls::TlsArgs,
 }
 
-/// Parse `--disk PATH[,ro]`.
+/// Parse `--disk PATH[,ro][,direct]`.
 pub fn parse_disk(s: &str) -> Result<vmm::VirtioSpec, String> {
-    let (path, ro) = match s.strip_suffix(",ro") {
-        Some(p) => (p, true),
-        None => (s, false),
-    };
+    let mut parts = s.split(',');
+    let path = parts.next().unwrap_or("");
     if path.is_empty() {
         return Err("--disk needs an image path".into());
     }
+    let (mut read_only, mut direct) = (false, false);
+    for p in parts {
+        match p {
+            "ro" => read_only = true,
+            "direct" => direct = true,
+            _ => return Err(format!("--disk option '{p}': expected ro or direct")),
+        }
+    }
     Ok(vmm::VirtioSpec::Block {
         path: path.into(),
-        read_only: ro,
+        read_only,
+        direct,
     })
 }
 

@@ -62,6 +62,10 @@ pub struct VirtioJob {
     pub guest_ip: [u8; 4],
     /// The host's IPv4 address on the tap, asked for.
     pub host_ip: [u8; 4],
+    /// The privilege of the guest's interrupt handler: 0 (a kernel's, as a real driver's;
+    /// emulated under PVM) or 3 (native under PVM).
+    #[serde(default)]
+    pub handler_cpl: u8,
 }
 
 impl Default for VirtioJob {
@@ -72,6 +76,7 @@ impl Default for VirtioJob {
             vsock_port: 5000,
             guest_ip: [172, 30, 0, 2],
             host_ip: [172, 30, 0, 1],
+            handler_cpl: 0,
         }
     }
 }
@@ -87,6 +92,9 @@ pub enum VirtioSpec {
         /// Refuse writes.
         #[serde(default)]
         read_only: bool,
+        /// Bypass the host's page cache (`O_DIRECT`, QEMU's `cache=none`).
+        #[serde(default)]
+        direct: bool,
     },
     /// A network device on a tap interface.
     Net {

@@ -160,10 +160,12 @@ mod tests {
             VirtioSpec::Block {
                 path: "a".into(),
                 read_only: false,
+                direct: false,
             },
             VirtioSpec::Block {
                 path: "b".into(),
                 read_only: true,
+                direct: false,
             },
         ]);
         let names: Vec<&str> = ids.iter().map(|d| d.0.as_str()).collect();

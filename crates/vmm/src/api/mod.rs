@@ -11,7 +11,7 @@
 //! | `GET /vm/stats` | uptime, exits, per-vCPU heartbeats and longest gap |
 //! | `PUT /snapshot/create` with `{"snapshot_dir": DIR, "page_checksums": false}` | 200 with what was written, when it is written (pauses, snapshots, resumes unless someone else holds a pause); 409 for a VM with parts a snapshot cannot carry, or while a snapshot or migration runs |
 //! | `PUT /migrate` with `{"to": "tcp:HOST:PORT", "mode": "postcopy", "max_bandwidth": 0, "downtime_limit_ms": 300}` | 202; the migration runs in the background (`{"resume": true}` reconnects a post-copy whose link was lost) |
-//! | `PUT /drives/{id}` with `{"drive_id": id, "path_on_host": IMG, "is_read_only": false}` | before boot (`--boot-via-api`): 204, a virtio-blk disk (`is_root_device` is accepted and ignored) |
+//! | `PUT /drives/{id}` with `{"drive_id": id, "path_on_host": IMG, "is_read_only": false}` | before boot (`--boot-via-api`): 204, a virtio-blk disk (`is_root_device` is accepted and ignored; `"direct": true` bypasses the host's page cache) |
 //! | `PUT /network-interfaces/{id}` with `{"iface_id": id, "host_dev_name": TAP, "guest_mac": "06:00:00:00:00:01"}` | before boot: 204, a virtio-net device on the tap |
 //! | `PUT /vsock` with `{"guest_cid": 3, "uds_path": SOCK}` | before boot: 204, a virtio-vsock device (Firecracker's hybrid Unix-socket convention) |
 //! | `PUT /entropy` with `{}` | before boot: 204, a virtio-rng device |
@@ -193,6 +193,7 @@ pub fn route(method: &Method, url: &str, body: &str) -> Result<Command, HttpRepl
                     .get("is_read_only")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
+                direct: v.get("direct").and_then(Value::as_bool).unwrap_or(false),
             };
             (
                 false,

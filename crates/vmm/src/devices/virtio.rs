@@ -183,8 +183,12 @@ fn open(spec: &VirtioSpec, index: usize) -> Result<Box<dyn VirtioDevice>, Virtio
     let kind = spec.kind();
     let fail = |what: String| VirtioError::Backend { kind, index, what };
     Ok(match spec {
-        VirtioSpec::Block { path, read_only } => {
-            let file = virtio::blk::FileBackend::open(path, *read_only)
+        VirtioSpec::Block {
+            path,
+            read_only,
+            direct,
+        } => {
+            let file = virtio::blk::FileBackend::open_with(path, *read_only, *direct)
                 .map_err(|e| fail(format!("{}: {}", path.display(), virtio::error_chain(&e))))?;
             Box::new(virtio::blk::Block::new(Box::new(file)))
         }

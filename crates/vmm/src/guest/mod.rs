@@ -102,8 +102,8 @@ impl Workload {
     /// handler's privilege level.
     pub fn irq_handler_cpl(self) -> Option<u8> {
         match self {
-            Workload::Irq | Workload::Virtio => Some(3),
-            Workload::IrqCpl0 => Some(0),
+            Workload::Irq => Some(3),
+            Workload::IrqCpl0 | Workload::Virtio => Some(0),
             _ => None,
         }
     }

@@ -79,7 +79,10 @@ impl Vm {
         let slices = cfg.slices()?;
         let with_pci = !cfg.vfio_user.is_empty();
         let with_virtio = !cfg.virtio.is_empty();
-        let irq_cpl = cfg.workload.irq_handler_cpl();
+        let irq_cpl = match cfg.workload {
+            Workload::Virtio => Some(if cfg.virtio_job.handler_cpl == 3 { 3 } else { 0 }),
+            w => w.irq_handler_cpl(),
+        };
         let mut cfg = cfg;
         if with_virtio && cfg.mem_bytes > VIRTIO_BASE {
             return Err(ConfigError::VirtioWindow { limit: VIRTIO_BASE }.into());
