@@ -24,6 +24,9 @@ use vmm::{IrqMode, VirtioJob, VirtioSpec, Vm, VmConfig, Workload};
 
 use crate::BenchError;
 
+/// The device threads' poll window in the `poll` figures, µs.
+pub const POLL_US: u64 = 200;
+
 /// `rr` line.
 #[derive(Debug, Clone, Serialize)]
 pub struct RrLine {
@@ -70,6 +73,10 @@ pub struct BlkLine {
     pub imp: &'static str,
     /// The guest's interrupt mode (`None` for the host).
     pub irq: Option<&'static str>,
+    /// How the guest learns of a completion: `"interrupt"`, or `"poll"` (no interrupts, the
+    /// guest polls the used ring, the device thread polls the queues for [`POLL_US`] with
+    /// notifies off: no exit per request); `None` for the host.
+    pub wait: Option<&'static str>,
     /// Requests per second (median of the runs).
     pub iops: f64,
     /// MB/s (10^6 bytes).
@@ -135,7 +142,7 @@ fn guest_job(
     job: u64,
     iterations: u64,
 ) -> Result<Job, BenchError> {
-    guest_job_at(devices, irq, job, iterations, 0)
+    guest_job_at(devices, irq, job, iterations, 0, false)
 }
 
 fn guest_job_at(
@@ -144,6 +151,7 @@ fn guest_job_at(
     job: u64,
     iterations: u64,
     handler_cpl: u8,
+    poll: bool,
 ) -> Result<Job, BenchError> {
     let vm = Vm::new(VmConfig {
         mem_bytes: 64 << 20,
@@ -155,8 +163,10 @@ fn guest_job_at(
             job,
             iterations,
             handler_cpl,
+            poll,
             ..VirtioJob::default()
         },
+        virtio_poll_us: if poll { POLL_US } else { 0 },
         ..VmConfig::default()
     })
     .map_err(|e| err("creating the VM")(&e))?;
@@ -187,6 +197,17 @@ fn guest_job_at(
         .as_ref()
         .and_then(|st| st.read("exits").ok())
         .map(|k| k.saturating_sub(s.exits));
+    if std::env::var_os("FL_DEBUG").is_some() {
+        eprintln!(
+            "job {job} poll {poll} cpl {handler_cpl}: {} iters, ticks {ticks}, exits {} idle {} kvm {:?} irqs {:?} virtio {}",
+            get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
+            s.exits,
+            s.idle_exits,
+            kernel,
+            get(abi::KEY_VIRTIO_IRQS),
+            serde_json::to_string(&s.virtio).unwrap_or_default()
+        );
+    }
     Ok(Job {
         iterations: get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
         secs: ticks as f64 / (khz * 1000.0),
@@ -214,7 +235,7 @@ pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
     let mut out = Vec::new();
     for (handler, cpl) in [("cpl0", 0u8), ("cpl3", 3u8)] {
         for irq in [IrqMode::Legacy, IrqMode::Msi] {
-            let job = |n| guest_job_at(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl);
+            let job = |n| guest_job_at(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl, false);
             let base = job(0)?;
             let mut rates = Vec::new();
             let mut last = None;
@@ -327,16 +348,20 @@ pub fn blk(
             ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
         ] {
             let bytes = if seq { 1u64 << 20 } else { 4096 };
-            let (mut guest, mut host) = (Vec::new(), Vec::new());
+            let (mut irqd, mut polled, mut host) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..runs.max(1) {
-                let j = guest_job(std::slice::from_ref(&spec), irq, job, iters)?;
-                guest.push(j.iterations as f64 / j.secs.max(1e-9));
+                let spec = std::slice::from_ref(&spec);
+                let j = guest_job_at(spec, irq, job, iters, 0, false)?;
+                irqd.push(j.iterations as f64 / j.secs.max(1e-9));
+                let j = guest_job_at(spec, irq, job, iters, 0, true)?;
+                polled.push(j.iterations as f64 / j.secs.max(1e-9));
                 // The guest's seed: VmConfig's default (1) for vCPU 0.
                 host.push(host_reads(&img, seq, direct, iters, 1)?);
             }
-            for (imp, irq, v) in [
-                ("faultline", Some(irq_name(irq)), &mut guest),
-                ("host", None, &mut host),
+            for (imp, irq, wait, v) in [
+                ("faultline", Some(irq_name(irq)), Some("interrupt"), &mut irqd),
+                ("faultline", Some(irq_name(irq)), Some("poll"), &mut polled),
+                ("host", None, None, &mut host),
             ] {
                 let r = range(v);
                 let iops = median(v);
@@ -347,6 +372,7 @@ pub fn blk(
                     cache,
                     imp,
                     irq,
+                    wait,
                     iops,
                     mb_s: iops * bytes as f64 / 1e6,
                     iops_range: r,

@@ -60,6 +60,11 @@ pub struct Args {
     /// (offered through Dragonball's registers; the driver enables it).
     #[arg(long, default_value = "legacy", value_parser = parse_irq)]
     irq: vmm::IrqMode,
+    /// Poll mode of the virtio devices: after each request a device's thread keeps polling
+    /// its queues for this many microseconds (the guest's notifies turned off meanwhile), as
+    /// QEMU's iothreads do (`poll-max-ns`); costs a spinning CPU while the window is open.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    virtio_poll_us: u64,
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
@@ -191,6 +196,7 @@ pub fn run(a: &Args) -> CliResult {
         virtio: a.virtio(),
         virtio_irq: a.irq,
         virtio_job: vmm::VirtioJob::default(),
+        virtio_poll_us: a.virtio_poll_us,
     };
     let mut api = None;
     let running = match &a.incoming {

@@ -602,11 +602,27 @@ impl MmioTransport {
                 .completed
                 .fetch_add(u64::from(*u), Ordering::Relaxed);
             match self.queues[q].needs_notification(&self.mem) {
-                Ok(true) => self.raise(q as u16 + 1),
+                Ok(true) if !self.no_interrupt(q) => self.raise(q as u16 + 1),
+                Ok(true) => {}
                 Ok(false) => {}
                 Err(e) => self.fail(format!("queue {q}: used ring: {e}")),
             }
         }
+    }
+
+    /// Whether the driver asked queue `q` for no interrupts (`VIRTQ_AVAIL_F_NO_INTERRUPT`,
+    /// which `virtio-queue` does not read; without EVENT_IDX only: with it, the used event
+    /// index says when).
+    fn no_interrupt(&self, q: usize) -> bool {
+        use vm_memory::Bytes;
+        let queue = &self.queues[q];
+        if queue.event_idx_enabled() {
+            return false;
+        }
+        let flags: Result<u16, _> = self
+            .mem
+            .read_obj(vm_memory::GuestAddress(queue.avail_ring()));
+        flags.is_ok_and(|f| f & 1 != 0)
     }
 
     /// The driver notified queue `q`: let the device take its chains.
@@ -615,6 +631,49 @@ impl MmioTransport {
             return;
         }
         self.run(|d, qs| d.process_queue(qs, q));
+    }
+
+    /// Poll mode: run every ready queue whose driver made chains available since the
+    /// device last looked (no notify needed); returns whether any had some.
+    pub fn poll_queues(&mut self) -> bool {
+        if !self.active() {
+            return false;
+        }
+        let mut any = false;
+        for q in 0..self.queues.len() {
+            let queue = &self.queues[q];
+            if !queue.ready() {
+                continue;
+            }
+            let avail = queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire);
+            if avail.is_ok_and(|a| a.0 != queue.next_avail()) {
+                any = true;
+                self.notify(q);
+            }
+        }
+        any
+    }
+
+    /// Poll mode: tell the driver not to notify (`VIRTQ_USED_F_NO_NOTIFY`, or the avail
+    /// event index with EVENT_IDX) while the device polls, or to notify again.
+    pub fn suppress_notifies(&mut self, suppress: bool) {
+        if !self.active() {
+            return;
+        }
+        for q in 0..self.queues.len() {
+            if !self.queues[q].ready() {
+                continue;
+            }
+            let r = if suppress {
+                self.queues[q].disable_notification(&self.mem)
+            } else {
+                self.queues[q].enable_notification(&self.mem).map(|_| ())
+            };
+            if let Err(e) = r {
+                self.fail(format!("queue {q}: notification flags: {e}"));
+                return;
+            }
+        }
     }
 
     /// A backend fd the device polls is ready.

@@ -44,6 +44,10 @@ pub struct VmConfig {
     /// How the virtio devices interrupt: legacy lines, or MSI offered to the driver.
     #[serde(default)]
     pub virtio_irq: virtio::IrqMode,
+    /// Poll mode of the virtio devices' threads: after each event, poll the queues for
+    /// this many microseconds (notifies off meanwhile); 0: never poll.
+    #[serde(default)]
+    pub virtio_poll_us: u64,
     /// What the built-in guest's `virtio` workload does.
     #[serde(default)]
     pub virtio_job: VirtioJob,
@@ -66,6 +70,9 @@ pub struct VirtioJob {
     /// emulated under PVM) or 3 (native under PVM).
     #[serde(default)]
     pub handler_cpl: u8,
+    /// Benchmark jobs: the guest asks for no interrupts and polls the used ring.
+    #[serde(default)]
+    pub poll: bool,
 }
 
 impl Default for VirtioJob {
@@ -77,6 +84,7 @@ impl Default for VirtioJob {
             guest_ip: [172, 30, 0, 2],
             host_ip: [172, 30, 0, 1],
             handler_cpl: 0,
+            poll: false,
         }
     }
 }
@@ -143,6 +151,7 @@ impl Default for VmConfig {
             virtio: Vec::new(),
             virtio_irq: virtio::IrqMode::Legacy,
             virtio_job: VirtioJob::default(),
+            virtio_poll_us: 0,
         }
     }
 }

@@ -246,3 +246,19 @@ fn registers_ignore_odd_sizes_and_offsets() {
     assert_eq!(d.r32(reg::QUEUE_NUM_MAX), 0);
     d.w32(reg::QUEUE_READY, 1);
 }
+
+#[test]
+fn a_driver_that_asks_for_no_interrupts_gets_none() {
+    let mut d = driver(IrqMode::Legacy);
+    d.init(0, false);
+    // VIRTQ_AVAIL_F_NO_INTERRUPT in the available ring's flags.
+    d.put(crate::testing::ring(0) + 0x1000, &1u16.to_le_bytes());
+    d.add(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.kick(0);
+    assert_eq!(d.used(0).len(), 1);
+    assert_eq!(d.irq.legacy.load(Ordering::SeqCst), 0);
+    d.put(crate::testing::ring(0) + 0x1000, &0u16.to_le_bytes());
+    d.add(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.kick(0);
+    assert_eq!(d.irq.legacy.load(Ordering::SeqCst), 1);
+}

@@ -220,6 +220,7 @@ impl VirtioBus {
         mem: &GuestMemoryMmap,
         specs: &[VirtioSpec],
         mode: IrqMode,
+        poll: std::time::Duration,
     ) -> Result<VirtioBus, VirtioError> {
         if specs.len() > MAX_DEVICES {
             return Err(VirtioError::TooMany);
@@ -254,7 +255,8 @@ impl VirtioBus {
             });
             let transport = MmioTransport::new(device, mem.clone(), kirq, mode);
             let stats = transport.stats();
-            let worker = Worker::spawn(transport, format!("virtio-{}{index}", spec.kind()))
+            let name = format!("virtio-{}{index}", spec.kind());
+            let worker = Worker::spawn_polling(transport, name, poll)
                 .map_err(|source| VirtioError::Worker { index, source })?;
             let base = VIRTIO_BASE + VIRTIO_STRIDE * index as u64;
             for q in 0..nq {

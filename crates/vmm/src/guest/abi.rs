@@ -169,6 +169,9 @@ pub fn xorshift(mut x: u64) -> u64 {
 /// | 0x28 | 8 | number of devices |
 /// | 0x30 + 16 i | 8 | device i: its window's address |
 /// | 0x38 + 16 i | 8 | device i: its virtio device ID |
+/// | 0x800 | 8 | benchmark jobs: 1 = no interrupts (`VIRTQ_AVAIL_F_NO_INTERRUPT`), poll the used ring |
+///
+/// The driver skips a notify while the device says it polls (`VIRTQ_USED_F_NO_NOTIFY`).
 ///
 /// The test job drives every device in order: **block** writes a pattern
 /// ([`virtio_blk_pattern`]) to sectors 0..8, flushes, reads it back and compares, and asks

@@ -136,6 +136,8 @@
     add rax, r13
     mov qword ptr [rax + 0xf00], 0
     mov qword ptr [rax + 0xf08], 0
+    mov rdx, [r12 + 0x1800]
+    mov [rax + 0x100], dx
     mov [rbx + 0x30], r8d
     mov dword ptr [rbx + 0x38], 16
     mov [rbx + 0x80], eax
@@ -177,10 +179,14 @@
     mov [rsi + 0x102], ax
     ret
 
-# Notify queue edx (a KVM ioeventfd: no exit to userspace).
+# Notify queue edx (a KVM ioeventfd: no exit to userspace) of the queue at rsi, unless the
+# device polls (VIRTQ_USED_F_NO_NOTIFY in the used ring's flags).
 .Lvq_notify:
     mfence
+    test word ptr [rsi + 0x200], 1
+    jnz 1f
     mov [rbx + 0x50], edx
+1:
     ret
 
 # Wait (2 s) for the next used element of the queue at rsi: eax = 0 with ecx = its id and
@@ -195,8 +201,12 @@
     mov rdx, [rsi + 0xf08]
     cmp ax, dx
     jne .Lvw_got
+    cmp qword ptr [r12 + 0x1800], 0
+    jne 1f
     mov dx, {idle}
     out dx, eax
+1:
+    pause
     FL_RDTSC
     cmp rax, r9
     jb .Lvw_spin
@@ -229,7 +239,8 @@
     mov eax, {fail_no_irq}
     ret
 
-# Submit the chain at head 0 of queue edx (area rsi), wait for it through its interrupt.
+# Submit the chain at head 0 of queue edx (area rsi), wait for it through its interrupt (or,
+# in poll mode, by polling the used ring).
 .Lvq_roundtrip:
     mov r11, [r12]
     push rdx
@@ -237,6 +248,8 @@
     call .Lvq_push
     pop rdx
     call .Lvq_notify
+    cmp qword ptr [r12 + 0x1800], 0
+    jne .Lvq_wait
     jmp .Lvq_wait_irq
 
 # entropy: 64 bytes, not all zero.

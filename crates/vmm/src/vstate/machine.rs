@@ -451,7 +451,12 @@ fn write_virtio_params(mem: &GuestMem, cfg: &VmConfig) -> Result<(), vm_memory::
         p.extend_from_slice(&(VIRTIO_BASE + VIRTIO_STRIDE * i as u64).to_le_bytes());
         p.extend_from_slice(&id.to_le_bytes());
     }
-    vm_memory::Bytes::write_slice(mem.mem(), &p, vm_memory::GuestAddress(abi::VIRTIO_PARAMS))
+    vm_memory::Bytes::write_slice(mem.mem(), &p, vm_memory::GuestAddress(abi::VIRTIO_PARAMS))?;
+    vm_memory::Bytes::write_obj(
+        mem.mem(),
+        u64::from(j.poll),
+        vm_memory::GuestAddress(abi::VIRTIO_PARAMS + 0x800),
+    )
 }
 
 /// The VM's virtio-mmio devices, if its configuration names any.
@@ -463,7 +468,8 @@ fn virtio_bus(
     if cfg.virtio.is_empty() {
         return Ok(None);
     }
-    VirtioBus::new(irq.clone(), mem.mem(), &cfg.virtio, cfg.virtio_irq)
+    let poll = std::time::Duration::from_micros(cfg.virtio_poll_us.min(1_000_000));
+    VirtioBus::new(irq.clone(), mem.mem(), &cfg.virtio, cfg.virtio_irq, poll)
         .map(|b| Some(Arc::new(b)))
         .map_err(VmError::Virtio)
 }
