@@ -203,3 +203,17 @@ fn short_inputs_do_nothing() {
     let o = run(&[3, 0xff, 0xff, 1, 2, 3]).expect("a device");
     assert!(!o.reached_driver_ok);
 }
+
+#[test]
+fn a_used_index_the_guest_scribbled_is_not_taken_for_the_devices() {
+    // The guest stores 7 in the used index; the device, which completed nothing yet,
+    // writes 1 after its first chain: no invariant may fire.
+    let mut i = Input::new(Kind::Rng, false);
+    i.init(0, false, 1);
+    i.add(0, &[(DATA, 16, true)]);
+    i.poke(used(0), 7 << 16);
+    i.kick(0);
+    let o = run(&i.encode()).expect("a whole input");
+    assert!(o.reached_driver_ok && o.broken.is_none(), "{o:?}");
+    assert_eq!(Input::used_idx(&o.mem, 0), 1);
+}
