@@ -149,7 +149,9 @@ pub struct Outcome {
     pub host_bytes: Vec<u8>,
 }
 
-/// Per-process files: the image, the vsock socket and the listener at `<uds>_5000`.
+/// A thread's files: the image, the vsock socket and the listener at `<uds>_5000`, in a
+/// temporary directory removed when the thread ends (libFuzzer's one thread never ends:
+/// one directory per fuzzing process stays behind).
 struct Files {
     image: PathBuf,
     uds: PathBuf,
@@ -157,12 +159,9 @@ struct Files {
     _dir: tempfile::TempDir,
 }
 
-/// This thread's files (the unit tests run in parallel threads; libFuzzer runs one).
-fn files() -> &'static Files {
-    thread_local! {
-        static F: &'static Files = Box::leak(Box::new(Files::new()));
-    }
-    F.with(|f| *f)
+thread_local! {
+    /// This thread's files (the unit tests run in parallel threads; libFuzzer runs one).
+    static FILES: Files = Files::new();
 }
 
 impl Files {
@@ -205,13 +204,16 @@ pub enum Host {
         /// The device's socket.
         uds: PathBuf,
         /// `<uds>_5000`.
-        listener: &'static UnixListener,
+        listener: UnixListener,
     },
 }
 
 /// The device byte 0 asks for, and its host side.
 fn device(b: u8) -> (Box<dyn VirtioDevice>, Host) {
-    let f = files();
+    FILES.with(|f| device_in(f, b))
+}
+
+fn device_in(f: &Files, b: u8) -> (Box<dyn VirtioDevice>, Host) {
     match Kind::from_byte(b) {
         Kind::Block => {
             let image: Vec<u8> = (0..IMAGE).map(|i| (i / 512) as u8).collect();
@@ -242,7 +244,7 @@ fn device(b: u8) -> (Box<dyn VirtioDevice>, Host) {
                 Box::new(dev),
                 Host::Vsock {
                     uds: f.uds.clone(),
-                    listener: &f.port_listener,
+                    listener: f.port_listener.try_clone().expect("dup of the listener"),
                 },
             )
         }
@@ -449,11 +451,14 @@ impl Session {
             }
         }
         for r in rings.iter().flatten() {
-            for i in 0..u64::from(r.size) {
-                let at = r.desc + 16 * i;
-                let addr: u64 = self.mem.read_obj(GuestAddress(at)).unwrap_or(0);
-                let len: u32 = self.mem.read_obj(GuestAddress(at + 8)).unwrap_or(0);
-                let flags: u16 = self.mem.read_obj(GuestAddress(at + 12)).unwrap_or(0);
+            let mut table = vec![0u8; 16 * usize::from(r.size)];
+            self.mem
+                .read_slice(&mut table, GuestAddress(r.desc))
+                .expect("a ready descriptor table is in memory");
+            for d in table.chunks_exact(16) {
+                let addr = u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"));
+                let len = u32::from_le_bytes(d[8..12].try_into().expect("4 bytes"));
+                let flags = u16::from_le_bytes([d[12], d[13]]);
                 if flags & 2 != 0 && regions.iter().any(|g| overlap((addr, u64::from(len)), *g)) {
                     return true;
                 }
