@@ -35,9 +35,11 @@
 //!   moved no used index. Skipped for a call when the guest made the rings overlap each other or made
 //!   any device-writable descriptor overlap a ring: the device then legitimately writes data
 //!   over ring indices.
-//! - **A device that needs a reset does nothing.** Once the status has `DEVICE_NEEDS_RESET`
-//!   (0x40), until the guest resets it, a call completes no chain, raises no interrupt and
-//!   leaves every byte of guest memory as it was.
+//! - **A device that needs a reset does nothing.** Once the device failed (the transport
+//!   set `DEVICE_NEEDS_RESET`, 0x40, and keeps a reason: [`MmioTransport::broken`]; the
+//!   status must then show the bit), until the guest resets it, a call completes no chain,
+//!   raises no interrupt and leaves every byte of guest memory as it was. A bit the driver
+//!   stored itself does not count: the transport keeps it and the device goes on working.
 //!
 //! The body returns `true` when the device reached `DRIVER_OK` and was working.
 
@@ -492,7 +494,13 @@ impl Session {
     fn call(&mut self, f: impl FnOnce(&mut MmioTransport)) {
         let stats = self.t.stats();
         let completed = || stats.completed.load(Ordering::SeqCst);
-        let broken_before = self.t.status() & status::NEEDS_RESET != 0;
+        // The device set DEVICE_NEEDS_RESET (the driver may write the bit itself: the
+        // transport keeps it, and the device goes on working).
+        let broken_before = self.t.broken().is_some();
+        assert!(
+            !broken_before || self.t.status() & status::NEEDS_RESET != 0,
+            "the device failed but the status does not say so"
+        );
         if broken_before {
             let (mem, irqs, done) = (self.snapshot(), self.irqs(), completed());
             f(&mut self.t);
@@ -520,7 +528,7 @@ impl Session {
         if aliased {
             return;
         }
-        let broke = self.t.status() & status::NEEDS_RESET != 0;
+        let broke = self.t.broken().is_some();
         let mut moved = 0u64;
         for (q, (r, u0)) in rings.iter().zip(&before).enumerate() {
             let (Some(r), Some(u0)) = (r, u0) else {
