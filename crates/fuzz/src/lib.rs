@@ -15,7 +15,8 @@
 //! Seeds (`crates/fuzz/corpus/TARGET/`) are made from real traffic by the `fuzz-seeds` binary
 //! ([`seeds`]): frames from xfer's and the migration's own send paths over a real socket, the
 //! vfio-user client's messages to a server and a real server's replies, a snapshot taken of a
-//! running KVM guest, a real hand-off message, and real REST requests.
+//! running KVM guest, a real hand-off message, real REST requests, and virtio driver sessions run through
+//! the real devices.
 
 pub mod run;
 pub mod seeds;
@@ -72,6 +73,11 @@ pub const TARGETS: &[Target] = &[
         name: "api_request",
         what: "REST requests: method, URL and body (as the API server reads them) through vmm::api::route and its body deserialization",
         body: targets::api::request,
+    },
+    Target {
+        name: "virtio_guest",
+        what: "a hostile guest driving a virtio device (blk, rng, net, vsock) through the virtio-mmio transport: registers, rings and buffers from the input",
+        body: targets::virtio::guest,
     },
 ];
 

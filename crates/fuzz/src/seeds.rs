@@ -9,6 +9,8 @@
 //! - `handoff`: `send_msg` of a hand-off and of its reply over a real socket.
 //! - `api_request`: the bytes `vmm::api::call` sends for each API call, on a real socket;
 //!   method, target and body as the server parsed them.
+//! - `virtio_guest`: driver sessions (features, queue setup, good requests) for each device,
+//!   run through the real device and transport and checked to have done their work.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -360,5 +362,239 @@ pub fn all(dir: &Path) -> Seeds {
     s.extend(vfu(dir));
     s.extend(handoff());
     s.extend(api(dir));
+    s.extend(virtio());
     s
+}
+
+/// `virtio_guest`: a driver session per device (features, queue setup, good requests),
+/// written by [`Input`](crate::targets::virtio::driver::Input) and run through the real
+/// device and transport; each is checked to have done its work before it is kept.
+pub fn virtio() -> Seeds {
+    use crate::targets::virtio::driver::{DATA, Input};
+    use crate::targets::virtio::{Kind, Outcome, run};
+    let mut out: Seeds = Vec::new();
+    let mut keep = |name: &str, i: &Input, check: &dyn Fn(&Outcome)| {
+        let b = i.encode();
+        let o = run(&b).expect("a whole input");
+        assert!(
+            o.reached_driver_ok && o.broken.is_none(),
+            "{name}: the device did not work: {:?}",
+            o.broken
+        );
+        check(&o);
+        out.push(("virtio_guest", name.to_string(), b));
+    };
+    let m = |o: &Outcome, at: u64, n: usize| o.mem[at as usize..at as usize + n].to_vec();
+
+    // Block: write a sector, read it back, the serial.
+    let mut i = Input::new(Kind::Block, false);
+    let f = virtio::blk::F_SEG_MAX | virtio::blk::F_BLK_SIZE | virtio::blk::F_FLUSH;
+    i.init(f, false, 1);
+    let hdr = |t: u32, sector: u64| {
+        let mut h = t.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    };
+    i.put(DATA, &hdr(virtio::blk::req::OUT, 1));
+    i.put(DATA + 0x10, &[0xab; 512]);
+    i.add(
+        0,
+        &[
+            (DATA, 16, false),
+            (DATA + 0x10, 512, false),
+            (DATA + 0x210, 1, true),
+        ],
+    );
+    i.kick(0);
+    i.put(DATA + 0x220, &hdr(virtio::blk::req::IN, 1));
+    i.add(
+        0,
+        &[
+            (DATA + 0x220, 16, false),
+            (DATA + 0x230, 512, true),
+            (DATA + 0x430, 1, true),
+        ],
+    );
+    i.put(DATA + 0x440, &hdr(virtio::blk::req::GET_ID, 0));
+    i.add(
+        0,
+        &[
+            (DATA + 0x440, 16, false),
+            (DATA + 0x450, 20, true),
+            (DATA + 0x464, 1, true),
+        ],
+    );
+    i.kick(0);
+    keep("blk-write-read-id", &i, &|o| {
+        assert_eq!(Input::used_idx(&o.mem, 0), 3);
+        assert_eq!(m(o, DATA + 0x210, 1), [0], "write status");
+        assert_eq!(m(o, DATA + 0x430, 1), [0], "read status");
+        assert_eq!(m(o, DATA + 0x230, 512), [0xab; 512], "read back");
+        assert_eq!(m(o, DATA + 0x450, 8), b"disk.img", "serial");
+    });
+
+    // Block with MSI and EVENT_IDX: flush, discard, write zeroes, read.
+    let mut i = Input::new(Kind::Block, true);
+    let f = virtio::blk::F_FLUSH | virtio::blk::F_DISCARD | virtio::blk::F_WRITE_ZEROES;
+    i.begin(f, true);
+    i.setup_queue(0);
+    i.r32(virtio::mmio::reg::MSI_CSR);
+    i.w16(virtio::mmio::reg::MSI_CSR, virtio::mmio::MSI_CSR_ENABLE);
+    for v in 0..2 {
+        i.w32(virtio::mmio::reg::MSI_ADDRESS_LOW, 0xfee0_0000);
+        i.w32(virtio::mmio::reg::MSI_ADDRESS_HIGH, 0);
+        i.w32(virtio::mmio::reg::MSI_DATA, 0x30 + v);
+        i.w16(
+            virtio::mmio::reg::MSI_COMMAND,
+            virtio::mmio::MSI_CMD_UPDATE | v as u16,
+        );
+    }
+    i.driver_ok();
+    let seg = |sector: u64, n: u32| {
+        let mut s = sector.to_le_bytes().to_vec();
+        s.extend_from_slice(&n.to_le_bytes());
+        s.extend_from_slice(&[0; 4]);
+        s
+    };
+    i.put(DATA, &hdr(virtio::blk::req::FLUSH, 0));
+    i.add(0, &[(DATA, 16, false), (DATA + 0x10, 1, true)]);
+    i.put(DATA + 0x20, &hdr(virtio::blk::req::DISCARD, 0));
+    i.put(DATA + 0x30, &seg(0, 8));
+    i.add(0, &[(DATA + 0x20, 32, false), (DATA + 0x40, 1, true)]);
+    i.put(DATA + 0x50, &hdr(virtio::blk::req::WRITE_ZEROES, 0));
+    i.put(DATA + 0x60, &seg(8, 8));
+    i.add(0, &[(DATA + 0x50, 32, false), (DATA + 0x70, 1, true)]);
+    i.put(DATA + 0x80, &hdr(virtio::blk::req::IN, 8));
+    i.put(DATA + 0x90, &[0xff; 512]);
+    i.add(
+        0,
+        &[
+            (DATA + 0x80, 16, false),
+            (DATA + 0x90, 512, true),
+            (DATA + 0x290, 1, true),
+        ],
+    );
+    i.kick(0);
+    keep("blk-msi-flush-discard-zeroes", &i, &|o| {
+        assert_eq!(Input::used_idx(&o.mem, 0), 4);
+        for s in [0x10, 0x40, 0x70, 0x290] {
+            assert_eq!(m(o, DATA + s, 1), [0], "status at {s:#x}");
+        }
+        assert_eq!(m(o, DATA + 0x90, 512), [0; 512], "zeroes read back");
+    });
+
+    // Entropy: two buffers.
+    let mut i = Input::new(Kind::Rng, false);
+    i.init(0, false, 1);
+    i.add(0, &[(DATA, 64, true)]);
+    i.add(0, &[(DATA + 0x40, 32, true), (DATA + 0x60, 32, true)]);
+    i.kick(0);
+    keep("rng", &i, &|o| {
+        assert_eq!(Input::used_idx(&o.mem, 0), 2);
+        assert!(m(o, DATA, 128).iter().any(|b| *b != 0), "random bytes");
+    });
+
+    // Network: receive buffers, a frame out, a frame in.
+    let mut i = Input::new(Kind::Net, false);
+    i.init(virtio::net::F_MAC | virtio::net::F_STATUS, false, 2);
+    i.r32(virtio::mmio::reg::CONFIG);
+    i.add(0, &[(DATA, 128, true)]);
+    i.add(0, &[(DATA + 0x80, 128, true)]);
+    i.kick(0);
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x08, 0x06]);
+    frame.resize(60, 0x11);
+    let mut tx = vec![0u8; virtio::net::HDR_LEN];
+    tx.extend_from_slice(&frame);
+    i.put(DATA + 0x100, &tx);
+    i.add(1, &[(DATA + 0x100, tx.len() as u32, false)]);
+    i.kick(1);
+    i.host(0, 0, 0);
+    i.host_send(60, 0x5a);
+    i.backends(1);
+    keep("net", &i, &|o| {
+        assert_eq!(o.frames, vec![frame.clone()], "the peer got the frame");
+        assert_eq!(Input::used_idx(&o.mem, 0), 1, "one frame in");
+        assert_eq!(m(o, DATA + 10, 2), [1, 0], "num_buffers");
+        assert_eq!(m(o, DATA + 12, 60), [0x5a; 60], "the peer's frame");
+    });
+
+    // vsock, guest-initiated: connect to port 5000, send "hello", receive the host's bytes.
+    use virtio::vsock::packet::{HDR_LEN, HOST_CID, Header, Op, TYPE_STREAM};
+    let pkt = |op: Op, src_port: u32, dst_port: u32, len: u32| Header {
+        src_cid: crate::targets::virtio::GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op: op as u16,
+        flags: 0,
+        buf_alloc: 64 << 10,
+        fwd_cnt: 0,
+    };
+    let port = crate::targets::virtio::VSOCK_PORT;
+    let mut i = Input::new(Kind::Vsock, false);
+    i.init(0, false, 3);
+    for k in 0..4 {
+        i.add(0, &[(DATA + 0x80 * k, 0x80, true)]);
+    }
+    i.kick(0);
+    let tx = DATA + 0x200;
+    i.put(tx, &pkt(Op::Request, 1234, port, 0).encode());
+    i.add(1, &[(tx, HDR_LEN as u32, false)]);
+    i.kick(1);
+    i.put(tx + 0x40, &pkt(Op::Rw, 1234, port, 5).encode());
+    i.put(tx + 0x80, b"hello");
+    i.add(
+        1,
+        &[(tx + 0x40, HDR_LEN as u32, false), (tx + 0x80, 5, false)],
+    );
+    i.kick(1);
+    i.host(0, 0, 0);
+    i.host(1, 5, b'w');
+    i.backends(4);
+    keep("vsock-guest-connect", &i, &|o| {
+        assert_eq!(
+            o.host_bytes, b"hello",
+            "the host stream got the guest's bytes"
+        );
+        let h = |k: u64| {
+            let b: [u8; HDR_LEN] = m(o, DATA + 0x80 * k, HDR_LEN).try_into().expect("header");
+            Header::parse(&b)
+        };
+        assert_eq!(h(0).op(), Some(Op::Response));
+        assert_eq!((h(1).op(), h(1).len), (Some(Op::Rw), 5));
+        assert_eq!(m(o, DATA + 0x80 + HDR_LEN as u64, 5), b"wwwww");
+    });
+
+    // vsock, host-initiated: `CONNECT 1234`, the guest accepts, the host reads `OK <port>`.
+    let mut i = Input::new(Kind::Vsock, false);
+    i.init(0, false, 3);
+    for k in 0..2 {
+        i.add(0, &[(DATA + 0x80 * k, 0x80, true)]);
+    }
+    i.kick(0);
+    i.host_send(1234, 0);
+    for _ in 0..2 {
+        i.backends(2);
+    }
+    let local = 1 << 30;
+    let mut resp = pkt(Op::Response, 1234, local, 0);
+    resp.buf_alloc = 64 << 10;
+    i.put(DATA + 0x200, &resp.encode());
+    i.add(1, &[(DATA + 0x200, HDR_LEN as u32, false)]);
+    i.kick(1);
+    i.host(0, 0, 0);
+    keep("vsock-host-connect", &i, &|o| {
+        let b: [u8; HDR_LEN] = m(o, DATA, HDR_LEN).try_into().expect("header");
+        let h = Header::parse(&b);
+        assert_eq!(
+            (h.op(), h.src_port, h.dst_port),
+            (Some(Op::Request), local, 1234)
+        );
+        assert_eq!(o.host_bytes, format!("OK {local}\n").as_bytes());
+    });
+    out
 }

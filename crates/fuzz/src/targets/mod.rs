@@ -5,6 +5,7 @@ pub mod api;
 pub mod handoff;
 pub mod snapshot;
 pub mod vfu;
+pub mod virtio;
 pub mod xfer;
 
 use serde::Serialize;
