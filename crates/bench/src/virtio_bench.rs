@@ -101,6 +101,8 @@ pub struct NetLine {
     pub imp: &'static str,
     /// The guest's interrupt mode (`None` for the host).
     pub irq: Option<&'static str>,
+    /// `"interrupt"` or `"poll"` (as for `blk`); `None` for the host.
+    pub wait: Option<&'static str>,
     /// Gbit/s of Ethernet frames (median of the runs).
     pub gbit_s: f64,
     /// Frames per second.
@@ -135,17 +137,9 @@ fn err(what: &str) -> impl FnOnce(&dyn std::error::Error) -> BenchError + '_ {
     move |e| BenchError::Run(format!("{what}: {}", uffd::error_chain(e)))
 }
 
-/// Run the `virtio` workload's `job` on `devices` for `iterations`.
+/// Run the `virtio` workload's `job` on `devices` for `iterations`, its handler at
+/// `handler_cpl`, polling (no interrupts, the device polling too) if `poll`.
 fn guest_job(
-    devices: &[VirtioSpec],
-    irq: IrqMode,
-    job: u64,
-    iterations: u64,
-) -> Result<Job, BenchError> {
-    guest_job_at(devices, irq, job, iterations, 0, false)
-}
-
-fn guest_job_at(
     devices: &[VirtioSpec],
     irq: IrqMode,
     job: u64,
@@ -197,8 +191,8 @@ fn guest_job_at(
         .as_ref()
         .and_then(|st| st.read("exits").ok())
         .map(|k| k.saturating_sub(s.exits));
-    if std::env::var_os("FL_DEBUG").is_some() {
-        eprintln!(
+    {
+        tracing::debug!(
             "job {job} poll {poll} cpl {handler_cpl}: {} iters, ticks {ticks}, exits {} idle {} kvm {:?} irqs {:?} virtio {}",
             get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
             s.exits,
@@ -235,7 +229,7 @@ pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
     let mut out = Vec::new();
     for (handler, cpl) in [("cpl0", 0u8), ("cpl3", 3u8)] {
         for irq in [IrqMode::Legacy, IrqMode::Msi] {
-            let job = |n| guest_job_at(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl, false);
+            let job = |n| guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl, false);
             let base = job(0)?;
             let mut rates = Vec::new();
             let mut last = None;
@@ -344,22 +338,32 @@ pub fn blk(
             direct,
         };
         for (pattern, seq, iters, job) in [
-            ("rand-4k-qd1", false, rand_iterations, abi::VIRTIO_JOB_BLK_RANDOM),
+            (
+                "rand-4k-qd1",
+                false,
+                rand_iterations,
+                abi::VIRTIO_JOB_BLK_RANDOM,
+            ),
             ("seq-1m-qd1", true, seq_iterations, abi::VIRTIO_JOB_BLK_SEQ),
         ] {
             let bytes = if seq { 1u64 << 20 } else { 4096 };
             let (mut irqd, mut polled, mut host) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..runs.max(1) {
                 let spec = std::slice::from_ref(&spec);
-                let j = guest_job_at(spec, irq, job, iters, 0, false)?;
+                let j = guest_job(spec, irq, job, iters, 0, false)?;
                 irqd.push(j.iterations as f64 / j.secs.max(1e-9));
-                let j = guest_job_at(spec, irq, job, iters, 0, true)?;
+                let j = guest_job(spec, irq, job, iters, 0, true)?;
                 polled.push(j.iterations as f64 / j.secs.max(1e-9));
                 // The guest's seed: VmConfig's default (1) for vCPU 0.
                 host.push(host_reads(&img, seq, direct, iters, 1)?);
             }
             for (imp, irq, wait, v) in [
-                ("faultline", Some(irq_name(irq)), Some("interrupt"), &mut irqd),
+                (
+                    "faultline",
+                    Some(irq_name(irq)),
+                    Some("interrupt"),
+                    &mut irqd,
+                ),
                 ("faultline", Some(irq_name(irq)), Some("poll"), &mut polled),
                 ("host", None, None, &mut host),
             ] {
@@ -428,15 +432,13 @@ pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, Bench
         mac: None,
     };
     let frame_bits = 1514.0 * 8.0;
-    let (mut guest, mut host) = (Vec::new(), Vec::new());
+    let (mut guest, mut polled, mut host) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let j = guest_job(
-            std::slice::from_ref(&spec),
-            irq,
-            abi::VIRTIO_JOB_NET_TX,
-            frames,
-        )?;
+        let specs = std::slice::from_ref(&spec);
+        let j = guest_job(specs, irq, abi::VIRTIO_JOB_NET_TX, frames, 0, false)?;
         guest.push(j.iterations as f64 / j.secs.max(1e-9));
+        let j = guest_job(specs, irq, abi::VIRTIO_JOB_NET_TX, frames, 0, true)?;
+        polled.push(j.iterations as f64 / j.secs.max(1e-9));
         // The same frames from this process, the tap opened again once the VM closed it.
         let mut t = virtio::net::Tap::open(&tap.0).map_err(|e| err("opening the tap")(&e))?;
         let mut frame = vec![0u8; 1514];
@@ -455,9 +457,15 @@ pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, Bench
         host.push(sent as f64 / start.elapsed().as_secs_f64());
     }
     let mut out = Vec::new();
-    for (imp, irq, v) in [
-        ("faultline", Some(irq_name(irq)), &mut guest),
-        ("host", None, &mut host),
+    for (imp, irq, wait, v) in [
+        (
+            "faultline",
+            Some(irq_name(irq)),
+            Some("interrupt"),
+            &mut guest,
+        ),
+        ("faultline", Some(irq_name(irq)), Some("poll"), &mut polled),
+        ("host", None, None, &mut host),
     ] {
         let r = range(v);
         let fps = median(v);
@@ -466,6 +474,7 @@ pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, Bench
             case: "net",
             imp,
             irq,
+            wait,
             gbit_s: fps * frame_bits / 1e9,
             frames_per_s: fps,
             gbit_s_range: [r[0] * frame_bits / 1e9, r[1] * frame_bits / 1e9],

@@ -195,7 +195,11 @@ pub fn bench_virtio(
         {
             bars.push((
                 format!("blk {} {}", l.pattern, l.cache),
-                format!("{}{}", l.imp, l.wait.map(|w| format!(" ({w})")).unwrap_or_default()),
+                format!(
+                    "{}{}",
+                    l.imp,
+                    l.wait.map(|w| format!(" ({w})")).unwrap_or_default()
+                ),
                 l.iops,
                 format!("{:.0} IOPS, {:.1} MB/s", l.iops, l.mb_s),
             ));
@@ -240,7 +244,10 @@ pub fn bench_virtio(
                     .and_then(|l| l["per_s"].as_f64())
             };
             if let (Some(a), Some(b)) = (rate("legacy"), rate("msi")) {
-                println!("rr, {handler} handler: MSI / legacy = {:.2}x (goal 1.3x)", b / a);
+                println!(
+                    "rr, {handler} handler: MSI / legacy = {:.2}x (goal 1.3x)",
+                    b / a
+                );
             }
         }
         for cache in ["page-cache", "direct"] {

@@ -45,7 +45,7 @@ enum Cmd {
     /// Live-migrate a running VM (through its API socket) to `faultline run --incoming`.
     Migrate(migrate::Args),
     /// Boot a microVM with the built-in guest and run a workload.
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// Snapshot a running VM through its API socket.
     Snapshot(snap::SnapshotArgs),
     /// Restore a VM from a snapshot (eager, mmap, lazy, prefetch; optionally with an external

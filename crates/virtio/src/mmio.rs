@@ -444,8 +444,11 @@ impl MmioTransport {
             return;
         }
         let old = self.status;
+        // DEVICE_NEEDS_RESET is the device's to set: a driver's write of it is ignored.
+        let v = v & !status::NEEDS_RESET;
+        let old_driver = old & !status::NEEDS_RESET;
         // The driver may only add bits (2.1.2), and FEATURES_OK only for features we offer.
-        if v & old != old {
+        if v & old_driver != old_driver {
             return;
         }
         let mut v = v;

@@ -210,7 +210,9 @@ impl BlockBackend for FileBackend {
         let Some(bounce) = &self.direct else {
             return self.file.read_exact_at(buf, offset);
         };
-        let mut b = bounce.lock().map_err(|_| io::Error::other("bounce buffer poisoned"))?;
+        let mut b = bounce
+            .lock()
+            .map_err(|_| io::Error::other("bounce buffer poisoned"))?;
         let mut done = 0;
         for piece in buf.chunks_mut(CHUNK) {
             let a = aligned(&mut b, piece.len());
@@ -225,7 +227,9 @@ impl BlockBackend for FileBackend {
         let Some(bounce) = &self.direct else {
             return self.file.write_all_at(buf, offset);
         };
-        let mut b = bounce.lock().map_err(|_| io::Error::other("bounce buffer poisoned"))?;
+        let mut b = bounce
+            .lock()
+            .map_err(|_| io::Error::other("bounce buffer poisoned"))?;
         let mut done = 0;
         for piece in buf.chunks(CHUNK) {
             let a = aligned(&mut b, piece.len());

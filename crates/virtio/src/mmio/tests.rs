@@ -262,3 +262,15 @@ fn a_driver_that_asks_for_no_interrupts_gets_none() {
     d.kick(0);
     assert_eq!(d.irq.legacy.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_driver_cannot_set_needs_reset_itself() {
+    let mut d = driver(IrqMode::Legacy);
+    d.init(0, false);
+    let s = d.r32(reg::STATUS);
+    d.w32(reg::STATUS, s | status::NEEDS_RESET);
+    assert!(!d.needs_reset());
+    d.add(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.kick(0);
+    assert_eq!(d.used(0).len(), 1);
+}

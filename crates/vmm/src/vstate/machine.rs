@@ -80,7 +80,11 @@ impl Vm {
         let with_pci = !cfg.vfio_user.is_empty();
         let with_virtio = !cfg.virtio.is_empty();
         let irq_cpl = match cfg.workload {
-            Workload::Virtio => Some(if cfg.virtio_job.handler_cpl == 3 { 3 } else { 0 }),
+            Workload::Virtio => Some(if cfg.virtio_job.handler_cpl == 3 {
+                3
+            } else {
+                0
+            }),
             w => w.irq_handler_cpl(),
         };
         let mut cfg = cfg;
