@@ -478,15 +478,6 @@
 9:
     ret
 
-.Lnet_post_rx:
-    lea rax, [r13 + 0x8000]
-    VQ_DESC r13, 0, rax, 2048, 2, 0
-    mov rsi, r13
-    xor ecx, ecx
-    call .Lvq_push
-    xor edx, edx
-    jmp .Lvq_notify
-
 # vsock: connect to the host port, send the ping, expect it echoed, shut down.
 .Lvio_vsock:
     mov ecx, 3
@@ -502,55 +493,24 @@
     call .Lvq_push
     mov edx, 2
     call .Lvq_notify
-    # REQUEST
+    # REQUEST, answered by RESPONSE
     mov ecx, 1
     xor edx, edx
-    call .Lvsock_tx
+    mov r8d, 2
+    call .Lvsock_exchange
     test eax, eax
     jnz 9f
-    mov qword ptr [r12 + 0x1220], 8
-1:
-    mov rsi, r13
-    call .Lvq_wait
-    test eax, eax
-    jnz 9f
-    movzx eax, word ptr [r13 + 0x8000 + 30]
-    cmp eax, 2
-    je 2f
-    cmp eax, 6
-    jne 8f
-    call .Lvsock_post_rx
-    dec qword ptr [r12 + 0x1220]
-    jnz 1b
-    jmp 8f
-2:
-    call .Lvsock_post_rx
-    # RW with the ping
+    # RW with the ping, answered by RW with the echo
     movabs rax, {ping_lo}
     mov [r13 + 0x9100], rax
     movabs rax, {ping_hi}
     mov [r13 + 0x9108], rax
     mov ecx, 5
     mov edx, 16
-    call .Lvsock_tx
+    mov r8d, 5
+    call .Lvsock_exchange
     test eax, eax
     jnz 9f
-    mov qword ptr [r12 + 0x1220], 8
-3:
-    mov rsi, r13
-    call .Lvq_wait
-    test eax, eax
-    jnz 9f
-    movzx eax, word ptr [r13 + 0x8000 + 30]
-    cmp eax, 5
-    je 4f
-    cmp eax, 6
-    jne 8f
-    call .Lvsock_post_rx
-    dec qword ptr [r12 + 0x1220]
-    jnz 3b
-    jmp 8f
-4:
     cmp dword ptr [r13 + 0x8000 + 24], 16
     jne 8f
     mov rax, [r13 + 0x8000 + 44]
@@ -563,8 +523,7 @@
     mov ecx, 4
     xor edx, edx
     mov dword ptr [r13 + 0x9000 + 32], 3
-    call .Lvsock_tx
-    ret
+    jmp .Lvsock_tx
 7:
     mov eax, {fail_data}
     ret
@@ -573,9 +532,50 @@
 9:
     ret
 
+# Send a packet (op ecx, payload edx bytes) and wait for one with op r8d (CREDIT_UPDATEs
+# skipped, 8 packets at most); the receive buffer is posted again after each one skipped.
+.Lvsock_exchange:
+    mov [r12 + 0x1248], r8
+    call .Lvsock_tx
+    test eax, eax
+    jnz 9f
+    mov qword ptr [r12 + 0x1220], 8
+1:
+    mov rsi, r13
+    call .Lvq_wait
+    test eax, eax
+    jnz 9f
+    movzx eax, word ptr [r13 + 0x8000 + 30]
+    cmp rax, [r12 + 0x1248]
+    je 3f
+    cmp eax, 6
+    jne 8f
+    call .Lvsock_post_rx
+    dec qword ptr [r12 + 0x1220]
+    jnz 1b
+8:
+    mov eax, {fail_reply}
+9:
+    ret
+3:
+    cmp eax, 5
+    je 4f
+    call .Lvsock_post_rx
+4:
+    xor eax, eax
+    ret
+
+.Lnet_post_rx:
+    mov r8d, 2048
+    jmp .Lpost_rx
+
 .Lvsock_post_rx:
+    mov r8d, 4096
+
+# Post the receive buffer (r8d bytes at +0x8000) on queue 0.
+.Lpost_rx:
     lea rax, [r13 + 0x8000]
-    VQ_DESC r13, 0, rax, 4096, 2, 0
+    VQ_DESC r13, 0, rax, r8d, 2, 0
     mov rsi, r13
     xor ecx, ecx
     call .Lvq_push
