@@ -38,6 +38,10 @@ pub struct RrLine {
     pub irq: &'static str,
     /// The guest's interrupt handler: `"cpl0"` (a kernel's) or `"cpl3"`.
     pub handler: &'static str,
+    /// The device's thread: `"woken"` by each notify (an ioeventfd), or `"polling"` its
+    /// queues for [`POLL_US`] after each request (notifies off). The guest always waits for
+    /// the interrupt.
+    pub device: &'static str,
     /// Round trips per second (median of the runs).
     pub per_s: f64,
     /// Slowest and fastest run.
@@ -137,16 +141,28 @@ fn err(what: &str) -> impl FnOnce(&dyn std::error::Error) -> BenchError + '_ {
     move |e| BenchError::Run(format!("{what}: {}", uffd::error_chain(e)))
 }
 
+/// How a request's two ends wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The device thread is woken by the notify (an ioeventfd); the guest by the interrupt.
+    Interrupt,
+    /// The device thread polls its queues (notifies off); the guest waits for interrupts.
+    DevicePolls,
+    /// Both poll: no notify, no interrupt.
+    Poll,
+}
+
 /// Run the `virtio` workload's `job` on `devices` for `iterations`, its handler at
-/// `handler_cpl`, polling (no interrupts, the device polling too) if `poll`.
+/// `handler_cpl`, the two ends waiting as `wait` says.
 fn guest_job(
     devices: &[VirtioSpec],
     irq: IrqMode,
     job: u64,
     iterations: u64,
     handler_cpl: u8,
-    poll: bool,
+    wait: Wait,
 ) -> Result<Job, BenchError> {
+    let poll = wait == Wait::Poll;
     let vm = Vm::new(VmConfig {
         mem_bytes: 64 << 20,
         vcpus: 1,
@@ -160,7 +176,7 @@ fn guest_job(
             poll,
             ..VirtioJob::default()
         },
-        virtio_poll_us: if poll { POLL_US } else { 0 },
+        virtio_poll_us: if wait == Wait::Interrupt { 0 } else { POLL_US },
         ..VmConfig::default()
     })
     .map_err(|e| err("creating the VM")(&e))?;
@@ -193,7 +209,7 @@ fn guest_job(
         .map(|k| k.saturating_sub(s.exits));
     {
         tracing::debug!(
-            "job {job} poll {poll} cpl {handler_cpl}: {} iters, ticks {ticks}, exits {} idle {} kvm {:?} irqs {:?} virtio {}",
+            "job {job} wait {wait:?} cpl {handler_cpl}: {} iters, ticks {ticks}, exits {} idle {} kvm {:?} irqs {:?} virtio {}",
             get(abi::KEY_VIRTIO_ITERATIONS).unwrap_or(0),
             s.exits,
             s.idle_exits,
@@ -227,36 +243,39 @@ fn range(v: &[f64]) -> [f64; 2] {
 /// round trips each.
 pub fn rr(iterations: u64, runs: usize) -> Result<Vec<RrLine>, BenchError> {
     let mut out = Vec::new();
-    for (handler, cpl) in [("cpl0", 0u8), ("cpl3", 3u8)] {
-        for irq in [IrqMode::Legacy, IrqMode::Msi] {
-            let job = |n| guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl, false);
-            let base = job(0)?;
-            let mut rates = Vec::new();
-            let mut last = None;
-            for _ in 0..runs.max(1) {
-                let j = job(iterations)?;
-                rates.push(j.iterations as f64 / j.secs.max(1e-9));
-                last = Some(j);
+    for (device, wait) in [("woken", Wait::Interrupt), ("polling", Wait::DevicePolls)] {
+        for (handler, cpl) in [("cpl0", 0u8), ("cpl3", 3u8)] {
+            for irq in [IrqMode::Legacy, IrqMode::Msi] {
+                let job = |n| guest_job(&[VirtioSpec::Rng], irq, abi::VIRTIO_JOB_RR, n, cpl, wait);
+                let base = job(0)?;
+                let mut rates = Vec::new();
+                let mut last = None;
+                for _ in 0..runs.max(1) {
+                    let j = job(iterations)?;
+                    rates.push(j.iterations as f64 / j.secs.max(1e-9));
+                    last = Some(j);
+                }
+                let j = last.expect("at least one run");
+                let n = j.iterations.max(1) as f64;
+                out.push(RrLine {
+                    bench: "virtio",
+                    case: "rr",
+                    irq: irq_name(irq),
+                    handler,
+                    device,
+                    per_s_range: range(&rates),
+                    per_s: median(&mut rates),
+                    exits_user: (j.exits_user.saturating_sub(base.exits_user)) as f64 / n,
+                    exits_kernel: match (j.exits_kernel, base.exits_kernel) {
+                        (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / n),
+                        _ => None,
+                    },
+                    irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
+                    idle_per_rt: (j.idle.saturating_sub(base.idle)) as f64 / n,
+                    iterations: j.iterations,
+                    runs: runs.max(1),
+                });
             }
-            let j = last.expect("at least one run");
-            let n = j.iterations.max(1) as f64;
-            out.push(RrLine {
-                bench: "virtio",
-                case: "rr",
-                irq: irq_name(irq),
-                handler,
-                per_s_range: range(&rates),
-                per_s: median(&mut rates),
-                exits_user: (j.exits_user.saturating_sub(base.exits_user)) as f64 / n,
-                exits_kernel: match (j.exits_kernel, base.exits_kernel) {
-                    (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / n),
-                    _ => None,
-                },
-                irqs: (j.irqs.saturating_sub(base.irqs)) as f64 / n,
-                idle_per_rt: (j.idle.saturating_sub(base.idle)) as f64 / n,
-                iterations: j.iterations,
-                runs: runs.max(1),
-            });
         }
     }
     Ok(out)
@@ -350,9 +369,9 @@ pub fn blk(
             let (mut irqd, mut polled, mut host) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..runs.max(1) {
                 let spec = std::slice::from_ref(&spec);
-                let j = guest_job(spec, irq, job, iters, 0, false)?;
+                let j = guest_job(spec, irq, job, iters, 0, Wait::Interrupt)?;
                 irqd.push(j.iterations as f64 / j.secs.max(1e-9));
-                let j = guest_job(spec, irq, job, iters, 0, true)?;
+                let j = guest_job(spec, irq, job, iters, 0, Wait::Poll)?;
                 polled.push(j.iterations as f64 / j.secs.max(1e-9));
                 // The guest's seed: VmConfig's default (1) for vCPU 0.
                 host.push(host_reads(&img, seq, direct, iters, 1)?);
@@ -435,9 +454,16 @@ pub fn net(frames: u64, irq: IrqMode, runs: usize) -> Result<Vec<NetLine>, Bench
     let (mut guest, mut polled, mut host) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
         let specs = std::slice::from_ref(&spec);
-        let j = guest_job(specs, irq, abi::VIRTIO_JOB_NET_TX, frames, 0, false)?;
+        let j = guest_job(
+            specs,
+            irq,
+            abi::VIRTIO_JOB_NET_TX,
+            frames,
+            0,
+            Wait::Interrupt,
+        )?;
         guest.push(j.iterations as f64 / j.secs.max(1e-9));
-        let j = guest_job(specs, irq, abi::VIRTIO_JOB_NET_TX, frames, 0, true)?;
+        let j = guest_job(specs, irq, abi::VIRTIO_JOB_NET_TX, frames, 0, Wait::Poll)?;
         polled.push(j.iterations as f64 / j.secs.max(1e-9));
         // The same frames from this process, the tap opened again once the VM closed it.
         let mut t = virtio::net::Tap::open(&tap.0).map_err(|e| err("opening the tap")(&e))?;

@@ -169,7 +169,7 @@ pub fn bench_virtio(
         progress.update(0.0, "rr: legacy and MSI round trips");
         for l in bench::virtio_bench::rr(iterations, runs).map_err(failed("bench virtio: rr"))? {
             bars.push((
-                format!("rr, {} handler", l.handler),
+                format!("rr, {} handler, device {}", l.handler, l.device),
                 l.irq.into(),
                 l.per_s,
                 format!(
@@ -286,9 +286,10 @@ fn tempfile_dir() -> Result<tempfile::TempDir, CliError> {
 fn human_virtio(l: &serde_json::Value) -> String {
     match l["case"].as_str() {
         Some("rr") => format!(
-            "rr {:<6} ({} handler): {:>7.0} round trips/s ({:.0}-{:.0}), {:.2} exits to userspace + {} in the kernel, {:.2} interrupts per round trip",
+            "rr {:<6} ({} handler, device {:<7}): {:>7.0} round trips/s ({:.0}-{:.0}), {:.2} exits to userspace + {} in the kernel, {:.2} interrupts per round trip",
             l["irq"].as_str().unwrap_or(""),
             l["handler"].as_str().unwrap_or(""),
+            l["device"].as_str().unwrap_or(""),
             l["per_s"].as_f64().unwrap_or(0.0),
             l["per_s_range"][0].as_f64().unwrap_or(0.0),
             l["per_s_range"][1].as_f64().unwrap_or(0.0),

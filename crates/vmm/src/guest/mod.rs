@@ -185,8 +185,11 @@ mod tests {
 
     #[test]
     fn entry_table_follows_all() {
+        // Slots 8 and 9 of the table are the irq workloads' handler and exception reporters;
+        // the workloads added after them (`virtio`) follow.
         for (i, w) in Workload::ALL.into_iter().enumerate() {
-            assert_eq!(w.index(), i, "{w}");
+            let slot = if i < 8 { i } else { i + 2 };
+            assert_eq!(w.index(), slot, "{w}");
         }
         let mut entries: Vec<u64> = Workload::ALL
             .iter()
