@@ -98,6 +98,12 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// Saved device state does not fit this device (another disk size, another MAC).
+    #[error("saved device state refused: {what}")]
+    State {
+        /// What differs.
+        what: String,
+    },
 }
 
 /// A device model behind the virtio-mmio transport.
@@ -125,6 +131,22 @@ pub trait VirtioDevice: Send {
     /// One of [`poll_fds`](Self::poll_fds) is readable (or hung up).
     fn backend_ready(&mut self, _queues: &mut Queues<'_>, _fd: RawFd) -> Result<(), DeviceError> {
         Ok(())
+    }
+    /// The device's own state beyond the transport's, for a snapshot (see
+    /// [`crate::state`]); at most [`crate::state::MAX_DEVICE_BYTES`].
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Take back [`save_state`](Self::save_state)'s bytes on a freshly built device, before
+    /// the transport activates it; refuse state that does not fit this device.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
+        if bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(DeviceError::State {
+                what: format!("{} bytes for a device that saves none", bytes.len()),
+            })
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub mod chain;
 pub mod device;
 pub mod interrupt;
 pub mod mmio;
+pub mod state;
 pub mod worker;
 
 pub mod blk;
@@ -46,7 +47,8 @@ pub(crate) mod testing;
 
 pub use device::{DeviceError, DeviceType, Queues, VirtioDevice};
 pub use interrupt::{Interrupt, MsiMessage};
-pub use mmio::{IrqMode, MmioTransport, WriteAction};
+pub use mmio::{IrqMode, MmioTransport, RestoreError, SaveError, WriteAction};
+pub use state::{DecodeError, TransportState, decode, encode};
 pub use worker::Worker;
 
 /// An error and its causes on one line ("a: b: c").

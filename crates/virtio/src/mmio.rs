@@ -17,6 +17,10 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::device::{DeviceError, Queues, VirtioDevice};
 use crate::interrupt::{Interrupt, MsiMessage};
+use crate::state::MsiState;
+
+mod snapshot;
+pub use snapshot::{RestoreError, SaveError};
 
 /// "virt".
 pub const MAGIC: u32 = 0x7472_6976;
@@ -160,15 +164,6 @@ pub struct TransportStats {
     pub completed: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct MsiState {
-    enabled: bool,
-    address_low: u32,
-    address_high: u32,
-    data: u32,
-    vectors: Vec<Option<MsiMessage>>,
-    masked: Vec<bool>,
-}
 
 /// A virtio device on the MMIO transport.
 pub struct MmioTransport {

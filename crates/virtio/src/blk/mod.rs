@@ -530,6 +530,26 @@ impl VirtioDevice for Block {
         self.buf = Vec::new();
     }
 
+    /// The disk's capacity (u64, sectors) and whether it is read-only (u8): the device keeps
+    /// nothing else between requests. A restore onto another disk is refused.
+    fn save_state(&self) -> Vec<u8> {
+        let mut v = self.capacity().to_le_bytes().to_vec();
+        v.push(u8::from(self.backend.read_only()));
+        v
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
+        let live = self.save_state();
+        if bytes != live.as_slice() {
+            return Err(DeviceError::State {
+                what: format!(
+                    "saved disk (capacity, read-only) {bytes:02x?}, this disk {live:02x?}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn process_queue(&mut self, queues: &mut Queues<'_>, index: usize) -> Result<(), DeviceError> {
         while let Some(c) = queues.pop(index)? {
             let len = self.request(queues.mem(), index, &c)?;

@@ -4,7 +4,9 @@
 //! # The device
 //!
 //! Device type 19, three queues of at most 256 entries: 0 rx (packets to the guest), 1 tx
-//! (packets from the guest), 2 event (never used: the device sends no transport events).
+//! (packets from the guest), 2 event: the device sends one event, `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`
+//! (`le32 id = 0`), after a snapshot restore, as Firecracker does: connections are not
+//! carried through a snapshot, the guest drops its own and starts over.
 //! Configuration space: `le64 guest_cid` at offset 0. No feature bits are offered (so no
 //! `VIRTIO_VSOCK_F_SEQPACKET`: stream sockets only). The host's CID is 2. The packet header
 //! is in [`packet`].
@@ -80,6 +82,10 @@ use packet::{HOST_CID, Header, Op, TYPE_STREAM};
 const RX: usize = 0;
 /// Queue 1: packets from the guest.
 const TX: usize = 1;
+/// The event queue.
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// The largest size of each queue.
 const QUEUE_MAX: u16 = 256;
 /// The guest CID when the VMM names none.
@@ -176,6 +182,8 @@ pub struct Vsock {
     /// [`poll_fds`]: VirtioDevice::poll_fds
     graveyard: RefCell<Vec<UnixStream>>,
     stats: Arc<VsockStats>,
+    /// A transport reset event waits for an event buffer (after a restore).
+    reset_event: bool,
 }
 
 impl Vsock {
@@ -222,6 +230,7 @@ impl Vsock {
             last_served: None,
             graveyard: RefCell::new(Vec::new()),
             stats: Arc::default(),
+            reset_event: false,
         })
     }
 
@@ -458,6 +467,25 @@ impl Vsock {
     }
 
     /// Close every connection and forget every packet (a device reset).
+    /// Put a waiting transport reset event in the guest's next event buffer.
+    fn send_reset_event(&mut self, qs: &mut Queues<'_>) -> Result<(), DeviceError> {
+        if !self.reset_event {
+            return Ok(());
+        }
+        let Some(c) = qs.pop(EVENT)? else {
+            return Ok(());
+        };
+        let n = c
+            .write_at(qs.mem(), 0, &EVENT_TRANSPORT_RESET.to_le_bytes())
+            .map_err(|source| DeviceError::Memory {
+                queue: EVENT,
+                source,
+            })?;
+        qs.complete(EVENT, c.head, n as u32)?;
+        self.reset_event = false;
+        Ok(())
+    }
+
     fn clear(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
         for k in keys {
@@ -505,13 +533,29 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.clear();
+        self.reset_event = false;
+    }
+
+    /// Connections are not carried: the restored device starts with none and queues a
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` for the guest (sent on the event queue once it
+    /// has a buffer), as Firecracker does after a snapshot restore.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
+        if !bytes.is_empty() {
+            return Err(DeviceError::State {
+                what: format!("{} bytes for vsock, which saves none", bytes.len()),
+            });
+        }
+        self.clear();
+        self.reset_event = true;
+        Ok(())
     }
 
     fn process_queue(&mut self, qs: &mut Queues<'_>, index: usize) -> Result<(), DeviceError> {
         match index {
             TX => self.process_tx(qs)?,
             RX => {}
-            _ => return Ok(()), // the event queue: buffers stay until an event (never)
+            EVENT => return self.send_reset_event(qs),
+            _ => return Ok(()),
         }
         self.pump(qs)
     }
