@@ -25,6 +25,9 @@
 //! - [`chain`]: descriptor chains walked strictly (a loop, an index or a buffer out of range,
 //!   an over-long chain is named, and the device asks for a reset);
 //! - [`device`]: the [`VirtioDevice`] trait a device model implements, and [`Queues`];
+//! - [`state`]: a device's saved state for snapshots and live migration
+//!   ([`MmioTransport::save`], [`MmioTransport::restore_with_device`],
+//!   [`VirtioDevice::save_state`]) and its versioned, CRC-checked record format;
 //! - [`worker`]: one thread per device waiting on its queues' ioeventfds and backend fds;
 //! - the devices, a folder each: [`blk`], [`net`], [`vsock`], [`rng`].
 //!

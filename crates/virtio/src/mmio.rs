@@ -164,7 +164,6 @@ pub struct TransportStats {
     pub completed: AtomicU64,
 }
 
-
 /// A virtio device on the MMIO transport.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,

@@ -167,7 +167,9 @@ impl W {
 /// ([`MmioTransport::save`](crate::MmioTransport::save) refuses a state past them; device
 /// bytes past [`MAX_DEVICE_BYTES`] make a record [`decode`] refuses).
 pub fn encode(state: &TransportState, device: &[u8]) -> Vec<u8> {
-    let mut w = W(Vec::with_capacity(128 + device.len() + 40 * state.queues.len()));
+    let mut w = W(Vec::with_capacity(
+        128 + device.len() + 40 * state.queues.len(),
+    ));
     w.0.extend_from_slice(&RECORD_MAGIC);
     w.u32(VERSION);
     w.u32(state.device_type);

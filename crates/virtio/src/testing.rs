@@ -54,6 +54,29 @@ impl Driver {
         }
     }
 
+    /// A new transport over `device` on the same guest memory, with fresh interrupts, and
+    /// this driver's ring positions (the guest side of a snapshot restore).
+    pub fn successor(&self, device: Box<dyn VirtioDevice>, mode: IrqMode) -> Driver {
+        let irq = Arc::new(Counted::default());
+        let t = MmioTransport::new(device, self.mem.clone(), irq.clone(), mode);
+        Driver {
+            t,
+            mem: self.mem.clone(),
+            irq,
+            qsize: self.qsize,
+            next_desc: self.next_desc.clone(),
+            avail_idx: self.avail_idx.clone(),
+            used_seen: self.used_seen.clone(),
+        }
+    }
+
+    /// The used index queue `q`'s ring shows now.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(ring(q) + 0x2000 + 2))
+            .unwrap()
+    }
+
     /// Read a 32-bit register.
     pub fn r32(&mut self, off: u64) -> u32 {
         let mut b = [0u8; 4];

@@ -38,7 +38,9 @@ pub enum RestoreError {
         live: usize,
     },
     /// A queue's max size differs, or its size is past it.
-    #[error("queue {queue}: saved max size {saved_max}, size {size}; this device's max is {live_max}")]
+    #[error(
+        "queue {queue}: saved max size {saved_max}, size {size}; this device's max is {live_max}"
+    )]
     QueueSize {
         /// Queue.
         queue: usize,
@@ -60,7 +62,9 @@ pub enum RestoreError {
         source: virtio_queue::Error,
     },
     /// A ready queue's rings are not inside guest memory.
-    #[error("queue {queue}: rings (desc {desc:#x}, avail {avail:#x}, used {used:#x}) not inside guest memory")]
+    #[error(
+        "queue {queue}: rings (desc {desc:#x}, avail {avail:#x}, used {used:#x}) not inside guest memory"
+    )]
     QueueMemory {
         /// Queue.
         queue: usize,
