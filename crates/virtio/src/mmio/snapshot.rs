@@ -93,6 +93,14 @@ pub enum RestoreError {
         /// This device's vectors (queues + 1).
         live: usize,
     },
+    /// A status that contradicts the rest (activated without `DRIVER_OK` and `FEATURES_OK`).
+    #[error("saved status {status:#x} with activated = {activated}")]
+    Status {
+        /// Saved status.
+        status: u32,
+        /// Saved activated flag.
+        activated: bool,
+    },
     /// MSI state saved for a transport that does not offer MSI.
     #[error("saved state has MSI on, this transport does not offer it")]
     MsiNotOffered,
@@ -170,6 +178,13 @@ impl MmioTransport {
                 offered,
             });
         }
+        let on = super::status::DRIVER_OK | super::status::FEATURES_OK;
+        if state.activated && state.status & on != on {
+            return Err(RestoreError::Status {
+                status: state.status,
+                activated: state.activated,
+            });
+        }
         let n = self.queues.len() + 1;
         if state.msi.vectors.len() != n || state.msi.masked.len() != n {
             return Err(RestoreError::MsiVectors {
@@ -212,7 +227,8 @@ impl MmioTransport {
         self.restore_with_device(state, &[])
     }
 
-    /// Take back a saved state and the device's bytes on this (fresh) transport: checked
+    /// Take back a saved state and the device's bytes on this transport, freshly built (one
+    /// the driver has not touched: its routes are not cleared first): checked
     /// first against the live device (its type, its queues, the features it offers, ring
     /// addresses inside guest memory, the MSI vector count); on a mismatch nothing is
     /// changed. Then the MSI routes are programmed again through the [`Interrupt`]

@@ -257,6 +257,11 @@ fn mismatched_states_are_refused_untouched() {
     vec.msi.masked.push(false);
     let e = refused_untouched(&mut n.t, &vec);
     assert!(matches!(e, RestoreError::MsiVectors { .. }), "{e}");
+    // Activated without DRIVER_OK.
+    let mut st_bad = st.clone();
+    st_bad.status &= !status::DRIVER_OK;
+    let e = refused_untouched(&mut n.t, &st_bad);
+    assert!(matches!(e, RestoreError::Status { .. }), "{e}");
     // MSI on, on a transport that does not offer it.
     let mut legacy = d.successor(Box::new(Rng::new()), IrqMode::Legacy);
     let e = refused_untouched(&mut legacy.t, &st);
