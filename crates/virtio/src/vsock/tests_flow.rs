@@ -154,6 +154,8 @@ fn connections_are_bounded_and_slow_connect_lines_make_room() {
     let mut idle: Vec<UnixStream> = (0..MAX_CONNS).map(|_| host_stream(&e)).collect();
     // Accept them all (16 per readiness of the listener).
     while e.round(20) > 0 {}
+    // Each silent stream's deadline runs from when it was accepted.
+    let accepted = Instant::now();
     let mut over = host_stream(&e);
     e.settle(30);
     assert!(
@@ -164,7 +166,7 @@ fn connections_are_bounded_and_slow_connect_lines_make_room() {
     assert_closed(&mut over, "one stream over the limit");
     assert_eq!(e.stats.refused.load(Ordering::Relaxed), 1);
     // Past the deadline, a new stream closes the silent ones and gets its connection.
-    std::thread::sleep(deadline.saturating_sub(start.elapsed()) + Duration::from_millis(50));
+    std::thread::sleep(deadline.saturating_sub(accepted.elapsed()) + Duration::from_millis(50));
     let mut late = host_stream(&e);
     std::io::Write::write_all(&mut late, b"CONNECT 9\n").unwrap();
     let (h, _) = e.recv();
