@@ -11,6 +11,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::chain::{self, Chain, ChainError};
+use crate::dirty::DirtyPages;
 
 /// Virtio device types (virtio 1.2, section 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -150,11 +151,29 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Mark the device-writable buffers of chain `head` and the used ring of `queue` in the
+/// dirty log (a chain the driver broke since it was popped marks what can still be walked).
+fn mark_chain(d: &DirtyPages, mem: &GuestMemoryMmap, queue: &Queue, head: u16) {
+    let table = GuestAddress(queue.desc_table());
+    if let Ok(c) = chain::walk(mem, table, queue.size(), head) {
+        for b in c.descs.iter().filter(|b| b.write) {
+            d.mark(b.addr.0, u64::from(b.len));
+        }
+    }
+    mark_used_ring(d, queue);
+}
+
+/// Mark `queue`'s used ring (flags, index, elements, avail event) in the dirty log.
+pub(crate) fn mark_used_ring(d: &DirtyPages, queue: &Queue) {
+    d.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+}
+
 /// A device's view of its queues while it is called: take chains, give them back.
 pub struct Queues<'a> {
     mem: &'a GuestMemoryMmap,
     queues: &'a mut [Queue],
     used: &'a mut [u32],
+    dirty: Option<&'a DirtyPages>,
 }
 
 impl<'a> Queues<'a> {
@@ -162,8 +181,14 @@ impl<'a> Queues<'a> {
         mem: &'a GuestMemoryMmap,
         queues: &'a mut [Queue],
         used: &'a mut [u32],
+        dirty: Option<&'a DirtyPages>,
     ) -> Self {
-        Queues { mem, queues, used }
+        Queues {
+            mem,
+            queues,
+            used,
+            dirty,
+        }
     }
 
     /// Guest memory (touch it through `vm-memory`'s volatile accessors or [`Chain`]'s).
@@ -197,6 +222,9 @@ impl<'a> Queues<'a> {
 
     /// Give chain `head` back to the driver with `len` bytes written.
     pub fn complete(&mut self, q: usize, head: u16, len: u32) -> Result<(), DeviceError> {
+        if let Some(d) = self.dirty.filter(|d| d.tracking()) {
+            mark_chain(d, self.mem, &self.queues[q], head);
+        }
         self.queues[q]
             .add_used(self.mem, head, len)
             .map_err(|source| DeviceError::Ring { queue: q, source })?;

@@ -28,6 +28,8 @@
 //! - [`state`]: a device's saved state for snapshots and live migration
 //!   ([`MmioTransport::save`], [`MmioTransport::restore_with_device`],
 //!   [`VirtioDevice::save_state`]) and its versioned, CRC-checked record format;
+//! - [`dirty`]: the guest pages devices wrote, for a live migration's rounds (KVM's dirty
+//!   log sees only the vCPUs' writes);
 //! - [`worker`]: one thread per device waiting on its queues' ioeventfds and backend fds;
 //! - the devices, a folder each: [`blk`], [`net`], [`vsock`], [`rng`].
 //!
@@ -35,6 +37,7 @@
 
 pub mod chain;
 pub mod device;
+pub mod dirty;
 pub mod interrupt;
 pub mod mmio;
 pub mod state;

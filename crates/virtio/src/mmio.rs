@@ -16,6 +16,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::device::{DeviceError, Queues, VirtioDevice};
+use crate::dirty::DirtyPages;
 use crate::interrupt::{Interrupt, MsiMessage};
 use crate::state::MsiState;
 
@@ -182,6 +183,8 @@ pub struct MmioTransport {
     activated: bool,
     broken: Option<String>,
     stats: Arc<TransportStats>,
+    dirty: Option<Arc<DirtyPages>>,
+    frozen: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -236,6 +239,40 @@ impl MmioTransport {
             activated: false,
             broken: None,
             stats: Arc::default(),
+            dirty: None,
+            frozen: false,
+        }
+    }
+
+    /// Mark the guest pages this device writes in `dirty` while its tracking is on (a live
+    /// migration's rounds; see [`crate::dirty`]).
+    pub fn set_dirty_log(&mut self, dirty: Arc<DirtyPages>) {
+        self.dirty = Some(dirty);
+    }
+
+    /// Stop touching guest memory and the backend: until [`thaw`](Self::thaw) notifies
+    /// and backend events are left where they are (a snapshot or a migration's switchover
+    /// takes the device's state and the guest's memory meanwhile). Requests are handled
+    /// whole under the transport's lock, so none is half done once this returns.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
+    }
+
+    /// Whether the device is frozen.
+    pub fn frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// Go on after [`freeze`](Self::freeze): every ready queue is run once (a notify that
+    /// came meanwhile was consumed without a run). The worker must be told to poll the
+    /// backend's fds again (`Worker::resync`).
+    pub fn thaw(&mut self) {
+        if !self.frozen {
+            return;
+        }
+        self.frozen = false;
+        for q in 0..self.queues.len() {
+            self.notify(q);
         }
     }
 
@@ -579,12 +616,17 @@ impl MmioTransport {
     where
         F: FnOnce(&mut dyn VirtioDevice, &mut Queues<'_>) -> Result<(), DeviceError>,
     {
-        if !self.active() {
+        if !self.active() || self.frozen {
             return;
         }
         let mut used = vec![0u32; self.queues.len()];
         let r = {
-            let mut qs = Queues::new(&self.mem, &mut self.queues, &mut used);
+            let mut qs = Queues::new(
+                &self.mem,
+                &mut self.queues,
+                &mut used,
+                self.dirty.as_deref(),
+            );
             f(self.device.as_mut(), &mut qs)
         };
         if let Err(e) = r {
@@ -633,7 +675,7 @@ impl MmioTransport {
     /// Poll mode: run every ready queue whose driver made chains available since the
     /// device last looked (no notify needed); returns whether any had some.
     pub fn poll_queues(&mut self) -> bool {
-        if !self.active() {
+        if !self.active() || self.frozen {
             return false;
         }
         let mut any = false;
@@ -654,12 +696,15 @@ impl MmioTransport {
     /// Poll mode: tell the driver not to notify (`VIRTQ_USED_F_NO_NOTIFY`, or the avail
     /// event index with EVENT_IDX) while the device polls, or to notify again.
     pub fn suppress_notifies(&mut self, suppress: bool) {
-        if !self.active() {
+        if !self.active() || self.frozen {
             return;
         }
         for q in 0..self.queues.len() {
             if !self.queues[q].ready() {
                 continue;
+            }
+            if let Some(d) = &self.dirty {
+                crate::device::mark_used_ring(d, &self.queues[q]);
             }
             let r = if suppress {
                 self.queues[q].disable_notification(&self.mem)
@@ -680,7 +725,7 @@ impl MmioTransport {
 
     /// The fds the device wants polled now.
     pub fn poll_fds(&self) -> Vec<std::os::fd::RawFd> {
-        if self.active() {
+        if self.active() && !self.frozen {
             self.device.poll_fds()
         } else {
             Vec::new()

@@ -274,3 +274,51 @@ fn a_driver_cannot_set_needs_reset_itself() {
     d.kick(0);
     assert_eq!(d.used(0).len(), 1);
 }
+
+#[test]
+fn a_frozen_device_takes_nothing_until_thawed() {
+    let mut d = driver(IrqMode::Legacy);
+    d.init(0, false);
+    d.setup_queue(0);
+    d.finish();
+    d.t.freeze();
+    d.put(DATA, b"abcd");
+    let head = d.add(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.kick(0);
+    assert!(d.used(0).is_empty(), "a frozen device completed a chain");
+    assert!(!d.t.poll_queues(), "a frozen device polled its queues");
+    assert!(d.t.poll_fds().is_empty());
+    assert_eq!(d.get(DATA + 0x100, 4), vec![0; 4], "a frozen device wrote memory");
+    // The notify was consumed while frozen: thawing runs the queue.
+    d.t.thaw();
+    assert_eq!(d.used(0), vec![(head, 4)]);
+    assert_eq!(d.get(DATA + 0x100, 4), b"dcba");
+}
+
+#[test]
+fn completions_mark_the_written_buffers_and_the_used_ring_while_tracking() {
+    use crate::dirty::{DirtyPages, PAGE};
+    let mut d = driver(IrqMode::Legacy);
+    let dirty = Arc::new(DirtyPages::new(crate::testing::MEM));
+    d.t.set_dirty_log(dirty.clone());
+    d.init(0, false);
+    d.setup_queue(0);
+    d.finish();
+    let bit = |w: &[u64], addr: u64| w[(addr / PAGE / 64) as usize] >> (addr / PAGE % 64) & 1;
+    // Off: nothing marked.
+    d.add(0, &[(DATA, 4, false), (DATA + 0x100, 4, true)]);
+    d.kick(0);
+    assert_eq!(d.used(0).len(), 1);
+    assert!(dirty.take().iter().all(|w| *w == 0));
+    dirty.set_tracking(true);
+    // A writable buffer across a page boundary, a readable one on its own page.
+    d.add(0, &[(DATA + 0x3000, 4, false), (DATA + 0x1ffe, 4, true)]);
+    d.kick(0);
+    assert_eq!(d.used(0).len(), 1);
+    let w = dirty.take();
+    assert_eq!(bit(&w, DATA + 0x1000), 1);
+    assert_eq!(bit(&w, DATA + 0x2000), 1);
+    assert_eq!(bit(&w, DATA + 0x3000), 0, "a buffer the device only read");
+    assert_eq!(bit(&w, crate::testing::ring(0) + 0x2000), 1, "the used ring");
+    assert_eq!(bit(&w, crate::testing::ring(0)), 0, "the descriptor table");
+}
