@@ -38,24 +38,8 @@ pub struct Args {
     /// state then travels with snapshots and migrations.
     #[arg(long)]
     irqchip: bool,
-    /// Attach a virtio-blk disk over this raw image (repeatable): `,ro` refuses writes,
-    /// `,direct` bypasses the host's page cache (O_DIRECT, QEMU's cache=none).
-    #[arg(long = "disk", value_name = "IMG[,ro][,direct]", value_parser = parse_disk)]
-    disks: Vec<vmm::VirtioSpec>,
-    /// Attach a virtio-net device on this existing tap interface (repeatable).
-    #[arg(long = "net", value_name = "TAP")]
-    nets: Vec<String>,
-    /// Attach a virtio-vsock device whose host side is this Unix socket (Firecracker's
-    /// hybrid convention: connect and write `CONNECT <port>\n`; the guest's connections to
-    /// port P go to `SOCK_P`).
-    #[arg(long, value_name = "SOCK")]
-    vsock: Option<std::path::PathBuf>,
-    /// The guest's vsock CID.
-    #[arg(long, default_value_t = 3, requires = "vsock")]
-    vsock_cid: u64,
-    /// Attach a virtio-rng device.
-    #[arg(long)]
-    rng: bool,
+    #[command(flatten)]
+    devices: DeviceArgs,
     /// How the virtio devices interrupt: `legacy` (a line, InterruptStatus/ACK) or `msi`
     /// (offered through Dragonball's registers; the driver enables it).
     #[arg(long, default_value = "legacy", value_parser = parse_irq)]
@@ -65,6 +49,11 @@ pub struct Args {
     /// QEMU's iothreads do (`poll-max-ns`); costs a spinning CPU while the window is open.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     virtio_poll_us: u64,
+    /// What `--guest virtio` does: `test` drives every device once and checks it; `soak`
+    /// keeps the disk (the first device) busy until stopped, checking each block it wrote
+    /// (a guest to snapshot and migrate with its devices).
+    #[arg(long, default_value = "test", value_parser = parse_virtio_job)]
+    virtio_job: u64,
     /// Print each guest event (heartbeats, checksums, ...) as a JSON line on stdout.
     #[arg(long)]
     json_events: bool,
@@ -107,6 +96,15 @@ pub struct Args {
     security: crate::tls::TlsArgs,
 }
 
+/// Parse `--virtio-job test|soak`.
+fn parse_virtio_job(s: &str) -> Result<u64, String> {
+    match s {
+        "test" => Ok(vmm::guest::abi::VIRTIO_JOB_TEST),
+        "soak" => Ok(vmm::guest::abi::VIRTIO_JOB_SOAK),
+        _ => Err(format!("'{s}': expected test or soak")),
+    }
+}
+
 /// Parse `--disk PATH[,ro][,direct]`.
 pub fn parse_disk(s: &str) -> Result<vmm::VirtioSpec, String> {
     let mut parts = s.split(',');
@@ -138,9 +136,33 @@ pub fn parse_irq(s: &str) -> Result<vmm::IrqMode, String> {
     }
 }
 
-impl Args {
+/// The virtio devices and their backends, as `run`, `restore` and `run --incoming` name
+/// them (a restored or incoming VM's devices get these backends, in the same order).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// Attach a virtio-blk disk over this raw image (repeatable): `,ro` refuses writes,
+    /// `,direct` bypasses the host's page cache (O_DIRECT, QEMU's cache=none).
+    #[arg(long = "disk", value_name = "IMG[,ro][,direct]", value_parser = parse_disk)]
+    disks: Vec<vmm::VirtioSpec>,
+    /// Attach a virtio-net device on this existing tap interface (repeatable).
+    #[arg(long = "net", value_name = "TAP")]
+    nets: Vec<String>,
+    /// Attach a virtio-vsock device whose host side is this Unix socket (Firecracker's
+    /// hybrid convention: connect and write `CONNECT <port>\n`; the guest's connections to
+    /// port P go to `SOCK_P`).
+    #[arg(long, value_name = "SOCK")]
+    vsock: Option<std::path::PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3, requires = "vsock")]
+    vsock_cid: u64,
+    /// Attach a virtio-rng device.
+    #[arg(long)]
+    rng: bool,
+}
+
+impl DeviceArgs {
     /// The virtio devices named on the command line, in bus order: disks, nets, vsock, rng.
-    fn virtio(&self) -> Vec<vmm::VirtioSpec> {
+    pub fn specs(&self) -> Vec<vmm::VirtioSpec> {
         let mut v = self.disks.clone();
         v.extend(self.nets.iter().map(|t| vmm::VirtioSpec::Net {
             tap: t.clone(),
@@ -193,9 +215,12 @@ pub fn run(a: &Args) -> CliResult {
         }),
         vfio_user: a.vfio_user.clone(),
         irqchip: a.irqchip,
-        virtio: a.virtio(),
+        virtio: a.devices.specs(),
         virtio_irq: a.irq,
-        virtio_job: vmm::VirtioJob::default(),
+        virtio_job: vmm::VirtioJob {
+            job: a.virtio_job,
+            ..Default::default()
+        },
         virtio_poll_us: a.virtio_poll_us,
     };
     let mut api = None;
@@ -223,6 +248,7 @@ pub fn run(a: &Args) -> CliResult {
                 recover_timeout: Duration::from_secs(a.recover_timeout),
                 tls: a.security.credentials(),
                 insecure: a.security.insecure,
+                virtio: a.devices.specs(),
                 ..Default::default()
             })
             .map_err(failed("incoming migration"))?;

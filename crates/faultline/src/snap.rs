@@ -126,6 +126,9 @@ pub struct RestoreArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     timeout: u64,
+    /// The backends of the snapshot's devices (one per device, same kinds, same order).
+    #[command(flatten)]
+    devices: crate::run::DeviceArgs,
 }
 
 pub fn restore(a: &RestoreArgs) -> CliResult {
@@ -140,6 +143,7 @@ pub fn restore(a: &RestoreArgs) -> CliResult {
         handler_timeout: Duration::from_secs(a.handler_timeout),
         batch_pages: a.batch_pages,
         record: a.record,
+        virtio: a.devices.specs(),
     };
     let r = vmm::restore::restore(&a.dir, &opts).map_err(failed("restore"))?;
     let expect = r.checksums.clone();

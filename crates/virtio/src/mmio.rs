@@ -263,17 +263,12 @@ impl MmioTransport {
         self.frozen
     }
 
-    /// Go on after [`freeze`](Self::freeze): every ready queue is run once (a notify that
-    /// came meanwhile was consumed without a run). The worker must be told to poll the
-    /// backend's fds again (`Worker::resync`).
+    /// Go on after [`freeze`](Self::freeze). A notify that came meanwhile was consumed
+    /// without a run: the caller runs every queue once, on the device's thread
+    /// ([`Worker::thaw`](crate::Worker::thaw) does), not on its own (guest memory may not be
+    /// there yet for the caller: an incoming post-copy migration's).
     pub fn thaw(&mut self) {
-        if !self.frozen {
-            return;
-        }
         self.frozen = false;
-        for q in 0..self.queues.len() {
-            self.notify(q);
-        }
     }
 
     /// The counters.

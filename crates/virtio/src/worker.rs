@@ -139,6 +139,18 @@ impl Worker {
         let _ = self.resync.write(1);
     }
 
+    /// Let a frozen device go on ([`MmioTransport::thaw`]): its thread runs every queue
+    /// once and polls the backend again.
+    pub fn thaw(&self) {
+        if let Ok(mut t) = self.transport.lock() {
+            t.thaw();
+        }
+        for q in 0..self.notify.len() {
+            self.notify(q);
+        }
+        self.resync();
+    }
+
     /// Stop the thread and wait for it.
     pub fn stop(&mut self) {
         let _ = self.stop.write(1);

@@ -133,6 +133,61 @@ impl VirtioSpec {
             VirtioSpec::Rng => "rng",
         }
     }
+
+    /// This device with the backend of `named` (a device of the same kind named where a
+    /// snapshot is restored or a migration lands): the backend (image and its options, tap,
+    /// socket) is `named`'s; what the guest knows the device by stays this one's (a net
+    /// device's MAC, a vsock device's CID).
+    pub fn rebound(&self, named: &VirtioSpec) -> Option<VirtioSpec> {
+        Some(match (self, named) {
+            (VirtioSpec::Block { .. }, b @ VirtioSpec::Block { .. }) => b.clone(),
+            (VirtioSpec::Net { tap, mac }, VirtioSpec::Net { tap: new, .. }) => VirtioSpec::Net {
+                tap: new.clone(),
+                mac: Some(mac.unwrap_or_else(|| derived_mac(tap))),
+            },
+            (VirtioSpec::Vsock { cid, .. }, VirtioSpec::Vsock { uds, .. }) => VirtioSpec::Vsock {
+                cid: *cid,
+                uds: uds.clone(),
+            },
+            (VirtioSpec::Rng, VirtioSpec::Rng) => VirtioSpec::Rng,
+            _ => return None,
+        })
+    }
+}
+
+/// A locally administered MAC from a tap's name (stable across runs): a net device's MAC
+/// when none is given.
+pub fn derived_mac(name: &str) -> [u8; 6] {
+    let h = crc32fast::hash(name.as_bytes()).to_be_bytes();
+    [0x06, 0xfa, h[0], h[1], h[2], h[3]]
+}
+
+/// The devices of a VM that lands here (a restore, an incoming migration) with the backends
+/// named here: `named` must list the same kinds in the same order as `saved`; anything
+/// else is refused before the VM exists, naming what is missing or different.
+pub fn rebind_virtio(
+    saved: &[VirtioSpec],
+    named: &[VirtioSpec],
+) -> Result<Vec<VirtioSpec>, ConfigError> {
+    let kinds = |v: &[VirtioSpec]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter().map(VirtioSpec::kind).collect::<Vec<_>>().join(", ")
+        }
+    };
+    let mismatch = || ConfigError::Backends {
+        saved: kinds(saved),
+        named: kinds(named),
+    };
+    if saved.len() != named.len() {
+        return Err(mismatch());
+    }
+    saved
+        .iter()
+        .zip(named)
+        .map(|(s, n)| s.rebound(n).ok_or_else(mismatch))
+        .collect()
 }
 
 impl Default for VmConfig {
@@ -159,6 +214,16 @@ impl Default for VmConfig {
 /// A configuration that cannot work.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The backends named where a VM lands are not those of its devices.
+    #[error(
+        "the VM's virtio devices are [{saved}], the backends named here are [{named}]: name one for each, in the same order (--disk, --net, --vsock, --rng, as for run; a disk is shared storage, not carried)"
+    )]
+    Backends {
+        /// The saved devices' kinds.
+        saved: String,
+        /// The named backends' kinds.
+        named: String,
+    },
     /// Too few or too many vCPUs.
     #[error("vcpus must be 1..={max}")]
     Vcpus {

@@ -739,6 +739,7 @@ impl RunningVm {
                 .map(|s| (s.start, s.len))
                 .collect(),
             notify: self.notify.clone(),
+            devices: self.machine.devices(),
         };
         let status = migration::Status::new(migration::Role::Source, Some(req.mode));
         let (rtx, rrx) = mpsc::channel();

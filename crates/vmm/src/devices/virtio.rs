@@ -20,11 +20,12 @@ use std::sync::atomic::Ordering;
 use kvm_ioctls::IoEventAddress;
 use serde::Serialize;
 use virtio::mmio::{IrqMode, TransportStats, reg};
+use virtio::dirty::DirtyPages;
 use virtio::{Interrupt, MmioTransport, MsiMessage, VirtioDevice, Worker, WriteAction};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-pub use crate::config::VirtioSpec;
+pub use crate::config::{VirtioSpec, derived_mac};
+use crate::memory::GuestMem;
 use crate::vstate::irq::{self, Interrupts};
 
 /// Where the first device's window starts (below the PCI BAR window, above guest memory).
@@ -82,6 +83,25 @@ pub enum VirtioError {
         #[source]
         source: virtio::worker::WorkerError,
     },
+    /// A device's saved state was refused (malformed, or not this device's).
+    #[error("virtio {kind} device {index}: saved state refused")]
+    Restore {
+        /// Device type.
+        kind: &'static str,
+        /// Index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: DeviceStateError,
+    },
+    /// The saved state names another number of devices.
+    #[error("the saved state has {saved} virtio device records, this VM has {live} devices")]
+    RecordCount {
+        /// Records saved.
+        saved: usize,
+        /// Devices here.
+        live: usize,
+    },
     /// A queue's ioeventfd.
     #[error("virtio device {index}: KVM_IOEVENTFD for queue {queue}")]
     Ioeventfd {
@@ -93,6 +113,23 @@ pub enum VirtioError {
         #[source]
         source: kvm_ioctls::Error,
     },
+}
+
+/// Why one device's record could not be taken or given back.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The record is malformed (bad magic, version, CRC, sizes).
+    #[error("malformed record")]
+    Decode(#[source] virtio::DecodeError),
+    /// The record does not fit the device (type, queues, features, disk size, MAC).
+    #[error("the record does not fit this device")]
+    Restore(#[source] virtio::RestoreError),
+    /// The transport's state could not be saved.
+    #[error("saving")]
+    Save(#[source] virtio::SaveError),
+    /// The device's lock is poisoned (its thread panicked).
+    #[error("the device's lock is poisoned")]
+    Poisoned,
 }
 
 /// A device's interrupts through KVM: an irqfd on its pin, an irqfd per MSI vector.
@@ -169,6 +206,7 @@ struct Slot {
 /// The virtio-mmio devices of a VM.
 pub struct VirtioBus {
     slots: Vec<Slot>,
+    dirty: Arc<DirtyPages>,
 }
 
 impl std::fmt::Debug for VirtioBus {
@@ -206,18 +244,12 @@ fn open(spec: &VirtioSpec, index: usize) -> Result<Box<dyn VirtioDevice>, Virtio
     })
 }
 
-/// A locally administered MAC from a tap's name (stable across runs).
-pub fn derived_mac(name: &str) -> [u8; 6] {
-    let h = crc32fast::hash(name.as_bytes()).to_be_bytes();
-    [0x06, 0xfa, h[0], h[1], h[2], h[3]]
-}
-
 impl VirtioBus {
     /// Open every device of `specs`, wire its interrupts (`mode`) and notifies through KVM,
     /// start its worker.
     pub fn new(
         irq: Arc<Interrupts>,
-        mem: &GuestMemoryMmap,
+        guest: &GuestMem,
         specs: &[VirtioSpec],
         mode: IrqMode,
         poll: std::time::Duration,
@@ -226,6 +258,8 @@ impl VirtioBus {
             return Err(VirtioError::TooMany);
         }
         let mut slots = Vec::new();
+        let mem = guest.mem();
+        let dirty = Arc::new(DirtyPages::new(guest.size()));
         for (index, spec) in specs.iter().enumerate() {
             let device = open(spec, index)?;
             let nq = device.queue_max_sizes().len();
@@ -253,7 +287,8 @@ impl VirtioBus {
                 msi_gsi,
                 msi,
             });
-            let transport = MmioTransport::new(device, mem.clone(), kirq, mode);
+            let mut transport = MmioTransport::new(device, mem.clone(), kirq, mode);
+            transport.set_dirty_log(dirty.clone());
             let stats = transport.stats();
             let name = format!("virtio-{}{index}", spec.kind());
             let worker = Worker::spawn_polling(transport, name, poll)
@@ -281,7 +316,95 @@ impl VirtioBus {
                 stats,
             });
         }
-        Ok(VirtioBus { slots })
+        Ok(VirtioBus { slots, dirty })
+    }
+
+    /// The pages the devices write while its tracking is on (a migration's rounds).
+    pub fn dirty(&self) -> &Arc<DirtyPages> {
+        &self.dirty
+    }
+
+    /// Stop every device (see [`MmioTransport::freeze`]): after this, no device touches
+    /// guest memory or its backend until [`thaw`](Self::thaw). The vCPUs must be paused.
+    pub fn freeze(&self) {
+        for s in &self.slots {
+            if let Ok(mut t) = s.worker.transport().lock() {
+                t.freeze();
+            }
+        }
+    }
+
+    /// Let every device go on (each runs its queues once and polls its backend again).
+    pub fn thaw(&self) {
+        for s in &self.slots {
+            s.worker.thaw();
+        }
+    }
+
+    /// Every device's record ([`virtio::state`]: transport, queues, interrupts, the device's
+    /// own bytes), in bus order. The devices should be frozen, or the records may be out
+    /// of date as soon as they are taken.
+    pub fn save(&self) -> Result<Vec<Vec<u8>>, VirtioError> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                let fail = |source| VirtioError::Restore {
+                    kind: s.kind,
+                    index,
+                    source,
+                };
+                let t = s
+                    .worker
+                    .transport()
+                    .lock()
+                    .map_err(|_| fail(DeviceStateError::Poisoned))?;
+                let state = t.save().map_err(|e| fail(DeviceStateError::Save(e)))?;
+                Ok(virtio::encode(&state, &t.save_device()))
+            })
+            .collect()
+    }
+
+    /// Give every device its record back (a freshly built bus, before the vCPUs run): all
+    /// are decoded and checked first; one that does not fit refuses the lot. The devices
+    /// stay frozen, touching neither guest memory nor their backends, until
+    /// [`thaw`](Self::thaw) (when the vCPUs start): an incoming post-copy migration's memory
+    /// is not there before that.
+    pub fn restore(&self, records: &[Vec<u8>]) -> Result<(), VirtioError> {
+        if records.len() != self.slots.len() {
+            return Err(VirtioError::RecordCount {
+                saved: records.len(),
+                live: self.slots.len(),
+            });
+        }
+        let decoded = records
+            .iter()
+            .zip(&self.slots)
+            .enumerate()
+            .map(|(index, (r, s))| {
+                virtio::decode(r).map_err(|e| VirtioError::Restore {
+                    kind: s.kind,
+                    index,
+                    source: DeviceStateError::Decode(e),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (index, ((state, bytes), s)) in decoded.iter().zip(&self.slots).enumerate() {
+            let fail = |source| VirtioError::Restore {
+                kind: s.kind,
+                index,
+                source,
+            };
+            let mut t = s
+                .worker
+                .transport()
+                .lock()
+                .map_err(|_| fail(DeviceStateError::Poisoned))?;
+            t.freeze();
+            t.restore_with_device(state, bytes)
+                .map_err(|e| fail(DeviceStateError::Restore(e)))?;
+        }
+        Ok(())
     }
 
     /// Whether `addr` is in a device's window.

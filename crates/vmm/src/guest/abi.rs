@@ -161,7 +161,7 @@ pub fn xorshift(mut x: u64) -> u64 {
 /// | offset | size | meaning |
 /// |---|---|---|
 /// | 0x00 | 8 | interrupt mode: 0 legacy, 1 MSI (the driver enables Dragonball's registers) |
-/// | 0x08 | 8 | job: [`VIRTIO_JOB_TEST`], [`VIRTIO_JOB_RR`], [`VIRTIO_JOB_BLK_RANDOM`], [`VIRTIO_JOB_BLK_SEQ`], [`VIRTIO_JOB_NET_TX`] |
+/// | 0x08 | 8 | job: [`VIRTIO_JOB_TEST`], [`VIRTIO_JOB_RR`], [`VIRTIO_JOB_BLK_RANDOM`], [`VIRTIO_JOB_BLK_SEQ`], [`VIRTIO_JOB_NET_TX`], [`VIRTIO_JOB_SOAK`] |
 /// | 0x10 | 8 | iterations (the benchmark jobs) |
 /// | 0x18 | 8 | vsock: the host port the guest connects to |
 /// | 0x20 | 4 | net: the guest's IPv4 address (network order) |
@@ -196,6 +196,16 @@ pub const VIRTIO_JOB_BLK_RANDOM: u64 = 2;
 pub const VIRTIO_JOB_BLK_SEQ: u64 = 3;
 /// Job: 1514-byte frames to the tap, 8 in flight.
 pub const VIRTIO_JOB_NET_TX: u64 = 4;
+/// Job: the disk (device 0) kept busy for snapshots and migrations: request i writes
+/// [`virtio_soak_pattern`]`(i)` to 4 KiB block i mod 64, then block (i - 1) mod 64 is read
+/// back and checked; a heartbeat and [`KEY_VIRTIO_ITERATIONS`] every 100 ms; iterations 0:
+/// forever. A mismatch ends the guest with [`VIRTIO_FAIL_DATA`].
+pub const VIRTIO_JOB_SOAK: u64 = 5;
+/// Word `k` of the soak job's block written by request `i`.
+pub fn virtio_soak_pattern(i: u64, k: u64) -> u64 {
+    k.wrapping_mul(FILL_MUL) ^ (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// Key: the next results are device `value & 0xffff` (its virtio ID) at index `value >> 16`.
 pub const KEY_VIRTIO_DEVICE: u32 = 0x300;
 /// Key: 0 if the device passed, else the step that failed ([`VIRTIO_FAIL_PROBE`]...).

@@ -716,6 +716,7 @@ faultline_guest_end:
     vsock_local_port = const abi::VIRTIO_VSOCK_LOCAL_PORT,
     job_rr = const abi::VIRTIO_JOB_RR,
     job_net_tx = const abi::VIRTIO_JOB_NET_TX,
+    job_soak = const abi::VIRTIO_JOB_SOAK,
     job_blk_seq = const abi::VIRTIO_JOB_BLK_SEQ,
 );
 

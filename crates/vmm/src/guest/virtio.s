@@ -12,6 +12,21 @@
     mov word ptr [\q + 16 * \i + 14], \next
     .endm
 
+    # In a wait, after a look at the clock (rax = TSC, r10 = the previous look): a gap of
+    # over 400 ms means the VM did not run meanwhile (paused, snapshotted, migrated; under
+    # PVM the TSC cannot be offset and jumps at a restore): the deadline r9 moves by the gap.
+    # Clobbers rcx, rdx.
+    .macro VQ_PAUSED
+    mov rdx, rax
+    sub rdx, r10
+    mov r10, rax
+    lea rcx, [r14 * 4]
+    cmp rdx, rcx
+    jb .Lvqp_\@
+    add r9, rdx
+.Lvqp_\@:
+    .endm
+
 .Lwl_virtio:
     FL_PROLOGUE
     xor eax, eax
@@ -189,10 +204,11 @@
 1:
     ret
 
-# Wait (2 s) for the next used element of the queue at rsi: eax = 0 with ecx = its id and
-# edx = its length, or the timeout code. Clobbers r9.
+# Wait (2 s of the VM running) for the next used element of the queue at rsi: eax = 0 with
+# ecx = its id and edx = its length, or the timeout code. Clobbers r9, r10.
 .Lvq_wait:
     FL_RDTSC
+    mov r10, rax
     mov r9, r14
     imul r9, r9, 20
     add r9, rax
@@ -208,6 +224,7 @@
 1:
     pause
     FL_RDTSC
+    VQ_PAUSED
     cmp rax, r9
     jb .Lvw_spin
     mov eax, {fail_timeout}
@@ -221,10 +238,11 @@
     xor eax, eax
     ret
 
-# Wait (2 s) until the handler's count differs from r11 (an interrupt came), then for the used
-# element as .Lvq_wait.
+# Wait (2 s of the VM running) until the handler's count differs from r11 (an interrupt
+# came), then for the used element as .Lvq_wait.
 .Lvq_wait_irq:
     FL_RDTSC
+    mov r10, rax
     mov r9, r14
     imul r9, r9, 20
     add r9, rax
@@ -234,6 +252,7 @@
     mov dx, {idle}
     out dx, eax
     FL_RDTSC
+    VQ_PAUSED
     cmp rax, r9
     jb .Lvwi_spin
     mov eax, {fail_no_irq}
@@ -628,6 +647,8 @@
     je .Lvb_rr
     cmp rax, {job_net_tx}
     je .Lvb_net
+    cmp rax, {job_soak}
+    je .Lvb_soak
     call .Lvio_blk_setup
     test eax, eax
     jnz .Lvb_end
@@ -752,6 +773,93 @@
     jnz 4b
     add qword ptr [r12 + 0x1228], 8
     jmp 2b
+
+# Soak (device 0, a disk): request i writes pattern(i) to 4 KiB block i mod 64, then reads
+# block (i - 1) mod 64 back and checks it holds pattern(i - 1), each request waited for
+# through its interrupt; a heartbeat and the count every 100 ms; [r12 + 0x1010] requests
+# (0: forever). Continuity across a snapshot or a migration: the block written last before
+# the pause is read after it, and the request in flight at the pause completes.
+.Lvb_soak:
+    call .Lvio_blk_setup
+    test eax, eax
+    jnz .Lvb_end
+    FL_RDTSC
+    mov [r12 + 0x1220], rax
+.Lvk_loop:
+    mov rax, [r12 + 0x1010]
+    test rax, rax
+    jz 1f
+    cmp [r12 + 0x1228], rax
+    jae .Lvb_done
+1:
+    mov rax, [r12 + 0x1228]
+    call .Lsoak_fill
+    mov rdx, [r12 + 0x1228]
+    and edx, 63
+    shl edx, 3
+    mov ecx, 1
+    lea r8, [r13 + 0x5000]
+    mov r9d, 4096
+    xor r10d, r10d
+    call .Lblk_req
+    cmp al, 0xff
+    je .Lvb_err
+    test al, al
+    jnz .Lvb_status
+    mov rax, [r12 + 0x1228]
+    test rax, rax
+    jz 3f
+    lea rdx, [rax - 1]
+    and edx, 63
+    shl edx, 3
+    xor ecx, ecx
+    lea r8, [r13 + 0x6000]
+    mov r9d, 4096
+    mov r10d, 2
+    call .Lblk_req
+    cmp al, 0xff
+    je .Lvb_err
+    test al, al
+    jnz .Lvb_status
+    mov rax, [r12 + 0x1228]
+    dec rax
+    call .Lsoak_fill
+    xor ecx, ecx
+2:
+    mov rax, [r13 + 0x5000 + rcx * 8]
+    cmp rax, [r13 + 0x6000 + rcx * 8]
+    jne .Lvk_bad
+    inc ecx
+    cmp ecx, 512
+    jb 2b
+3:
+    inc qword ptr [r12 + 0x1228]
+    FL_TICK .Lvk_loop
+    mov eax, [r12 + 0x1228]
+    mov ecx, {key_vio_iters}
+    call .Lkv
+    jmp .Lvk_loop
+.Lvk_bad:
+    mov eax, {fail_data}
+    jmp .Lvb_end
+
+# Soak: pattern(rax) into [r13 + 0x5000], 512 words: word k = k * FILL_MUL ^ (rax + 1) *
+# 0x9e3779b97f4a7c15. Clobbers rcx, rdx, r10, r11.
+.Lsoak_fill:
+    lea r11, [rax + 1]
+    movabs r10, 0x9e3779b97f4a7c15
+    imul r11, r10
+    movabs r10, {fill_mul}
+    xor ecx, ecx
+1:
+    mov rdx, rcx
+    imul rdx, r10
+    xor rdx, r11
+    mov [r13 + 0x5000 + rcx * 8], rdx
+    inc ecx
+    cmp ecx, 512
+    jb 1b
+    ret
 
 .Lvb_err:
     mov eax, [r12 + 0x1218]

@@ -25,6 +25,7 @@ use crate::guest::Workload;
 use crate::memory::{Backend, GuestMem};
 use crate::vstate::control::mono_ns;
 use crate::vstate::kvm::create_vm;
+use crate::config::VirtioSpec;
 use crate::vstate::machine::{Parts, build_vcpus};
 use crate::vstate::{Notifier, PauseOwner, VcpuControl, Vm, VmError};
 
@@ -44,6 +45,10 @@ pub struct IncomingOptions {
     pub tls: Option<xfer::tls::Credentials>,
     /// Accept plain TCP (no authentication, no encryption).
     pub insecure: bool,
+    /// The backends of the source VM's virtio devices, named here as `run` takes them:
+    /// the same kinds in the same order (`config::rebind_virtio`); checked before the hello
+    /// is answered.
+    pub virtio: Vec<crate::config::VirtioSpec>,
 }
 
 impl Default for IncomingOptions {
@@ -55,6 +60,7 @@ impl Default for IncomingOptions {
             recover_timeout: Duration::from_secs(60),
             tls: None,
             insecure: false,
+            virtio: Vec::new(),
         }
     }
 }
@@ -66,7 +72,7 @@ fn protocol(s: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(s.into())
 }
 
-fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
+fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, MigrationError> {
     if h.channel != Channel::Main {
         return Err(protocol(format!(
             "expected the main channel first, got {:?}",
@@ -87,11 +93,6 @@ fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
             what: "VM configuration in the hello",
             source,
         })?;
-    if cfg.linux.is_some() {
-        return Err(MigrationError::Invalid(
-            "migration of Linux guests is not supported yet (serial and i8042 state)".into(),
-        ));
-    }
     if cfg.mem_bytes % (2 << 20) != 0 || cfg.mem_bytes == 0 {
         return Err(MigrationError::Config(
             crate::config::ConfigError::MemAlignment(cfg.mem_bytes),
@@ -103,16 +104,19 @@ fn check_config(h: &Hello) -> Result<VmConfig, MigrationError> {
                 .into(),
         ));
     }
-    cfg.check_builtin().map_err(MigrationError::Config)?;
-    cfg.slices().map_err(MigrationError::Config)?;
+    if cfg.linux.is_none() {
+        cfg.check_builtin().map_err(MigrationError::Config)?;
+        cfg.slices().map_err(MigrationError::Config)?;
+    }
+    cfg.virtio = crate::config::rebind_virtio(&cfg.virtio, backends).map_err(MigrationError::Config)?;
     cfg.backend = Backend::Anonymous;
     Ok(cfg)
 }
 
 /// Check the hello's VM and prepare its memory and KVM VM (before the hello is answered, so a
 /// refusal leaves nothing behind).
-fn prepare(h: &Hello) -> Result<(VmConfig, Parts), MigrationError> {
-    let cfg = check_config(h)?;
+fn prepare(h: &Hello, backends: &[VirtioSpec]) -> Result<(VmConfig, Parts), MigrationError> {
+    let cfg = check_config(h, backends)?;
     let t0 = Instant::now();
     let mem = Arc::new(
         GuestMem::new(cfg.mem_bytes, Backend::Anonymous)
@@ -134,6 +138,7 @@ fn prepare(h: &Hello) -> Result<(VmConfig, Parts), MigrationError> {
         cfg: VmConfig::default(),
         t0,
         last_heartbeat: Vec::new(),
+        devices: Default::default(),
     };
     Ok((cfg, parts))
 }
@@ -164,7 +169,7 @@ pub fn incoming(
     let mut prepared = None;
     let accepted = proto::accept_pair(&listener, &security, opts.accept_timeout, |h| {
         super::failpoint::hold("dest-hello");
-        let r = prepare(h);
+        let r = prepare(h, &opts.virtio);
         let answer = match &r {
             Ok(_) => Ok(opts.verify),
             Err(e) => Err(uffd::error_chain(e)),
@@ -418,6 +423,7 @@ fn receive(
     }
     parts.cfg = cfg;
     parts.last_heartbeat = rx.sw.heartbeats.clone();
+    parts.devices = vm_state.devices.clone();
     let vm = Vm::from_parts(parts).map_err(|e| refuse(&mut main, MigrationError::Vm(e)))?;
     if rx.sw.paused {
         // The operator had paused the guest at the source: it lands paused.

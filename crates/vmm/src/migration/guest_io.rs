@@ -6,6 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
+use virtio::dirty::DirtyPages;
 use xfer::bitmap::words_for;
 use xfer::digest::is_zero;
 use xfer::dirty::{DirtyLog, DirtyLogError};
@@ -42,10 +43,12 @@ impl PageReader for GuestReader {
 }
 
 /// KVM's dirty log of memory slot 0 (guest memory), on from [`KvmDirtyLog::start`] until
-/// [`KvmDirtyLog::stop`].
+/// [`KvmDirtyLog::stop`], with the pages the VMM's devices wrote (which KVM does not see:
+/// `virtio::dirty`).
 pub(crate) struct KvmDirtyLog {
     vm: Arc<VmFd>,
     mem: Arc<GuestMem>,
+    devices: Option<Arc<DirtyPages>>,
 }
 
 fn set_dirty_log(vm: &VmFd, mem: &GuestMem, on: bool) -> Result<(), kvm_ioctls::Error> {
@@ -67,18 +70,28 @@ fn set_dirty_log(vm: &VmFd, mem: &GuestMem, on: bool) -> Result<(), kvm_ioctls::
 
 impl KvmDirtyLog {
     /// Turn dirty logging on and clear the log.
-    pub(crate) fn start(vm: Arc<VmFd>, mem: Arc<GuestMem>) -> Result<KvmDirtyLog, MigrationError> {
+    pub(crate) fn start(
+        vm: Arc<VmFd>,
+        mem: Arc<GuestMem>,
+        devices: Option<Arc<DirtyPages>>,
+    ) -> Result<KvmDirtyLog, MigrationError> {
         set_dirty_log(&vm, &mem, true).map_err(|source| MigrationError::Kvm {
             what: "KVM_SET_USER_MEMORY_REGION (dirty logging on)",
             source,
         })?;
-        let mut log = KvmDirtyLog { vm, mem };
+        if let Some(d) = &devices {
+            d.set_tracking(true);
+        }
+        let mut log = KvmDirtyLog { vm, mem, devices };
         log.fetch_and_clear().map_err(MigrationError::DirtyLog)?;
         Ok(log)
     }
 
     /// Turn dirty logging off (best effort: the migration is over either way).
     pub(crate) fn stop(&self) {
+        if let Some(d) = &self.devices {
+            d.set_tracking(false);
+        }
         let _ = set_dirty_log(&self.vm, &self.mem, false);
     }
 }
@@ -93,6 +106,11 @@ impl DirtyLog for KvmDirtyLog {
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
         w.resize(words_for(self.mem.size() / PAGE), 0);
+        if let Some(d) = &self.devices {
+            for (a, b) in w.iter_mut().zip(d.take()) {
+                *a |= b;
+            }
+        }
         Ok(w)
     }
 }

@@ -341,6 +341,9 @@ pub enum MigrationError {
     /// Reading, decoding or restoring VM state failed.
     #[error("VM state")]
     State(#[source] crate::vstate::StateError),
+    /// The devices' state could not be taken at switchover.
+    #[error("device state")]
+    Devices(#[source] crate::devices::virtio::VirtioError),
     /// Saving the vCPUs' state failed.
     #[error("saving vCPU state")]
     Save(#[source] crate::vstate::SaveError),

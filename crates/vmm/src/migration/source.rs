@@ -27,7 +27,7 @@ use super::{
 use crate::config::VmConfig;
 use crate::memory::GuestMem;
 use crate::vstate::control::mono_ns;
-use crate::vstate::{Notice, Notifier, PauseOwner, VcpuControl};
+use crate::vstate::{DeviceSet, Notice, Notifier, PauseOwner, VcpuControl};
 
 /// What the migration thread needs of the running VM.
 pub struct SourceCtx {
@@ -40,6 +40,9 @@ pub struct SourceCtx {
     /// (guest-physical start, length) of each workload slice.
     pub(crate) slices: Vec<(u64, u64)>,
     pub(crate) notify: Notifier,
+    /// The VM's own devices: frozen at switchover, their records in the State frame, the
+    /// pages they write merged into the dirty set.
+    pub(crate) devices: DeviceSet,
     /// The connections' security (checked when the request came).
     pub(crate) security: Security,
 }
@@ -166,7 +169,7 @@ fn migrate(
         rate: Arc::new(RateLimit::new(req.max_bandwidth)),
         sent: Arc::new(Sent::default()),
     };
-    let mut log = KvmDirtyLog::start(ctx.vm.clone(), ctx.mem.clone())?;
+    let mut log = KvmDirtyLog::start(ctx.vm.clone(), ctx.mem.clone(), ctx.devices.dirty())?;
     let r = (|| {
         ctx.control.reset_gaps();
         let maybe = scan(&ctx.mem, &*pipes.reader).map_err(MigrationError::Read)?;
@@ -184,6 +187,7 @@ fn migrate(
         Ok(Switched::Before(e)) | Err(e) => {
             // The guest never left: it runs on here.
             log.stop();
+            ctx.devices.thaw();
             ctx.control.resume(PauseOwner::Migration);
             return Err(peer_reason(&mut c.main, e));
         }
@@ -201,6 +205,7 @@ fn migrate(
         Err(e @ MigrationError::Refused(_)) => {
             // The destination said it did not start the guest: it runs on here.
             log.stop();
+            ctx.devices.thaw();
             ctx.control.resume(PauseOwner::Migration);
             Err(e)
         }
@@ -458,6 +463,9 @@ fn precopy_then_switch(
         })
         .collect();
     let pause_mono_us = now / 1000;
+    // The devices finish what they hold and stop: what they wrote is in the last dirty set,
+    // and nothing changes guest memory from here on.
+    ctx.devices.freeze();
     super::failpoint::hold("source-switchover");
     let before = |e| Ok(Switched::Before(e));
     let d = match pc.dirty(log) {
@@ -479,9 +487,13 @@ fn precopy_then_switch(
         Ok(v) => v,
         Err(e) => return before(MigrationError::Save(e)),
     };
-    let vm_state = match crate::vstate::VmState::save(&ctx.vm, ctx.irqchip) {
+    let mut vm_state = match crate::vstate::VmState::save(&ctx.vm, ctx.irqchip) {
         Ok(v) => v,
         Err(e) => return before(MigrationError::State(e)),
+    };
+    vm_state.devices = match ctx.devices.save() {
+        Ok(d) => d,
+        Err(e) => return before(MigrationError::Devices(e)),
     };
     // Pre-copy: the destination checks memory against this before it starts the guest.
     let digest = if postcopy {

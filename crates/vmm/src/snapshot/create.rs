@@ -39,7 +39,11 @@ pub fn create(
     let control = machine.control();
     let was_paused = control.is_paused();
     control.pause(PauseOwner::Snapshot);
+    // The devices finish what they hold and take nothing more until the snapshot is
+    // written: their records and guest memory are of one instant.
+    machine.freeze_devices();
     let r = write(machine, dir, page_checksums, t0);
+    machine.thaw_devices();
     control.resume(PauseOwner::Snapshot);
     let mut info = r?;
     info.paused_ms = if was_paused {
@@ -179,8 +183,9 @@ fn write_into(
 ) -> Result<SnapshotInfo, SnapshotError> {
     let mem = machine.memory();
     let mem_path = dir.join(files::MEMORY);
-    // SAFETY: every vCPU is parked (the snapshot's pause) and the VM has no device that could
-    // write guest memory (a VM with one is refused above): nothing writes guest memory.
+    // SAFETY: every vCPU is parked (the snapshot's pause) and every virtio device is frozen
+    // (`create`); a VM with a vfio-user device, which could DMA, is refused above: nothing
+    // writes guest memory.
     let (idx, written) = unsafe { write_memory(mem, &mem_path, page_checksums) }?;
     // Memory mapped from a snapshot file that shrank meanwhile read as zeros where it was
     // lost: such a copy is not the guest's memory.

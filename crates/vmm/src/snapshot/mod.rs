@@ -1,6 +1,10 @@
 //! Snapshots: a paused VM written to a directory, and read back for restore.
 //!
-//! # The snapshot directory, format version 1
+//! # The snapshot directory, format version 2
+//! Version 2 (this one) adds the devices: the VM's virtio-mmio devices in the manifest's
+//! configuration and their records in `state.bin` (its version 2), a Linux guest's COM1.
+//! Version 1 snapshots (the built-in guest without devices) still restore.
+//!
 //! | file | what |
 //! |---|---|
 //! | `manifest.json` | [`Manifest`]: format name and version, the VM configuration, the guest's slices and their checksums at snapshot, and the size and CRC-32 of every other file. Written last (atomically, by rename): a directory without it is not a snapshot. |
@@ -38,8 +42,12 @@ pub use state::{StateError, VcpuState, VmState};
 
 /// The manifest's `format` value.
 pub const FORMAT: &str = "faultline-snapshot";
-/// The snapshot format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The snapshot format version this code writes.
+pub const VERSION: u32 = 2;
+/// The oldest snapshot format version this code reads.
+pub const VERSION_MIN: u32 = 1;
+/// The version of `memory.idx`.
+pub const INDEX_VERSION: u32 = 1;
 /// Page size of the memory file.
 pub const PAGE: u64 = 4096;
 /// Pages per CRC chunk (64 KiB).
@@ -89,7 +97,7 @@ pub enum SnapshotError {
         source: serde_json::Error,
     },
     /// The snapshot is of another format or version.
-    #[error("{path}: {what}; this faultline reads {FORMAT} version {VERSION}")]
+    #[error("{path}: {what}; this faultline reads {FORMAT} versions {VERSION_MIN} to {VERSION}")]
     Version {
         /// The manifest.
         path: PathBuf,
@@ -265,7 +273,7 @@ impl MemoryIndex {
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(INDEX_MAGIC);
-        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&INDEX_VERSION.to_le_bytes());
         v.extend_from_slice(&(PAGE as u32).to_le_bytes());
         v.extend_from_slice(&self.pages.to_le_bytes());
         v.extend_from_slice(&(self.chunk_pages as u32).to_le_bytes());
@@ -289,7 +297,7 @@ impl MemoryIndex {
             return Err(bad("bad magic".into()));
         }
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        if u32_at(8) != VERSION {
+        if u32_at(8) != INDEX_VERSION {
             return Err(bad(format!("version {}", u32_at(8))));
         }
         if u64::from(u32_at(12)) != PAGE {
@@ -501,7 +509,9 @@ pub fn parse_manifest(raw: &[u8], mpath: &Path) -> Result<Manifest, SnapshotErro
         })?;
     let format = head.get("format").and_then(|v| v.as_str()).unwrap_or("");
     let version = head.get("version").and_then(|v| v.as_u64());
-    if format != FORMAT || version != Some(u64::from(VERSION)) {
+    if format != FORMAT
+        || !version.is_some_and(|v| (u64::from(VERSION_MIN)..=u64::from(VERSION)).contains(&v))
+    {
         return Err(SnapshotError::Version {
             path: mpath.to_path_buf(),
             what: format!("format '{format}' version {version:?}"),

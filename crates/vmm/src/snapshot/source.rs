@@ -182,7 +182,7 @@ impl WorkingSet {
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(24 + 8 * self.pages.len() + 4);
         v.extend_from_slice(WS_MAGIC);
-        v.extend_from_slice(&super::VERSION.to_le_bytes());
+        v.extend_from_slice(&super::INDEX_VERSION.to_le_bytes());
         v.extend_from_slice(&(PAGE as u32).to_le_bytes());
         v.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         for p in &self.pages {
@@ -199,7 +199,7 @@ impl WorkingSet {
         if b.len() < 28 || &b[..8] != WS_MAGIC {
             return Err(bad("bad magic or truncated"));
         }
-        if u32::from_le_bytes(b[8..12].try_into().expect("4")) != super::VERSION {
+        if u32::from_le_bytes(b[8..12].try_into().expect("4")) != super::INDEX_VERSION {
             return Err(bad("unknown version"));
         }
         let count = u64::from_le_bytes(b[16..24].try_into().expect("8"));

@@ -1,12 +1,17 @@
 //! The binary file the VM's and vCPUs' state ([`crate::vstate::state`]) is kept in.
 //!
-//! # `state.bin`, version 1
+//! # `state.bin`, version 2
 //! Little-endian. A 16-byte header: magic `b"FLSTATE\0"`, `u32` version, `u32` record count.
 //! Then records, each: `u16` tag, `u16` owner (vCPU index, or `0xffff` for the VM), `u32`
-//! length, then `length` bytes. A record's bytes are the kernel's own structure (`struct
+//! length, then `length` bytes. A KVM record's bytes are the kernel's own structure (`struct
 //! kvm_regs`, ...) exactly as `KVM_GET_*` returns it: the KVM ABI is stable, so the layout is
 //! the kernel's, checked on load by length. Unknown tags are an error (a newer writer).
-//! The file's CRC-32 is in the manifest.
+//! The file's CRC-32 is in the manifest (a migration's State frame has its own CRC).
+//!
+//! Version 2 adds the VMM's device records, owned by the VM: tag 30, one per virtio-mmio
+//! device in bus order (each `virtio::state`'s record, versioned and CRC-checked on its
+//! own), and tag 31, a Linux guest's COM1 (`devices::SerialRecord`). Version 1 files (no
+//! device records) are still read.
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -19,7 +24,11 @@ pub use crate::vstate::state::{StateError, VcpuState, VmState};
 /// Magic at the start of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"FLSTATE\0";
 /// The state file's format version.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// The oldest version still read.
+pub const STATE_VERSION_MIN: u32 = 1;
+/// Most device records of one kind a state file may hold.
+pub const MAX_DEVICE_RECORDS: usize = 64;
 /// Owner of VM-wide records.
 pub const VM_OWNER: u16 = 0xffff;
 
@@ -39,6 +48,8 @@ mod tag {
     pub const DEBUGREGS: u16 = 18;
     pub const MP_STATE: u16 = 19;
     pub const CPUID: u16 = 20;
+    pub const VIRTIO: u16 = 30;
+    pub const SERIAL: u16 = 31;
 }
 
 /// `kvm_fpu` has no zerocopy derive in kvm-bindings: its fields, in order, all without padding.
@@ -122,6 +133,12 @@ pub fn encode(vm: &VmState, vcpus: &[VcpuState]) -> Vec<u8> {
     if let Some(p) = &vm.pit {
         w.rec(tag::PIT2, VM_OWNER, p.as_bytes());
     }
+    for r in &vm.devices.virtio {
+        w.rec(tag::VIRTIO, VM_OWNER, r);
+    }
+    if let Some(r) = &vm.devices.serial {
+        w.rec(tag::SERIAL, VM_OWNER, r);
+    }
     for (i, v) in vcpus.iter().enumerate() {
         let o = i as u16;
         w.rec(tag::CPUID, o, v.cpuid.as_bytes());
@@ -178,9 +195,9 @@ pub fn decode(data: &[u8], vcpus: usize) -> Result<(VmState, Vec<VcpuState>), St
         return Err(bad("not a faultline state file (bad magic)".into()));
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
-    if version != STATE_VERSION {
+    if !(STATE_VERSION_MIN..=STATE_VERSION).contains(&version) {
         return Err(bad(format!(
-            "version {version}; this faultline reads version {STATE_VERSION}"
+            "version {version}; this faultline reads versions {STATE_VERSION_MIN} to {STATE_VERSION}"
         )));
     }
     let records = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
@@ -203,6 +220,20 @@ pub fn decode(data: &[u8], vcpus: usize) -> Result<(VmState, Vec<VcpuState>), St
                 tag::CLOCK => vm.clock = Some(one("clock", body)?),
                 tag::IRQCHIP => vm.irqchips.push(one("irqchip", body)?),
                 tag::PIT2 => vm.pit = Some(one("PIT", body)?),
+                tag::VIRTIO if version >= 2 => {
+                    if vm.devices.virtio.len() >= MAX_DEVICE_RECORDS {
+                        return Err(bad(format!(
+                            "more than {MAX_DEVICE_RECORDS} virtio device records"
+                        )));
+                    }
+                    vm.devices.virtio.push(body.to_vec());
+                }
+                tag::SERIAL if version >= 2 => {
+                    if vm.devices.serial.is_some() {
+                        return Err(bad("two serial port records".into()));
+                    }
+                    vm.devices.serial = Some(body.to_vec());
+                }
                 _ => return Err(bad(format!("unknown VM record tag {tag}"))),
             }
             continue;

@@ -428,6 +428,9 @@ pub enum SaveError {
     /// The vCPUs were not paused.
     #[error("the vCPUs must be paused to save their state")]
     NotPaused,
+    /// A device's state could not be taken.
+    #[error("device state")]
+    Devices(#[source] crate::devices::virtio::VirtioError),
     /// A vCPU thread did not run its job in time.
     #[error("vCPU {vcpu} did not hand over its state within 10 s")]
     NoAnswer {

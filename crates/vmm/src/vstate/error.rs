@@ -88,6 +88,9 @@ pub enum VmError {
     /// A virtio device could not be attached.
     #[error("virtio devices")]
     Virtio(#[source] crate::devices::virtio::VirtioError),
+    /// COM1's saved state was refused.
+    #[error("COM1")]
+    Serial(#[source] crate::devices::SerialRecordError),
     /// The guest acknowledged an interrupt line the VMM could not lower.
     #[error("vCPU {vcpu}: lowering the acknowledged interrupt line failed")]
     IrqAck {

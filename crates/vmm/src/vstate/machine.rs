@@ -14,16 +14,56 @@ use super::error::VmError;
 use super::irq::Interrupts;
 use super::kvm::{KvmError, apic_cpuid, create_vm, kvm_err, reset_fpu};
 use super::notice::Notifier;
-use super::state::{StateError, VcpuState, VmState};
+use super::state::{DeviceRecords, StateError, VcpuState, VmState};
 use super::stats::{KvmStats, StatsError};
 use super::vcpu::{VcpuContext, install_signal_handlers, vcpu_thread};
 use crate::config::{ConfigError, Slice, VmConfig};
 use crate::cpl3;
 use crate::devices::LegacyDevices;
 use crate::devices::pci::{MMIO_BASE, PciBus};
-use crate::devices::virtio::{VIRTIO_BASE, VirtioBus};
+use crate::devices::virtio::{VIRTIO_BASE, VirtioBus, VirtioError};
 use crate::guest::{self, Workload, abi};
 use crate::memory::{Backend, GuestMem};
+
+/// A machine's own devices (virtio-mmio, a Linux guest's COM1 and i8042): what a snapshot
+/// or a migration freezes, saves and thaws.
+#[derive(Clone, Default)]
+pub struct DeviceSet {
+    virtio: Option<Arc<VirtioBus>>,
+    legacy: Option<Arc<LegacyDevices>>,
+}
+
+impl DeviceSet {
+    /// Stop every device touching guest memory or its backend (`VirtioBus::freeze`).
+    pub fn freeze(&self) {
+        if let Some(b) = &self.virtio {
+            b.freeze();
+        }
+    }
+
+    /// Let them go on.
+    pub fn thaw(&self) {
+        if let Some(b) = &self.virtio {
+            b.thaw();
+        }
+    }
+
+    /// Their records (they should be frozen).
+    pub fn save(&self) -> Result<DeviceRecords, VirtioError> {
+        Ok(DeviceRecords {
+            virtio: match &self.virtio {
+                Some(b) => b.save()?,
+                None => Vec::new(),
+            },
+            serial: self.legacy.as_ref().map(|l| l.save()),
+        })
+    }
+
+    /// The log of the guest pages the devices write (none without virtio devices).
+    pub fn dirty(&self) -> Option<Arc<virtio::dirty::DirtyPages>> {
+        self.virtio.as_ref().map(|b| b.dirty().clone())
+    }
+}
 
 /// A created VM, not yet running.
 pub struct Vm {
@@ -65,6 +105,8 @@ pub struct Parts {
     pub t0: Instant,
     /// Last heartbeat number per vCPU.
     pub last_heartbeat: Vec<u32>,
+    /// The devices' records: the devices of `cfg` are built and given them back.
+    pub devices: crate::vstate::DeviceRecords,
 }
 
 impl Vm {
@@ -238,25 +280,49 @@ impl Vm {
     /// A VM over restored parts (a snapshot's or an incoming migration's): the irqchip they
     /// were built with is kept, so a later snapshot carries it again.
     pub fn from_parts(p: Parts) -> Result<Vm, VmError> {
-        let slices = p.cfg.slices()?;
+        let linux = p.cfg.linux.is_some();
+        let slices = if linux { Vec::new() } else { p.cfg.slices()? };
         let n = p.vcpus.len();
         let vm = Arc::new(p.vm);
         let control = VcpuControl::new(p.t0, n);
         for (c, &hb) in control.cpus.iter().zip(&p.last_heartbeat) {
             c.last_n.store(hb, std::sync::atomic::Ordering::SeqCst);
         }
+        let irq = Arc::new(Interrupts::new(vm.clone(), p.irqchip));
+        let legacy = if linux {
+            let l = legacy_devices(&vm, p.irqchip)?;
+            if let Some(r) = &p.devices.serial {
+                l.restore(r).map_err(VmError::Serial)?;
+            }
+            Some(l)
+        } else {
+            None
+        };
+        let virtio = virtio_bus(&irq, &p.mem, &p.cfg)?;
+        match &virtio {
+            Some(b) => b.restore(&p.devices.virtio).map_err(VmError::Virtio)?,
+            None if !p.devices.virtio.is_empty() => {
+                return Err(VmError::Virtio(
+                    crate::devices::virtio::VirtioError::RecordCount {
+                        saved: p.devices.virtio.len(),
+                        live: 0,
+                    },
+                ));
+            }
+            None => {}
+        }
         Ok(Vm {
             kvm: p.kvm,
-            irq: Arc::new(Interrupts::new(vm.clone(), p.irqchip)),
+            irq,
             vm,
             mem: p.mem,
             vcpus: p.vcpus,
             slices,
             cfg: p.cfg,
             control: Arc::new(control),
-            legacy: None,
+            legacy,
             pci: None,
-            virtio: None,
+            virtio,
             last_heartbeat: p.last_heartbeat,
         })
     }
@@ -287,17 +353,7 @@ impl Vm {
         let (kvm, vm, irqchip) = create_vm(&mem, true, false)?;
         let vm = Arc::new(vm);
         let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
-        let com1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
-            VmError::Host {
-                what: "the COM1 interrupt eventfd",
-                source,
-            }
-        })?;
-        if irqchip {
-            vm.register_irqfd(&com1, crate::devices::COM1_GSI)
-                .map_err(kvm_err("KVM_IRQFD for COM1"))?;
-        }
-        let legacy = Arc::new(LegacyDevices::new(com1, Box::new(std::io::stdout())));
+        let legacy = legacy_devices(&vm, irqchip)?;
         let virtio = virtio_bus(&irq, &mem, &cfg)?;
         let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
         crate::mptable::write(mem.mem(), cfg.vcpus).map_err(VmError::MpTable)?;
@@ -417,6 +473,10 @@ impl Vm {
             self.control
                 .set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         }
+        // Restored devices were kept frozen until now (`VirtioBus::restore`).
+        if let Some(b) = &self.virtio {
+            b.thaw();
+        }
         Ok(Machine {
             kvm: self.kvm,
             vm: self.vm,
@@ -431,6 +491,24 @@ impl Vm {
             irq: self.irq,
         })
     }
+}
+
+/// COM1 (on an irqfd to its GSI, with an in-kernel irqchip) writing to stdout, and the i8042.
+fn legacy_devices(vm: &VmFd, irqchip: bool) -> Result<Arc<LegacyDevices>, VmError> {
+    let com1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+        VmError::Host {
+            what: "the COM1 interrupt eventfd",
+            source,
+        }
+    })?;
+    if irqchip {
+        vm.register_irqfd(&com1, crate::devices::COM1_GSI)
+            .map_err(kvm_err("KVM_IRQFD for COM1"))?;
+    }
+    Ok(Arc::new(LegacyDevices::new(
+        com1,
+        Box::new(std::io::stdout()),
+    )))
 }
 
 /// The `virtio` workload's parameter block (`abi::VIRTIO_PARAMS`).
@@ -473,7 +551,7 @@ fn virtio_bus(
         return Ok(None);
     }
     let poll = std::time::Duration::from_micros(cfg.virtio_poll_us.min(1_000_000));
-    VirtioBus::new(irq.clone(), mem.mem(), &cfg.virtio, cfg.virtio_irq, poll)
+    VirtioBus::new(irq.clone(), mem, &cfg.virtio, cfg.virtio_irq, poll)
         .map(|b| Some(Arc::new(b)))
         .map_err(VmError::Virtio)
 }
@@ -652,18 +730,6 @@ impl Machine {
     /// those refuse such a VM by these names rather than drop the parts.
     pub fn uncarried(&self) -> Vec<Uncarried> {
         let mut v = Vec::new();
-        if self.legacy.is_some() {
-            v.push(Uncarried("the Linux guest's serial port (COM1)".into()));
-            v.push(Uncarried("the Linux guest's i8042 controller".into()));
-        }
-        if let Some(b) = &self.virtio {
-            for d in b.stats() {
-                v.push(Uncarried(format!(
-                    "virtio {} device {} at {:#x}",
-                    d.kind, d.index, d.base
-                )));
-            }
-        }
         if let Some(p) = &self.pci {
             for d in p.stats() {
                 v.push(Uncarried(format!(
@@ -675,11 +741,32 @@ impl Machine {
         v
     }
 
-    /// Save the VM's and every vCPU's state. The vCPUs must be paused.
+    /// The VMM's own devices, for a thread that freezes, saves or thaws them.
+    pub fn devices(&self) -> DeviceSet {
+        DeviceSet {
+            virtio: self.virtio.clone(),
+            legacy: self.legacy.clone(),
+        }
+    }
+
+    /// Stop the devices touching guest memory and their backends (a snapshot, a migration's
+    /// switchover): see `VirtioBus::freeze`. The vCPUs must be paused.
+    pub fn freeze_devices(&self) {
+        self.devices().freeze();
+    }
+
+    /// Let the devices go on after [`freeze_devices`](Self::freeze_devices).
+    pub fn thaw_devices(&self) {
+        self.devices().thaw();
+    }
+
+    /// Save the VM's, every vCPU's and every device's state. The vCPUs must be paused and
+    /// the devices frozen ([`freeze_devices`](Self::freeze_devices)).
     pub fn save_state(&self) -> Result<(VmState, Vec<VcpuState>), SaveError> {
         let msrs = self.msr_list()?;
         let vcpus = self.control.save_vcpus(&msrs, self.irqchip())?;
-        let vm = VmState::save(&self.vm, self.irqchip()).map_err(SaveError::Vm)?;
+        let mut vm = VmState::save(&self.vm, self.irqchip()).map_err(SaveError::Vm)?;
+        vm.devices = self.devices().save().map_err(SaveError::Devices)?;
         Ok((vm, vcpus))
     }
 

@@ -202,6 +202,19 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
     /// The PIT (when one was created).
     pub pit: Option<kvm_pit_state2>,
+    /// The VMM's own devices (not KVM's): their records, each checked by its device.
+    pub devices: DeviceRecords,
+}
+
+/// The records of the devices the VMM emulates: each is its device's own versioned,
+/// checksummed encoding, which the device checks when it takes it back.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeviceRecords {
+    /// One per virtio-mmio device, in bus order (`virtio::state`).
+    pub virtio: Vec<Vec<u8>>,
+    /// A Linux guest's COM1 (`devices::SerialRecord`); its i8042 has no state to carry
+    /// (vm-superio's only acts on the reset command).
+    pub serial: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -210,6 +223,8 @@ impl std::fmt::Debug for VmState {
             .field("clock", &self.clock.is_some())
             .field("irqchips", &self.irqchips.len())
             .field("pit", &self.pit.is_some())
+            .field("virtio", &self.devices.virtio.len())
+            .field("serial", &self.devices.serial.is_some())
             .finish()
     }
 }
