@@ -7,10 +7,10 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Proc, bin, kvm_present, text};
+use common::{Proc, Tap, bin, kvm_present, text};
 use serde_json::Value;
 use vmm::guest::abi;
 
@@ -157,38 +157,6 @@ fn a_read_only_disk_refuses_the_guests_write() {
         .find(|r| r[0] == abi::KEY_VIRTIO_DATA)
         .map(|r| r[1].as_u64().unwrap());
     assert_eq!(data, Some(0x5a5a_5a5a), "the guest read the image: {s:#}");
-}
-
-/// A tap for one test, with the host's address, deleted on drop.
-struct Tap(String);
-
-impl Tap {
-    fn new(tag: &str) -> Tap {
-        let name = format!("flv{}{tag}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            let o = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                o.status.success(),
-                "ip {args:?} failed (these tests need root and tun/tap): {}",
-                text(&o.stderr)
-            );
-        };
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        let t = Tap(name.clone());
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        ip(&["addr", "add", "172.30.0.1/24", "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        t
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.0])
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 #[test]

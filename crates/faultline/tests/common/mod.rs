@@ -321,3 +321,35 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn sock(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
+
+/// A tap for one test, with the host's address, deleted on drop.
+pub struct Tap(pub String);
+
+impl Tap {
+    pub fn new(tag: &str) -> Tap {
+        let name = format!("flv{}{tag}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                o.status.success(),
+                "ip {args:?} failed (these tests need root and tun/tap): {}",
+                text(&o.stderr)
+            );
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        let t = Tap(name.clone());
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        ip(&["addr", "add", "172.30.0.1/24", "dev", &name]);
+        ip(&["link", "set", &name, "up"]);
+        t
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -541,9 +541,19 @@ impl VirtioDevice for Block {
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
         let live = self.save_state();
         if bytes != live.as_slice() {
+            let describe = |b: &[u8]| match b {
+                [c @ .., ro] if c.len() == 8 => format!(
+                    "{} sectors, {}",
+                    u64::from_le_bytes(c.try_into().expect("8 bytes")),
+                    if *ro == 1 { "read-only" } else { "read-write" }
+                ),
+                _ => format!("{} bytes of state", b.len()),
+            };
             return Err(DeviceError::State {
                 what: format!(
-                    "saved disk (capacity, read-only) {bytes:02x?}, this disk {live:02x?}"
+                    "the saved disk had {}, this disk has {}",
+                    describe(bytes),
+                    describe(&live)
                 ),
             });
         }
