@@ -158,6 +158,9 @@ pub struct DeviceArgs {
     /// Attach a virtio-rng device.
     #[arg(long)]
     rng: bool,
+    /// A Linux guest's serial console goes to this file (appended) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<std::path::PathBuf>,
 }
 
 impl DeviceArgs {
@@ -213,6 +216,7 @@ pub fn run(a: &Args) -> CliResult {
             initrd: a.initrd.clone(),
             cmdline: a.cmdline.clone(),
         }),
+        console: a.devices.console.clone(),
         vfio_user: a.vfio_user.clone(),
         irqchip: a.irqchip,
         virtio: a.devices.specs(),
@@ -249,6 +253,7 @@ pub fn run(a: &Args) -> CliResult {
                 tls: a.security.credentials(),
                 insecure: a.security.insecure,
                 virtio: a.devices.specs(),
+                console: a.devices.console.clone(),
                 ..Default::default()
             })
             .map_err(failed("incoming migration"))?;

@@ -144,6 +144,7 @@ pub fn restore(a: &RestoreArgs) -> CliResult {
         batch_pages: a.batch_pages,
         record: a.record,
         virtio: a.devices.specs(),
+        console: a.devices.console.clone(),
     };
     let r = vmm::restore::restore(&a.dir, &opts).map_err(failed("restore"))?;
     let expect = r.checksums.clone();

@@ -4,39 +4,14 @@
 //! reaches the initramfs shell (not checked here).
 //! The kernel and initramfs come from `scripts/linux-guest.sh`, run here if not cached.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+
+use common::linux::guest_dir;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// The kernel and initramfs, fetched once per test process by `scripts/linux-guest.sh` if
-/// they are not cached yet (so `cargo test` works on a fresh clone).
-fn guest_dir() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let top = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let d = top.join(".cache/linux");
-        let have = |d: &PathBuf| {
-            ["vmlinux", "initramfs.cpio.gz"]
-                .iter()
-                .all(|f| d.join(f).exists())
-        };
-        if !have(&d) {
-            let st = Command::new("bash")
-                .arg(top.join("scripts/linux-guest.sh"))
-                .status()
-                .expect("run scripts/linux-guest.sh");
-            assert!(
-                st.success() && have(&d),
-                "scripts/linux-guest.sh could not fetch Debian's kernel and build the initramfs \
-                 (needs Debian's package mirror and root for apt-get)"
-            );
-        }
-        d
-    })
-    .clone()
-}
 
 /// Start `faultline run` with `args` and collect console lines until `want` returns true for
 /// one (or `limit` passes); returns whether it did, and the console and stderr.

@@ -31,6 +31,10 @@ pub struct VmConfig {
     pub backend: Backend,
     /// Boot this Linux kernel instead of the built-in guest (the workload fields are unused).
     pub linux: Option<crate::linux::LinuxBoot>,
+    /// Where a Linux guest's serial console (COM1) goes: this file (appended), or stdout.
+    /// Named where the VM runs: a restore or an incoming migration sets its own.
+    #[serde(default)]
+    pub console: Option<PathBuf>,
     /// vfio-user device sockets to attach to the PCI bus (guest memory becomes a memfd).
     #[serde(default)]
     pub vfio_user: Vec<PathBuf>,
@@ -201,6 +205,7 @@ impl Default for VmConfig {
             seed: 1,
             backend: Backend::Anonymous,
             linux: None,
+            console: None,
             vfio_user: Vec::new(),
             irqchip: false,
             virtio: Vec::new(),

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod linux;
+
 /// The link deadline of the processes [`bin_short_deadline`] starts, ms.
 pub const DEADLINE_MS: u64 = 2500;
 

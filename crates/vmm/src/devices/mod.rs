@@ -33,6 +33,22 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// A console writer that flushes every write: a line the guest has not finished (a shell's
+/// prompt), or one cut by a migration, reaches the terminal at once.
+pub struct Flushed<W: Write>(pub W);
+
+impl<W: Write> Write for Flushed<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(b)?;
+        self.0.flush()?;
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Records that the guest asked for a reset (i8042 command 0xfe).
 #[derive(Clone, Default)]
 pub struct ResetFlag(pub Arc<AtomicBool>);

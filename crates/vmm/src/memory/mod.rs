@@ -107,6 +107,9 @@ pub struct GuestMem {
     memfd: Option<File>,
     /// The file behind [`Backend::PrivateFile`] memory, and its size at mapping.
     backing: Option<(File, u64)>,
+    /// Pages come in on first touch from a pager (a lazy restore, a post-copy migration):
+    /// a page the kernel does not have yet is not a zero page.
+    on_demand: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `host` points into the mapping owned by `mem`, which is itself Send + Sync; the
@@ -259,7 +262,22 @@ impl GuestMem {
             backend,
             memfd,
             backing: None,
+            on_demand: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Say that this memory's pages come in on first touch from a pager (a lazy restore, a
+    /// post-copy migration's destination): the kernel's page table no longer tells which
+    /// pages hold data (see [`on_demand`](Self::on_demand)).
+    pub fn set_on_demand(&self) {
+        self.on_demand
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`set_on_demand`](Self::set_on_demand) was called: a page missing from the
+    /// process may be one the pager has not brought in yet, not a zero page.
+    pub fn on_demand(&self) -> bool {
+        self.on_demand.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `size` bytes of guest memory mapped privately (copy-on-write) from `file` at offset 0:

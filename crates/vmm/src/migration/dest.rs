@@ -49,6 +49,8 @@ pub struct IncomingOptions {
     /// the same kinds in the same order (`config::rebind_virtio`); checked before the hello
     /// is answered.
     pub virtio: Vec<crate::config::VirtioSpec>,
+    /// Where a Linux guest's console goes here (a file, or stdout).
+    pub console: Option<std::path::PathBuf>,
 }
 
 impl Default for IncomingOptions {
@@ -61,6 +63,7 @@ impl Default for IncomingOptions {
             tls: None,
             insecure: false,
             virtio: Vec::new(),
+            console: None,
         }
     }
 }
@@ -169,7 +172,10 @@ pub fn incoming(
     let mut prepared = None;
     let accepted = proto::accept_pair(&listener, &security, opts.accept_timeout, |h| {
         super::failpoint::hold("dest-hello");
-        let r = prepare(h, &opts.virtio);
+        let r = prepare(h, &opts.virtio).map(|(mut cfg, parts)| {
+            cfg.console = opts.console.clone();
+            (cfg, parts)
+        });
         let answer = match &r {
             Ok(_) => Ok(opts.verify),
             Err(e) => Err(uffd::error_chain(e)),
@@ -396,6 +402,7 @@ fn receive(
         Some(words) => {
             let fl = (|| {
                 discard(&mem, words)?;
+                mem.set_on_demand();
                 let range = Range::new(mem.host_addr() as usize, mem.size() as usize)
                     .map_err(MigrationError::Range)?;
                 let fl = FaultLoop::start(

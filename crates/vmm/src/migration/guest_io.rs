@@ -116,12 +116,14 @@ impl DirtyLog for KvmDirtyLog {
 }
 
 /// Pages that may hold data: for anonymous memory, pages the kernel has (present or swapped,
-/// from `/proc/self/pagemap`) whose bytes are not all zero; for other backends every non-zero
-/// page. Dirty logging is on, so a page written after it was looked at is caught later.
+/// from `/proc/self/pagemap`) whose bytes are not all zero; for other backends, and for
+/// memory a pager fills on demand, every non-zero page. Dirty logging is on, so a page written after it was looked at is caught later.
 pub(crate) fn scan(mem: &GuestMem, reader: &dyn PageReader) -> Result<Vec<u64>, ReadError> {
     let pages = reader.pages();
     let mut bits = vec![0u64; words_for(pages)];
-    let pagemap = if mem.backend() == Backend::Anonymous {
+    // Memory a pager fills on first touch (a lazy restore, a post-copy destination) holds
+    // data in pages the process does not have yet: read them all (reading brings them in).
+    let pagemap = if mem.backend() == Backend::Anonymous && !mem.on_demand() {
         read_pagemap(mem.host_addr() as u64, pages).ok()
     } else {
         None

@@ -118,6 +118,8 @@ pub struct RestoreOptions {
     /// The backends of the snapshot's virtio devices, named here as `run` takes them: the
     /// same kinds in the same order (`config::rebind_virtio`).
     pub virtio: Vec<crate::config::VirtioSpec>,
+    /// Where a Linux guest's console goes here (a file, or stdout).
+    pub console: Option<PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -130,6 +132,7 @@ impl Default for RestoreOptions {
             batch_pages: 16,
             record: false,
             virtio: Vec::new(),
+            console: None,
         }
     }
 }
@@ -223,6 +226,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     let mut cfg = m.config.clone();
     cfg.virtio = crate::config::rebind_virtio(&m.config.virtio, &opts.virtio)
         .map_err(|e| RestoreError::Vm(VmError::Config(e)))?;
+    cfg.console = opts.console.clone();
     cfg.backend = Backend::Anonymous;
     let size = cfg.mem_bytes;
     let lazy = matches!(opts.mode, RestoreMode::Lazy | RestoreMode::Prefetch);
@@ -256,6 +260,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
         RestoreMode::Lazy | RestoreMode::Prefetch => {
             let mem =
                 Arc::new(GuestMem::new(size, Backend::Anonymous).map_err(RestoreError::Memory)?);
+            mem.set_on_demand();
             let range = Range::new(mem.host_addr() as usize, size as usize)
                 .map_err(|e| RestoreError::Uffd(UffdError::Range(e)))?;
             if let Some(path) = &opts.page_handler {

@@ -533,8 +533,13 @@ pub fn parse_manifest(raw: &[u8], mpath: &Path) -> Result<Manifest, SnapshotErro
     if manifest.memory.page_size != PAGE {
         return bad(format!("page size {}", manifest.memory.page_size));
     }
-    if manifest.slices.len() != cfg.vcpus as usize || manifest.checksums.len() != cfg.vcpus as usize
-    {
+    // The built-in guest has a slice (and its checksum) per vCPU; a Linux guest has none.
+    let slices = if cfg.linux.is_some() {
+        0
+    } else {
+        cfg.vcpus as usize
+    };
+    if manifest.slices.len() != slices || manifest.checksums.len() != slices {
         return bad(format!(
             "{} slices and {} checksums for {} vCPUs",
             manifest.slices.len(),

@@ -290,7 +290,7 @@ impl Vm {
         }
         let irq = Arc::new(Interrupts::new(vm.clone(), p.irqchip));
         let legacy = if linux {
-            let l = legacy_devices(&vm, p.irqchip)?;
+            let l = legacy_devices(&vm, p.irqchip, p.cfg.console.as_deref())?;
             if let Some(r) = &p.devices.serial {
                 l.restore(r).map_err(VmError::Serial)?;
             }
@@ -353,7 +353,7 @@ impl Vm {
         let (kvm, vm, irqchip) = create_vm(&mem, true, false)?;
         let vm = Arc::new(vm);
         let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
-        let legacy = legacy_devices(&vm, irqchip)?;
+        let legacy = legacy_devices(&vm, irqchip, cfg.console.as_deref())?;
         let virtio = virtio_bus(&irq, &mem, &cfg)?;
         let entry = crate::linux::load(mem.mem(), cfg.mem_bytes, &boot).map_err(VmError::Boot)?;
         crate::mptable::write(mem.mem(), cfg.vcpus).map_err(VmError::MpTable)?;
@@ -494,7 +494,24 @@ impl Vm {
 }
 
 /// COM1 (on an irqfd to its GSI, with an in-kernel irqchip) writing to stdout, and the i8042.
-fn legacy_devices(vm: &VmFd, irqchip: bool) -> Result<Arc<LegacyDevices>, VmError> {
+fn legacy_devices(
+    vm: &VmFd,
+    irqchip: bool,
+    console: Option<&std::path::Path>,
+) -> Result<Arc<LegacyDevices>, VmError> {
+    let out: Box<dyn std::io::Write + Send> = match console {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::Host {
+                    what: "the console file",
+                    source,
+                })?,
+        ),
+        None => Box::new(crate::devices::Flushed(std::io::stdout())),
+    };
     let com1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
         VmError::Host {
             what: "the COM1 interrupt eventfd",
@@ -505,10 +522,7 @@ fn legacy_devices(vm: &VmFd, irqchip: bool) -> Result<Arc<LegacyDevices>, VmErro
         vm.register_irqfd(&com1, crate::devices::COM1_GSI)
             .map_err(kvm_err("KVM_IRQFD for COM1"))?;
     }
-    Ok(Arc::new(LegacyDevices::new(
-        com1,
-        Box::new(std::io::stdout()),
-    )))
+    Ok(Arc::new(LegacyDevices::new(com1, out)))
 }
 
 /// The `virtio` workload's parameter block (`abi::VIRTIO_PARAMS`).
