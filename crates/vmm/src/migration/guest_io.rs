@@ -143,6 +143,31 @@ pub(crate) fn scan(mem: &GuestMem, reader: &dyn PageReader) -> Result<Vec<u64>, 
     Ok(bits)
 }
 
+/// The guest pages KVM itself reads or writes when a vCPU's MSRs are restored (kvmclock's
+/// time structures, steal time, async page faults, PV EOI), as a bitmap of `pages` pages.
+/// A post-copy destination must have them before it restores the vCPUs: `KVM_SET_MSRS`
+/// touches them from the restoring thread, before the guest runs and before the source
+/// serves a page.
+pub(crate) fn kvm_touched_pages(vcpus: &[crate::vstate::VcpuState], pages: u64) -> Vec<u64> {
+    let mut bits = vec![0u64; words_for(pages)];
+    for v in vcpus {
+        for m in &v.msrs {
+            let gpa = match m.index {
+                // MSR_KVM_WALL_CLOCK(_NEW): a guest-physical address, no enable bit.
+                0x11 | 0x4b56_4d00 if m.data != 0 => m.data,
+                // System time (old and new), async PF, steal time, PV EOI: bit 0 enables.
+                0x12 | 0x4b56_4d01..=0x4b56_4d04 if m.data & 1 != 0 => m.data & !0x3f,
+                _ => continue,
+            };
+            let p = gpa / PAGE;
+            if p < pages {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+    }
+    bits
+}
+
 fn read_pagemap(addr: u64, pages: u64) -> io::Result<Vec<u64>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open("/proc/self/pagemap")?;

@@ -19,7 +19,7 @@ use xfer::reader::PageReader;
 use xfer::tls::Security;
 use xfer::wire::{Beat, Keepalive, Kind, PAGE, RateLimit, RecvError, Sock, Stalled};
 
-use super::guest_io::{GuestReader, KvmDirtyLog, scan};
+use super::guest_io::{GuestReader, KvmDirtyLog, kvm_touched_pages, scan};
 use super::{
     DestReport, End, Endpoint, LinkLost, MigrateRequest, MigrationError, MigrationMode, State,
     Status, Switch, Verdict, io_err, max_pause_ms, peer_text,
@@ -472,7 +472,7 @@ fn precopy_then_switch(
         Ok(d) => d,
         Err(e) => return before(MigrationError::DirtyLog(e)),
     };
-    let needed = if postcopy {
+    let mut needed = if postcopy {
         // Dirty since sent, or never sent and maybe non-zero.
         pc.needed(&to_send, &d)
     } else {
@@ -495,6 +495,19 @@ fn precopy_then_switch(
         Ok(d) => d,
         Err(e) => return before(MigrationError::Devices(e)),
     };
+    if postcopy {
+        // The pages KVM touches when the destination restores the vCPUs go now, before the
+        // switch: the destination could not ask for them in time.
+        let pinned = kvm_touched_pages(&vcpus, pipes.reader.pages());
+        if pinned.iter().any(|w| *w != 0) {
+            if let Err(e) = pc.round(&mut c.main, &pinned) {
+                return before(MigrationError::Round(e));
+            }
+            for (n, p) in needed.iter_mut().zip(&pinned) {
+                *n &= !p;
+            }
+        }
+    }
     // Pre-copy: the destination checks memory against this before it starts the guest.
     let digest = if postcopy {
         None
