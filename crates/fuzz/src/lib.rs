@@ -65,6 +65,11 @@ pub const TARGETS: &[Target] = &[
         body: targets::snapshot::state,
     },
     Target {
+        name: "device_record",
+        what: "a device's record in state.bin: virtio::decode (a virtio-mmio device) or SerialRecord::decode (COM1)",
+        body: targets::snapshot::device_record,
+    },
+    Target {
         name: "handoff",
         what: "the page-handler hand-off: msg_len, then parse_body as Handoff and HandoffReply",
         body: targets::handoff::message,

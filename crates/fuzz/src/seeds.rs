@@ -217,7 +217,8 @@ pub fn vfu(dir: &Path) -> Seeds {
     out
 }
 
-/// A snapshot of a running built-in guest (1 vCPU, 8 MiB): its manifest, index and state.
+/// A snapshot of a running built-in guest (1 vCPU, 8 MiB, an entropy device): its
+/// manifest, index and state (with the device's record, also a `device_record` seed).
 pub fn snapshot(dir: &Path) -> (Seeds, Vec<u8>) {
     use vmm::{Event, Vm, VmConfig, Workload};
     let cfg = VmConfig {
@@ -225,6 +226,7 @@ pub fn snapshot(dir: &Path) -> (Seeds, Vec<u8>) {
         vcpus: 1,
         workload: Workload::Dirty,
         workload_bytes: Some(1 << 20),
+        virtio: vec![vmm::VirtioSpec::Rng],
         ..VmConfig::default()
     };
     let mut running = Vm::new(cfg)
@@ -261,6 +263,19 @@ pub fn snapshot(dir: &Path) -> (Seeds, Vec<u8>) {
         ),
         ("snapshot_state", "state.bin".into(), st),
     ];
+    let mut seeds = seeds;
+    let (vm, _) = vmm::snapshot::state::decode(&state, 1).expect("the snapshot's state");
+    for (i, r) in vm.devices.virtio.iter().enumerate() {
+        let mut b = vec![0u8];
+        b.extend_from_slice(r);
+        seeds.push(("device_record", format!("virtio-{i}"), b));
+    }
+    assert!(!vm.devices.virtio.is_empty(), "the seed VM's device record");
+    let mut serial = vmm::devices::SerialState::default();
+    serial.in_buffer = b"login: ".to_vec();
+    let mut b = vec![1u8];
+    b.extend_from_slice(&vmm::devices::SerialRecord::encode(&serial));
+    seeds.push(("device_record", "com1".into(), b));
     (seeds, state)
 }
 

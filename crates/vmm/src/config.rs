@@ -337,6 +337,72 @@ impl VmConfig {
 }
 
 #[cfg(test)]
+mod rebind_tests {
+    use super::*;
+
+    #[test]
+    fn backends_named_here_replace_the_saved_ones_kind_by_kind() {
+        let saved = vec![
+            VirtioSpec::Block {
+                path: "/src/disk.img".into(),
+                read_only: false,
+                direct: false,
+            },
+            VirtioSpec::Net {
+                tap: "tap-src".into(),
+                mac: None,
+            },
+            VirtioSpec::Vsock {
+                cid: 7,
+                uds: "/src/v.sock".into(),
+            },
+            VirtioSpec::Rng,
+        ];
+        let named = vec![
+            VirtioSpec::Block {
+                path: "/dst/disk.img".into(),
+                read_only: false,
+                direct: true,
+            },
+            VirtioSpec::Net {
+                tap: "tap-dst".into(),
+                mac: None,
+            },
+            VirtioSpec::Vsock {
+                cid: 3,
+                uds: "/dst/v.sock".into(),
+            },
+            VirtioSpec::Rng,
+        ];
+        let got = rebind_virtio(&saved, &named).unwrap();
+        assert_eq!(got[0], named[0]);
+        // The guest keeps its MAC and CID; the backends are the ones named here.
+        assert_eq!(
+            got[1],
+            VirtioSpec::Net {
+                tap: "tap-dst".into(),
+                mac: Some(derived_mac("tap-src")),
+            }
+        );
+        assert_eq!(
+            got[2],
+            VirtioSpec::Vsock {
+                cid: 7,
+                uds: "/dst/v.sock".into(),
+            }
+        );
+        // Missing, extra, or another order: refused, naming both lists.
+        let e = rebind_virtio(&saved, &[]).unwrap_err().to_string();
+        assert!(e.contains("[block, net, vsock, rng]") && e.contains("[none]"), "{e}");
+        assert!(rebind_virtio(&saved, &named[..3]).is_err());
+        let mut swapped = named.clone();
+        swapped.swap(0, 3);
+        assert!(rebind_virtio(&saved, &swapped).is_err());
+        assert_eq!(rebind_virtio(&[], &[]).unwrap(), vec![]);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -365,6 +365,35 @@ mod tests {
     }
 
     #[test]
+    fn device_records_round_trip_and_version_1_files_still_read() {
+        let mut vm = VmState::default();
+        vm.devices.virtio = vec![b"FLVS-a".to_vec(), b"FLVS-b".to_vec()];
+        vm.devices.serial = Some(b"FLSR".to_vec());
+        let bytes = encode(&vm, &[sample()]);
+        let (back, _) = decode(&bytes, 1).unwrap();
+        assert_eq!(back.devices, vm.devices);
+        // A version 1 file: the same layout without device records.
+        let mut v1 = encode(&VmState::default(), &[sample()]);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let (old, cpus) = decode(&v1, 1).unwrap();
+        assert_eq!(old.devices, Default::default());
+        assert_eq!(cpus.len(), 1);
+        // ... which cannot hold device records.
+        let mut bad = bytes.clone();
+        bad[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(decode(&bad, 1).unwrap_err().to_string().contains("tag 30"));
+        // A newer version is refused by name.
+        let mut v3 = bytes.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let e = decode(&v3, 1).unwrap_err().to_string();
+        assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
+        // Two serial records, or too many virtio records, are refused.
+        let mut two = VmState::default();
+        two.devices.virtio = vec![vec![1]; MAX_DEVICE_RECORDS + 1];
+        assert!(decode(&encode(&two, &[sample()]), 1).is_err());
+    }
+
+    #[test]
     fn bad_input_is_an_error_never_a_panic() {
         let good = encode(&VmState::default(), &[sample()]);
         for cut in [0, 5, 15, 16, 17, 30, good.len() - 1] {
