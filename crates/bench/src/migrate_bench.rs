@@ -7,6 +7,12 @@
 //! 100 ms reads one page in 64), links `unlimited`, `10g` (1.25 GB/s) and `1g` (125 MB/s) as a
 //! cap on the migration's own bandwidth (QEMU's `max-bandwidth`), modes precopy, postcopy and
 //! hybrid, pre-copy given up after 20 s, downtime limit 300 ms.
+//!
+//! The `devices` workload is the built-in guest's `virtio` soak job with one device of each
+//! kind: its disk (a 64 MiB image both ends share, as shared storage) kept busy, each
+//! request waited for through its interrupt; a net device on a tap per end (created here,
+//! which needs root), a vsock device, an entropy device. Its figures go beside a `read`
+//! VM's of the same size, measured in the same invocation: what the devices add.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -171,14 +177,21 @@ pub fn run_one(
             .map(|c| Proc(c, name))
             .map_err(|e| BenchError::Run(format!("cannot start {}: {e}", exe.display())))
     };
-    let src_args = [
+    let devices = if s.workload == "devices" {
+        Some(Devices::new(dir)?)
+    } else {
+        None
+    };
+    let guest: Vec<&str> = match &devices {
+        Some(_) => vec!["--guest", "virtio", "--virtio-job", "soak"],
+        None => vec!["--guest", &s.workload],
+    };
+    let mut src_args = vec![
         "run",
         "--mem",
         &mem,
         "--vcpus",
         &vcpus,
-        "--guest",
-        &s.workload,
         "--workload-mem",
         &hot,
         "--api-sock",
@@ -187,6 +200,9 @@ pub fn run_one(
         "600",
         "--json-events",
     ];
+    src_args.extend(&guest);
+    let src_devs = devices.as_ref().map(|d| d.args(0)).unwrap_or_default();
+    src_args.extend(src_devs.iter().map(String::as_str));
     let mut src = spawn(&src_args, "source", Stdio::piped())?;
     let src_reader = summary_reader(src.0.stdout.take());
     let incoming = format!("tcp:127.0.0.1:{port}");
@@ -207,6 +223,8 @@ pub fn run_one(
         "--json-events",
     ];
     dst_args.extend(&security);
+    let dst_devs = devices.as_ref().map(|d| d.args(1)).unwrap_or_default();
+    dst_args.extend(dst_devs.iter().map(String::as_str));
     let mut dst = spawn(&dst_args, "destination", Stdio::piped())?;
     let reader = summary_reader(dst.0.stdout.take());
     wait_sock(&src_sock, &mut src)?;
@@ -287,6 +305,71 @@ pub fn run_one(
         status,
         dest_summary,
     })
+}
+
+/// The `devices` workload's backends: a disk image both ends share, a tap and a vsock
+/// socket per end; the taps are deleted on drop.
+struct Devices {
+    disk: PathBuf,
+    taps: [String; 2],
+    vsock: [PathBuf; 2],
+}
+
+impl Devices {
+    fn new(dir: &Path) -> Result<Devices, BenchError> {
+        let disk = dir.join("devices-disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(64 << 20))
+            .map_err(|e| BenchError::Run(format!("{}: {e}", disk.display())))?;
+        let id = std::process::id() % 10_000;
+        let taps = [format!("flbs{id}"), format!("flbd{id}")];
+        let mut d = Devices {
+            disk,
+            taps: [String::new(), String::new()],
+            vsock: [dir.join("vs.sock"), dir.join("vd.sock")],
+        };
+        for (i, t) in taps.iter().enumerate() {
+            let _ = std::fs::remove_file(&d.vsock[i]);
+            let o = Command::new("ip")
+                .args(["tuntap", "add", "dev", t, "mode", "tap"])
+                .output()
+                .map_err(|e| BenchError::Run(format!("ip: {e}")))?;
+            if !o.status.success() {
+                return Err(BenchError::Run(format!(
+                    "the devices workload needs a tap per end (root): ip tuntap add {t}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )));
+            }
+            d.taps[i] = t.clone();
+            let _ = Command::new("ip").args(["link", "set", t, "up"]).status();
+        }
+        Ok(d)
+    }
+
+    /// The device options of end `i` (0 source, 1 destination).
+    fn args(&self, i: usize) -> Vec<String> {
+        vec![
+            "--disk".into(),
+            self.disk.display().to_string(),
+            "--net".into(),
+            self.taps[i].clone(),
+            "--vsock".into(),
+            self.vsock[i].display().to_string(),
+            "--rng".into(),
+        ]
+    }
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        for t in self.taps.iter().filter(|t| !t.is_empty()) {
+            let _ = Command::new("ip")
+                .args(["link", "del", t])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.disk);
+    }
 }
 
 /// One output line (the interface; keys and values as written there).

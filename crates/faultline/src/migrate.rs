@@ -438,24 +438,17 @@ pub fn bench(
                     }
                     done += 1;
                     totals.push((line.security, line.total_ms, line.bytes));
-                    if json {
-                        println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
-                    } else {
-                        println!(
-                            "{:<6} {:<9} {:<8} {:<7} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",
-                            line.workload,
-                            line.link,
-                            line.mode,
-                            line.security,
-                            line.converged_runs,
-                            line.total_ms,
-                            line.downtime_ms,
-                            line.max_pause_ms,
-                            line.blocktime_ms,
-                            line.bytes as f64 / 1048576.0,
-                            line.fault_p50_us,
-                            line.fault_p99_us
-                        );
+                    print_line(&line, json)?;
+                    if w == "devices" {
+                        // The same VM without devices: a `read` guest of the same size.
+                        let without = bench::migrate_bench::Shape {
+                            workload: "read".into(),
+                            ..shape.clone()
+                        };
+                        let base = bench::migrate_bench::cell(&exe, &dir, &without, link, runs, None)
+                            .map_err(failed("bench migrate"))?;
+                        print_line(&base, json)?;
+                        print_devices_cost(&line, &base, json);
                     }
                 }
                 if let [("plain", plain, _), ("tls-psk", secure, bytes)] = totals[..] {
@@ -502,4 +495,61 @@ pub fn bench(
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// One cell's line: JSON, or a line of text.
+fn print_line(line: &bench::migrate_bench::MigrateLine, json: bool) -> CliResult {
+    if json {
+        println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
+    } else {
+        println!(
+            "{:<6} {:<9} {:<8} {:<7} converged {:<4} total {:>8.1} ms  downtime {:>7.1} ms  max pause {:>7.1} ms  blocktime {:>7.1} ms  {:>7.1} MiB  fault p50 {:>6.1} us p99 {:>7.1} us",
+            line.workload,
+            line.link,
+            line.mode,
+            line.security,
+            line.converged_runs,
+            line.total_ms,
+            line.downtime_ms,
+            line.max_pause_ms,
+            line.blocktime_ms,
+            line.bytes as f64 / 1048576.0,
+            line.fault_p50_us,
+            line.fault_p99_us
+        );
+    }
+    Ok(())
+}
+
+/// What the devices add: the `devices` cell beside the same VM without them (a `read`
+/// guest of the same size), measured in the same invocation. Goal: at most 5 ms more
+/// downtime.
+fn print_devices_cost(
+    d: &bench::migrate_bench::MigrateLine,
+    base: &bench::migrate_bench::MigrateLine,
+    json: bool,
+) {
+    let extra = d.downtime_ms - base.downtime_ms;
+    let v = json!({
+        "bench": "migrate",
+        "case": "devices-cost",
+        "link": d.link,
+        "mode": d.mode,
+        "security": d.security,
+        "downtime_ms": d.downtime_ms,
+        "downtime_ms_without": base.downtime_ms,
+        "extra_downtime_ms": extra,
+        "max_pause_ms": d.max_pause_ms,
+        "max_pause_ms_without": base.max_pause_ms,
+        "goal_extra_downtime_ms": 5.0,
+        "goal_met": extra <= 5.0,
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "devices {:<9} {:<8} downtime {:.1} ms with every device, {:.1} ms without: {:+.1} ms (goal <= +5 ms); max pause {:.1} vs {:.1} ms",
+            d.link, d.mode, d.downtime_ms, base.downtime_ms, extra, d.max_pause_ms, base.max_pause_ms
+        );
+    }
 }
