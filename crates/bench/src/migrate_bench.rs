@@ -12,7 +12,8 @@
 //! kind: its disk (a 64 MiB image both ends share, as shared storage) kept busy, each
 //! request waited for through its interrupt; a net device on a tap per end (created here,
 //! which needs root), a vsock device, an entropy device. Its figures go beside a `read`
-//! VM's of the same size, measured in the same invocation: what the devices add.
+//! VM's of the same size with a 1 MiB working set (the soak guest's is smaller), measured
+//! in the same invocation: what the devices add.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -26,7 +26,7 @@ use crate::memory::{Backend, GuestMem};
 use crate::vstate::control::mono_ns;
 use crate::vstate::kvm::create_vm;
 use crate::config::VirtioSpec;
-use crate::vstate::machine::{Parts, build_vcpus};
+use crate::vstate::machine::{Parts, build_devices, build_vcpus};
 use crate::vstate::{Notifier, PauseOwner, VcpuControl, Vm, VmError};
 
 /// `faultline run --incoming` options.
@@ -116,8 +116,8 @@ fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, Migratio
     Ok(cfg)
 }
 
-/// Check the hello's VM and prepare its memory and KVM VM (before the hello is answered, so a
-/// refusal leaves nothing behind).
+/// Check the hello's VM and prepare its memory, KVM VM and devices (before the hello is
+/// answered, so a refusal leaves nothing behind).
 fn prepare(h: &Hello, backends: &[VirtioSpec]) -> Result<(VmConfig, Parts), MigrationError> {
     let cfg = check_config(h, backends)?;
     let t0 = Instant::now();
@@ -132,9 +132,14 @@ fn prepare(h: &Hello, backends: &[VirtioSpec]) -> Result<(VmConfig, Parts), Migr
             "the source VM has an in-kernel irqchip, which this host's KVM does not offer".into(),
         ));
     }
+    // The devices' backends are opened now: one missing refuses the hello, and none is
+    // opened in the downtime.
+    let vm = Arc::new(vm);
+    let built = build_devices(&vm, irqchip, &mem, &cfg).map_err(MigrationError::Vm)?;
     let parts = Parts {
         kvm,
         vm,
+        built: Some(built),
         irqchip,
         mem,
         vcpus: Vec::new(),

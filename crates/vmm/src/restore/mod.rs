@@ -374,7 +374,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     }
     let vm = Vm::from_parts(Parts {
         kvm,
-        vm,
+        vm: Arc::new(vm),
+        built: None,
         irqchip,
         mem,
         vcpus,

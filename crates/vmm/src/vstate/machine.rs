@@ -92,7 +92,7 @@ pub struct Parts {
     /// `/dev/kvm`.
     pub kvm: Kvm,
     /// The VM, its state already restored.
-    pub vm: VmFd,
+    pub vm: Arc<VmFd>,
     /// Whether it has the in-kernel irqchip.
     pub irqchip: bool,
     /// Guest memory (slot 0).
@@ -105,8 +105,35 @@ pub struct Parts {
     pub t0: Instant,
     /// Last heartbeat number per vCPU.
     pub last_heartbeat: Vec<u32>,
-    /// The devices' records: the devices of `cfg` are built and given them back.
+    /// The devices' records: the devices of `cfg` are built (unless `built`) and given
+    /// them back.
     pub devices: crate::vstate::DeviceRecords,
+    /// The interrupt routes and devices, built ahead ([`build_devices`]: an incoming
+    /// migration opens the backends when the source says hello, not in its downtime).
+    pub built: Option<BuiltDevices>,
+}
+
+/// A VM's interrupt routes and virtio devices, built before its state is known (their
+/// records are given back by [`Vm::from_parts`]).
+pub struct BuiltDevices {
+    irq: Arc<Interrupts>,
+    virtio: Option<Arc<VirtioBus>>,
+}
+
+/// Build the interrupt routes of `vm` and the virtio devices of `cfg` (backends opened, the
+/// devices fresh and frozen until their records are given back).
+pub fn build_devices(
+    vm: &Arc<VmFd>,
+    irqchip: bool,
+    mem: &GuestMem,
+    cfg: &VmConfig,
+) -> Result<BuiltDevices, VmError> {
+    let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
+    let virtio = virtio_bus(&irq, mem, cfg)?;
+    if let Some(b) = &virtio {
+        b.freeze();
+    }
+    Ok(BuiltDevices { irq, virtio })
 }
 
 impl Vm {
@@ -283,12 +310,15 @@ impl Vm {
         let linux = p.cfg.linux.is_some();
         let slices = if linux { Vec::new() } else { p.cfg.slices()? };
         let n = p.vcpus.len();
-        let vm = Arc::new(p.vm);
+        let vm = p.vm;
         let control = VcpuControl::new(p.t0, n);
         for (c, &hb) in control.cpus.iter().zip(&p.last_heartbeat) {
             c.last_n.store(hb, std::sync::atomic::Ordering::SeqCst);
         }
-        let irq = Arc::new(Interrupts::new(vm.clone(), p.irqchip));
+        let BuiltDevices { irq, virtio } = match p.built {
+            Some(b) => b,
+            None => build_devices(&vm, p.irqchip, &p.mem, &p.cfg)?,
+        };
         let legacy = if linux {
             let l = legacy_devices(&vm, p.irqchip, p.cfg.console.as_deref())?;
             if let Some(r) = &p.devices.serial {
@@ -298,7 +328,6 @@ impl Vm {
         } else {
             None
         };
-        let virtio = virtio_bus(&irq, &p.mem, &p.cfg)?;
         match &virtio {
             Some(b) => b.restore(&p.devices.virtio).map_err(VmError::Virtio)?,
             None if !p.devices.virtio.is_empty() => {
