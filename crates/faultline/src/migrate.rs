@@ -447,8 +447,9 @@ pub fn bench(
                             hot_mib: 1,
                             ..shape.clone()
                         };
-                        let base = bench::migrate_bench::cell(&exe, &dir, &without, link, runs, None)
-                            .map_err(failed("bench migrate"))?;
+                        let base =
+                            bench::migrate_bench::cell(&exe, &dir, &without, link, runs, None)
+                                .map_err(failed("bench migrate"))?;
                         print_line(&base, json)?;
                         print_devices_cost(&line, &base, json);
                     }
@@ -551,7 +552,13 @@ fn print_devices_cost(
     } else {
         println!(
             "devices {:<9} {:<8} downtime {:.1} ms with every device, {:.1} ms without: {:+.1} ms (goal <= +5 ms); max pause {:.1} vs {:.1} ms",
-            d.link, d.mode, d.downtime_ms, base.downtime_ms, extra, d.max_pause_ms, base.max_pause_ms
+            d.link,
+            d.mode,
+            d.downtime_ms,
+            base.downtime_ms,
+            extra,
+            d.max_pause_ms,
+            base.max_pause_ms
         );
     }
 }

@@ -68,7 +68,10 @@ fn soak(dir: &Path, devs: &[String], irq: &str) -> (Proc, PathBuf) {
     wait_for(&sock);
     let t = Instant::now();
     while common::heartbeats(&sock) < 3 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the soak guest never beat");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the soak guest never beat"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     (p, sock)
@@ -81,12 +84,7 @@ fn summary(o: &Output) -> Value {
         .lines()
         .rev()
         .find(|l| l.contains("\"summary\""))
-        .unwrap_or_else(|| {
-            panic!(
-                "no summary in:\n{out}\nstderr:\n{}",
-                text(&o.stderr)
-            )
-        });
+        .unwrap_or_else(|| panic!("no summary in:\n{out}\nstderr:\n{}", text(&o.stderr)));
     let v: Value = serde_json::from_str(line).unwrap();
     v["summary"].clone()
 }
@@ -174,7 +172,11 @@ fn snapshot_and_restore_in_every_mode_with_every_device_busy() {
 
 #[test]
 fn live_migration_in_every_mode_with_every_device_busy() {
-    for (mode, irq) in [("precopy", "legacy"), ("postcopy", "msi"), ("hybrid", "legacy")] {
+    for (mode, irq) in [
+        ("precopy", "legacy"),
+        ("postcopy", "msi"),
+        ("hybrid", "legacy"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         // The disk is shared storage: both ends name the same image. Each end has its own
@@ -245,7 +247,9 @@ fn backends_missing_or_different_are_refused_before_the_vm_starts() {
     let to = format!("unix:{}", d.join("m.sock").display());
     let dst = common::destination(&to, &["--disk", disk2.to_str().unwrap()]);
     wait_for(&d.join("m.sock"));
-    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[]).join().unwrap();
+    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[])
+        .join()
+        .unwrap();
     assert!(!o.status.success());
     let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
     assert!(all.contains("[block, net, vsock, rng]"), "{all}");

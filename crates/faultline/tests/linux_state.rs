@@ -46,7 +46,9 @@ fn wait_console(console: &Path, want: &str, base: usize, lines: usize, limit: Du
     let t = Instant::now();
     loop {
         let c = read(console);
-        if (!want.is_empty() && c.contains(want)) || (want.is_empty() && c.lines().count() >= base + lines) {
+        if (!want.is_empty() && c.contains(want))
+            || (want.is_empty() && c.lines().count() >= base + lines)
+        {
             return;
         }
         assert!(
@@ -100,8 +102,7 @@ fn destination(dir: &Path, n: usize) -> (Proc, String, PathBuf, PathBuf) {
 }
 
 #[test]
-fn a_linux_guest_through_snapshot_and_three_migrations_prints_what_an_uninterrupted_boot_prints()
-{
+fn a_linux_guest_through_snapshot_and_three_migrations_prints_what_an_uninterrupted_boot_prints() {
     kvm_present();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -271,8 +271,10 @@ pub fn snapshot(dir: &Path) -> (Seeds, Vec<u8>) {
         seeds.push(("device_record", format!("virtio-{i}"), b));
     }
     assert!(!vm.devices.virtio.is_empty(), "the seed VM's device record");
-    let mut serial = vmm::devices::SerialState::default();
-    serial.in_buffer = b"login: ".to_vec();
+    let serial = vmm::devices::SerialState {
+        in_buffer: b"login: ".to_vec(),
+        ..Default::default()
+    };
     let mut b = vec![1u8];
     b.extend_from_slice(&vmm::devices::SerialRecord::encode(&serial));
     seeds.push(("device_record", "com1".into(), b));

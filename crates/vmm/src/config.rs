@@ -177,7 +177,10 @@ pub fn rebind_virtio(
         if v.is_empty() {
             "none".to_string()
         } else {
-            v.iter().map(VirtioSpec::kind).collect::<Vec<_>>().join(", ")
+            v.iter()
+                .map(VirtioSpec::kind)
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     };
     let mismatch = || ConfigError::Backends {
@@ -393,7 +396,10 @@ mod rebind_tests {
         );
         // Missing, extra, or another order: refused, naming both lists.
         let e = rebind_virtio(&saved, &[]).unwrap_err().to_string();
-        assert!(e.contains("[block, net, vsock, rng]") && e.contains("[none]"), "{e}");
+        assert!(
+            e.contains("[block, net, vsock, rng]") && e.contains("[none]"),
+            "{e}"
+        );
         assert!(rebind_virtio(&saved, &named[..3]).is_err());
         let mut swapped = named.clone();
         swapped.swap(0, 3);

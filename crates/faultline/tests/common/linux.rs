@@ -30,4 +30,3 @@ pub fn guest_dir() -> PathBuf {
     })
     .clone()
 }
-

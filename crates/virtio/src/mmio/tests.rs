@@ -288,7 +288,11 @@ fn a_frozen_device_takes_nothing_until_thawed() {
     assert!(d.used(0).is_empty(), "a frozen device completed a chain");
     assert!(!d.t.poll_queues(), "a frozen device polled its queues");
     assert!(d.t.poll_fds().is_empty());
-    assert_eq!(d.get(DATA + 0x100, 4), vec![0; 4], "a frozen device wrote memory");
+    assert_eq!(
+        d.get(DATA + 0x100, 4),
+        vec![0; 4],
+        "a frozen device wrote memory"
+    );
     // The notify was consumed while frozen: after the thaw the queue is run again (the
     // worker notifies every queue).
     d.t.thaw();
@@ -322,6 +326,10 @@ fn completions_mark_the_written_buffers_and_the_used_ring_while_tracking() {
     assert_eq!(bit(&w, DATA + 0x1000), 1);
     assert_eq!(bit(&w, DATA + 0x2000), 1);
     assert_eq!(bit(&w, DATA + 0x3000), 0, "a buffer the device only read");
-    assert_eq!(bit(&w, crate::testing::ring(0) + 0x2000), 1, "the used ring");
+    assert_eq!(
+        bit(&w, crate::testing::ring(0) + 0x2000),
+        1,
+        "the used ring"
+    );
     assert_eq!(bit(&w, crate::testing::ring(0)), 0, "the descriptor table");
 }

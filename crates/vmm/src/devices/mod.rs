@@ -179,7 +179,13 @@ impl LegacyDevices {
 
     /// COM1's state as a [`SerialRecord`] (the i8042 has none).
     pub fn save(&self) -> Vec<u8> {
-        SerialRecord::encode(&self.serial.lock().unwrap_or_else(|e| e.into_inner()).state())
+        SerialRecord::encode(
+            &self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+        )
     }
 
     /// Take back a [`SerialRecord`] (before the vCPUs run): COM1 keeps its interrupt and its
@@ -200,8 +206,13 @@ impl LegacyDevices {
             Box::new(std::io::sink()) as Box<dyn Write + Send>,
         );
         let out = std::mem::replace(&mut *serial, placeholder).into_writer();
-        *serial = Serial::from_state(&state, EventFdTrigger(evt), vm_superio::serial::NoEvents, out)
-            .map_err(|e| SerialRecordError::Malformed(format!("{e:?}")))?;
+        *serial = Serial::from_state(
+            &state,
+            EventFdTrigger(evt),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| SerialRecordError::Malformed(format!("{e:?}")))?;
         Ok(())
     }
 
@@ -321,8 +332,10 @@ mod tests {
             v[i] ^= 0x40;
             assert!(e.restore(&v).is_err(), "flip at {i}");
         }
-        let mut big = SerialState::default();
-        big.in_buffer = vec![1; SERIAL_FIFO + 1];
+        let big = SerialState {
+            in_buffer: vec![1; SERIAL_FIFO + 1],
+            ..Default::default()
+        };
         assert!(SerialRecord::decode(&SerialRecord::encode(&big)).is_err());
     }
 }

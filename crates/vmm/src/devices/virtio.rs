@@ -19,8 +19,8 @@ use std::sync::atomic::Ordering;
 
 use kvm_ioctls::IoEventAddress;
 use serde::Serialize;
-use virtio::mmio::{IrqMode, TransportStats, reg};
 use virtio::dirty::DirtyPages;
+use virtio::mmio::{IrqMode, TransportStats, reg};
 use virtio::{Interrupt, MmioTransport, MsiMessage, VirtioDevice, Worker, WriteAction};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

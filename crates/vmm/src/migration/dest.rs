@@ -20,12 +20,12 @@ use super::{
     Endpoint, Migration, MigrationError, Role, State, Status, Switch, fail, io_err, peer_text,
     pull_err, refuse,
 };
+use crate::config::VirtioSpec;
 use crate::config::VmConfig;
 use crate::guest::Workload;
 use crate::memory::{Backend, GuestMem};
 use crate::vstate::control::mono_ns;
 use crate::vstate::kvm::create_vm;
-use crate::config::VirtioSpec;
 use crate::vstate::machine::{Parts, build_devices, build_vcpus};
 use crate::vstate::{Notifier, PauseOwner, VcpuControl, Vm, VmError};
 
@@ -111,7 +111,8 @@ fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, Migratio
         cfg.check_builtin().map_err(MigrationError::Config)?;
         cfg.slices().map_err(MigrationError::Config)?;
     }
-    cfg.virtio = crate::config::rebind_virtio(&cfg.virtio, backends).map_err(MigrationError::Config)?;
+    cfg.virtio =
+        crate::config::rebind_virtio(&cfg.virtio, backends).map_err(MigrationError::Config)?;
     cfg.backend = Backend::Anonymous;
     Ok(cfg)
 }

@@ -366,9 +366,13 @@ mod tests {
 
     #[test]
     fn device_records_round_trip_and_version_1_files_still_read() {
-        let mut vm = VmState::default();
-        vm.devices.virtio = vec![b"FLVS-a".to_vec(), b"FLVS-b".to_vec()];
-        vm.devices.serial = Some(b"FLSR".to_vec());
+        let vm = VmState {
+            devices: crate::vstate::DeviceRecords {
+                virtio: vec![b"FLVS-a".to_vec(), b"FLVS-b".to_vec()],
+                serial: Some(b"FLSR".to_vec()),
+            },
+            ..Default::default()
+        };
         let bytes = encode(&vm, &[sample()]);
         let (back, _) = decode(&bytes, 1).unwrap();
         assert_eq!(back.devices, vm.devices);
@@ -388,8 +392,13 @@ mod tests {
         let e = decode(&v3, 1).unwrap_err().to_string();
         assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
         // Two serial records, or too many virtio records, are refused.
-        let mut two = VmState::default();
-        two.devices.virtio = vec![vec![1]; MAX_DEVICE_RECORDS + 1];
+        let two = VmState {
+            devices: crate::vstate::DeviceRecords {
+                virtio: vec![vec![1]; MAX_DEVICE_RECORDS + 1],
+                serial: None,
+            },
+            ..Default::default()
+        };
         assert!(decode(&encode(&two, &[sample()]), 1).is_err());
     }
 
