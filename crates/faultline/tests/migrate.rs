@@ -544,3 +544,41 @@ fn migrating_to_a_non_destination_fails_before_pausing() {
     assert_eq!(api(&sock, "GET", "/vm")["state"], "running");
     drop(src);
 }
+
+/// A VM restored lazily holds most of its memory in the snapshot file, not in the process,
+/// until the guest touches it: a migration of it must still send every page (the kernel's
+/// page table cannot tell which pages hold data). `read` touches one page in 64 every 100 ms.
+#[test]
+fn a_lazily_restored_vm_migrates_whole() {
+    for mode in ["precopy", "postcopy"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let snap = d.join("snap");
+        common::make_snapshot_of(d, &snap, "read");
+        let rsock = d.join("r.sock");
+        let restored = common::spawn_restore(
+            &snap,
+            &["--mode", "lazy", "--api-sock", rsock.to_str().unwrap()],
+        );
+        common::wait_for(&rsock);
+        let ep = format!("unix:{}", d.join("mig.sock").display());
+        let dst = destination(&ep, &["--verify"]);
+        common::wait_for(&d.join("mig.sock"));
+        let out = migrate(&rsock, &ep, mode, &["--downtime-limit-ms", "2000"]);
+        assert!(
+            out.status.success(),
+            "{mode}: {}\n{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let o = dst.finish(Duration::from_secs(60));
+        let s = summary(&o);
+        assert_eq!(
+            s["summary"]["matches_source"],
+            true,
+            "{mode}: the destination's memory is not the restored VM's: {s}\n{}",
+            text(&o.stderr)
+        );
+        drop(restored);
+    }
+}

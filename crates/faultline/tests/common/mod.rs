@@ -250,6 +250,11 @@ pub fn wait_state(sock: &Path, want: &str, t: Duration) -> Value {
 
 /// Run a `dirty` VM of 64 MiB, snapshot it into `out` through its API, stop it.
 pub fn make_snapshot(dir: &Path, out: &Path) {
+    make_snapshot_of(dir, out, "dirty")
+}
+
+/// [`make_snapshot`] of a VM running `guest`.
+pub fn make_snapshot_of(dir: &Path, out: &Path, guest: &str) {
     kvm_present();
     let sock = dir.join("src.sock");
     let child = bin()
@@ -260,7 +265,7 @@ pub fn make_snapshot(dir: &Path, out: &Path) {
             "--vcpus",
             "1",
             "--guest",
-            "dirty",
+            guest,
             "--workload-mem",
             "16M",
             "--timeout",
