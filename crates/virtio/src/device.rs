@@ -151,18 +151,6 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// Mark the device-writable buffers of chain `head` and the used ring of `queue` in the
-/// dirty log (a chain the driver broke since it was popped marks what can still be walked).
-fn mark_chain(d: &DirtyPages, mem: &GuestMemoryMmap, queue: &Queue, head: u16) {
-    let table = GuestAddress(queue.desc_table());
-    if let Ok(c) = chain::walk(mem, table, queue.size(), head) {
-        for b in c.descs.iter().filter(|b| b.write) {
-            d.mark(b.addr.0, u64::from(b.len));
-        }
-    }
-    mark_used_ring(d, queue);
-}
-
 /// Mark `queue`'s used ring (flags, index, elements, avail event) in the dirty log.
 pub(crate) fn mark_used_ring(d: &DirtyPages, queue: &Queue) {
     d.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
@@ -220,13 +208,17 @@ impl<'a> Queues<'a> {
         self.queues[q].go_to_previous_position();
     }
 
-    /// Give chain `head` back to the driver with `len` bytes written.
-    pub fn complete(&mut self, q: usize, head: u16, len: u32) -> Result<(), DeviceError> {
+    /// Give `chain` back to the driver with `len` bytes written (its device-writable buffers
+    /// and the used ring go into the dirty log while it tracks).
+    pub fn complete(&mut self, q: usize, chain: &Chain, len: u32) -> Result<(), DeviceError> {
         if let Some(d) = self.dirty.filter(|d| d.tracking()) {
-            mark_chain(d, self.mem, &self.queues[q], head);
+            for b in chain.descs.iter().filter(|b| b.write) {
+                d.mark(b.addr.0, u64::from(b.len));
+            }
+            mark_used_ring(d, &self.queues[q]);
         }
         self.queues[q]
-            .add_used(self.mem, head, len)
+            .add_used(self.mem, chain.head, len)
             .map_err(|source| DeviceError::Ring { queue: q, source })?;
         self.used[q] += 1;
         Ok(())

@@ -563,7 +563,7 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, queues: &mut Queues<'_>, index: usize) -> Result<(), DeviceError> {
         while let Some(c) = queues.pop(index)? {
             let len = self.request(queues.mem(), index, &c)?;
-            queues.complete(index, c.head, len)?;
+            queues.complete(index, &c, len)?;
         }
         Ok(())
     }

@@ -186,7 +186,7 @@ impl Net {
                 // Not an Ethernet frame (a tap refuses it; on a socket an empty message
                 // would read as the end of the link): dropped, as a wire would.
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                qs.complete(TX, c.head, 0)?;
+                qs.complete(TX, &c, 0)?;
                 continue;
             }
             let buf = &mut self.tx_buf[..HDR_LEN + len as usize];
@@ -206,7 +206,7 @@ impl Net {
                 }
                 Err(e) => self.send_failed(e)?,
             }
-            qs.complete(TX, c.head, 0)?;
+            qs.complete(TX, &c, 0)?;
         }
         Ok(())
     }
@@ -285,7 +285,7 @@ impl Net {
         c.write_at(mem, 0, &hdr).map_err(mem_err)?;
         c.write_at(mem, HDR_LEN as u64, &self.rx_buf[..len])
             .map_err(mem_err)?;
-        qs.complete(RX, c.head, (HDR_LEN + len) as u32)?;
+        qs.complete(RX, c, (HDR_LEN + len) as u32)?;
         self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
         self.stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())

@@ -151,7 +151,7 @@ impl VirtioDevice for Rng {
                     queue: index,
                     source,
                 })?;
-            queues.complete(index, c.head, n as u32)?;
+            queues.complete(index, &c, n as u32)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }

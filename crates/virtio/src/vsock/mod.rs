@@ -349,7 +349,7 @@ impl Vsock {
                 return Ok(());
             };
             let (h, payload) = packet::read_tx(qs.mem(), &chain, TX)?;
-            qs.complete(TX, chain.head, 0)?;
+            qs.complete(TX, &chain, 0)?;
             self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .tx_bytes
@@ -386,7 +386,7 @@ impl Vsock {
                 };
                 packet::rx_room(&chain, RX)?;
                 let n = packet::write_rx(qs.mem(), &chain, RX, &h, &[])?;
-                qs.complete(RX, chain.head, n)?;
+                qs.complete(RX, &chain, n)?;
                 self.ctl.pop_front();
                 self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -425,7 +425,7 @@ impl Vsock {
                         c.fwd_cnt_sent = c.fwd_cnt;
                     }
                     let w = packet::write_rx(qs.mem(), &chain, RX, &h, &data[..n])?;
-                    qs.complete(RX, chain.head, w)?;
+                    qs.complete(RX, &chain, w)?;
                     self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
                     self.stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 }
@@ -481,7 +481,7 @@ impl Vsock {
                 queue: EVENT,
                 source,
             })?;
-        qs.complete(EVENT, c.head, n as u32)?;
+        qs.complete(EVENT, &c, n as u32)?;
         self.reset_event = false;
         Ok(())
     }

@@ -174,8 +174,8 @@ impl VirtioDevice for Greedy {
     fn reset(&mut self) {}
     fn process_queue(&mut self, qs: &mut Queues<'_>, index: usize) -> Result<(), DeviceError> {
         while let Some(c) = qs.pop(index)? {
-            qs.complete(index, c.head, 0)?;
-            qs.complete(index, c.head, 0)?;
+            qs.complete(index, &c, 0)?;
+            qs.complete(index, &c, 0)?;
         }
         Ok(())
     }
