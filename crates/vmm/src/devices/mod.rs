@@ -33,22 +33,6 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// A console writer that flushes every write: a line the guest has not finished (a shell's
-/// prompt), or one cut by a migration, reaches the terminal at once.
-pub struct Flushed<W: Write>(pub W);
-
-impl<W: Write> Write for Flushed<W> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.write_all(b)?;
-        self.0.flush()?;
-        Ok(b.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
-
 /// Records that the guest asked for a reset (i8042 command 0xfe).
 #[derive(Clone, Default)]
 pub struct ResetFlag(pub Arc<AtomicBool>);
@@ -93,6 +77,9 @@ pub enum SerialRecordError {
     /// Not a record of this format, or of another version, or damaged.
     #[error("COM1 record: {0}")]
     Malformed(String),
+    /// COM1's interrupt eventfd could not be duplicated for the restored UART.
+    #[error("COM1's interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
 }
 
 impl SerialRecord {
@@ -197,12 +184,9 @@ impl LegacyDevices {
             .interrupt_evt()
             .0
             .try_clone()
-            .map_err(|e| SerialRecordError::Malformed(format!("COM1 eventfd: {e}")))?;
+            .map_err(SerialRecordError::EventFd)?;
         let placeholder = Serial::new(
-            EventFdTrigger(
-                evt.try_clone()
-                    .map_err(|e| SerialRecordError::Malformed(format!("COM1 eventfd: {e}")))?,
-            ),
+            EventFdTrigger(evt.try_clone().map_err(SerialRecordError::EventFd)?),
             Box::new(std::io::sink()) as Box<dyn Write + Send>,
         );
         let out = std::mem::replace(&mut *serial, placeholder).into_writer();

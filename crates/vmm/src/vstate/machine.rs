@@ -539,7 +539,8 @@ fn legacy_devices(
                     source,
                 })?,
         ),
-        None => Box::new(crate::devices::Flushed(std::io::stdout())),
+        // vm-superio flushes after every byte: a partial line (a prompt) shows at once.
+        None => Box::new(std::io::stdout()),
     };
     let com1 = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
         VmError::Host {
