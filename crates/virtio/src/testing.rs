@@ -134,6 +134,20 @@ impl Driver {
         self.w32(reg::QUEUE_READY, 1);
     }
 
+    /// Turn MSI on (Dragonball's registers) and program `vectors` vectors, vector v to
+    /// data 0x40 + v at the LAPIC address (between `begin` and `finish`).
+    pub fn program_msi(&mut self, vectors: u16) {
+        use crate::mmio::{MSI_CMD_UPDATE, MSI_CSR_ENABLE};
+        self.t.write(reg::MSI_CSR, &MSI_CSR_ENABLE.to_le_bytes());
+        for v in 0..vectors {
+            self.w32(reg::MSI_ADDRESS_LOW, 0xfee0_0000);
+            self.w32(reg::MSI_ADDRESS_HIGH, 0);
+            self.w32(reg::MSI_DATA, 0x40 + u32::from(v));
+            self.t
+                .write(reg::MSI_COMMAND, &(MSI_CMD_UPDATE | v).to_le_bytes());
+        }
+    }
+
     /// Put a chain on queue `q` (without notifying); returns its head.
     pub fn add(&mut self, q: usize, bufs: &[Buf]) -> u16 {
         let base = ring(q);

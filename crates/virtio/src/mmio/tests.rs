@@ -35,7 +35,7 @@ impl VirtioDevice for Echo {
             let n = c
                 .write_at(qs.mem(), 0, &b)
                 .map_err(|source| DeviceError::Memory { queue: q, source })?;
-            qs.complete(q, c.head, n as u32)?;
+            qs.complete(q, &c, n as u32)?;
         }
         Ok(())
     }
@@ -88,13 +88,7 @@ fn a_request_round_trip_with_a_legacy_interrupt() {
 fn msi_vectors_are_routed_and_fired_without_interrupt_status() {
     let mut d = driver(IrqMode::Msi);
     d.begin(0, false);
-    d.t.write(reg::MSI_CSR, &MSI_CSR_ENABLE.to_le_bytes());
-    for v in 0..2u16 {
-        d.w32(reg::MSI_ADDRESS_LOW, 0xfee0_0000);
-        d.w32(reg::MSI_ADDRESS_HIGH, 0);
-        d.w32(reg::MSI_DATA, 0x40 + u32::from(v));
-        d.t.write(reg::MSI_COMMAND, &(MSI_CMD_UPDATE | v).to_le_bytes());
-    }
+    d.program_msi(2);
     assert!(d.finish() & status::DRIVER_OK != 0);
     assert!(d.t.msi_enabled());
     let routes = d.irq.routes.lock().unwrap().clone();

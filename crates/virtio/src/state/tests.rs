@@ -5,7 +5,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
-use crate::mmio::{IrqMode, MSI_CMD_MASK, MSI_CMD_UPDATE, MSI_CSR_ENABLE, reg, status};
+use crate::mmio::{IrqMode, MSI_CMD_MASK, reg, status};
 use crate::rng::Rng;
 use crate::testing::{DATA, Driver};
 use crate::{MmioTransport, RestoreError};
@@ -17,13 +17,7 @@ fn rng_driver(mode: IrqMode, msi: bool) -> Driver {
     let mut d = Driver::new(Box::new(Rng::new()), mode);
     d.begin(0, true);
     if msi {
-        d.t.write(reg::MSI_CSR, &MSI_CSR_ENABLE.to_le_bytes());
-        for v in 0..2u16 {
-            d.w32(reg::MSI_ADDRESS_LOW, 0xfee0_0000);
-            d.w32(reg::MSI_ADDRESS_HIGH, 0);
-            d.w32(reg::MSI_DATA, 0x40 + u32::from(v));
-            d.t.write(reg::MSI_COMMAND, &(MSI_CMD_UPDATE | v).to_le_bytes());
-        }
+        d.program_msi(2);
     }
     let s = d.finish();
     assert_eq!(s & status::DRIVER_OK, status::DRIVER_OK, "status {s:#x}");
