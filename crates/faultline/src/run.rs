@@ -30,10 +30,6 @@ pub struct Args {
     /// Guest memory backend: anon, memfd, hugepages.
     #[arg(long, default_value = "anon")]
     backend: Backend,
-    /// Attach the vfio-user device at this socket to the guest's PCI bus (repeatable; guest
-    /// memory becomes a memfd shared with the devices). `--guest devices` drives them.
-    #[arg(long = "vfio-user", value_name = "SOCKET")]
-    vfio_user: Vec<std::path::PathBuf>,
     /// Give the built-in guest KVM's in-kernel irqchip (LAPIC, IOAPIC, PIC) and PIT; its
     /// state then travels with snapshots and migrations.
     #[arg(long)]
@@ -161,6 +157,12 @@ pub struct DeviceArgs {
     /// A Linux guest's serial console goes to this file (appended) instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub console: Option<std::path::PathBuf>,
+    /// Attach the vfio-user device at this socket to the guest's PCI bus (repeatable; guest
+    /// memory becomes a memfd shared with the devices). `--guest devices` and
+    /// `devices-soak` drive them. Where a VM lands (restore, --incoming): a server of the
+    /// same device, one for each, in the same order; its state is carried.
+    #[arg(long = "vfio-user", value_name = "SOCKET")]
+    pub vfio_user: Vec<std::path::PathBuf>,
 }
 
 impl DeviceArgs {
@@ -217,7 +219,7 @@ pub fn run(a: &Args) -> CliResult {
             cmdline: a.cmdline.clone(),
         }),
         console: a.devices.console.clone(),
-        vfio_user: a.vfio_user.clone(),
+        vfio_user: a.devices.vfio_user.clone(),
         irqchip: a.irqchip,
         virtio: a.devices.specs(),
         virtio_irq: a.irq,
@@ -254,6 +256,7 @@ pub fn run(a: &Args) -> CliResult {
                 insecure: a.security.insecure,
                 virtio: a.devices.specs(),
                 console: a.devices.console.clone(),
+                vfio_user: a.devices.vfio_user.clone(),
                 ..Default::default()
             })
             .map_err(failed("incoming migration"))?;

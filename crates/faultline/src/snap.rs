@@ -145,6 +145,7 @@ pub fn restore(a: &RestoreArgs) -> CliResult {
         record: a.record,
         virtio: a.devices.specs(),
         console: a.devices.console.clone(),
+        vfio_user: a.devices.vfio_user.clone(),
     };
     let r = vmm::restore::restore(&a.dir, &opts).map_err(failed("restore"))?;
     let expect = r.checksums.clone();

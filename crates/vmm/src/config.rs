@@ -197,6 +197,19 @@ pub fn rebind_virtio(
         .collect()
 }
 
+/// The vfio-user device servers named where a VM lands (a restore, a migration's
+/// destination) in place of the ones it had: one for each, in the same order (each is
+/// checked against its record when its state is given back: slot, IDs, vectors).
+pub fn rebind_vfio_user(saved: &[PathBuf], named: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigError> {
+    if saved.len() != named.len() {
+        return Err(ConfigError::VfioUserServers {
+            saved: saved.len(),
+            named: named.len(),
+        });
+    }
+    Ok(named.to_vec())
+}
+
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
@@ -231,6 +244,18 @@ pub enum ConfigError {
         saved: String,
         /// The named backends' kinds.
         named: String,
+    },
+    /// Not as many vfio-user servers named as the VM has devices.
+    #[error(
+        "the VM has {saved} vfio-user device(s), {named} server(s) are named here: name one for \
+         each, in the same order (--vfio-user SOCKET: a server of the same device, started \
+         where the VM lands; its state is carried)"
+    )]
+    VfioUserServers {
+        /// Devices the VM had.
+        saved: usize,
+        /// Servers named.
+        named: usize,
     },
     /// Too few or too many vCPUs.
     #[error("vcpus must be 1..={max}")]

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use pci::{Bar, Ids};
 
+use crate::proto::MigState;
 use crate::server::{DeviceContext, DeviceDescription, DeviceError, DeviceOps, DmaError};
 
 /// PCI vendor ID used by faultline's example devices.
@@ -58,6 +59,8 @@ pub const DESC_SIZE: u64 = 32;
 pub const STATUS_DONE: u32 = 1;
 /// Descriptor status: failed (ORed with an errno).
 pub const STATUS_FAILED: u32 = 0x8000_0000;
+/// How long a stop (for migration) waits for the copy in flight.
+pub const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest copy one descriptor may ask for.
 pub const MAX_LEN: u32 = 64 << 20;
 
@@ -280,6 +283,25 @@ impl DeviceOps for DmaOps {
         e.completed.store(0, Ordering::SeqCst);
         e.failed.store(0, Ordering::SeqCst);
         e.bytes.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Stopping (a snapshot, a migration's switchover): the copy in flight, if any, is
+    /// finished first (its descriptor status written, its interrupt raised), so the state
+    /// saved next holds no half-done copy and the guest sees the completion after it resumes.
+    fn migration_transition(&self, _dev: &DeviceContext, to: MigState) -> Result<(), DeviceError> {
+        if matches!(to, MigState::Stop | MigState::StopCopy) {
+            let t = std::time::Instant::now();
+            while self.0.busy.load(Ordering::SeqCst) != 0 {
+                if t.elapsed() > STOP_DEADLINE {
+                    return Err(DeviceError {
+                        errno: libc::EBUSY,
+                        msg: format!("a copy still runs after {STOP_DEADLINE:?}"),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
         Ok(())
     }
 

@@ -44,9 +44,19 @@ impl DeviceContext {
                 (StopCopy | Resuming, _) => Stop,
                 _ => return Err(bad(from)),
             };
-            let r = self
-                .migration_step(from, step)
-                .and_then(|()| self.0.ops.migration_transition(self, step));
+            // An arc that stops a running device tells the device first, so that it can
+            // finish what it is doing (a DMA in flight) while DMA is still allowed; the
+            // framework then stops it. Other arcs: the framework first, then the device.
+            let stopping = matches!((from, step), (Running, Stop) | (PreCopy, StopCopy));
+            let r = if stopping {
+                self.0
+                    .ops
+                    .migration_transition(self, step)
+                    .and_then(|()| self.migration_step(from, step))
+            } else {
+                self.migration_step(from, step)
+                    .and_then(|()| self.0.ops.migration_transition(self, step))
+            };
             if let Err(e) = r {
                 lock(&self.0.mig).state = Error;
                 return Err(e);

@@ -146,6 +146,10 @@ pub trait DeviceOps: Send + Sync + 'static {
     /// The migration state machine takes a step to `to` (one arc of the VFIO v2 graph:
     /// RUNNING <-> STOP, RUNNING <-> PRE_COPY, PRE_COPY -> STOP_COPY, STOP <-> STOP_COPY,
     /// STOP <-> RESUMING). An error puts the device in the ERROR state. Default: nothing.
+    ///
+    /// On the arcs that stop a running device (RUNNING -> STOP, PRE_COPY -> STOP_COPY) this
+    /// is called *before* the framework stops it: a device finishes (or holds) the work it
+    /// has in flight here, while its DMA still works; after it returns, DMA is refused.
     fn migration_transition(&self, dev: &DeviceContext, to: MigState) -> Result<(), DeviceError> {
         let _ = (dev, to);
         Ok(())

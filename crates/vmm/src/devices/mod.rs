@@ -46,6 +46,18 @@ impl Trigger for ResetFlag {
     }
 }
 
+/// The VM's devices could not be stopped or their state taken (a snapshot, a migration's
+/// switchover).
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    /// A virtio-mmio device.
+    #[error("virtio devices")]
+    Virtio(#[source] virtio::VirtioError),
+    /// A vfio-user device.
+    #[error("vfio-user devices")]
+    VfioUser(#[source] pci::PciStateError),
+}
+
 /// What the port-I/O bus decided about an access.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PioResult {

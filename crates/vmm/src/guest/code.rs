@@ -28,6 +28,7 @@ faultline_guest_start:
     .quad .Lirq_handler - faultline_guest_start  # not a workload: the irq workloads' handler
     .quad .Lexc_stubs - faultline_guest_start    # and their exception reporters, 16 B each
     .quad .Lwl_virtio - faultline_guest_start   # the virtio workload (after the two slots above)
+    .quad .Lwl_devices_soak - faultline_guest_start
 
     # r12 = slice base, r13 = slice bytes, rbx = first page index, r14 = TSC ticks / 100 ms,
     # r15 = TSC deadline (all ones: none), rbp = seed; [rsp] = heartbeats, [rsp+8] = last one.
@@ -653,6 +654,7 @@ faultline_guest_start:
 
 "#,
     include_str!("virtio.s"),
+    include_str!("devices_soak.s"),
     r#"
     .balign 8
     .globl faultline_guest_end
@@ -718,6 +720,18 @@ faultline_guest_end:
     job_net_tx = const abi::VIRTIO_JOB_NET_TX,
     job_soak = const abi::VIRTIO_JOB_SOAK,
     job_blk_seq = const abi::VIRTIO_JOB_BLK_SEQ,
+    id_sample = const abi::PCI_ID_SAMPLE,
+    key_soak_failed = const abi::KEY_SOAK_FAILED,
+    key_soak_iters = const abi::KEY_SOAK_ITERATIONS,
+    key_soak_devs = const abi::KEY_SOAK_DEVICES,
+    soak_dma_len = const abi::SOAK_DMA_LEN,
+    soak_seed = const abi::SOAK_SAMPLE_SEED,
+    sf_timeout = const abi::SOAK_FAIL_DMA_TIMEOUT,
+    sf_status = const abi::SOAK_FAIL_DMA_STATUS,
+    sf_data = const abi::SOAK_FAIL_DMA_DATA,
+    sf_count = const abi::SOAK_FAIL_DMA_COUNT,
+    sf_gpio = const abi::SOAK_FAIL_GPIO,
+    sf_sample = const abi::SOAK_FAIL_SAMPLE,
 );
 
 unsafe extern "C" {

@@ -44,11 +44,19 @@ pub enum Workload {
     /// Drive the virtio-mmio devices (vCPU 0) as a driver at CPL 3 would, with the
     /// interrupts through the irq workloads' handler: see [`abi::VIRTIO_PARAMS`].
     Virtio,
+    /// Keep the vfio-user devices busy until stopped (vCPU 0), checking continuity: a DMA
+    /// copy after another (each verified, the engine's COMPLETED register counting every
+    /// one since the start), the GPIO card's inputs reading back the outputs written last,
+    /// libvfio-user's sample keeping the BAR1 words written at the start. A failure stops
+    /// the guest with its code ([`abi::KEY_SOAK_FAILED`]). A guest to snapshot and migrate
+    /// with its devices.
+    #[serde(rename = "devices-soak")]
+    DevicesSoak,
 }
 
 impl Workload {
     /// Every workload.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Fill,
         Workload::Dirty,
         Workload::Read,
@@ -58,6 +66,7 @@ impl Workload {
         Workload::Irq,
         Workload::IrqCpl0,
         Workload::Virtio,
+        Workload::DevicesSoak,
     ];
 
     /// Index in the guest image's entry table.
@@ -72,6 +81,7 @@ impl Workload {
             Workload::Irq => 6,
             Workload::IrqCpl0 => 7,
             Workload::Virtio => 10,
+            Workload::DevicesSoak => 11,
         }
     }
 
@@ -87,6 +97,7 @@ impl Workload {
             Workload::Irq => "irq",
             Workload::IrqCpl0 => "irq-cpl0",
             Workload::Virtio => "virtio",
+            Workload::DevicesSoak => "devices-soak",
         }
     }
 
@@ -94,7 +105,11 @@ impl Workload {
     pub fn runs_forever(self) -> bool {
         matches!(
             self,
-            Workload::Dirty | Workload::Read | Workload::Irq | Workload::IrqCpl0
+            Workload::Dirty
+                | Workload::Read
+                | Workload::Irq
+                | Workload::IrqCpl0
+                | Workload::DevicesSoak
         )
     }
 
@@ -124,7 +139,7 @@ impl FromStr for Workload {
             .find(|w| w.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices, irq, irq-cpl0, virtio)"
+                    "unknown workload '{s}' (expected one of: fill, dirty, read, random, verify, devices, irq, irq-cpl0, virtio, devices-soak)"
                 )
             })
     }

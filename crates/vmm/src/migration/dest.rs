@@ -11,7 +11,7 @@ use memx::{FaultLoop, Region};
 use uffd::Range;
 use xfer::bitmap::{bytes_to_words, runs, words_for};
 use xfer::precopy::Precopied;
-use xfer::proto::{self, Channel, Hello};
+use xfer::proto::{self, Channel, Hello, MigrationMode};
 use xfer::pull::Pull;
 use xfer::wire::{FrameError, HEADER, Header, Kind, Listener, PAGE, RecvError, Sock};
 
@@ -51,6 +51,10 @@ pub struct IncomingOptions {
     pub virtio: Vec<crate::config::VirtioSpec>,
     /// Where a Linux guest's console goes here (a file, or stdout).
     pub console: Option<std::path::PathBuf>,
+    /// The servers of the source VM's vfio-user devices, started here: one for each, in
+    /// the same order; attached before the hello is answered, given their state at the
+    /// switchover.
+    pub vfio_user: Vec<std::path::PathBuf>,
 }
 
 impl Default for IncomingOptions {
@@ -64,6 +68,7 @@ impl Default for IncomingOptions {
             insecure: false,
             virtio: Vec::new(),
             console: None,
+            vfio_user: Vec::new(),
         }
     }
 }
@@ -75,7 +80,11 @@ fn protocol(s: impl Into<String>) -> MigrationError {
     MigrationError::Protocol(s.into())
 }
 
-fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, MigrationError> {
+fn check_config(
+    h: &Hello,
+    backends: &[VirtioSpec],
+    servers: &[std::path::PathBuf],
+) -> Result<VmConfig, MigrationError> {
     if h.channel != Channel::Main {
         return Err(protocol(format!(
             "expected the main channel first, got {:?}",
@@ -101,11 +110,14 @@ fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, Migratio
             crate::config::ConfigError::MemAlignment(cfg.mem_bytes),
         ));
     }
-    if !cfg.vfio_user.is_empty() {
-        return Err(MigrationError::Invalid(
-            "the source VM has vfio-user devices, whose state a migration does not carry yet"
-                .into(),
-        ));
+    cfg.vfio_user =
+        crate::config::rebind_vfio_user(&cfg.vfio_user, servers).map_err(MigrationError::Config)?;
+    if !cfg.vfio_user.is_empty() && h.mode != MigrationMode::Precopy {
+        return Err(MigrationError::Invalid(format!(
+            "--mode {} with vfio-user devices: a device's DMA bypasses the fault handler; \
+             only pre-copy carries them",
+            h.mode.name()
+        )));
     }
     if cfg.linux.is_none() {
         cfg.check_builtin().map_err(MigrationError::Config)?;
@@ -113,17 +125,25 @@ fn check_config(h: &Hello, backends: &[VirtioSpec]) -> Result<VmConfig, Migratio
     }
     cfg.virtio =
         crate::config::rebind_virtio(&cfg.virtio, backends).map_err(MigrationError::Config)?;
-    cfg.backend = Backend::Anonymous;
+    cfg.backend = if cfg.vfio_user.is_empty() {
+        Backend::Anonymous
+    } else {
+        Backend::Memfd // devices DMA into guest memory through its memfd
+    };
     Ok(cfg)
 }
 
 /// Check the hello's VM and prepare its memory, KVM VM and devices (before the hello is
 /// answered, so a refusal leaves nothing behind).
-fn prepare(h: &Hello, backends: &[VirtioSpec]) -> Result<(VmConfig, Parts), MigrationError> {
-    let cfg = check_config(h, backends)?;
+fn prepare(
+    h: &Hello,
+    backends: &[VirtioSpec],
+    servers: &[std::path::PathBuf],
+) -> Result<(VmConfig, Parts), MigrationError> {
+    let cfg = check_config(h, backends, servers)?;
     let t0 = Instant::now();
     let mem = Arc::new(
-        GuestMem::new(cfg.mem_bytes, Backend::Anonymous)
+        GuestMem::new(cfg.mem_bytes, cfg.backend)
             .map_err(|e| MigrationError::Vm(VmError::Memory(e)))?,
     );
     let (kvm, vm, irqchip) =
@@ -178,7 +198,7 @@ pub fn incoming(
     let mut prepared = None;
     let accepted = proto::accept_pair(&listener, &security, opts.accept_timeout, |h| {
         super::failpoint::hold("dest-hello");
-        let r = prepare(h, &opts.virtio).map(|(mut cfg, parts)| {
+        let r = prepare(h, &opts.virtio, &opts.vfio_user).map(|(mut cfg, parts)| {
             cfg.console = opts.console.clone();
             (cfg, parts)
         });

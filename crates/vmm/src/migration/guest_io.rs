@@ -6,7 +6,6 @@ use std::io;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
-use virtio::dirty::DirtyPages;
 use xfer::bitmap::words_for;
 use xfer::digest::is_zero;
 use xfer::dirty::{DirtyLog, DirtyLogError};
@@ -15,6 +14,7 @@ use xfer::wire::PAGE;
 
 use super::MigrationError;
 use crate::memory::{Backend, GuestMem};
+use crate::vstate::DeviceSet;
 
 /// Guest memory as an [`xfer::reader::PageReader`]: an [`MmapReader`] over the mapping, which
 /// the reader keeps alive.
@@ -48,7 +48,7 @@ impl PageReader for GuestReader {
 pub(crate) struct KvmDirtyLog {
     vm: Arc<VmFd>,
     mem: Arc<GuestMem>,
-    devices: Option<Arc<DirtyPages>>,
+    devices: DeviceSet,
 }
 
 fn set_dirty_log(vm: &VmFd, mem: &GuestMem, on: bool) -> Result<(), kvm_ioctls::Error> {
@@ -73,14 +73,15 @@ impl KvmDirtyLog {
     pub(crate) fn start(
         vm: Arc<VmFd>,
         mem: Arc<GuestMem>,
-        devices: Option<Arc<DirtyPages>>,
+        devices: DeviceSet,
     ) -> Result<KvmDirtyLog, MigrationError> {
         set_dirty_log(&vm, &mem, true).map_err(|source| MigrationError::Kvm {
             what: "KVM_SET_USER_MEMORY_REGION (dirty logging on)",
             source,
         })?;
-        if let Some(d) = &devices {
-            d.set_tracking(true);
+        if let Err(e) = devices.start_dirty_log() {
+            let _ = set_dirty_log(&vm, &mem, false);
+            return Err(MigrationError::Devices(e));
         }
         let mut log = KvmDirtyLog { vm, mem, devices };
         log.fetch_and_clear().map_err(MigrationError::DirtyLog)?;
@@ -89,9 +90,7 @@ impl KvmDirtyLog {
 
     /// Turn dirty logging off (best effort: the migration is over either way).
     pub(crate) fn stop(&self) {
-        if let Some(d) = &self.devices {
-            d.set_tracking(false);
-        }
+        self.devices.stop_dirty_log();
         let _ = set_dirty_log(&self.vm, &self.mem, false);
     }
 }
@@ -106,11 +105,12 @@ impl DirtyLog for KvmDirtyLog {
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
         w.resize(words_for(self.mem.size() / PAGE), 0);
-        if let Some(d) = &self.devices {
-            for (a, b) in w.iter_mut().zip(d.take()) {
-                *a |= b;
-            }
-        }
+        self.devices
+            .take_dirty(&mut w)
+            .map_err(|e| DirtyLogError::Other {
+                what: "the devices' dirty-page logs".into(),
+                source: io::Error::other(e),
+            })?;
         Ok(w)
     }
 }

@@ -343,7 +343,7 @@ pub enum MigrationError {
     State(#[source] crate::vstate::StateError),
     /// The devices' state could not be taken at switchover.
     #[error("device state")]
-    Devices(#[source] crate::devices::virtio::VirtioError),
+    Devices(#[source] crate::devices::DevicesError),
     /// Saving the vCPUs' state failed.
     #[error("saving vCPU state")]
     Save(#[source] crate::vstate::SaveError),

@@ -154,6 +154,17 @@ fn migrate(
         .to
         .clone()
         .ok_or_else(|| MigrationError::Invalid("`to` is missing".into()))?;
+    if req.mode != MigrationMode::Precopy && ctx.devices.has_vfio_user() {
+        // A device's DMA reaches guest memory through its own mapping of it, which no
+        // userfaultfd watches: at a post-copy destination it would read a page that has not
+        // arrived as zeros, and its writes would be lost when the page arrives. QEMU refuses
+        // post-copy with VFIO devices for the same reason.
+        return Err(MigrationError::Invalid(format!(
+            "--mode {} with vfio-user devices: a device's DMA bypasses the fault handler, \
+             so their guest memory must be whole before they run; use --mode precopy",
+            req.mode.name()
+        )));
+    }
     let id = mono_ns() ^ (u64::from(std::process::id()) << 40);
     let mut c = connect(
         &to,
@@ -169,7 +180,7 @@ fn migrate(
         rate: Arc::new(RateLimit::new(req.max_bandwidth)),
         sent: Arc::new(Sent::default()),
     };
-    let mut log = KvmDirtyLog::start(ctx.vm.clone(), ctx.mem.clone(), ctx.devices.dirty())?;
+    let mut log = KvmDirtyLog::start(ctx.vm.clone(), ctx.mem.clone(), ctx.devices.clone())?;
     let r = (|| {
         ctx.control.reset_gaps();
         let maybe = scan(&ctx.mem, &*pipes.reader).map_err(MigrationError::Read)?;
@@ -465,9 +476,11 @@ fn precopy_then_switch(
     let pause_mono_us = now / 1000;
     // The devices finish what they hold and stop: what they wrote is in the last dirty set,
     // and nothing changes guest memory from here on.
-    ctx.devices.freeze();
-    super::failpoint::hold("source-switchover");
     let before = |e| Ok(Switched::Before(e));
+    if let Err(e) = ctx.devices.freeze() {
+        return before(MigrationError::Devices(e));
+    }
+    super::failpoint::hold("source-switchover");
     let d = match pc.dirty(log) {
         Ok(d) => d,
         Err(e) => return before(MigrationError::DirtyLog(e)),

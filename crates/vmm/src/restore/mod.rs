@@ -120,6 +120,9 @@ pub struct RestoreOptions {
     pub virtio: Vec<crate::config::VirtioSpec>,
     /// Where a Linux guest's console goes here (a file, or stdout).
     pub console: Option<PathBuf>,
+    /// The servers of the snapshot's vfio-user devices, started here: one for each, in the
+    /// same order (`config::rebind_vfio_user`).
+    pub vfio_user: Vec<PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -133,6 +136,7 @@ impl Default for RestoreOptions {
             record: false,
             virtio: Vec::new(),
             console: None,
+            vfio_user: Vec::new(),
         }
     }
 }
@@ -227,7 +231,20 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     cfg.virtio = crate::config::rebind_virtio(&m.config.virtio, &opts.virtio)
         .map_err(|e| RestoreError::Vm(VmError::Config(e)))?;
     cfg.console = opts.console.clone();
+    cfg.vfio_user = crate::config::rebind_vfio_user(&m.config.vfio_user, &opts.vfio_user)
+        .map_err(|e| RestoreError::Vm(VmError::Config(e)))?;
     cfg.backend = Backend::Anonymous;
+    let pci = !cfg.vfio_user.is_empty();
+    if pci && opts.mode != RestoreMode::Eager {
+        // A device's DMA reaches guest memory through its own mapping of a memfd, which no
+        // userfaultfd watches (lazy, prefetch) and which a private file mapping cannot be
+        // (mmap): its memory must be whole, in a memfd, before it runs.
+        return Err(RestoreError::Unsupported(format!(
+            "--mode {} with vfio-user devices: a device's DMA reaches guest memory beside \
+             the fault handler, so their memory must be whole before they run; use --mode eager",
+            format!("{:?}", opts.mode).to_lowercase()
+        )));
+    }
     let size = cfg.mem_bytes;
     let lazy = matches!(opts.mode, RestoreMode::Lazy | RestoreMode::Prefetch);
     let index = Arc::new(loaded.index.clone());
@@ -240,8 +257,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     let mut prefetching = false;
     let (mem, pager) = match opts.mode {
         RestoreMode::Eager => {
-            let mem =
-                Arc::new(GuestMem::new(size, Backend::Anonymous).map_err(RestoreError::Memory)?);
+            if pci {
+                // Devices DMA into guest memory through its memfd.
+                cfg.backend = Backend::Memfd;
+            }
+            let mem = Arc::new(GuestMem::new(size, cfg.backend).map_err(RestoreError::Memory)?);
             // SAFETY: the VM does not exist yet; nothing else touches this memory.
             bytes_read_upfront = unsafe { snapshot::load_eager(&loaded, &mem) }?;
             (mem, None)

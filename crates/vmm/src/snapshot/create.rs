@@ -41,7 +41,10 @@ pub fn create(
     control.pause(PauseOwner::Snapshot);
     // The devices finish what they hold and take nothing more until the snapshot is
     // written: their records and guest memory are of one instant.
-    machine.freeze_devices();
+    if let Err(e) = machine.freeze_devices() {
+        control.resume(PauseOwner::Snapshot);
+        return Err(SnapshotError::Save(crate::vstate::SaveError::Devices(e)));
+    }
     let r = write(machine, dir, page_checksums, t0);
     machine.thaw_devices();
     control.resume(PauseOwner::Snapshot);

@@ -1,9 +1,11 @@
 //! Snapshots: a paused VM written to a directory, and read back for restore.
 //!
-//! # The snapshot directory, format version 2
-//! Version 2 (this one) adds the devices: the VM's virtio-mmio devices in the manifest's
+//! # The snapshot directory, format version 3
+//! Version 2 added the devices: the VM's virtio-mmio devices in the manifest's
 //! configuration and their records in `state.bin` (its version 2), a Linux guest's COM1.
-//! Version 1 snapshots (the built-in guest without devices) still restore.
+//! Version 3 (this one) adds vfio-user devices: their sockets at snapshot in the
+//! configuration (a restore names its own with `--vfio-user`), their records in `state.bin`
+//! (its version 3). Versions 1 and 2 still restore.
 //!
 //! | file | what |
 //! |---|---|
@@ -43,7 +45,7 @@ pub use state::{StateError, VcpuState, VmState};
 /// The manifest's `format` value.
 pub const FORMAT: &str = "faultline-snapshot";
 /// The snapshot format version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest snapshot format version this code reads.
 pub const VERSION_MIN: u32 = 1;
 /// The version of `memory.idx`.

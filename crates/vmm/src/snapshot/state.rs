@@ -1,6 +1,6 @@
 //! The binary file the VM's and vCPUs' state ([`crate::vstate::state`]) is kept in.
 //!
-//! # `state.bin`, version 2
+//! # `state.bin`, version 3
 //! Little-endian. A 16-byte header: magic `b"FLSTATE\0"`, `u32` version, `u32` record count.
 //! Then records, each: `u16` tag, `u16` owner (vCPU index, or `0xffff` for the VM), `u32`
 //! length, then `length` bytes. A KVM record's bytes are the kernel's own structure (`struct
@@ -12,6 +12,10 @@
 //! device in bus order (each `virtio::state`'s record, versioned and CRC-checked on its
 //! own), and tag 31, a Linux guest's COM1 (`devices::SerialRecord`). Version 1 files (no
 //! device records) are still read.
+//!
+//! Version 3 adds tag 32: one per vfio-user device in bus order (`devices::pci::PciRecord`:
+//! the VMM's MSI-X shadow and the device's vfio-user migration data, CRC-checked). Versions
+//! 1 and 2 are still read.
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -24,7 +28,7 @@ pub use crate::vstate::state::{StateError, VcpuState, VmState};
 /// Magic at the start of `state.bin`.
 pub const STATE_MAGIC: &[u8; 8] = b"FLSTATE\0";
 /// The state file's format version.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 /// The oldest version still read.
 pub const STATE_VERSION_MIN: u32 = 1;
 /// Most device records of one kind a state file may hold.
@@ -50,6 +54,7 @@ mod tag {
     pub const CPUID: u16 = 20;
     pub const VIRTIO: u16 = 30;
     pub const SERIAL: u16 = 31;
+    pub const VFIO_USER: u16 = 32;
 }
 
 /// `kvm_fpu` has no zerocopy derive in kvm-bindings: its fields, in order, all without padding.
@@ -138,6 +143,9 @@ pub fn encode(vm: &VmState, vcpus: &[VcpuState]) -> Vec<u8> {
     }
     if let Some(r) = &vm.devices.serial {
         w.rec(tag::SERIAL, VM_OWNER, r);
+    }
+    for r in &vm.devices.vfio_user {
+        w.rec(tag::VFIO_USER, VM_OWNER, r);
     }
     for (i, v) in vcpus.iter().enumerate() {
         let o = i as u16;
@@ -233,6 +241,14 @@ pub fn decode(data: &[u8], vcpus: usize) -> Result<(VmState, Vec<VcpuState>), St
                         return Err(bad("two serial port records".into()));
                     }
                     vm.devices.serial = Some(body.to_vec());
+                }
+                tag::VFIO_USER if version >= 3 => {
+                    if vm.devices.vfio_user.len() >= MAX_DEVICE_RECORDS {
+                        return Err(bad(format!(
+                            "more than {MAX_DEVICE_RECORDS} vfio-user device records"
+                        )));
+                    }
+                    vm.devices.vfio_user.push(body.to_vec());
                 }
                 _ => return Err(bad(format!("unknown VM record tag {tag}"))),
             }
@@ -370,6 +386,7 @@ mod tests {
             devices: crate::vstate::DeviceRecords {
                 virtio: vec![b"FLVS-a".to_vec(), b"FLVS-b".to_vec()],
                 serial: Some(b"FLSR".to_vec()),
+                vfio_user: vec![b"FLPC".to_vec()],
             },
             ..Default::default()
         };
@@ -387,15 +404,28 @@ mod tests {
         bad[8..12].copy_from_slice(&1u32.to_le_bytes());
         assert!(decode(&bad, 1).unwrap_err().to_string().contains("tag 30"));
         // A newer version is refused by name.
-        let mut v3 = bytes.clone();
-        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-        let e = decode(&v3, 1).unwrap_err().to_string();
-        assert!(e.contains("version 3") && e.contains("1 to 2"), "{e}");
+        let mut v4 = bytes.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        let e = decode(&v4, 1).unwrap_err().to_string();
+        assert!(e.contains("version 4") && e.contains("1 to 3"), "{e}");
+        // A version 2 file cannot hold vfio-user records.
+        let with_pci = VmState {
+            devices: crate::vstate::DeviceRecords {
+                vfio_user: vec![vec![7; 9]],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let b = encode(&with_pci, &[sample()]);
+        assert_eq!(decode(&b, 1).unwrap().0.devices.vfio_user, vec![vec![7; 9]]);
+        let mut v2 = b.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(decode(&v2, 1).unwrap_err().to_string().contains("tag 32"));
         // Two serial records, or too many virtio records, are refused.
         let two = VmState {
             devices: crate::vstate::DeviceRecords {
                 virtio: vec![vec![1]; MAX_DEVICE_RECORDS + 1],
-                serial: None,
+                ..Default::default()
             },
             ..Default::default()
         };

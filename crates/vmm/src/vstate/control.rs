@@ -430,7 +430,7 @@ pub enum SaveError {
     NotPaused,
     /// A device's state could not be taken.
     #[error("device state")]
-    Devices(#[source] crate::devices::virtio::VirtioError),
+    Devices(#[source] crate::devices::DevicesError),
     /// A vCPU thread did not run its job in time.
     #[error("vCPU {vcpu} did not hand over its state within 10 s")]
     NoAnswer {

@@ -85,6 +85,9 @@ pub enum VmError {
     /// Attaching vfio-user devices failed.
     #[error("devices")]
     Devices(#[source] crate::devices::pci::AttachError),
+    /// A vfio-user device's saved state could not be given back.
+    #[error("vfio-user device state")]
+    VfioUserState(#[source] crate::devices::pci::PciStateError),
     /// A virtio device could not be attached.
     #[error("virtio devices")]
     Virtio(#[source] crate::devices::virtio::VirtioError),

@@ -19,26 +19,35 @@ use super::stats::{KvmStats, StatsError};
 use super::vcpu::{VcpuContext, install_signal_handlers, vcpu_thread};
 use crate::config::{ConfigError, Slice, VmConfig};
 use crate::cpl3;
-use crate::devices::LegacyDevices;
 use crate::devices::pci::{MMIO_BASE, PciBus};
-use crate::devices::virtio::{VIRTIO_BASE, VirtioBus, VirtioError};
+use crate::devices::virtio::{VIRTIO_BASE, VirtioBus};
+use crate::devices::{DevicesError, LegacyDevices};
 use crate::guest::{self, Workload, abi};
 use crate::memory::{Backend, GuestMem};
 
-/// A machine's own devices (virtio-mmio, a Linux guest's COM1 and i8042): what a snapshot
-/// or a migration freezes, saves and thaws.
+/// A machine's devices (virtio-mmio, vfio-user devices on the PCI bus, a Linux guest's COM1
+/// and i8042): what a snapshot or a migration freezes, saves and thaws.
 #[derive(Clone, Default)]
 pub struct DeviceSet {
     virtio: Option<Arc<VirtioBus>>,
+    pci: Option<Arc<PciBus>>,
     legacy: Option<Arc<LegacyDevices>>,
 }
 
 impl DeviceSet {
-    /// Stop every device touching guest memory or its backend (`VirtioBus::freeze`).
-    pub fn freeze(&self) {
+    /// Stop every device touching guest memory or its backend (`VirtioBus::freeze`,
+    /// `PciBus::freeze`). On an error, what was stopped runs again.
+    pub fn freeze(&self) -> Result<(), DevicesError> {
         if let Some(b) = &self.virtio {
             b.freeze();
         }
+        if let Some(p) = &self.pci
+            && let Err(e) = p.freeze()
+        {
+            self.thaw();
+            return Err(DevicesError::VfioUser(e));
+        }
+        Ok(())
     }
 
     /// Let them go on.
@@ -46,22 +55,68 @@ impl DeviceSet {
         if let Some(b) = &self.virtio {
             b.thaw();
         }
+        if let Some(p) = &self.pci {
+            p.thaw();
+        }
     }
 
-    /// Their records (they should be frozen).
-    pub fn save(&self) -> Result<DeviceRecords, VirtioError> {
+    /// Their records (they must be frozen).
+    pub fn save(&self) -> Result<DeviceRecords, DevicesError> {
         Ok(DeviceRecords {
             virtio: match &self.virtio {
-                Some(b) => b.save()?,
+                Some(b) => b.save().map_err(DevicesError::Virtio)?,
                 None => Vec::new(),
             },
             serial: self.legacy.as_ref().map(|l| l.save()),
+            vfio_user: match &self.pci {
+                Some(p) => p.save().map_err(DevicesError::VfioUser)?,
+                None => Vec::new(),
+            },
         })
     }
 
-    /// The log of the guest pages the devices write (none without virtio devices).
-    pub fn dirty(&self) -> Option<Arc<virtio::dirty::DirtyPages>> {
-        self.virtio.as_ref().map(|b| b.dirty().clone())
+    /// Pre-copy starts: the devices log the guest pages they write (KVM's log sees only
+    /// the vCPUs'), vfio-user devices through their DMA dirty-page logging.
+    pub fn start_dirty_log(&self) -> Result<(), DevicesError> {
+        if let Some(b) = &self.virtio {
+            b.dirty().set_tracking(true);
+        }
+        if let Some(p) = &self.pci
+            && let Err(e) = p.start_dirty_log()
+        {
+            self.stop_dirty_log();
+            return Err(DevicesError::VfioUser(e));
+        }
+        Ok(())
+    }
+
+    /// OR the pages the devices wrote since the last call into `words` (a bit a page).
+    pub fn take_dirty(&self, words: &mut [u64]) -> Result<(), DevicesError> {
+        if let Some(b) = &self.virtio {
+            for (a, d) in words.iter_mut().zip(b.dirty().take()) {
+                *a |= d;
+            }
+        }
+        if let Some(p) = &self.pci {
+            p.take_dirty(words).map_err(DevicesError::VfioUser)?;
+        }
+        Ok(())
+    }
+
+    /// Pre-copy is over: logging stops (best effort).
+    pub fn stop_dirty_log(&self) {
+        if let Some(b) = &self.virtio {
+            b.dirty().set_tracking(false);
+        }
+        if let Some(p) = &self.pci {
+            p.stop_dirty_log();
+        }
+    }
+
+    /// Whether there are vfio-user devices (their DMA reaches guest memory through their
+    /// own mapping of it, beside any userfaultfd: memory must be whole before they run).
+    pub fn has_vfio_user(&self) -> bool {
+        self.pci.is_some()
     }
 }
 
@@ -113,15 +168,18 @@ pub struct Parts {
     pub built: Option<BuiltDevices>,
 }
 
-/// A VM's interrupt routes and virtio devices, built before its state is known (their
-/// records are given back by [`Vm::from_parts`]).
+/// A VM's interrupt routes, vfio-user and virtio devices, built before its state is known
+/// (their records are given back by [`Vm::from_parts`]).
 pub struct BuiltDevices {
     irq: Arc<Interrupts>,
+    pci: Option<Arc<PciBus>>,
     virtio: Option<Arc<VirtioBus>>,
 }
 
-/// Build the interrupt routes of `vm` and the virtio devices of `cfg` (backends opened, the
-/// devices fresh and frozen until their records are given back).
+/// Build the interrupt routes of `vm`, and the devices of `cfg`: the vfio-user devices
+/// attached (servers connected, BARs placed, guest memory mapped for DMA: `mem` must be a
+/// memfd then), the virtio devices' backends opened; the devices fresh, and frozen until
+/// their records are given back.
 pub fn build_devices(
     vm: &Arc<VmFd>,
     irqchip: bool,
@@ -129,11 +187,24 @@ pub fn build_devices(
     cfg: &VmConfig,
 ) -> Result<BuiltDevices, VmError> {
     let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
+    let pci = if cfg.vfio_user.is_empty() {
+        None
+    } else {
+        let memfd =
+            mem.memfd()
+                .ok_or(VmError::Devices(crate::devices::pci::AttachError::NoRoom(
+                    "vfio-user devices need guest memory in a memfd".into(),
+                )))?;
+        Some(Arc::new(
+            PciBus::new(irq.clone(), &cfg.vfio_user, memfd, cfg.mem_bytes)
+                .map_err(VmError::Devices)?,
+        ))
+    };
     let virtio = virtio_bus(&irq, mem, cfg)?;
     if let Some(b) = &virtio {
         b.freeze();
     }
-    Ok(BuiltDevices { irq, virtio })
+    Ok(BuiltDevices { irq, pci, virtio })
 }
 
 impl Vm {
@@ -315,7 +386,7 @@ impl Vm {
         for (c, &hb) in control.cpus.iter().zip(&p.last_heartbeat) {
             c.last_n.store(hb, std::sync::atomic::Ordering::SeqCst);
         }
-        let BuiltDevices { irq, virtio } = match p.built {
+        let BuiltDevices { irq, pci, virtio } = match p.built {
             Some(b) => b,
             None => build_devices(&vm, p.irqchip, &p.mem, &p.cfg)?,
         };
@@ -340,6 +411,20 @@ impl Vm {
             }
             None => {}
         }
+        match &pci {
+            Some(b) => b
+                .restore(&p.devices.vfio_user)
+                .map_err(VmError::VfioUserState)?,
+            None if !p.devices.vfio_user.is_empty() => {
+                return Err(VmError::VfioUserState(
+                    crate::devices::pci::PciStateError::Count {
+                        saved: p.devices.vfio_user.len(),
+                        live: 0,
+                    },
+                ));
+            }
+            None => {}
+        }
         Ok(Vm {
             kvm: p.kvm,
             irq,
@@ -350,7 +435,7 @@ impl Vm {
             cfg: p.cfg,
             control: Arc::new(control),
             legacy,
-            pci: None,
+            pci,
             virtio,
             last_heartbeat: p.last_heartbeat,
         })
@@ -502,9 +587,13 @@ impl Vm {
             self.control
                 .set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         }
-        // Restored devices were kept frozen until now (`VirtioBus::restore`).
+        // Restored devices were kept frozen until now (`VirtioBus::restore`,
+        // `PciBus::restore`); a fresh vfio-user device runs already (thawing it is a no-op).
         if let Some(b) = &self.virtio {
             b.thaw();
+        }
+        if let Some(p) = &self.pci {
+            p.thaw();
         }
         Ok(Machine {
             kvm: self.kvm,
@@ -773,30 +862,25 @@ impl Machine {
     /// The parts of this VM whose state cannot be carried by a snapshot or a migration yet:
     /// those refuse such a VM by these names rather than drop the parts.
     pub fn uncarried(&self) -> Vec<Uncarried> {
-        let mut v = Vec::new();
-        if let Some(p) = &self.pci {
-            for d in p.stats() {
-                v.push(Uncarried(format!(
-                    "vfio-user device {} at {} (PCI slot {})",
-                    d.id, d.path, d.slot
-                )));
-            }
-        }
-        v
+        self.pci
+            .as_ref()
+            .map(|p| p.without_migration().into_iter().map(Uncarried).collect())
+            .unwrap_or_default()
     }
 
     /// The VMM's own devices, for a thread that freezes, saves or thaws them.
     pub fn devices(&self) -> DeviceSet {
         DeviceSet {
             virtio: self.virtio.clone(),
+            pci: self.pci.clone(),
             legacy: self.legacy.clone(),
         }
     }
 
     /// Stop the devices touching guest memory and their backends (a snapshot, a migration's
-    /// switchover): see `VirtioBus::freeze`. The vCPUs must be paused.
-    pub fn freeze_devices(&self) {
-        self.devices().freeze();
+    /// switchover): see [`DeviceSet::freeze`]. The vCPUs must be paused.
+    pub fn freeze_devices(&self) -> Result<(), DevicesError> {
+        self.devices().freeze()
     }
 
     /// Let the devices go on after [`freeze_devices`](Self::freeze_devices).

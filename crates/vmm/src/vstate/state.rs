@@ -215,6 +215,9 @@ pub struct DeviceRecords {
     /// A Linux guest's COM1 (`devices::SerialRecord`); its i8042 has no state to carry
     /// (vm-superio's only acts on the reset command).
     pub serial: Option<Vec<u8>>,
+    /// One per vfio-user device, in bus order (`devices::pci::PciRecord`: the VMM's MSI-X
+    /// shadow and the device's own vfio-user migration data).
+    pub vfio_user: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for VmState {
@@ -225,6 +228,7 @@ impl std::fmt::Debug for VmState {
             .field("pit", &self.pit.is_some())
             .field("virtio", &self.devices.virtio.len())
             .field("serial", &self.devices.serial.is_some())
+            .field("vfio_user", &self.devices.vfio_user.len())
             .finish()
     }
 }

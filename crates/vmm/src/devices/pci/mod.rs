@@ -27,6 +27,9 @@ use vfu::client::Client;
 use vfu::proto;
 use vmm_sys_util::eventfd::EventFd;
 
+mod state;
+pub use state::{MAX_STREAM, MAX_VECTORS, PciRecord, PciStateError};
+
 /// Where memory BARs start.
 pub const MMIO_BASE: u64 = 0xe000_0000;
 /// End of the BAR window (the LAPIC and IOAPIC live above).
@@ -134,7 +137,10 @@ struct Dev {
     id: u32,
     mapped_areas: u32,
     ioeventfds: u32,
-    _io_fds: Vec<EventFd>,
+    /// Doorbells registered with KVM: the eventfd, BAR, offset, size, datamatch.
+    doorbells: Vec<(EventFd, u32, u64, u32, Option<u64>)>,
+    /// The device's migration flags (`None`: it offers no migration).
+    mig_flags: Option<u64>,
 }
 
 impl Drop for Mapped {
@@ -151,6 +157,9 @@ pub struct PciBus {
     devs: Vec<Dev>,
     vm: Arc<VmFd>,
     irq: Arc<crate::vstate::irq::Interrupts>,
+    mem_size: u64,
+    /// The devices were stopped (or given a state) by this VMM and not run again yet.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AttachError {
@@ -184,6 +193,8 @@ impl PciBus {
             devs: Vec::new(),
             vm: irq.vm().clone(),
             irq,
+            mem_size,
+            frozen: std::sync::atomic::AtomicBool::new(false),
         };
         let mut next_mmio = MMIO_BASE;
         let mut next_slot = BAR_SLOT_BASE;
@@ -390,7 +401,17 @@ impl PciBus {
                     self.vm.register_ioevent(&efd, &addr, NoDatamatch)
                 };
                 r.map_err(kvm("KVM_IOEVENTFD"))?;
-                io_fds.push(efd);
+                // Non-blocking, so that a look for a doorbell the device has not taken yet
+                // (at a snapshot's or a migration's pause) never waits.
+                // SAFETY: F_GETFL / F_SETFL on a descriptor we own.
+                unsafe {
+                    let fl = libc::fcntl(efd.as_raw_fd(), libc::F_GETFL);
+                    if fl >= 0 {
+                        libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                    }
+                }
+                let datamatch = (sub.flags & 1 != 0).then_some(sub.datamatch);
+                io_fds.push((efd, bi as u32, sub.offset, sub.size as u32, datamatch));
             }
         }
         let ioeventfds = io_fds.len() as u32;
@@ -422,6 +443,11 @@ impl PciBus {
                 .map_err(cerr)?;
         }
         let vectors = efds.len();
+        let mig_flags = match client.migration_flags() {
+            Ok(f) => f,
+            Err(vfu::client::ClientError::Server { .. }) => None,
+            Err(e) => return Err(cerr(e)),
+        };
         Ok(Dev {
             path: path.to_path_buf(),
             slot,
@@ -439,7 +465,8 @@ impl PciBus {
             id,
             mapped_areas,
             ioeventfds,
-            _io_fds: io_fds,
+            doorbells: io_fds,
+            mig_flags,
         })
     }
 
