@@ -1,0 +1,240 @@
+//! End to end: vfio-user devices through snapshot, restore and live migration, their state
+//! carried by vfio-user migration v2 from the client side. The devices are served by
+//! `faultline device serve` (a GPIO card and a DMA engine), each end of a restore or a
+//! migration with servers of its own; the built-in guest's `devices-soak` keeps them busy
+//! and stops with a failure code if a DMA copy in flight at the pause never completes, the
+//! engine's completion counter does not count every copy since the start (its state was not
+//! carried), or the GPIO inputs do not show the outputs it wrote before the pause.
+//! Modes whose memory arrives on demand are refused by name, before anything runs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Proc, api, bin, bin_short_deadline, kvm_present, text, wait_for};
+use serde_json::Value;
+use vmm::guest::abi;
+
+/// `faultline device serve gpio --also dma:...`: the two sockets (GPIO, DMA engine).
+fn servers(dir: &Path, tag: &str) -> (Proc, [PathBuf; 2]) {
+    let g = dir.join(format!("gpio-{tag}.sock"));
+    let d = dir.join(format!("dma-{tag}.sock"));
+    let p = Proc(
+        Command::new(env!("CARGO_BIN_EXE_faultline"))
+            .args(["device", "serve", "gpio", "--socket"])
+            .arg(&g)
+            .arg("--also")
+            .arg(format!("dma:{}", d.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start faultline device serve"),
+    );
+    wait_for(&g);
+    wait_for(&d);
+    (p, [g, d])
+}
+
+fn vfio_args(socks: &[PathBuf]) -> Vec<String> {
+    socks
+        .iter()
+        .flat_map(|s| ["--vfio-user".to_string(), s.display().to_string()])
+        .collect()
+}
+
+/// The soak guest with these devices; waits until it has beaten three times.
+fn soak(dir: &Path, socks: &[PathBuf]) -> (Proc, PathBuf) {
+    kvm_present();
+    let sock = dir.join("src-api.sock");
+    let p = Proc(
+        bin_short_deadline()
+            .args([
+                "run",
+                "--mem",
+                "64M",
+                "--guest",
+                "devices-soak",
+                "--timeout",
+                "120",
+                "--json-events",
+                "--api-sock",
+            ])
+            .arg(&sock)
+            .args(vfio_args(socks))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the devices-soak guest"),
+    );
+    wait_for(&sock);
+    let t = Instant::now();
+    while common::heartbeats(&sock) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the guest never beat");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (p, sock)
+}
+
+fn summary(o: &Output) -> Value {
+    let out = text(&o.stdout);
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"summary\""))
+        .unwrap_or_else(|| panic!("no summary in:\n{out}\nstderr:\n{}", text(&o.stderr)));
+    serde_json::from_str::<Value>(line).unwrap()["summary"].clone()
+}
+
+fn reports(s: &Value, key: u32) -> Vec<u64> {
+    s["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r[0] == key)
+        .map(|r| r[1].as_u64().unwrap())
+        .collect()
+}
+
+/// The guest went on where it was paused: no failure, still running, more iterations than
+/// at the pause, both devices used with no forward failing.
+fn check_went_on(s: &Value, at_pause: u64, what: &str) {
+    let failed = reports(s, abi::KEY_SOAK_FAILED);
+    assert!(
+        failed.is_empty(),
+        "{what}: the guest failed with {failed:?} (1 DMA timeout, 2 DMA status, 3 DMA data, \
+         4 DMA count: state lost, 5 GPIO): {s:#}"
+    );
+    assert!(
+        s["vcpus"][0]["exit_code"].is_null(),
+        "{what}: the guest stopped: {s:#}"
+    );
+    let iters = reports(s, abi::KEY_SOAK_ITERATIONS);
+    assert!(
+        iters.iter().max().copied().unwrap_or(0) > at_pause + 20,
+        "{what}: the guest did little after the pause ({iters:?}, {at_pause} at the pause)"
+    );
+    let devs = s["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 2, "{what}: {s:#}");
+    for d in devs {
+        assert_eq!(d["errors"], 0, "{what}: a forward failed: {d}");
+        assert!(d["mmio_exits"].as_u64().unwrap() > 0, "{what}: unused: {d}");
+    }
+}
+
+#[test]
+fn snapshot_and_eager_restore_carry_busy_vfio_user_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_src_srv, src) = servers(d, "src");
+    let (vm, sock) = soak(d, &src);
+    std::thread::sleep(Duration::from_millis(500));
+    api(&sock, "PUT", "/vm/pause");
+    let snap = d.join("snap");
+    let o = bin()
+        .args(["snapshot", "--api-sock"])
+        .arg(&sock)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    // The source's devices run again after the snapshot: the guest goes on there too.
+    api(&sock, "PUT", "/vm/resume");
+    std::thread::sleep(Duration::from_millis(500));
+    api(&sock, "PUT", "/vm/stop");
+    let s = summary(&vm.finish(Duration::from_secs(20)));
+    check_went_on(&s, 0, "the source after its snapshot");
+    // The restored guest starts from the iteration it was paused at (in guest memory).
+    let at_pause = *reports(&s, abi::KEY_SOAK_ITERATIONS).first().unwrap_or(&0) / 2;
+
+    // Restored onto new servers of the same devices.
+    let (_dst_srv, dst) = servers(d, "dst");
+    let mut args = vec!["--mode", "eager", "--seconds", "2", "--json-events"];
+    let va = vfio_args(&dst);
+    args.extend(va.iter().map(String::as_str));
+    let o = common::restore(&snap, &args);
+    assert!(o.status.success(), "restore: {}", text(&o.stderr));
+    check_went_on(&summary(&o), at_pause, "restore --mode eager");
+
+    // Refused before anything runs: memory on demand, no servers, servers in another order.
+    let (_other_srv, other) = servers(d, "other");
+    for mode in ["lazy", "prefetch", "mmap"] {
+        let mut args = vec!["--mode", mode];
+        let va = vfio_args(&other);
+        args.extend(va.iter().map(String::as_str));
+        let o = common::restore(&snap, &args);
+        assert!(!o.status.success(), "--mode {mode} restored");
+        let e = text(&o.stderr);
+        assert!(
+            e.contains("vfio-user") && e.contains("--mode eager"),
+            "--mode {mode}: {e}"
+        );
+    }
+    let o = common::restore(&snap, &["--mode", "eager"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("2 vfio-user device(s), 0 server(s)"),
+        "no servers named: {e}"
+    );
+    let swapped = [other[1].clone(), other[0].clone()];
+    let mut args = vec!["--mode", "eager"];
+    let va = vfio_args(&swapped);
+    args.extend(va.iter().map(String::as_str));
+    let o = common::restore(&snap, &args);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("the state is of"), "servers swapped: {e}");
+}
+
+#[test]
+fn precopy_migration_carries_busy_vfio_user_devices_and_post_copy_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_src_srv, src) = servers(d, "src");
+    let (_dst_srv, dst) = servers(d, "dst");
+    let (vm, sock) = soak(d, &src);
+    let to = format!("unix:{}", d.join("m.sock").display());
+    let dst_api = d.join("dst-api.sock");
+    let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
+    extra.extend(vfio_args(&dst));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let dest = common::destination(&to, &extra);
+    wait_for(&d.join("m.sock"));
+    // Post-copy and hybrid are refused at the source before anything is sent; the guest
+    // runs on there.
+    for mode in ["postcopy", "hybrid"] {
+        let (o, _) = common::migrate_bg(&sock, &to, mode, &[]).join().unwrap();
+        assert!(!o.status.success(), "--mode {mode} migrated");
+        let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+        assert!(
+            all.contains("vfio-user") && all.contains("--mode precopy"),
+            "{mode}: {all}"
+        );
+    }
+    let before = common::heartbeats(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(common::heartbeats(&sock) > before, "the source stopped");
+    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[])
+        .join()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "migrate --mode precopy: {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let report: Value = text(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("downtime_ms").is_some())
+        .unwrap_or(Value::Null);
+    wait_for(&dst_api);
+    std::thread::sleep(Duration::from_secs(2));
+    api(&dst_api, "PUT", "/vm/stop");
+    let s = summary(&dest.finish(Duration::from_secs(20)));
+    check_went_on(&s, 0, "migrate --mode precopy");
+    drop(vm);
+    eprintln!("pre-copy with vfio-user devices: {report}");
+}
