@@ -70,7 +70,10 @@ fn soak(dir: &Path, socks: &[PathBuf]) -> (Proc, PathBuf) {
     wait_for(&sock);
     let t = Instant::now();
     while common::heartbeats(&sock) < 3 {
-        assert!(t.elapsed() < Duration::from_secs(30), "the guest never beat");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the guest never beat"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     (p, sock)
