@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use vmm::controller::{Command, ControlError, ControlHandle, Response, RunState};
 use vmm::restore::{AfterRestore, RestoreMode, RestoreOptions};
-use vmm::snapshot::SnapshotError;
 use vmm::vstate::PauseOwner;
 use vmm::{Event, RunningVm, Vm, VmConfig, Workload};
 
