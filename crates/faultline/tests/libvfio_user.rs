@@ -28,8 +28,11 @@ use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::libvfio_user::samples_dir;
 
 mod sys {
     pub use libc::{PR_SET_CHILD_SUBREAPER, SIGKILL, WNOHANG, kill, prctl, waitpid};
@@ -37,39 +40,6 @@ mod sys {
 
 /// Everything must be over by then (the client schedules an interrupt 10 s ahead).
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// libvfio-user's samples, built once per test process by `scripts/libvfio-user.sh` (which
-/// does nothing when its stamp matches the sources).
-fn samples_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = top.join(".cache/libvfio-user");
-        let o = Command::new("bash")
-            .arg(top.join("scripts/libvfio-user.sh"))
-            .arg(&out)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run bash scripts/libvfio-user.sh");
-        assert!(
-            o.status.success(),
-            "scripts/libvfio-user.sh failed to build libvfio-user from the upstream sources in \
-             ../shared/peers/libvfio-user (or $FAULTLINE_LIBVFIO_USER_SRC) ({}); it needs \
-             those sources, gcc, pkg-config, meson, ninja, libjson-c-dev and libcmocka-dev \
-             (installed with apt-get when missing, which needs root):\n--- stdout\n{}\n--- stderr\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let dir = out.join("samples");
-        assert!(
-            dir.join("client").is_file(),
-            "scripts/libvfio-user.sh succeeded but {} is missing",
-            dir.join("client").display()
-        );
-        dir
-    })
-}
 
 /// `waitpid` status, decoded.
 fn describe(status: c_int) -> String {

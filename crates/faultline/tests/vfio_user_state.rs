@@ -6,6 +6,11 @@
 //! engine's completion counter does not count every copy since the start (its state was not
 //! carried), or the GPIO inputs do not show the outputs it wrote before the pause.
 //! Modes whose memory arrives on demand are refused by name, before anything runs.
+//!
+//! The same with libvfio-user's own `samples/server` as the device (its migration stream:
+//! BAR1's storage, then BAR0's timer): the guest arms the timer an hour and more ahead and
+//! writes BAR1, through the VMM's I/O window (the sample's BARs are I/O BARs, BAR0 takes
+//! only 8-byte accesses), and checks both at every iteration.
 
 mod common;
 
@@ -240,4 +245,110 @@ fn precopy_migration_carries_busy_vfio_user_devices_and_post_copy_is_refused() {
     check_went_on(&s, 0, "migrate --mode precopy");
     drop(vm);
     eprintln!("pre-copy with vfio-user devices: {report}");
+}
+
+/// libvfio-user's `samples/server` at `sock` (killed on drop).
+fn sample_server(sock: &Path) -> Proc {
+    let p = Proc(
+        Command::new(common::libvfio_user::samples_dir().join("server"))
+            .arg(sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start libvfio-user's samples/server"),
+    );
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "samples/server did not create {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+#[test]
+fn libvfio_user_sample_server_state_through_snapshot_and_precopy_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let socks: Vec<PathBuf> = (0..3).map(|i| d.join(format!("sample-{i}.sock"))).collect();
+    let _servers: Vec<Proc> = socks.iter().map(|s| sample_server(s)).collect();
+    let (vm, sock) = soak(d, &socks[..1]);
+    api(&sock, "PUT", "/vm/pause");
+    let snap = d.join("snap");
+    let o = bin()
+        .args(["snapshot", "--api-sock"])
+        .arg(&sock)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    // The sample runs again after the snapshot (its RUNNING re-arms the timer the guest set).
+    api(&sock, "PUT", "/vm/resume");
+    // Pre-copy migration of the same VM onto the third server.
+    let to = format!("unix:{}", d.join("m.sock").display());
+    let dst_api = d.join("dst-api.sock");
+    let extra = [
+        "--api-sock",
+        dst_api.to_str().unwrap(),
+        "--vfio-user",
+        socks[2].to_str().unwrap(),
+    ];
+    let dest = common::destination(&to, &extra);
+    wait_for(&d.join("m.sock"));
+    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[])
+        .join()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "migrate: {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    wait_for(&dst_api);
+    std::thread::sleep(Duration::from_secs(1));
+    api(&dst_api, "PUT", "/vm/stop");
+    let s = summary(&dest.finish(Duration::from_secs(20)));
+    check_sample(&s, "migrate --mode precopy (libvfio-user sample)");
+    drop(vm);
+    // The snapshot restored onto the second server.
+    let va = vfio_args(&socks[1..2]);
+    let mut args = vec!["--mode", "eager", "--seconds", "1", "--json-events"];
+    args.extend(va.iter().map(String::as_str));
+    let o = common::restore(&snap, &args);
+    assert!(o.status.success(), "restore: {}", text(&o.stderr));
+    check_sample(&summary(&o), "restore --mode eager (libvfio-user sample)");
+}
+
+/// The guest found the sample (and only it) and its checks held.
+fn check_sample(s: &Value, what: &str) {
+    let failed = reports(s, abi::KEY_SOAK_FAILED);
+    assert!(
+        failed.is_empty(),
+        "{what}: the guest failed with {failed:?} (6: the sample's timer or BAR1 lost): {s:#}"
+    );
+    assert!(
+        s["vcpus"][0]["exit_code"].is_null(),
+        "{what}: the guest stopped: {s:#}"
+    );
+    assert!(
+        reports(s, abi::KEY_SOAK_ITERATIONS)
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            > 20,
+        "{what}: the guest did little: {s:#}"
+    );
+    let devs = s["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 1, "{what}: {s:#}");
+    assert_eq!(devs[0]["id"], "dead:beef", "{what}");
+    assert_eq!(
+        devs[0]["errors"], 0,
+        "{what}: a forward failed: {}",
+        devs[0]
+    );
 }

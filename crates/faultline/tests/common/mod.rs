@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod libvfio_user;
 pub mod linux;
 
 /// The link deadline of the processes [`bin_short_deadline`] starts, ms.

@@ -7,8 +7,15 @@ use crate::proto::*;
 
 impl Client {
     fn feature(&self, flags: u32, data: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.feature_reply(flags, data, data.len().max(8))
+    }
+
+    /// A DEVICE_FEATURE whose reply carries `reply` bytes after the 8-byte header: `argsz`
+    /// says so (libvfio-user refuses a GET whose `argsz` cannot hold its reply, e.g. a
+    /// DMA_LOGGING_REPORT's bitmap).
+    fn feature_reply(&self, flags: u32, data: &[u8], reply: usize) -> Result<Vec<u8>, ClientError> {
         let f = DeviceFeature {
-            argsz: (8 + data.len().max(8)) as u32,
+            argsz: (8 + data.len().max(reply)) as u32,
             flags,
         };
         let r = self.call(Command::DeviceFeature, &[f.as_bytes(), data], &[])?;
@@ -84,8 +91,8 @@ impl Client {
         let mut d = iova.to_ne_bytes().to_vec();
         d.extend(length.to_ne_bytes());
         d.extend(page_size.to_ne_bytes());
-        let r = self.feature(FEATURE_GET | FEATURE_DMA_LOGGING_REPORT, &d)?;
         let words = length.div_ceil(page_size.max(1)).div_ceil(64) as usize;
+        let r = self.feature_reply(FEATURE_GET | FEATURE_DMA_LOGGING_REPORT, &d, 24 + words * 8)?;
         let bitmap = r
             .get(24..24 + words * 8)
             .ok_or_else(|| ClientError::Protocol {

@@ -104,8 +104,9 @@ pub const KEY_EXCEPTION_FRAME: u32 = 0x201;
 pub const PCI_ID_GPIO: u32 = 0x0dc8_494f;
 /// `vendor | device << 16` of the DMA engine.
 pub const PCI_ID_DMA: u32 = 0x0d3a_fa17;
-/// `vendor | device << 16` of libvfio-user's `samples/server` (BAR1 is storage the
-/// `devices-soak` guest fills and checks).
+/// `vendor | device << 16` of libvfio-user's `samples/server` (`devices-soak` sets its BAR0
+/// timer an hour and more ahead and writes BAR1's first dword, then checks both: they are
+/// in the sample's own migration stream).
 pub const PCI_ID_SAMPLE: u32 = 0xbeef_dead;
 /// `devices-soak`: the failure (a [`SOAK_FAIL_DMA_TIMEOUT`]... code); the guest then stops
 /// with that exit code.
@@ -124,15 +125,11 @@ pub const SOAK_FAIL_DMA_DATA: u32 = 3;
 pub const SOAK_FAIL_DMA_COUNT: u32 = 4;
 /// The GPIO inputs do not read back the outputs last written.
 pub const SOAK_FAIL_GPIO: u32 = 5;
-/// The sample's BAR1 storage does not hold what the guest wrote at the start.
+/// The sample's BAR0 timer or BAR1 storage does not hold what the guest wrote at the start.
 pub const SOAK_FAIL_SAMPLE: u32 = 6;
 /// Bytes per `devices-soak` DMA copy (source at slice + 0x2000, destination slice + 0x8000).
 pub const SOAK_DMA_LEN: u32 = 0x4000;
-/// Word `k` (0..512) of the sample's BAR1 first page in `devices-soak`.
-pub fn soak_sample_word(k: u64) -> u64 {
-    k.wrapping_mul(FILL_MUL) ^ SOAK_SAMPLE_SEED
-}
-/// XORed into the sample's BAR1 words.
+/// The sample's BAR1 first dword in `devices-soak` is this constant's low half.
 pub const SOAK_SAMPLE_SEED: u64 = 0x5A3C_0FF1_CE00_D00D;
 /// GPIO loopback iterations (`k` = 0..256).
 pub const GPIO_ITERATIONS: u32 = 256;

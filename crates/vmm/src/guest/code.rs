@@ -726,6 +726,7 @@ faultline_guest_end:
     key_soak_devs = const abi::KEY_SOAK_DEVICES,
     soak_dma_len = const abi::SOAK_DMA_LEN,
     soak_seed = const abi::SOAK_SAMPLE_SEED,
+    io_window = const crate::devices::pci::IO_WINDOW,
     sf_timeout = const abi::SOAK_FAIL_DMA_TIMEOUT,
     sf_status = const abi::SOAK_FAIL_DMA_STATUS,
     sf_data = const abi::SOAK_FAIL_DMA_DATA,

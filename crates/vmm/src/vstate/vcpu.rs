@@ -185,12 +185,12 @@ fn run(id: u32, vcpu: &mut VcpuFd, ctx: &VcpuContext<'_>) -> Result<(), VmError>
                     data.fill(0xff);
                 }
             }
-            VcpuExit::IoOut(port, data) if ctx.pci.is_some() && PciBus::claims_port(port) => {
+            VcpuExit::IoOut(port, data) if ctx.pci.is_some_and(|p| p.claims_port(port)) => {
                 if let Some(p) = ctx.pci {
                     p.pio_write(port, data);
                 }
             }
-            VcpuExit::IoIn(port, data) if ctx.pci.is_some() && PciBus::claims_port(port) => {
+            VcpuExit::IoIn(port, data) if ctx.pci.is_some_and(|p| p.claims_port(port)) => {
                 if let Some(p) = ctx.pci {
                     p.pio_read(port, data);
                 }

@@ -7,6 +7,11 @@
 //!   starts). Guest MMIO to a BAR exits to the VMM and becomes a `REGION_READ` / `WRITE`,
 //!   except where the device offers sparse mmap areas: those are mapped from the device's fd
 //!   straight into the guest as KVM memory slots, so the guest's accesses never exit.
+//! - I/O BARs are placed in port space from [`IO_BASE`] up and reached two ways: with
+//!   `in`/`out` on their ports, and through a memory-mapped I/O window at [`IO_WINDOW`]
+//!   (port `p` at `IO_WINDOW + p`, as on platforms without port I/O): accesses wider than 4
+//!   bytes (libvfio-user's sample server has an 8-byte I/O BAR) go through the window.
+//!   Both become `REGION_READ` / `WRITE`.
 //! - Guest memory is shared with each device as one DMA mapping of its memfd.
 //! - MSI-X: the VMM gives the device one eventfd per vector and registers it as a KVM irqfd
 //!   on its own GSI; guest writes to the MSI-X table are forwarded to the device and also
@@ -32,8 +37,14 @@ pub use state::{MAX_STREAM, MAX_VECTORS, PciRecord, PciStateError};
 
 /// Where memory BARs start.
 pub const MMIO_BASE: u64 = 0xe000_0000;
-/// End of the BAR window (the LAPIC and IOAPIC live above).
-pub const MMIO_END: u64 = 0xfec0_0000;
+/// End of the BAR window (the I/O window, then the IOAPIC and LAPIC, live above).
+pub const MMIO_END: u64 = IO_WINDOW;
+/// The memory-mapped window onto PCI port space: port `p` at `IO_WINDOW + p`.
+pub const IO_WINDOW: u64 = 0xfebf_0000;
+/// First port of I/O BARs.
+pub const IO_BASE: u64 = 0x4000;
+/// End of the ports I/O BARs may take.
+pub const IO_END: u64 = 0xf000;
 /// First KVM memory slot for BAR mappings.
 const BAR_SLOT_BASE: u32 = 8;
 
@@ -83,6 +94,13 @@ pub enum AttachError {
     NoRoom(String),
 }
 
+/// Where the next BAR and memory slot go.
+struct Next {
+    mmio: u64,
+    io: u64,
+    slot: u32,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct BarMap {
     addr: u64,
@@ -124,6 +142,8 @@ struct Dev {
     slot: u32,
     client: Client,
     bars: [Option<BarMap>; 6],
+    /// I/O BARs: `addr` is the first port.
+    io_bars: [Option<BarMap>; 6],
     msix: Option<pci::MsixCap>,
     /// Shadow of the MSI-X table as the guest wrote it: per vector [lo, hi, data, ctrl].
     table: Mutex<Vec<[u32; 4]>>,
@@ -196,17 +216,13 @@ impl PciBus {
             mem_size,
             frozen: std::sync::atomic::AtomicBool::new(false),
         };
-        let mut next_mmio = MMIO_BASE;
-        let mut next_slot = BAR_SLOT_BASE;
+        let mut next = Next {
+            mmio: MMIO_BASE,
+            io: IO_BASE,
+            slot: BAR_SLOT_BASE,
+        };
         for (i, p) in paths.iter().enumerate() {
-            let d = bus.attach(
-                p,
-                i as u32 + 1,
-                memfd,
-                mem_size,
-                &mut next_mmio,
-                &mut next_slot,
-            )?;
+            let d = bus.attach(p, i as u32 + 1, memfd, mem_size, &mut next)?;
             bus.devs.push(d);
         }
         Ok(bus)
@@ -218,8 +234,7 @@ impl PciBus {
         slot: u32,
         memfd: &std::fs::File,
         mem_size: u64,
-        next_mmio: &mut u64,
-        next_slot: &mut u32,
+        next: &mut Next,
     ) -> Result<Dev, AttachError> {
         let cerr = |source| AttachError::Client {
             path: path.to_path_buf(),
@@ -248,26 +263,48 @@ impl PciBus {
         let id = u32::from_le_bytes(cfg[0..4].try_into().expect("4 bytes"));
         // Place memory BARs.
         let mut bars: [Option<BarMap>; 6] = Default::default();
+        let mut io_bars: [Option<BarMap>; 6] = Default::default();
         let mut b = 0usize;
         while b < 6 {
             let size = client.region(b as u32).map_or(0, |r| r.size);
             let raw = u32::from_le_bytes(cfg[0x10 + 4 * b..0x14 + 4 * b].try_into().expect("4"));
             let wide = raw & 0b111 == 0b100;
-            if size == 0 || raw & 1 == 1 {
+            if size == 0 {
                 b += 1;
-                continue; // absent, or an I/O BAR (not placed: the guest has no I/O window)
+                continue; // absent
+            }
+            if raw & 1 == 1 {
+                // An I/O BAR: ports (at least 4, aligned to the size).
+                let size = size.max(4);
+                if !size.is_power_of_two() || size > IO_END - IO_BASE {
+                    return Err(derr(format!("I/O BAR {b}: size {size:#x}")));
+                }
+                let port = next.io.div_ceil(size) * size;
+                if port + size > IO_END {
+                    return Err(AttachError::NoRoom(format!(
+                        "no port space for I/O BAR {b} ({size:#x} ports) of {}",
+                        path.display()
+                    )));
+                }
+                next.io = port + size;
+                client
+                    .config_write(0x10 + 4 * b as u64, &(port as u32 | 1).to_le_bytes())
+                    .map_err(cerr)?;
+                io_bars[b] = Some(BarMap { addr: port, size });
+                b += 1;
+                continue;
             }
             if !size.is_power_of_two() || size > 1 << 30 {
                 return Err(derr(format!("BAR {b}: size {size:#x}")));
             }
-            let addr = next_mmio.div_ceil(size) * size;
+            let addr = next.mmio.div_ceil(size) * size;
             if addr + size > MMIO_END {
                 return Err(AttachError::NoRoom(format!(
                     "no room for BAR {b} ({size:#x} bytes) of {}",
                     path.display()
                 )));
             }
-            *next_mmio = addr + size;
+            next.mmio = addr + size;
             client
                 .config_write(0x10 + 4 * b as u64, &(addr as u32).to_le_bytes())
                 .map_err(cerr)?;
@@ -345,13 +382,13 @@ impl PciBus {
                     size: len,
                 });
                 let region = kvm_bindings::kvm_userspace_memory_region {
-                    slot: *next_slot,
+                    slot: next.slot,
                     flags: 0,
                     guest_phys_addr: gpa,
                     memory_size: size,
                     userspace_addr: p as u64,
                 };
-                *next_slot += 1;
+                next.slot += 1;
                 // SAFETY: the slot is backed by the mapping above, which lives in `Dev` for
                 // as long as the bus (and so the VM it serves) does.
                 unsafe { self.vm.set_user_memory_region(region) }
@@ -453,6 +490,7 @@ impl PciBus {
             slot,
             client,
             bars,
+            io_bars,
             msix,
             table: Mutex::new(vec![[0, 0, 0, 1]; vectors]),
             gsi_base,
@@ -470,9 +508,39 @@ impl PciBus {
         })
     }
 
-    /// Whether `port` belongs to the bus.
-    pub fn claims_port(port: u16) -> bool {
-        (0xcf8..=0xcff).contains(&port)
+    /// Whether `port` belongs to the bus (configuration mechanism #1, or an I/O BAR).
+    pub fn claims_port(&self, port: u16) -> bool {
+        (0xcf8..=0xcff).contains(&port) || self.find_io(u64::from(port), 1).is_some()
+    }
+
+    fn find_io(&self, port: u64, len: usize) -> Option<(&Dev, u32, u64)> {
+        self.devs.iter().find_map(|d| {
+            d.io_bars.iter().enumerate().find_map(|(i, b)| {
+                let b = (*b)?;
+                (port >= b.addr && port + len as u64 <= b.addr + b.size)
+                    .then(|| (d, i as u32, port - b.addr))
+            })
+        })
+    }
+
+    /// An access to an I/O BAR at `port` (by `in`/`out`, or through the I/O window).
+    fn io_bar(&self, port: u64, data: &mut [u8], write: bool) -> bool {
+        let Some((d, bar, off)) = self.find_io(port, data.len()) else {
+            return false;
+        };
+        d.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        let r = if write {
+            d.client.region_write(bar, off, data)
+        } else {
+            d.client.region_read(bar, off, data)
+        };
+        if r.is_err() {
+            d.errors.fetch_add(1, Ordering::Relaxed);
+            if !write {
+                data.fill(0xff);
+            }
+        }
+        true
     }
 
     fn config(&self, write: bool, port: u16, data: &mut [u8]) {
@@ -526,9 +594,12 @@ impl PciBus {
                 u32::from_le_bytes(data.try_into().expect("4 bytes")),
                 Ordering::SeqCst,
             );
-        } else if port >= 0xcfc {
+        } else if (0xcfc..=0xcff).contains(&port) {
             let mut d = data.to_vec();
             self.config(true, port, &mut d);
+        } else {
+            let mut d = data.to_vec();
+            self.io_bar(u64::from(port), &mut d, true);
         }
     }
 
@@ -536,9 +607,9 @@ impl PciBus {
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if port == 0xcf8 && data.len() == 4 {
             data.copy_from_slice(&self.address.load(Ordering::SeqCst).to_le_bytes());
-        } else if port >= 0xcfc {
+        } else if (0xcfc..=0xcff).contains(&port) {
             self.config(false, port, data);
-        } else {
+        } else if !self.io_bar(u64::from(port), data, false) {
             data.fill(0xff);
         }
     }
@@ -547,17 +618,18 @@ impl PciBus {
         self.devs.iter().find_map(|d| {
             d.bars.iter().enumerate().find_map(|(i, b)| {
                 let b = (*b)?;
-                (addr >= b.addr && addr + len as u64 <= b.addr + b.size).then_some((
-                    d,
-                    i as u32,
-                    addr - b.addr,
-                ))
+                // Lazily: the offset exists only once the address is known to be inside.
+                (addr >= b.addr && addr + len as u64 <= b.addr + b.size)
+                    .then(|| (d, i as u32, addr - b.addr))
             })
         })
     }
 
     /// A guest MMIO access; false if no BAR is there.
     pub fn mmio(&self, addr: u64, data: &mut [u8], write: bool) -> bool {
+        if (IO_WINDOW..IO_WINDOW + 0x1_0000).contains(&addr) {
+            return self.io_bar(addr - IO_WINDOW, data, write);
+        }
         let Some((d, bar, off)) = self.find(addr, data.len()) else {
             return false;
         };

@@ -416,14 +416,16 @@ impl PciBus {
                 .set_migration_state(MigState::Stop)
                 .map_err(d.err("loading its state (RESUMING -> STOP)"))?;
             // The BARs the guest sees must be where this VMM placed them.
-            for (b, bar) in d.bars.iter().enumerate() {
+            let placed = d.bars.iter().map(|b| (b, !0xf)).enumerate();
+            let ports = d.io_bars.iter().map(|b| (b, !0x3)).enumerate();
+            for (b, (bar, mask)) in placed.chain(ports) {
                 let Some(bar) = bar else { continue };
                 let mut raw = [0u8; 4];
                 d.client
                     .config_read(0x10 + 4 * b as u64, &mut raw)
                     .map_err(d.err("reading its BARs"))?;
-                let at = u64::from(u32::from_le_bytes(raw) & !0xf);
-                if at != bar.addr & 0xffff_fff0 {
+                let at = u64::from(u32::from_le_bytes(raw) & mask);
+                if at != bar.addr & u64::from(mask) & 0xffff_ffff {
                     return Err(d.mismatch(format!(
                         "BAR {b} at {at:#x} in the state, placed at {:#x} here",
                         bar.addr
