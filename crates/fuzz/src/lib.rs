@@ -66,7 +66,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "device_record",
-        what: "a device's record in state.bin: virtio::decode (a virtio-mmio device) or SerialRecord::decode (COM1)",
+        what: "a device's record in state.bin: virtio::decode (a virtio-mmio device), SerialRecord::decode (COM1) or PciRecord::decode (a vfio-user device)",
         body: targets::snapshot::device_record,
     },
     Target {

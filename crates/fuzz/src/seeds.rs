@@ -200,9 +200,26 @@ pub fn vfu(dir: &Path) -> Seeds {
         let _ = c.reset();
     }
     let _ = proxy.join();
+    // The device's own migration stream, in the record a snapshot keeps of it.
+    let record = {
+        let c = Client::connect(&dir.join("gpio.sock"), Duration::from_secs(10))
+            .expect("a second client connects");
+        let _ = c.region_write(2, 0, &[0x5a]);
+        let stream = c.save_state().expect("the device's state");
+        vmm::devices::pci::PciRecord {
+            slot: 1,
+            id: vmm::guest::abi::PCI_ID_GPIO,
+            table: vec![[0xfee0_0000, 0, 0x41, 0]],
+            stream,
+        }
+        .encode()
+    };
     stop.shutdown();
     let _ = run.join();
     let mut out: Seeds = Vec::new();
+    let mut b = vec![2u8];
+    b.extend_from_slice(&record);
+    out.push(("device_record", "vfio-user-gpio".into(), b));
     for (i, (nfds, m)) in up.lock().expect("log").iter().enumerate() {
         let mut b = vec![*nfds as u8, 1];
         b.extend_from_slice(m);

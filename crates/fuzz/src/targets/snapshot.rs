@@ -57,24 +57,35 @@ pub fn state(data: &[u8]) -> bool {
     true
 }
 
-/// A device's record inside `state.bin` (tags 30 and 31): the first byte picks the format,
-/// even a virtio device's (`virtio::decode`), odd COM1's (`vmm::devices::SerialRecord`);
+/// A device's record inside `state.bin` (tags 30, 31 and 32): the first byte picks the
+/// format modulo 3: 0 a virtio device's (`virtio::decode`), 1 COM1's
+/// (`vmm::devices::SerialRecord`), 2 a vfio-user device's (`vmm::devices::pci::PciRecord`);
 /// what decodes re-encodes to the same bytes.
 pub fn device_record(data: &[u8]) -> bool {
     let [k, rest @ ..] = data else {
         return false;
     };
-    if k % 2 == 0 {
-        let Ok((t, dev)) = virtio::decode(rest) else {
-            return false;
-        };
-        assert_eq!(virtio::encode(&t, &dev), rest, "virtio record round trip");
-    } else {
-        use vmm::devices::SerialRecord;
-        let Ok(s) = SerialRecord::decode(rest) else {
-            return false;
-        };
-        assert_eq!(SerialRecord::encode(&s), rest, "serial record round trip");
+    match k % 3 {
+        0 => {
+            let Ok((t, dev)) = virtio::decode(rest) else {
+                return false;
+            };
+            assert_eq!(virtio::encode(&t, &dev), rest, "virtio record round trip");
+        }
+        1 => {
+            use vmm::devices::SerialRecord;
+            let Ok(s) = SerialRecord::decode(rest) else {
+                return false;
+            };
+            assert_eq!(SerialRecord::encode(&s), rest, "serial record round trip");
+        }
+        _ => {
+            use vmm::devices::pci::PciRecord;
+            let Ok(r) = PciRecord::decode(rest) else {
+                return false;
+            };
+            assert_eq!(r.encode(), rest, "vfio-user record round trip");
+        }
     }
     true
 }
