@@ -178,14 +178,15 @@ pub fn run_one(
             .map(|c| Proc(c, name))
             .map_err(|e| BenchError::Run(format!("cannot start {}: {e}", exe.display())))
     };
-    let devices = if s.workload == "devices" {
-        Some(Devices::new(dir)?)
-    } else {
-        None
+    let devices = match s.workload.as_str() {
+        "devices" => Some(Devices::virtio(dir)?),
+        "vfio-user" => Some(Devices::vfio_user(exe, dir)?),
+        _ => None,
     };
-    let guest: Vec<&str> = match &devices {
-        Some(_) => vec!["--guest", "virtio", "--virtio-job", "soak"],
-        None => vec!["--guest", &s.workload],
+    let guest: Vec<&str> = match s.workload.as_str() {
+        "devices" => vec!["--guest", "virtio", "--virtio-job", "soak"],
+        "vfio-user" => vec!["--guest", "devices-soak"],
+        w => vec!["--guest", w],
     };
     let mut src_args = vec![
         "run",
@@ -309,15 +310,46 @@ pub fn run_one(
 }
 
 /// The `devices` workload's backends: a disk image both ends share, a tap and a vsock
-/// socket per end; the taps are deleted on drop.
+/// socket per end; the taps are deleted on drop. The `vfio-user` workload's: a GPIO card and
+/// a DMA engine served by `faultline device serve` for each end.
 struct Devices {
     disk: PathBuf,
     taps: [String; 2],
     vsock: [PathBuf; 2],
+    /// vfio-user: each end's servers (GPIO, DMA engine sockets), killed on drop.
+    servers: Vec<(Proc, [PathBuf; 2])>,
 }
 
 impl Devices {
-    fn new(dir: &Path) -> Result<Devices, BenchError> {
+    fn vfio_user(exe: &Path, dir: &Path) -> Result<Devices, BenchError> {
+        let mut d = Devices {
+            disk: PathBuf::new(),
+            taps: [String::new(), String::new()],
+            vsock: [PathBuf::new(), PathBuf::new()],
+            servers: Vec::new(),
+        };
+        for end in ["src", "dst"] {
+            let g = dir.join(format!("gpio-{end}.sock"));
+            let dma = dir.join(format!("dma-{end}.sock"));
+            for p in [&g, &dma] {
+                let _ = std::fs::remove_file(p);
+            }
+            let c = Command::new(exe)
+                .args(["device", "serve", "gpio", "--socket"])
+                .arg(&g)
+                .arg("--also")
+                .arg(format!("dma:{}", dma.display()))
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| BenchError::Run(format!("faultline device serve: {e}")))?;
+            let mut p = Proc(c, "device server");
+            wait_sock(&dma, &mut p)?;
+            d.servers.push((p, [g, dma]));
+        }
+        Ok(d)
+    }
+
+    fn virtio(dir: &Path) -> Result<Devices, BenchError> {
         let disk = dir.join("devices-disk.img");
         std::fs::File::create(&disk)
             .and_then(|f| f.set_len(64 << 20))
@@ -328,6 +360,7 @@ impl Devices {
             disk,
             taps: [String::new(), String::new()],
             vsock: [dir.join("vs.sock"), dir.join("vd.sock")],
+            servers: Vec::new(),
         };
         for (i, t) in taps.iter().enumerate() {
             let _ = std::fs::remove_file(&d.vsock[i]);
@@ -349,6 +382,12 @@ impl Devices {
 
     /// The device options of end `i` (0 source, 1 destination).
     fn args(&self, i: usize) -> Vec<String> {
+        if let Some((_, socks)) = self.servers.get(i) {
+            return socks
+                .iter()
+                .flat_map(|s| ["--vfio-user".to_string(), s.display().to_string()])
+                .collect();
+        }
         vec![
             "--disk".into(),
             self.disk.display().to_string(),
@@ -363,13 +402,16 @@ impl Devices {
 
 impl Drop for Devices {
     fn drop(&mut self) {
+        self.servers.clear();
         for t in self.taps.iter().filter(|t| !t.is_empty()) {
             let _ = Command::new("ip")
                 .args(["link", "del", t])
                 .stderr(Stdio::null())
                 .status();
         }
-        let _ = std::fs::remove_file(&self.disk);
+        if !self.disk.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.disk);
+        }
     }
 }
 
