@@ -234,6 +234,19 @@ impl Dev {
     }
 }
 
+/// Logs how long a step over every device took, when dropped (debug level).
+struct Logged(&'static str, std::time::Instant);
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        tracing::debug!(
+            us = self.1.elapsed().as_micros() as u64,
+            "vfio-user devices {}",
+            self.0
+        );
+    }
+}
+
 impl PciBus {
     /// The devices whose state cannot be carried (no migration offered), by name.
     pub fn without_migration(&self) -> Vec<String> {
@@ -274,6 +287,7 @@ impl PciBus {
 
     /// OR the pages each device wrote since the last call into `words` (one bit a page).
     pub fn take_dirty(&self, words: &mut [u64]) -> Result<(), PciStateError> {
+        let _done = Logged("reported their dirty pages", std::time::Instant::now());
         for d in &self.devs {
             let bits = d
                 .client
@@ -300,6 +314,8 @@ impl PciBus {
     /// delivered, then `STOP_COPY`: the device finishes what it holds and stops.
     pub fn freeze(&self) -> Result<(), PciStateError> {
         self.frozen.store(true, Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        let _done = Logged("stopped", t);
         for d in &self.devs {
             if d.mig_flags.is_none() {
                 return Err(PciStateError::NoMigration {
@@ -318,6 +334,7 @@ impl PciBus {
     /// Each device's record (after [`freeze`](Self::freeze)): its migration data, read to
     /// the end; the device is left in `STOP`.
     pub fn save(&self) -> Result<Vec<Vec<u8>>, PciStateError> {
+        let _done = Logged("saved", std::time::Instant::now());
         let mut out = Vec::with_capacity(self.devs.len());
         for d in &self.devs {
             let mut stream = Vec::new();
@@ -360,6 +377,7 @@ impl PciBus {
         if !self.frozen.swap(false, Ordering::SeqCst) {
             return; // running already (a fresh boot)
         }
+        let _done = Logged("running again", std::time::Instant::now());
         for d in &self.devs {
             if d.mig_flags.is_none() {
                 continue;
@@ -375,6 +393,7 @@ impl PciBus {
     /// `RESUMING`, the data, `STOP`; the BARs checked, the MSI-X routes programmed.
     pub fn restore(&self, records: &[Vec<u8>]) -> Result<(), PciStateError> {
         self.frozen.store(true, Ordering::SeqCst);
+        let _done = Logged("given their state", std::time::Instant::now());
         if records.len() != self.devs.len() {
             return Err(PciStateError::Count {
                 saved: records.len(),
