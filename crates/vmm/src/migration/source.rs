@@ -444,6 +444,10 @@ fn precopy_then_switch(
     // The operator's pause (if any) travels with the guest: it stays paused where it lands.
     let operator_paused = ctx.control.paused_by().contains(&PauseOwner::Operator);
     ctx.control.pause(PauseOwner::Migration);
+    let step = |what: &str| {
+        tracing::debug!(us = pause.elapsed().as_micros() as u64, "switchover: {what}");
+    };
+    step("vCPUs paused");
     let now = mono_ns();
     let cpus = &ctx.control.cpus;
     let tails_us = cpus
@@ -480,6 +484,7 @@ fn precopy_then_switch(
     if let Err(e) = ctx.devices.freeze() {
         return before(MigrationError::Devices(e));
     }
+    step("devices frozen");
     super::failpoint::hold("source-switchover");
     let d = match pc.dirty(log) {
         Ok(d) => d,
@@ -496,10 +501,12 @@ fn precopy_then_switch(
         }
         Vec::new()
     };
+    step("last dirty pages sent");
     let vcpus = match ctx.control.save_vcpus(&ctx.msr_list, ctx.irqchip) {
         Ok(v) => v,
         Err(e) => return before(MigrationError::Save(e)),
     };
+    step("vCPUs saved");
     let mut vm_state = match crate::vstate::VmState::save(&ctx.vm, ctx.irqchip) {
         Ok(v) => v,
         Err(e) => return before(MigrationError::State(e)),
@@ -530,6 +537,7 @@ fn precopy_then_switch(
             Err(e) => return before(e),
         }
     };
+    step("state taken, digest computed");
     let sw = Switch {
         postcopy,
         heartbeats,
