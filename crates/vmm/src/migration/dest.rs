@@ -403,6 +403,12 @@ fn receive(
     super::failpoint::hold("dest-state");
     let bytes = rx.bytes + u64::from(h.len) + HEADER as u64;
     let switch_t = Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(
+            us = switch_t.elapsed().as_micros() as u64,
+            "switchover here: {what}"
+        );
+    };
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)
         .map_err(|e| refuse(&mut main, MigrationError::State(e)))?;
     let none = vec![0u64; words_for(pages)];
@@ -422,6 +428,7 @@ fn receive(
             ));
         }
     }
+    step("state decoded, memory checked");
     // Post-copy: drop stale copies of needed pages, then let the fault loop catch every
     // access to a page not yet here.
     let fault_loop = match &rx.needed {
@@ -448,8 +455,10 @@ fn receive(
     vm_state
         .restore(&parts.vm)
         .map_err(|e| refuse(&mut main, MigrationError::State(e)))?;
+    step("VM state restored");
     parts.vcpus = build_vcpus(&parts.kvm, &parts.vm, &vcpu_states, &cfg, opts.verify)
         .map_err(|e| refuse(&mut main, MigrationError::Build(e)))?;
+    step("vCPUs built");
     if opts.verify {
         cfg.workload = Workload::Verify;
         cfg.run_for = None;
@@ -458,6 +467,7 @@ fn receive(
     parts.last_heartbeat = rx.sw.heartbeats.clone();
     parts.devices = vm_state.devices.clone();
     let vm = Vm::from_parts(parts).map_err(|e| refuse(&mut main, MigrationError::Vm(e)))?;
+    step("devices given their state");
     if rx.sw.paused {
         // The operator had paused the guest at the source: it lands paused.
         vm.control().hold(PauseOwner::Operator);

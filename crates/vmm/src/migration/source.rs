@@ -445,7 +445,10 @@ fn precopy_then_switch(
     let operator_paused = ctx.control.paused_by().contains(&PauseOwner::Operator);
     ctx.control.pause(PauseOwner::Migration);
     let step = |what: &str| {
-        tracing::debug!(us = pause.elapsed().as_micros() as u64, "switchover: {what}");
+        tracing::debug!(
+            us = pause.elapsed().as_micros() as u64,
+            "switchover: {what}"
+        );
     };
     step("vCPUs paused");
     let now = mono_ns();
