@@ -97,7 +97,7 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         runs: u64,
         /// Workloads: dirty, read, random (the built-in guest), devices (every virtio
-        /// device busy), vfio-user (a GPIO card and a DMA engine busy; pre-copy only).
+        /// device busy), vfio-user (a GPIO card and a DMA engine busy).
         #[arg(long, value_delimiter = ',', default_values_t = ["dirty".to_string(), "read".to_string()])]
         workloads: Vec<String>,
         /// Links: unlimited, 10g, 1g.

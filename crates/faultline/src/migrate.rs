@@ -391,15 +391,6 @@ pub fn bench(
                 continue;
             }
             for m in modes {
-                if w == "vfio-user" && m != "precopy" {
-                    // Their DMA bypasses the fault handler: refused by the VMM (see
-                    // README, "Known limits").
-                    eprintln!(
-                        "bench migrate: vfio-user devices migrate with pre-copy only; skipping {m}"
-                    );
-                    done += tls.len();
-                    continue;
-                }
                 let mut totals = Vec::new();
                 for &tls in &tls {
                     let shape = bench::migrate_bench::Shape {

@@ -5,7 +5,9 @@
 //! and stops with a failure code if a DMA copy in flight at the pause never completes, the
 //! engine's completion counter does not count every copy since the start (its state was not
 //! carried), or the GPIO inputs do not show the outputs it wrote before the pause.
-//! Modes whose memory arrives on demand are refused by name, before anything runs.
+//! Every restore mode and every migration mode: where memory arrives on demand (lazy,
+//! prefetch, post-copy, hybrid) or is a private file mapping (mmap), the devices reach it
+//! through DMA messages the VMM serves, so their DMA faults pages in as the vCPUs do.
 //!
 //! The same with libvfio-user's own `samples/server` as the device (its migration stream:
 //! BAR1's storage, then BAR0's timer): the guest arms the timer an hour and more ahead and
@@ -130,8 +132,24 @@ fn check_went_on(s: &Value, at_pause: u64, what: &str) {
     }
 }
 
+/// The DMA engine reached guest memory through messages (memory on demand, or a private
+/// mapping) or through its own mapping of the memfd (memory whole before it ran).
+fn check_dma_path(s: &Value, messages: bool, what: &str) {
+    let dma = &s["devices"][1];
+    assert_eq!(dma["id"], "fa17:0d3a", "{what}: {s:#}");
+    let n = dma["dma_messages"].as_u64().unwrap();
+    if messages {
+        assert!(
+            n > 20,
+            "{what}: the engine's DMA went through {n} messages: {dma}"
+        );
+    } else {
+        assert_eq!(n, 0, "{what}: the engine's DMA should map the memfd: {dma}");
+    }
+}
+
 #[test]
-fn snapshot_and_eager_restore_carry_busy_vfio_user_devices() {
+fn snapshot_and_restore_in_every_mode_carry_busy_vfio_user_devices() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (_src_srv, src) = servers(d, "src");
@@ -156,29 +174,25 @@ fn snapshot_and_eager_restore_carry_busy_vfio_user_devices() {
     // The restored guest starts from the iteration it was paused at (in guest memory).
     let at_pause = *reports(&s, abi::KEY_SOAK_ITERATIONS).first().unwrap_or(&0) / 2;
 
-    // Restored onto new servers of the same devices.
+    // Restored onto new servers of the same devices, in every mode (one restore after
+    // another on the same servers: each takes the state the snapshot holds).
     let (_dst_srv, dst) = servers(d, "dst");
-    let mut args = vec!["--mode", "eager", "--seconds", "2", "--json-events"];
-    let va = vfio_args(&dst);
-    args.extend(va.iter().map(String::as_str));
-    let o = common::restore(&snap, &args);
-    assert!(o.status.success(), "restore: {}", text(&o.stderr));
-    check_went_on(&summary(&o), at_pause, "restore --mode eager");
-
-    // Refused before anything runs: memory on demand, no servers, servers in another order.
-    let (_other_srv, other) = servers(d, "other");
-    for mode in ["lazy", "prefetch", "mmap"] {
-        let mut args = vec!["--mode", mode];
-        let va = vfio_args(&other);
+    for mode in ["eager", "lazy", "prefetch", "mmap"] {
+        let mut args = vec!["--mode", mode, "--seconds", "2", "--json-events"];
+        let va = vfio_args(&dst);
         args.extend(va.iter().map(String::as_str));
         let o = common::restore(&snap, &args);
-        assert!(!o.status.success(), "--mode {mode} restored");
-        let e = text(&o.stderr);
         assert!(
-            e.contains("vfio-user") && e.contains("--mode eager"),
-            "--mode {mode}: {e}"
+            o.status.success(),
+            "restore --mode {mode}: {}",
+            text(&o.stderr)
         );
+        let s = summary(&o);
+        check_went_on(&s, at_pause, &format!("restore --mode {mode}"));
+        check_dma_path(&s, mode != "eager", &format!("restore --mode {mode}"));
     }
+
+    // Refused before anything runs: no servers, servers in another order.
     let o = common::restore(&snap, &["--mode", "eager"]);
     assert!(!o.status.success());
     let e = text(&o.stderr);
@@ -186,65 +200,51 @@ fn snapshot_and_eager_restore_carry_busy_vfio_user_devices() {
         e.contains("2 vfio-user device(s), 0 server(s)"),
         "no servers named: {e}"
     );
-    let swapped = [other[1].clone(), other[0].clone()];
-    let mut args = vec!["--mode", "eager"];
-    let va = vfio_args(&swapped);
-    args.extend(va.iter().map(String::as_str));
-    let o = common::restore(&snap, &args);
-    assert!(!o.status.success());
-    let e = text(&o.stderr);
-    assert!(e.contains("the state is of"), "servers swapped: {e}");
+    let swapped = [dst[1].clone(), dst[0].clone()];
+    for mode in ["eager", "lazy"] {
+        let mut args = vec!["--mode", mode];
+        let va = vfio_args(&swapped);
+        args.extend(va.iter().map(String::as_str));
+        let o = common::restore(&snap, &args);
+        assert!(!o.status.success());
+        let e = text(&o.stderr);
+        assert!(
+            e.contains("the state is of"),
+            "servers swapped, {mode}: {e}"
+        );
+    }
 }
 
 #[test]
-fn precopy_migration_carries_busy_vfio_user_devices_and_post_copy_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (_src_srv, src) = servers(d, "src");
-    let (_dst_srv, dst) = servers(d, "dst");
-    let (vm, sock) = soak(d, &src);
-    let to = format!("unix:{}", d.join("m.sock").display());
-    let dst_api = d.join("dst-api.sock");
-    let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
-    extra.extend(vfio_args(&dst));
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let dest = common::destination(&to, &extra);
-    wait_for(&d.join("m.sock"));
-    // Post-copy and hybrid are refused at the source before anything is sent; the guest
-    // runs on there.
-    for mode in ["postcopy", "hybrid"] {
+fn live_migration_in_every_mode_carries_busy_vfio_user_devices() {
+    for mode in ["precopy", "postcopy", "hybrid"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (_src_srv, src) = servers(d, "src");
+        let (_dst_srv, dst) = servers(d, "dst");
+        let (vm, sock) = soak(d, &src);
+        let to = format!("unix:{}", d.join("m.sock").display());
+        let dst_api = d.join("dst-api.sock");
+        let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
+        extra.extend(vfio_args(&dst));
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let dest = common::destination(&to, &extra);
+        wait_for(&d.join("m.sock"));
         let (o, _) = common::migrate_bg(&sock, &to, mode, &[]).join().unwrap();
-        assert!(!o.status.success(), "--mode {mode} migrated");
-        let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
         assert!(
-            all.contains("vfio-user") && all.contains("--mode precopy"),
-            "{mode}: {all}"
+            o.status.success(),
+            "migrate --mode {mode}: {}\n{}",
+            text(&o.stdout),
+            text(&o.stderr)
         );
+        wait_for(&dst_api);
+        std::thread::sleep(Duration::from_secs(2));
+        api(&dst_api, "PUT", "/vm/stop");
+        let s = summary(&dest.finish(Duration::from_secs(20)));
+        check_went_on(&s, 0, &format!("migrate --mode {mode}"));
+        check_dma_path(&s, mode != "precopy", &format!("migrate --mode {mode}"));
+        drop(vm);
     }
-    let before = common::heartbeats(&sock);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(common::heartbeats(&sock) > before, "the source stopped");
-    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[])
-        .join()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "migrate --mode precopy: {}\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    let report: Value = text(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v.get("downtime_ms").is_some())
-        .unwrap_or(Value::Null);
-    wait_for(&dst_api);
-    std::thread::sleep(Duration::from_secs(2));
-    api(&dst_api, "PUT", "/vm/stop");
-    let s = summary(&dest.finish(Duration::from_secs(20)));
-    check_went_on(&s, 0, "migrate --mode precopy");
-    drop(vm);
-    eprintln!("pre-copy with vfio-user devices: {report}");
 }
 
 /// libvfio-user's `samples/server` at `sock` (killed on drop).
@@ -270,7 +270,7 @@ fn sample_server(sock: &Path) -> Proc {
 }
 
 #[test]
-fn libvfio_user_sample_server_state_through_snapshot_and_precopy_migration() {
+fn libvfio_user_sample_server_state_through_lazy_restore_and_post_copy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let socks: Vec<PathBuf> = (0..3).map(|i| d.join(format!("sample-{i}.sock"))).collect();
@@ -288,7 +288,8 @@ fn libvfio_user_sample_server_state_through_snapshot_and_precopy_migration() {
     assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
     // The sample runs again after the snapshot (its RUNNING re-arms the timer the guest set).
     api(&sock, "PUT", "/vm/resume");
-    // Pre-copy migration of the same VM onto the third server.
+    // Post-copy migration of the same VM onto the third server (guest memory reaches the
+    // device through messages until it has all arrived).
     let to = format!("unix:{}", d.join("m.sock").display());
     let dst_api = d.join("dst-api.sock");
     let extra = [
@@ -299,7 +300,7 @@ fn libvfio_user_sample_server_state_through_snapshot_and_precopy_migration() {
     ];
     let dest = common::destination(&to, &extra);
     wait_for(&d.join("m.sock"));
-    let (o, _) = common::migrate_bg(&sock, &to, "precopy", &[])
+    let (o, _) = common::migrate_bg(&sock, &to, "postcopy", &[])
         .join()
         .unwrap();
     assert!(
@@ -312,15 +313,15 @@ fn libvfio_user_sample_server_state_through_snapshot_and_precopy_migration() {
     std::thread::sleep(Duration::from_secs(1));
     api(&dst_api, "PUT", "/vm/stop");
     let s = summary(&dest.finish(Duration::from_secs(20)));
-    check_sample(&s, "migrate --mode precopy (libvfio-user sample)");
+    check_sample(&s, "migrate --mode postcopy (libvfio-user sample)");
     drop(vm);
-    // The snapshot restored onto the second server.
+    // The snapshot restored lazily onto the second server.
     let va = vfio_args(&socks[1..2]);
-    let mut args = vec!["--mode", "eager", "--seconds", "1", "--json-events"];
+    let mut args = vec!["--mode", "lazy", "--seconds", "1", "--json-events"];
     args.extend(va.iter().map(String::as_str));
     let o = common::restore(&snap, &args);
     assert!(o.status.success(), "restore: {}", text(&o.stderr));
-    check_sample(&summary(&o), "restore --mode eager (libvfio-user sample)");
+    check_sample(&summary(&o), "restore --mode lazy (libvfio-user sample)");
 }
 
 /// The guest found the sample (and only it) and its checks held.
@@ -351,4 +352,67 @@ fn check_sample(s: &Value, what: &str) {
         "{what}: a forward failed: {}",
         devs[0]
     );
+}
+
+/// A VM restored lazily (its devices' DMA through messages) migrates with pre-copy: the
+/// pages the devices wrote through messages are logged by the VMM and sent again (the
+/// destination's memory digest check refuses the migration otherwise), and at the
+/// destination the devices map the memfd again.
+#[test]
+fn a_lazily_restored_vm_with_vfio_user_devices_migrates_pre_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_a, src) = servers(d, "a");
+    let (_b, restored) = servers(d, "b");
+    let (_c, dst) = servers(d, "c");
+    let (vm, sock) = soak(d, &src);
+    api(&sock, "PUT", "/vm/pause");
+    let snap = d.join("snap");
+    let o = bin()
+        .args(["snapshot", "--api-sock"])
+        .arg(&sock)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    api(&sock, "PUT", "/vm/stop");
+    drop(vm);
+    let api_r = d.join("restored-api.sock");
+    let mut args = vec![
+        "--mode".to_string(),
+        "lazy".into(),
+        "--json-events".into(),
+        "--api-sock".into(),
+        api_r.display().to_string(),
+    ];
+    args.extend(vfio_args(&restored));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = common::spawn_restore(&snap, &args);
+    wait_for(&api_r);
+    std::thread::sleep(Duration::from_millis(500));
+    let to = format!("unix:{}", d.join("m.sock").display());
+    let dst_api = d.join("dst-api.sock");
+    let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
+    extra.extend(vfio_args(&dst));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let dest = common::destination(&to, &extra);
+    wait_for(&d.join("m.sock"));
+    let (o, _) = common::migrate_bg(&api_r, &to, "precopy", &[])
+        .join()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "migrate: {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(text(&o.stdout).contains("\"digest_verified\":true"));
+    wait_for(&dst_api);
+    std::thread::sleep(Duration::from_secs(1));
+    api(&dst_api, "PUT", "/vm/stop");
+    let s = summary(&dest.finish(Duration::from_secs(20)));
+    check_went_on(&s, 0, "pre-copy of a lazily restored VM");
+    check_dma_path(&s, false, "pre-copy of a lazily restored VM");
+    drop(r);
 }

@@ -181,13 +181,6 @@ pub enum ControlError {
     /// The VM has parts a migration cannot carry yet.
     #[error("this VM cannot be migrated yet: a migration would not carry {}", .0.join(", "))]
     Uncarried(Vec<String>),
-    /// Post-copy (or hybrid) asked of a VM with vfio-user devices.
-    #[error(
-        "--mode {0} with vfio-user devices: a device's DMA reaches guest memory through its \
-         own mapping, beside the fault handler, so their memory must be whole before they \
-         run (QEMU refuses post-copy with VFIO devices too); use --mode precopy"
-    )]
-    ModeWithVfioUser(&'static str),
     /// A migration request without a destination.
     #[error("`to` is missing: where to migrate")]
     NoDestination,
@@ -722,10 +715,6 @@ impl RunningVm {
             return Err(ControlError::Uncarried(
                 uncarried.into_iter().map(|u| u.0).collect(),
             ));
-        }
-        if req.mode != xfer::proto::MigrationMode::Precopy && self.machine.devices().has_vfio_user()
-        {
-            return Err(ControlError::ModeWithVfioUser(req.mode.name()));
         }
         if !self.machine.all_running() {
             return Err(ControlError::Finished);

@@ -289,18 +289,16 @@ impl DeviceOps for DmaOps {
     /// Stopping (a snapshot, a migration's switchover): the copy in flight, if any, is
     /// finished first (its descriptor status written, its interrupt raised), so the state
     /// saved next holds no half-done copy and the guest sees the completion after it resumes.
-    fn migration_transition(&self, _dev: &DeviceContext, to: MigState) -> Result<(), DeviceError> {
-        if matches!(to, MigState::Stop | MigState::StopCopy) {
-            let t = std::time::Instant::now();
-            while self.0.busy.load(Ordering::SeqCst) != 0 {
-                if t.elapsed() > STOP_DEADLINE {
-                    return Err(DeviceError {
-                        errno: libc::EBUSY,
-                        msg: format!("a copy still runs after {STOP_DEADLINE:?}"),
-                    });
-                }
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
+    /// (A copy through DMA messages needs the client's replies, which `wait_while` keeps
+    /// reading.)
+    fn migration_transition(&self, dev: &DeviceContext, to: MigState) -> Result<(), DeviceError> {
+        if matches!(to, MigState::Stop | MigState::StopCopy)
+            && !dev.wait_while(|| self.0.busy.load(Ordering::SeqCst) != 0, STOP_DEADLINE)
+        {
+            return Err(DeviceError {
+                errno: libc::EBUSY,
+                msg: format!("a copy still runs after {STOP_DEADLINE:?}"),
+            });
         }
         Ok(())
     }

@@ -167,6 +167,34 @@ impl DeviceContext {
             .mark_dirty(address, len);
     }
 
+    /// Wait (up to `timeout`) while `busy()` holds: for work of the device's own that needs
+    /// the client, such as a DMA copy in flight through `DMA_READ` / `DMA_WRITE` messages,
+    /// from a callback run for a client command (a migration state change). The client's
+    /// replies to that DMA keep being read meanwhile, which waiting any other way would
+    /// block: the callback runs on the thread that reads the client's socket. Returns
+    /// whether `busy()` ended in time.
+    pub fn wait_while(&self, busy: impl Fn() -> bool, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let owner = *lock(&self.0.owner);
+        let session = owner.and_then(|id| {
+            lock(&super::session::SESSIONS)
+                .get(&id)
+                .and_then(std::sync::Weak::upgrade)
+        });
+        match session {
+            Some(s) => s.pump_while(&busy, deadline),
+            None => {
+                while busy() {
+                    if std::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                true
+            }
+        }
+    }
+
     /// The DMA logging page size while the client has dirty-page logging on.
     pub fn dma_logging(&self) -> Option<u64> {
         self.0

@@ -144,6 +144,37 @@ impl Session {
         // A reply nobody waits for (late, or made up by the client) is dropped.
     }
 
+    /// Wait while `busy()` holds, up to `deadline`. On the thread that reads this socket (a
+    /// device callback run for one of this client's commands), keep reading it meanwhile:
+    /// replies to the device's own DMA requests are handed to their waiters (its other
+    /// threads may be waiting on them), commands are kept for later. Elsewhere: just wait.
+    /// Returns whether `busy()` ended in time.
+    pub(crate) fn pump_while(&self, busy: &dyn Fn() -> bool, deadline: std::time::Instant) -> bool {
+        let inline = *lock(&self.serving) == Some(std::thread::current().id());
+        while busy() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if !inline {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+                continue;
+            }
+            match lock(&self.reader).poll(&self.sock, max_in()) {
+                Ok(Some(m)) if m.header.is_reply() => self.dispatch_reply(m),
+                Ok(Some(m)) => lock(&self.state).backlog.push_back(m),
+                Ok(None) | Err(RecvError::Idle) => {
+                    let wait = (deadline - now).min(std::time::Duration::from_millis(1));
+                    if sock::wait_for(self.sock.as_raw_fd(), libc::POLLIN, wait).is_err() {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_micros(100)),
+            }
+        }
+        true
+    }
+
     /// The connection is gone: fail the DMA requests waiting for replies on it now, rather
     /// than when their timeout expires.
     pub(crate) fn fail_pending(&self) {

@@ -269,8 +269,7 @@ pub fn http(reply: Reply) -> HttpReply {
                 | ControlError::MigrationDone
                 | ControlError::InDoubt
                 | ControlError::NotInDoubt
-                | ControlError::Uncarried(_)
-                | ControlError::ModeWithVfioUser(_) => 409,
+                | ControlError::Uncarried(_) => 409,
                 ControlError::NoMigration => 404,
                 ControlError::Finished
                 | ControlError::NoDestination

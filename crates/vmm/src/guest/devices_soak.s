@@ -93,7 +93,10 @@
     test r8, r8
     jz .Lds_gpio
     # DMA copy i: source word j = (i + 1) * FILL_MUL ^ j at slice + 0x2000, destination at
-    # slice + 0x8000 zeroed; the descriptor at the slice's start (no interrupt: polled)
+    # slice + 0x8000 (written by the device only: each copy's data differs from the last, so
+    # a copy that did not happen is caught; and a migration that missed the device's writes
+    # leaves the destination's memory unlike the source's, which its digest check refuses);
+    # the descriptor at the slice's start (no interrupt: polled)
     lea r11, [rsi + 1]
     movabs r10, {fill_mul}
     imul r11, r10
@@ -102,7 +105,6 @@
     mov rax, r11
     xor rax, rdi
     mov [r12 + 0x2000 + rdi * 8], rax
-    mov qword ptr [r12 + 0x8000 + rdi * 8], 0
     inc edi
     cmp edi, {soak_dma_len} / 8
     jb 5b

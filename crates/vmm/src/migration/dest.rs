@@ -112,23 +112,19 @@ fn check_config(
     }
     cfg.vfio_user =
         crate::config::rebind_vfio_user(&cfg.vfio_user, servers).map_err(MigrationError::Config)?;
-    if !cfg.vfio_user.is_empty() && h.mode != MigrationMode::Precopy {
-        return Err(MigrationError::Invalid(format!(
-            "--mode {} with vfio-user devices: a device's DMA bypasses the fault handler; \
-             only pre-copy carries them",
-            h.mode.name()
-        )));
-    }
+
     if cfg.linux.is_none() {
         cfg.check_builtin().map_err(MigrationError::Config)?;
         cfg.slices().map_err(MigrationError::Config)?;
     }
     cfg.virtio =
         crate::config::rebind_virtio(&cfg.virtio, backends).map_err(MigrationError::Config)?;
-    cfg.backend = if cfg.vfio_user.is_empty() {
-        Backend::Anonymous
+    // vfio-user devices map a pre-copy destination's memory (a memfd: every page is here
+    // before they run); post-copy memory reaches them through messages the VMM serves.
+    cfg.backend = if !cfg.vfio_user.is_empty() && h.mode == MigrationMode::Precopy {
+        Backend::Memfd
     } else {
-        Backend::Memfd // devices DMA into guest memory through its memfd
+        Backend::Anonymous
     };
     Ok(cfg)
 }

@@ -154,17 +154,6 @@ fn migrate(
         .to
         .clone()
         .ok_or_else(|| MigrationError::Invalid("`to` is missing".into()))?;
-    if req.mode != MigrationMode::Precopy && ctx.devices.has_vfio_user() {
-        // A device's DMA reaches guest memory through its own mapping of it, which no
-        // userfaultfd watches: at a post-copy destination it would read a page that has not
-        // arrived as zeros, and its writes would be lost when the page arrives. QEMU refuses
-        // post-copy with VFIO devices for the same reason.
-        return Err(MigrationError::Invalid(format!(
-            "--mode {} with vfio-user devices: a device's DMA bypasses the fault handler, \
-             so their guest memory must be whole before they run; use --mode precopy",
-            req.mode.name()
-        )));
-    }
     let id = mono_ns() ^ (u64::from(std::process::id()) << 40);
     let mut c = connect(
         &to,

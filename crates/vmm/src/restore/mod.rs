@@ -234,17 +234,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<Restored, RestoreErr
     cfg.vfio_user = crate::config::rebind_vfio_user(&m.config.vfio_user, &opts.vfio_user)
         .map_err(|e| RestoreError::Vm(VmError::Config(e)))?;
     cfg.backend = Backend::Anonymous;
+    // vfio-user devices map an eager restore's memory (a memfd); other modes' memory
+    // reaches them through messages the VMM serves (`devices::pci::dma`).
     let pci = !cfg.vfio_user.is_empty();
-    if pci && opts.mode != RestoreMode::Eager {
-        // A device's DMA reaches guest memory through its own mapping of a memfd, which no
-        // userfaultfd watches (lazy, prefetch) and which a private file mapping cannot be
-        // (mmap): its memory must be whole, in a memfd, before it runs.
-        return Err(RestoreError::Unsupported(format!(
-            "--mode {} with vfio-user devices: a device's DMA reaches guest memory beside \
-             the fault handler, so their memory must be whole before they run; use --mode eager",
-            format!("{:?}", opts.mode).to_lowercase()
-        )));
-    }
     let size = cfg.mem_bytes;
     let lazy = matches!(opts.mode, RestoreMode::Lazy | RestoreMode::Prefetch);
     let index = Arc::new(loaded.index.clone());

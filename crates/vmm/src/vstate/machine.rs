@@ -19,7 +19,7 @@ use super::stats::{KvmStats, StatsError};
 use super::vcpu::{VcpuContext, install_signal_handlers, vcpu_thread};
 use crate::config::{ConfigError, Slice, VmConfig};
 use crate::cpl3;
-use crate::devices::pci::{MMIO_BASE, PciBus};
+use crate::devices::pci::{DmaBacking, MMIO_BASE, PciBus};
 use crate::devices::virtio::{VIRTIO_BASE, VirtioBus};
 use crate::devices::{DevicesError, LegacyDevices};
 use crate::guest::{self, Workload, abi};
@@ -112,12 +112,6 @@ impl DeviceSet {
             p.stop_dirty_log();
         }
     }
-
-    /// Whether there are vfio-user devices (their DMA reaches guest memory through their
-    /// own mapping of it, beside any userfaultfd: memory must be whole before they run).
-    pub fn has_vfio_user(&self) -> bool {
-        self.pci.is_some()
-    }
 }
 
 /// A created VM, not yet running.
@@ -177,26 +171,26 @@ pub struct BuiltDevices {
 }
 
 /// Build the interrupt routes of `vm`, and the devices of `cfg`: the vfio-user devices
-/// attached (servers connected, BARs placed, guest memory mapped for DMA: `mem` must be a
-/// memfd then), the virtio devices' backends opened; the devices fresh, and frozen until
-/// their records are given back.
+/// attached (servers connected, BARs placed, guest memory given for DMA: its memfd when it
+/// has one, whole; otherwise through messages the VMM serves, see `devices::pci::dma`), the
+/// virtio devices' backends opened; the devices fresh, and frozen until their records are
+/// given back.
 pub fn build_devices(
     vm: &Arc<VmFd>,
     irqchip: bool,
-    mem: &GuestMem,
+    mem: &Arc<GuestMem>,
     cfg: &VmConfig,
 ) -> Result<BuiltDevices, VmError> {
     let irq = Arc::new(Interrupts::new(vm.clone(), irqchip));
     let pci = if cfg.vfio_user.is_empty() {
         None
     } else {
-        let memfd =
-            mem.memfd()
-                .ok_or(VmError::Devices(crate::devices::pci::AttachError::NoRoom(
-                    "vfio-user devices need guest memory in a memfd".into(),
-                )))?;
+        let dma = match mem.memfd() {
+            Some(f) if !mem.on_demand() => DmaBacking::Memfd(f),
+            _ => DmaBacking::Messages(mem.clone()),
+        };
         Some(Arc::new(
-            PciBus::new(irq.clone(), &cfg.vfio_user, memfd, cfg.mem_bytes)
+            PciBus::new(irq.clone(), &cfg.vfio_user, dma, cfg.mem_bytes)
                 .map_err(VmError::Devices)?,
         ))
     };
@@ -332,8 +326,13 @@ impl Vm {
                 .memfd()
                 .expect("with devices guest memory is a memfd (set above)");
             Some(Arc::new(
-                PciBus::new(irq.clone(), &cfg.vfio_user, memfd, cfg.mem_bytes)
-                    .map_err(VmError::Devices)?,
+                PciBus::new(
+                    irq.clone(),
+                    &cfg.vfio_user,
+                    DmaBacking::Memfd(memfd),
+                    cfg.mem_bytes,
+                )
+                .map_err(VmError::Devices)?,
             ))
         } else {
             None

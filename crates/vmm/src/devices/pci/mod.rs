@@ -12,7 +12,8 @@
 //!   (port `p` at `IO_WINDOW + p`, as on platforms without port I/O): accesses wider than 4
 //!   bytes (libvfio-user's sample server has an 8-byte I/O BAR) go through the window.
 //!   Both become `REGION_READ` / `WRITE`.
-//! - Guest memory is shared with each device as one DMA mapping of its memfd.
+//! - Guest memory is shared with each device as one DMA mapping of its memfd, or, when it
+//!   arrives on demand or cannot be shared, through messages the VMM serves ([`dma`]).
 //! - MSI-X: the VMM gives the device one eventfd per vector and registers it as a KVM irqfd
 //!   on its own GSI; guest writes to the MSI-X table are forwarded to the device and also
 //!   turned into the GSI's MSI route. A device's interrupt reaches the guest's LAPIC with no
@@ -32,7 +33,9 @@ use vfu::client::Client;
 use vfu::proto;
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod dma;
 mod state;
+pub use dma::DmaBacking;
 pub use state::{MAX_STREAM, MAX_VECTORS, PciRecord, PciStateError};
 
 /// Where memory BARs start.
@@ -135,12 +138,17 @@ pub struct DeviceStats {
     pub ioeventfds: u32,
     /// Failed forwards (the device refused or went away).
     pub errors: u64,
+    /// The device's `DMA_READ` / `DMA_WRITE` messages served (guest memory given through
+    /// messages: see [`dma`]).
+    pub dma_messages: u64,
 }
 
 struct Dev {
     path: PathBuf,
     slot: u32,
-    client: Client,
+    client: Arc<Client>,
+    /// Pages written through DMA messages (`DmaBacking::Messages`), logged by the VMM.
+    dma_dirty: Option<Arc<virtio::dirty::DirtyPages>>,
     bars: [Option<BarMap>; 6],
     /// I/O BARs: `addr` is the first port.
     io_bars: [Option<BarMap>; 6],
@@ -163,6 +171,12 @@ struct Dev {
     mig_flags: Option<u64>,
 }
 
+impl Drop for PciBus {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 impl Drop for Mapped {
     fn drop(&mut self) {
         // SAFETY: our own mapping; the VM (and its slot) is gone before the bus is dropped.
@@ -178,6 +192,8 @@ pub struct PciBus {
     vm: Arc<VmFd>,
     irq: Arc<crate::vstate::irq::Interrupts>,
     mem_size: u64,
+    /// Tells the threads serving devices' DMA messages to end.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     /// The devices were stopped (or given a state) by this VMM and not run again yet.
     frozen: std::sync::atomic::AtomicBool,
 }
@@ -188,13 +204,13 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> AttachError {
 
 impl PciBus {
     /// A bus with the host bridge and these vfio-user devices attached: BARs placed, guest
-    /// memory (`memfd`, `mem_size` bytes at guest-physical 0) mapped for DMA, sparse areas
-    /// and ioeventfds registered with KVM, MSI-X vectors wired to irqfds (when `irq` has the
-    /// in-kernel irqchip).
+    /// memory (`mem_size` bytes at guest-physical 0) given for DMA as `dma` says, sparse
+    /// areas and ioeventfds registered with KVM, MSI-X vectors wired to irqfds (when `irq`
+    /// has the in-kernel irqchip).
     pub fn new(
         irq: Arc<crate::vstate::irq::Interrupts>,
         paths: &[PathBuf],
-        memfd: &std::fs::File,
+        dma: DmaBacking<'_>,
         mem_size: u64,
     ) -> Result<PciBus, AttachError> {
         let bridge = pci::ConfigBuilder::new(pci::Ids {
@@ -214,6 +230,7 @@ impl PciBus {
             vm: irq.vm().clone(),
             irq,
             mem_size,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             frozen: std::sync::atomic::AtomicBool::new(false),
         };
         let mut next = Next {
@@ -222,7 +239,15 @@ impl PciBus {
             slot: BAR_SLOT_BASE,
         };
         for (i, p) in paths.iter().enumerate() {
-            let d = bus.attach(p, i as u32 + 1, memfd, mem_size, &mut next)?;
+            let d = bus.attach(p, i as u32 + 1, &dma, mem_size, &mut next)?;
+            if d.dma_dirty.is_some() {
+                let (client, stop, name) =
+                    (d.client.clone(), bus.stop.clone(), p.display().to_string());
+                std::thread::Builder::new()
+                    .name("vfio-user-dma".into())
+                    .spawn(move || dma::serve(client, stop, name))
+                    .map_err(|e| AttachError::NoRoom(format!("a DMA thread: {e}")))?;
+            }
             bus.devs.push(d);
         }
         Ok(bus)
@@ -232,7 +257,7 @@ impl PciBus {
         &self,
         path: &Path,
         slot: u32,
-        memfd: &std::fs::File,
+        dma: &DmaBacking<'_>,
         mem_size: u64,
         next: &mut Next,
     ) -> Result<Dev, AttachError> {
@@ -317,15 +342,35 @@ impl PciBus {
             b += if wide { 2 } else { 1 };
         }
         // Guest memory for DMA.
-        client
-            .dma_map_fd(
-                0,
-                mem_size,
-                memfd.as_raw_fd(),
-                0,
-                proto::DMA_READ | proto::DMA_WRITE,
-            )
-            .map_err(cerr)?;
+        let dma_dirty = match dma {
+            DmaBacking::Memfd(memfd) => {
+                client
+                    .dma_map_fd(
+                        0,
+                        mem_size,
+                        memfd.as_raw_fd(),
+                        0,
+                        proto::DMA_READ | proto::DMA_WRITE,
+                    )
+                    .map_err(cerr)?;
+                None
+            }
+            DmaBacking::Messages(mem) => {
+                let dirty = Arc::new(virtio::dirty::DirtyPages::new(mem_size));
+                client
+                    .dma_map_local(
+                        0,
+                        mem_size,
+                        proto::DMA_READ | proto::DMA_WRITE,
+                        Arc::new(dma::GuestDma {
+                            mem: mem.clone(),
+                            dirty: dirty.clone(),
+                        }),
+                    )
+                    .map_err(cerr)?;
+                Some(dirty)
+            }
+        };
         // Sparse mmap areas straight into the guest.
         let mut mapped = Vec::new();
         let mut mapped_areas = 0;
@@ -488,7 +533,8 @@ impl PciBus {
         Ok(Dev {
             path: path.to_path_buf(),
             slot,
-            client,
+            client: Arc::new(client),
+            dma_dirty,
             bars,
             io_bars,
             msix,
@@ -715,6 +761,7 @@ impl PciBus {
                 mapped_areas: d.mapped_areas,
                 ioeventfds: d.ioeventfds,
                 errors: d.errors.load(Ordering::Relaxed),
+                dma_messages: d.client.dma_requests_served(),
             })
             .collect()
     }

@@ -273,9 +273,14 @@ impl PciBus {
                 path: d.path.display().to_string(),
                 slot: d.slot,
             })?;
-            d.client
-                .dma_logging_start(PAGE, &[(0, self.mem_size)])
-                .map_err(d.err("starting DMA dirty-page logging"))?;
+            match &d.dma_dirty {
+                // Through messages: the VMM writes the pages itself, and logs them.
+                Some(dirty) => dirty.set_tracking(true),
+                None => d
+                    .client
+                    .dma_logging_start(PAGE, &[(0, self.mem_size)])
+                    .map_err(d.err("starting DMA dirty-page logging"))?,
+            }
             if flags & MIGRATION_PRE_COPY != 0 {
                 d.client
                     .set_migration_state(MigState::PreCopy)
@@ -289,10 +294,13 @@ impl PciBus {
     pub fn take_dirty(&self, words: &mut [u64]) -> Result<(), PciStateError> {
         let _done = Logged("reported their dirty pages", std::time::Instant::now());
         for d in &self.devs {
-            let bits = d
-                .client
-                .dma_logging_report(0, self.mem_size, PAGE)
-                .map_err(d.err("reading the DMA dirty-page log"))?;
+            let bits = match &d.dma_dirty {
+                Some(dirty) => dirty.take(),
+                None => d
+                    .client
+                    .dma_logging_report(0, self.mem_size, PAGE)
+                    .map_err(d.err("reading the DMA dirty-page log"))?,
+            };
             for (w, b) in words.iter_mut().zip(bits) {
                 *w |= b;
             }
@@ -303,6 +311,10 @@ impl PciBus {
     /// Pre-copy is over (either way): logging stops (best effort).
     pub fn stop_dirty_log(&self) {
         for d in &self.devs {
+            if let Some(dirty) = &d.dma_dirty {
+                dirty.set_tracking(false);
+                continue;
+            }
             if let Err(e) = d.client.dma_logging_stop() {
                 d.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(device = %d.path.display(), "stopping DMA logging: {e}");
