@@ -206,6 +206,11 @@ impl Precopied {
         &self.hashes
     }
 
+    /// Take the pages' hashes (for [`Pull::new`](crate::pull::Pull::new)), leaving none.
+    pub fn take_hashes(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.hashes)
+    }
+
     /// The digest of memory as applied.
     pub fn digest(&self) -> u64 {
         crate::digest::digest(self.hashes.iter().enumerate().map(|(p, &h)| (p as u64, h)))

@@ -107,7 +107,7 @@ fn destination(
     UnixStream,
 ) {
     let mem = Mapping::anonymous((pages * PAGE) as usize).unwrap();
-    let pull = Pull::new(pages, 0, &[!0u64; 1], &[]);
+    let pull = Pull::new(pages, 0, &[!0u64; 1], Vec::new());
     let fl = FaultLoop::start(
         &[Region {
             range: mem.range(),

@@ -120,7 +120,7 @@ fn precopy_rounds_then_postcopy() {
         };
         assert_eq!(r, 0);
     }
-    let pull = Pull::new(PAGES, 0, &needed, applied.hashes());
+    let pull = Pull::new(PAGES, 0, &needed, applied.hashes().to_vec());
     let fl = FaultLoop::start(
         &[Region {
             range: dst.range(),

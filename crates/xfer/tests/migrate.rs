@@ -151,7 +151,7 @@ fn destination(
     assert_eq!(hello.id, 42);
     let pages = len as u64 / PAGE;
     let mem = Arc::new(Mapping::anonymous(len).unwrap());
-    let pull = Pull::new(pages, 0, &needed(pages), &[]);
+    let pull = Pull::new(pages, 0, &needed(pages), Vec::new());
     let fl = FaultLoop::start(
         &[Region {
             range: mem.range(),

@@ -126,7 +126,7 @@ fn postcopy_recovers_after_a_lost_link() {
     .unwrap();
     status.go(State::Switchover).unwrap();
     let mem = Arc::new(Mapping::anonymous(LEN).unwrap());
-    let pull = Pull::new(PAGES, 0, &all_needed(), &[]);
+    let pull = Pull::new(PAGES, 0, &all_needed(), Vec::new());
     let fl = FaultLoop::start(
         &[Region {
             range: mem.range(),

@@ -386,7 +386,7 @@ fn receive(
     main.set_read_timeout(Some(STREAM_TIMEOUT))
         .map_err(io_err("socket setup"))?;
     let crc = hello.crc32c;
-    let rx = precopy(&mut main, &mem, &cfg, status, crc)?;
+    let mut rx = precopy(&mut main, &mem, &cfg, status, crc)?;
     status
         .go(State::Switchover)
         .map_err(MigrationError::Transition)?;
@@ -407,11 +407,13 @@ fn receive(
     };
     let (vm_state, vcpu_states) = crate::snapshot::state::decode(&buf, cfg.vcpus as usize)
         .map_err(|e| refuse(&mut main, MigrationError::State(e)))?;
+    step("state decoded");
     let none = vec![0u64; words_for(pages)];
     let needed = rx.needed.as_deref().unwrap_or(&none);
     // Page 0 of guest memory is offset 0 of the fault loop's single region.
-    let pull = Pull::new(pages, 0, needed, rx.pre.hashes());
+    let pull = Pull::new(pages, 0, needed, rx.pre.take_hashes());
     pull.set_crc(crc);
+    step("pull set up");
     // Pre-copy: every page is here; the guest starts only if memory is the source's.
     if let (None, Some(want)) = (&rx.needed, rx.sw.digest) {
         let got = pull.digest();
