@@ -1,5 +1,5 @@
 //! End to end: a VM with one virtio device of each kind (block, net on a tap, vsock, rng),
-//! its disk kept busy by the built-in guest's `soak` job (each request waited for through
+//! its disk, net and entropy devices kept busy by the built-in guest's `soak` job (each request waited for through
 //! its interrupt; each block read back and checked against what the guest wrote before),
 //! through snapshot and restore in every mode and live migration in every mode, in both
 //! interrupt modes. The guest ends with a failure code if a request in flight at the pause
@@ -115,6 +115,15 @@ fn check_went_on(s: &Value, what: &str) {
         "{what}: the disk did little after the pause: {}",
         devs[0]
     );
+    // The net device sends a frame and the entropy device answers a request at every
+    // iteration too.
+    for (i, name) in [(1, "net"), (3, "entropy")] {
+        assert!(
+            devs[i]["completed"].as_u64().unwrap() >= 20,
+            "{what}: the {name} device did little after the pause: {}",
+            devs[i]
+        );
+    }
 }
 
 /// Pause the soak guest, snapshot it into `out`, copy its disk as it is then (a disk is

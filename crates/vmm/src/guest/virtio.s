@@ -776,13 +776,68 @@
 
 # Soak (device 0, a disk): request i writes pattern(i) to 4 KiB block i mod 64, then reads
 # block (i - 1) mod 64 back and checks it holds pattern(i - 1), each request waited for
-# through its interrupt; a heartbeat and the count every 100 ms; [r12 + 0x1010] requests
-# (0: forever). Continuity across a snapshot or a migration: the block written last before
-# the pause is read after it, and the request in flight at the pause completes.
+# through its interrupt; with an entropy device, 64 bytes from it too at every iteration
+# ([r12 + 0x1260] = its index + 1, 0: none), and with a net device a 60-byte broadcast
+# frame sent (ethertype 0x88b5, local experimental; [r12 + 0x1268]), each waited for through
+# its interrupt; a heartbeat and the count every 100 ms;
+# [r12 + 0x1010] requests (0: forever). Continuity across a snapshot or a migration: the
+# block written last before the pause is read after it, and the request in flight at the
+# pause completes.
 .Lvb_soak:
     call .Lvio_blk_setup
     test eax, eax
     jnz .Lvb_end
+    mov qword ptr [r12 + 0x1260], 0
+    mov qword ptr [r12 + 0x1268], 0
+    mov r15d, 1
+8:
+    cmp r15, [r12 + 0x1028]
+    jae 10f
+    mov rdx, r15
+    shl rdx, 4
+    cmp qword ptr [r12 + 0x1038 + rdx], 1
+    je 9f
+    inc r15d
+    jmp 8b
+9:
+    call .Lvio_select
+    mov ecx, 2
+    mov edx, 0x20
+    call .Lvio_setup
+    test eax, eax
+    jnz .Lvb_end
+    lea rdi, [r13 + 0x9000]
+    xor eax, eax
+    mov ecx, 72
+    rep stosb
+    lea rdi, [r13 + 0x9000]
+    mov qword ptr [rdi + 12], -1
+    mov word ptr [rdi + 24], 0xb588
+    lea rax, [r15 + 1]
+    mov [r12 + 0x1268], rax
+10:
+    mov r15d, 1
+5:
+    cmp r15, [r12 + 0x1028]
+    jae 7f
+    mov rdx, r15
+    shl rdx, 4
+    cmp qword ptr [r12 + 0x1038 + rdx], 4
+    je 6f
+    inc r15d
+    jmp 5b
+6:
+    call .Lvio_select
+    mov ecx, 1
+    xor edx, edx
+    call .Lvio_setup
+    test eax, eax
+    jnz .Lvb_end
+    lea rax, [r15 + 1]
+    mov [r12 + 0x1260], rax
+7:
+    xor r15d, r15d
+    call .Lvio_select
     FL_RDTSC
     mov [r12 + 0x1220], rax
 .Lvk_loop:
@@ -833,6 +888,39 @@
     cmp ecx, 512
     jb 2b
 3:
+    mov rax, [r12 + 0x1260]
+    test rax, rax
+    jz 4f
+    lea r15, [rax - 1]
+    call .Lvio_select
+    lea rax, [r13 + 0x5000]
+    VQ_DESC r13, 0, rax, 64, 2, 0
+    mov rsi, r13
+    xor edx, edx
+    call .Lvq_roundtrip
+    test eax, eax
+    jnz .Lvb_end
+    mov eax, {fail_reply}
+    cmp edx, 64
+    jne .Lvb_end
+    xor r15d, r15d
+    call .Lvio_select
+4:
+    mov rax, [r12 + 0x1268]
+    test rax, rax
+    jz 4f
+    lea r15, [rax - 1]
+    call .Lvio_select
+    lea rsi, [r13 + 0x1000]
+    lea rax, [r13 + 0x9000]
+    VQ_DESC rsi, 0, rax, 72, 0, 0
+    mov edx, 1
+    call .Lvq_roundtrip
+    test eax, eax
+    jnz .Lvb_end
+    xor r15d, r15d
+    call .Lvio_select
+4:
     inc qword ptr [r12 + 0x1228]
     FL_TICK .Lvk_loop
     mov eax, [r12 + 0x1228]
