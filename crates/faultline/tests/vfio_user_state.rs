@@ -132,6 +132,54 @@ fn check_went_on(s: &Value, at_pause: u64, what: &str) {
     }
 }
 
+/// Pause the VM behind `sock` and snapshot it into `dir/snap` (the VM stays paused).
+fn snapshot_paused(sock: &Path, dir: &Path) -> PathBuf {
+    api(sock, "PUT", "/vm/pause");
+    let snap = dir.join("snap");
+    let o = bin()
+        .args(["snapshot", "--api-sock"])
+        .arg(sock)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    snap
+}
+
+/// A destination listening on `dir/m.sock` with its API on `dir/dst-api.sock`, these extra
+/// arguments; returns it, the endpoint and the API socket.
+fn destination(dir: &Path, extra: &[String]) -> (Proc, String, PathBuf) {
+    let to = format!("unix:{}", dir.join("m.sock").display());
+    let dst_api = dir.join("dst-api.sock");
+    let mut args = vec!["--api-sock".to_string(), dst_api.display().to_string()];
+    args.extend_from_slice(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dest = common::destination(&to, &args);
+    wait_for(&dir.join("m.sock"));
+    (dest, to, dst_api)
+}
+
+/// Migrate the VM behind `sock` to `to` in `mode`, which must succeed; the source's report.
+fn migrate(sock: &Path, to: &str, mode: &str) -> String {
+    let (o, _) = common::migrate_bg(sock, to, mode, &[]).join().unwrap();
+    assert!(
+        o.status.success(),
+        "migrate --mode {mode}: {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    text(&o.stdout)
+}
+
+/// Let the guest run `secs` at the destination, stop it there, and return its summary.
+fn run_then_stop(dest: Proc, dst_api: &Path, secs: u64) -> Value {
+    wait_for(dst_api);
+    std::thread::sleep(Duration::from_secs(secs));
+    api(dst_api, "PUT", "/vm/stop");
+    summary(&dest.finish(Duration::from_secs(20)))
+}
+
 /// The DMA engine reached guest memory through messages (memory on demand, or a private
 /// mapping) or through its own mapping of the memfd (memory whole before it ran).
 fn check_dma_path(s: &Value, messages: bool, what: &str) {
@@ -155,16 +203,7 @@ fn snapshot_and_restore_in_every_mode_carry_busy_vfio_user_devices() {
     let (_src_srv, src) = servers(d, "src");
     let (vm, sock) = soak(d, &src);
     std::thread::sleep(Duration::from_millis(500));
-    api(&sock, "PUT", "/vm/pause");
-    let snap = d.join("snap");
-    let o = bin()
-        .args(["snapshot", "--api-sock"])
-        .arg(&sock)
-        .arg("--out")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    let snap = snapshot_paused(&sock, d);
     // The source's devices run again after the snapshot: the guest goes on there too.
     api(&sock, "PUT", "/vm/resume");
     std::thread::sleep(Duration::from_millis(500));
@@ -223,24 +262,9 @@ fn live_migration_in_every_mode_carries_busy_vfio_user_devices() {
         let (_src_srv, src) = servers(d, "src");
         let (_dst_srv, dst) = servers(d, "dst");
         let (vm, sock) = soak(d, &src);
-        let to = format!("unix:{}", d.join("m.sock").display());
-        let dst_api = d.join("dst-api.sock");
-        let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
-        extra.extend(vfio_args(&dst));
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let dest = common::destination(&to, &extra);
-        wait_for(&d.join("m.sock"));
-        let (o, _) = common::migrate_bg(&sock, &to, mode, &[]).join().unwrap();
-        assert!(
-            o.status.success(),
-            "migrate --mode {mode}: {}\n{}",
-            text(&o.stdout),
-            text(&o.stderr)
-        );
-        wait_for(&dst_api);
-        std::thread::sleep(Duration::from_secs(2));
-        api(&dst_api, "PUT", "/vm/stop");
-        let s = summary(&dest.finish(Duration::from_secs(20)));
+        let (dest, to, dst_api) = destination(d, &vfio_args(&dst));
+        migrate(&sock, &to, mode);
+        let s = run_then_stop(dest, &dst_api, 2);
         check_went_on(&s, 0, &format!("migrate --mode {mode}"));
         check_dma_path(&s, mode != "precopy", &format!("migrate --mode {mode}"));
         drop(vm);
@@ -276,43 +300,14 @@ fn libvfio_user_sample_server_state_through_lazy_restore_and_post_copy() {
     let socks: Vec<PathBuf> = (0..3).map(|i| d.join(format!("sample-{i}.sock"))).collect();
     let _servers: Vec<Proc> = socks.iter().map(|s| sample_server(s)).collect();
     let (vm, sock) = soak(d, &socks[..1]);
-    api(&sock, "PUT", "/vm/pause");
-    let snap = d.join("snap");
-    let o = bin()
-        .args(["snapshot", "--api-sock"])
-        .arg(&sock)
-        .arg("--out")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    let snap = snapshot_paused(&sock, d);
     // The sample runs again after the snapshot (its RUNNING re-arms the timer the guest set).
     api(&sock, "PUT", "/vm/resume");
     // Post-copy migration of the same VM onto the third server (guest memory reaches the
     // device through messages until it has all arrived).
-    let to = format!("unix:{}", d.join("m.sock").display());
-    let dst_api = d.join("dst-api.sock");
-    let extra = [
-        "--api-sock",
-        dst_api.to_str().unwrap(),
-        "--vfio-user",
-        socks[2].to_str().unwrap(),
-    ];
-    let dest = common::destination(&to, &extra);
-    wait_for(&d.join("m.sock"));
-    let (o, _) = common::migrate_bg(&sock, &to, "postcopy", &[])
-        .join()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "migrate: {}\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    wait_for(&dst_api);
-    std::thread::sleep(Duration::from_secs(1));
-    api(&dst_api, "PUT", "/vm/stop");
-    let s = summary(&dest.finish(Duration::from_secs(20)));
+    let (dest, to, dst_api) = destination(d, &vfio_args(&socks[2..]));
+    migrate(&sock, &to, "postcopy");
+    let s = run_then_stop(dest, &dst_api, 1);
     check_sample(&s, "migrate --mode postcopy (libvfio-user sample)");
     drop(vm);
     // The snapshot restored lazily onto the second server.
@@ -366,16 +361,7 @@ fn a_lazily_restored_vm_with_vfio_user_devices_migrates_pre_copy() {
     let (_b, restored) = servers(d, "b");
     let (_c, dst) = servers(d, "c");
     let (vm, sock) = soak(d, &src);
-    api(&sock, "PUT", "/vm/pause");
-    let snap = d.join("snap");
-    let o = bin()
-        .args(["snapshot", "--api-sock"])
-        .arg(&sock)
-        .arg("--out")
-        .arg(&snap)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "snapshot: {}", text(&o.stderr));
+    let snap = snapshot_paused(&sock, d);
     api(&sock, "PUT", "/vm/stop");
     drop(vm);
     let api_r = d.join("restored-api.sock");
@@ -391,27 +377,10 @@ fn a_lazily_restored_vm_with_vfio_user_devices_migrates_pre_copy() {
     let r = common::spawn_restore(&snap, &args);
     wait_for(&api_r);
     std::thread::sleep(Duration::from_millis(500));
-    let to = format!("unix:{}", d.join("m.sock").display());
-    let dst_api = d.join("dst-api.sock");
-    let mut extra = vec!["--api-sock".to_string(), dst_api.display().to_string()];
-    extra.extend(vfio_args(&dst));
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let dest = common::destination(&to, &extra);
-    wait_for(&d.join("m.sock"));
-    let (o, _) = common::migrate_bg(&api_r, &to, "precopy", &[])
-        .join()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "migrate: {}\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    assert!(text(&o.stdout).contains("\"digest_verified\":true"));
-    wait_for(&dst_api);
-    std::thread::sleep(Duration::from_secs(1));
-    api(&dst_api, "PUT", "/vm/stop");
-    let s = summary(&dest.finish(Duration::from_secs(20)));
+    let (dest, to, dst_api) = destination(d, &vfio_args(&dst));
+    let report = migrate(&api_r, &to, "precopy");
+    assert!(report.contains("\"digest_verified\":true"), "{report}");
+    let s = run_then_stop(dest, &dst_api, 1);
     check_went_on(&s, 0, "pre-copy of a lazily restored VM");
     check_dma_path(&s, false, "pre-copy of a lazily restored VM");
     drop(r);

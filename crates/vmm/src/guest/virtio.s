@@ -789,17 +789,11 @@
     jnz .Lvb_end
     mov qword ptr [r12 + 0x1260], 0
     mov qword ptr [r12 + 0x1268], 0
-    mov r15d, 1
-8:
-    cmp r15, [r12 + 0x1028]
-    jae 10f
-    mov rdx, r15
-    shl rdx, 4
-    cmp qword ptr [r12 + 0x1038 + rdx], 1
-    je 9f
-    inc r15d
-    jmp 8b
-9:
+    mov ecx, 1
+    call .Lvio_find
+    test rax, rax
+    jz 5f
+    lea r15, [rax - 1]
     call .Lvio_select
     mov ecx, 2
     mov edx, 0x20
@@ -815,18 +809,12 @@
     mov word ptr [rdi + 24], 0xb588
     lea rax, [r15 + 1]
     mov [r12 + 0x1268], rax
-10:
-    mov r15d, 1
 5:
-    cmp r15, [r12 + 0x1028]
-    jae 7f
-    mov rdx, r15
-    shl rdx, 4
-    cmp qword ptr [r12 + 0x1038 + rdx], 4
-    je 6f
-    inc r15d
-    jmp 5b
-6:
+    mov ecx, 4
+    call .Lvio_find
+    test rax, rax
+    jz 7f
+    lea r15, [rax - 1]
     call .Lvio_select
     mov ecx, 1
     xor edx, edx
@@ -930,6 +918,26 @@
 .Lvk_bad:
     mov eax, {fail_data}
     jmp .Lvb_end
+
+# rax = 1 + the index of the first device after device 0 of type ecx (virtio device ID),
+# 0 if none. Clobbers rdx, r8.
+.Lvio_find:
+    mov r8d, 1
+1:
+    cmp r8, [r12 + 0x1028]
+    jae 2f
+    mov rdx, r8
+    shl rdx, 4
+    cmp [r12 + 0x1038 + rdx], rcx
+    je 3f
+    inc r8d
+    jmp 1b
+2:
+    xor eax, eax
+    ret
+3:
+    lea rax, [r8 + 1]
+    ret
 
 # Soak: pattern(rax) into [r13 + 0x5000], 512 words: word k = k * FILL_MUL ^ (rax + 1) *
 # 0x9e3779b97f4a7c15. Clobbers rcx, rdx, r10, r11.

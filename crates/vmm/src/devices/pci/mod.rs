@@ -171,6 +171,25 @@ struct Dev {
     mig_flags: Option<u64>,
 }
 
+impl Dev {
+    /// A guest access to BAR `bar` at `off`, as `REGION_READ` / `WRITE`: counted; a failure
+    /// is counted too, and a failed read reads as all ones (as a missing device does).
+    fn forward(&self, bar: u32, off: u64, data: &mut [u8], write: bool) {
+        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        let r = if write {
+            self.client.region_write(bar, off, data)
+        } else {
+            self.client.region_read(bar, off, data)
+        };
+        if r.is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            if !write {
+                data.fill(0xff);
+            }
+        }
+    }
+}
+
 impl Drop for PciBus {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -574,18 +593,7 @@ impl PciBus {
         let Some((d, bar, off)) = self.find_io(port, data.len()) else {
             return false;
         };
-        d.mmio_exits.fetch_add(1, Ordering::Relaxed);
-        let r = if write {
-            d.client.region_write(bar, off, data)
-        } else {
-            d.client.region_read(bar, off, data)
-        };
-        if r.is_err() {
-            d.errors.fetch_add(1, Ordering::Relaxed);
-            if !write {
-                data.fill(0xff);
-            }
-        }
+        d.forward(bar, off, data, write);
         true
     }
 
@@ -679,18 +687,7 @@ impl PciBus {
         let Some((d, bar, off)) = self.find(addr, data.len()) else {
             return false;
         };
-        d.mmio_exits.fetch_add(1, Ordering::Relaxed);
-        let r = if write {
-            d.client.region_write(bar, off, data)
-        } else {
-            d.client.region_read(bar, off, data)
-        };
-        if r.is_err() {
-            d.errors.fetch_add(1, Ordering::Relaxed);
-            if !write {
-                data.fill(0xff);
-            }
-        }
+        d.forward(bar, off, data, write);
         if write
             && let Some(m) = d.msix
             && u32::from(m.table_bar) == bar
