@@ -75,11 +75,13 @@ pub fn write_psk(path: &Path) -> Result<(), BenchError> {
         .map_err(err)
 }
 
-/// The anchor's link names and their caps in bytes per second.
-pub const LINKS: [(&str, u64); 3] = [
+/// The anchor's link names and their caps in bytes per second (`200m`: a capped link where
+/// the background stream is always paced, to show fault answers are not).
+pub const LINKS: [(&str, u64); 4] = [
     ("unlimited", 0),
     ("10g", 1_250_000_000),
     ("1g", 125_000_000),
+    ("200m", 25_000_000),
 ];
 
 /// A child `faultline` that is killed if dropped.

@@ -100,7 +100,7 @@ enum BenchCmd {
         /// device busy), vfio-user (a GPIO card and a DMA engine busy).
         #[arg(long, value_delimiter = ',', default_values_t = ["dirty".to_string(), "read".to_string()])]
         workloads: Vec<String>,
-        /// Links: unlimited, 10g, 1g.
+        /// Links: unlimited, 10g, 1g, 200m (a cap on the migration's bandwidth).
         #[arg(long, value_delimiter = ',', default_values_t = ["unlimited".to_string(), "10g".to_string(), "1g".to_string()])]
         links: Vec<String>,
         /// Modes.

@@ -372,6 +372,14 @@ pub fn bench(
             }
         }
     }
+    if let Some(l) = links
+        .iter()
+        .find(|l| !bench::migrate_bench::LINKS.iter().any(|(k, _)| k == l))
+    {
+        return Err(CliError::Usage(format!(
+            "--links {l}: expected unlimited, 10g, 1g or 200m"
+        )));
+    }
     let exe = std::env::current_exe().map_err(failed("cannot find this program"))?;
     let dir = bench::migrate_bench::scratch().map_err(failed("scratch directory"))?;
     let n_links = bench::migrate_bench::LINKS

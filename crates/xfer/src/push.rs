@@ -8,9 +8,11 @@
 //!   claiming it (a claimed page is on the wire at once). It yields while a request is being
 //!   answered.
 //! - **Priority answers**: a request is answered at once on the priority connection (urgent:
-//!   never paced behind the background). Requests with a constant stride (a scan with a step)
-//!   make the responder push the next pages of that stride, a few at a time, stopping whenever
-//!   a request comes.
+//!   never paced: its bytes are debited from the [`RateLimit`] and the background pays for
+//!   them). Requests with a constant stride (a scan with a step) make the responder push the
+//!   next pages of that stride, a few at a time, stopping whenever a request comes; those go
+//!   within the cap but ahead of the background (which leaves the tokens to them), and the
+//!   responder waits for their tokens only while listening for requests.
 //! - **Zero pages** go as counts ([`Kind::Zero`]), never as bytes.
 //! - **Reconnect**: after a lost link, [`Push::stop`] the threads, reconnect, read the
 //!   destination's `Recover` bitmap ([`read_recover`]), [`Push::recover`] and
@@ -168,6 +170,8 @@ struct Shared {
     hint: AtomicU64,
     /// Requests being answered (the pusher yields meanwhile).
     busy: AtomicUsize,
+    /// The stride push waits for tokens: the pusher leaves them to it.
+    stride_waiting: AtomicBool,
     rate: Arc<RateLimit>,
     sent: Arc<Sent>,
     lost: Mutex<Option<LinkError>>,
@@ -229,6 +233,7 @@ impl Push {
                 todo,
                 hint: AtomicU64::new(NO_HINT),
                 busy: AtomicUsize::new(0),
+                stride_waiting: AtomicBool::new(false),
                 rate,
                 sent,
                 lost: Mutex::new(None),
@@ -441,7 +446,7 @@ pub fn send_run(
 }
 
 /// Send single pages (not contiguous) in one write: a frame each, zero pages as counts.
-fn send_pages(sh: &Shared, sock: &mut Sock, pages: &[u64]) -> Result<(), LinkError> {
+fn send_pages(sh: &Shared, sock: &mut Sock, pages: &[u64]) -> Result<usize, LinkError> {
     let mut out = Vec::with_capacity(pages.len() * (PAGE as usize + HEADER));
     let mut pg = vec![0u8; PAGE as usize];
     for &p in pages {
@@ -462,11 +467,10 @@ fn send_pages(sh: &Shared, sock: &mut Sock, pages: &[u64]) -> Result<(), LinkErr
         };
         r.map_err(LinkError::PrioritySend)?;
     }
-    // Speculative: it waits for the link like the background stream.
-    sh.rate.take(out.len(), false);
+    // Paid for by the caller (`RateLimit::try_take`): the responder never sleeps on tokens.
     std::io::Write::write_all(sock, &out).map_err(LinkError::PrioritySend)?;
     sh.sent.bytes.fetch_add(out.len() as u64, SeqCst);
-    Ok(())
+    Ok(out.len())
 }
 
 fn pusher(sh: &Shared, mut sock: Sock) {
@@ -476,8 +480,13 @@ fn pusher(sh: &Shared, mut sock: Sock) {
     let mut cursor = 0;
     let mut buf = Vec::new();
     while !sh.done() {
-        while sh.busy.load(SeqCst) > 0 && !sh.stop.load(SeqCst) {
-            thread::yield_now();
+        while (sh.busy.load(SeqCst) > 0 || sh.stride_waiting.load(SeqCst)) && !sh.stop.load(SeqCst)
+        {
+            if sh.stride_waiting.load(SeqCst) {
+                thread::sleep(Duration::from_micros(100));
+            } else {
+                thread::yield_now();
+            }
         }
         if sh.todo.next_set(cursor, sh.pages).is_none() {
             return;
@@ -620,6 +629,8 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
         let mut history: Vec<u64> = Vec::with_capacity(16);
         // (next page, stride, pages left) of the speculative push.
         let mut spec: Option<(u64, u64, u64)> = None;
+        // How long the stride push must wait for the link's tokens.
+        let mut stride_wait: Option<Duration> = None;
         // The responder is the priority connection's only writer: it keeps it alive.
         let mut beat = Beat::new(sh.cfg.keepalive);
         while !sh.done() {
@@ -627,7 +638,15 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 sh.lose(LinkError::PrioritySend(e));
                 break;
             }
-            let req = if spec.is_some() {
+            let req = if let Some(wait) = spec.and(stride_wait) {
+                // The stride push waits for the link's tokens, but for requests too.
+                stride_wait = None;
+                match rx.recv_timeout(wait) {
+                    Ok(p) => Some(p),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else if spec.is_some() {
                 rx.try_recv().ok()
             } else {
                 match rx.recv_timeout(Duration::from_millis(100)) {
@@ -670,6 +689,16 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
             let Some((mut next, s, mut left)) = spec else {
                 continue;
             };
+            // Paced like the background (the cap holds), ahead of it (these are the pages the
+            // guest touches next), and never by sleeping here.
+            let chunk = sh.cfg.stride_chunk.max(1) as usize * (PAGE as usize + HEADER + 4);
+            if let Err(wait) = sh.rate.try_take(chunk) {
+                sh.stride_waiting.store(true, SeqCst);
+                stride_wait =
+                    Some(wait.clamp(Duration::from_micros(50), Duration::from_millis(10)));
+                continue;
+            }
+            sh.stride_waiting.store(false, SeqCst);
             let mut batch = Vec::new();
             while (batch.len() as u64) < sh.cfg.stride_chunk.max(1) && left > 0 && next < sh.pages {
                 if sh.todo.clear(next) {
@@ -680,12 +709,19 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
             }
             if !batch.is_empty() {
                 beat.sent();
-                if let Err(e) = send_pages(sh, &mut sock, &batch) {
-                    sh.lose(e);
+                match send_pages(sh, &mut sock, &batch) {
+                    Ok(bytes) => sh.rate.refund(chunk.saturating_sub(bytes)),
+                    Err(e) => sh.lose(e),
                 }
                 sh.stride_pages.fetch_add(batch.len() as u64, SeqCst);
             }
+            if batch.is_empty() {
+                sh.rate.refund(chunk);
+            }
             spec = (left > 0 && next < sh.pages).then_some((next, s, left));
+            if spec.is_none() {
+                sh.stride_waiting.store(false, SeqCst);
+            }
         }
     });
 }

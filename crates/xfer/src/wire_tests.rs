@@ -242,3 +242,20 @@ fn rate_limit_paces() {
     let ms = t.elapsed().as_millis();
     assert!((150..1000).contains(&ms), "{ms} ms");
 }
+
+#[test]
+fn urgent_sends_never_wait_and_the_background_pays_for_them() {
+    // 1 MiB/s: a background run of 256 KiB puts the bucket 250 ms in debt.
+    let r = RateLimit::new(1 << 20);
+    r.take(256 << 10, false);
+    let t = Instant::now();
+    for _ in 0..16 {
+        r.take(4096 + 64, true);
+    }
+    assert!(t.elapsed() < Duration::from_millis(20), "{:?}", t.elapsed());
+    // The background waits for its own debt and the urgent bytes: ~0.25 + 0.066 s.
+    let t = Instant::now();
+    r.take(4096, false);
+    let ms = t.elapsed().as_millis();
+    assert!((250..1500).contains(&ms), "{ms} ms");
+}
