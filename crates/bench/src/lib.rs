@@ -3,6 +3,7 @@
 //! They are not tests: they assert nothing about speed; `faultline bench ...` runs them.
 
 pub mod irq_bench;
+pub mod local_fault;
 pub mod migrate_bench;
 pub mod report;
 pub mod restore_bench;

@@ -47,6 +47,8 @@ pub struct Shape {
     pub after_ms: u64,
     /// TLS with a pre-shared key (a fresh key per run); otherwise plain TCP (`--insecure`).
     pub tls: bool,
+    /// Stamp each remote fault's hops at both ends (`FAULTLINE_BREAKDOWN=1`, `xfer::hops`).
+    pub breakdown: bool,
 }
 
 impl Shape {
@@ -174,6 +176,7 @@ pub fn run_one(
     let spawn = |args: &[&str], name: &'static str, out: Stdio| -> Result<Proc, BenchError> {
         Command::new(exe)
             .args(args)
+            .env("FAULTLINE_BREAKDOWN", if s.breakdown { "1" } else { "0" })
             .stdout(out)
             .stderr(Stdio::inherit())
             .spawn()
@@ -450,6 +453,33 @@ pub struct MigrateLine {
     pub fault_p99_us: f64,
     /// Non-zero pages at switchover × 4096 (what `bytes` is compared with).
     pub nonzero_bytes: u64,
+    /// Remote fault latency, p90, µs.
+    pub fault_p90_us: f64,
+    /// Remote faults (requests the destination made), median.
+    pub faults_requested: f64,
+    /// Remote fault latency of every converged run together, log2 buckets of µs (bucket `i`:
+    /// `[2^i, 2^(i+1))` µs), as QEMU's `postcopy-latency-dist`.
+    pub latency_log2_us: Vec<u64>,
+    /// Per vCPU: time blocked on remote faults, ms (median), as QEMU's
+    /// `postcopy-vcpu-blocktime`.
+    pub vcpu_blocktime_ms: Vec<f64>,
+    /// Per vCPU: its remote faults, and their mean latency, µs (median over runs), as
+    /// QEMU's `postcopy-vcpu-latency`.
+    pub vcpu_faults: Vec<f64>,
+    /// Per vCPU: mean remote fault latency, µs.
+    pub vcpu_latency_us: Vec<f64>,
+    /// Faults taken by threads other than the vCPUs (the VMM's devices, DMA), median, as
+    /// QEMU's `postcopy-non-vcpu-latency` counts them.
+    pub non_vcpu_faults: f64,
+    /// The local fault's p50 measured first in the same invocation (`local_fault`), µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_fault_p50_us: Option<f64>,
+    /// `fault_p50_us` / `local_fault_p50_us` (goal: at most 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_to_local_p50: Option<f64>,
+    /// Each hop of a remote fault, medians (`--breakdown`; printed as a line of its own).
+    #[serde(skip)]
+    pub breakdown: Option<xfer::hops::Breakdown>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -508,6 +538,65 @@ pub fn cell(
         }
     }
     let m = |k: &str| median(stats.iter().filter_map(|s| s[k].as_f64()).collect());
+    let dm = |k: &str| {
+        median(
+            stats
+                .iter()
+                .filter_map(|s| s["destination"][k].as_f64())
+                .collect(),
+        )
+    };
+    // Per vCPU: the median over runs of each vCPU's figure in the destination's report.
+    let per_vcpu = |k: &str| -> Vec<f64> {
+        (0..shape.vcpus as usize)
+            .map(|i| {
+                median(
+                    stats
+                        .iter()
+                        .filter_map(|s| s["destination"][k][i].as_f64())
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let mut log2 = Vec::<u64>::new();
+    for s in &stats {
+        for (i, v) in s["latency_log2_us"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if log2.len() <= i {
+                log2.resize(i + 1, 0);
+            }
+            log2[i] += v.as_u64().unwrap_or(0);
+        }
+    }
+    let breakdown = shape.breakdown.then(|| {
+        let runs: Vec<xfer::hops::Breakdown> = stats
+            .iter()
+            .map(|s| {
+                let dest: Vec<[u64; 5]> =
+                    serde_json::from_value(s["destination"]["hops"].clone()).unwrap_or_default();
+                let src: Vec<[u64; 4]> =
+                    serde_json::from_value(s["hops_source"].clone()).unwrap_or_default();
+                xfer::hops::join(&dest, &src)
+            })
+            .filter(|b| b.samples > 0)
+            .collect();
+        let f = |g: fn(&xfer::hops::Breakdown) -> f64| median(runs.iter().map(g).collect());
+        xfer::hops::Breakdown {
+            samples: runs.iter().map(|b| b.samples).sum(),
+            request_sent_us: f(|b| b.request_sent_us),
+            source_read_us: f(|b| b.source_read_us),
+            responder_us: f(|b| b.responder_us),
+            page_sent_us: f(|b| b.page_sent_us),
+            page_received_us: f(|b| b.page_received_us),
+            installed_us: f(|b| b.installed_us),
+            total_us: f(|b| b.total_us),
+        }
+    });
     let lat = |k: &str| {
         median(
             stats
@@ -542,6 +631,16 @@ pub fn cell(
                 .collect(),
         ) as u64
             * 4096,
+        fault_p90_us: lat("p90"),
+        faults_requested: m("faults_requested"),
+        latency_log2_us: log2,
+        vcpu_blocktime_ms: per_vcpu("blocktime_ms"),
+        vcpu_faults: per_vcpu("vcpu_faults"),
+        vcpu_latency_us: per_vcpu("vcpu_latency_us"),
+        non_vcpu_faults: dm("non_vcpu_faults"),
+        local_fault_p50_us: None,
+        remote_to_local_p50: None,
+        breakdown,
     })
 }
 

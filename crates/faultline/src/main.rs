@@ -120,6 +120,15 @@ enum BenchCmd {
         /// completed run; an index.html with every cell's figures.
         #[arg(long)]
         report: Option<std::path::PathBuf>,
+        /// Stamp each remote fault's hops at both ends (handler woke, request sent, source
+        /// read, responder, page sent, page received, installed) and print the median of each
+        /// per cell (a `"case":"breakdown"` line).
+        #[arg(long)]
+        breakdown: bool,
+        /// Skip the local fault measured first (a lazy restore from memory of the same
+        /// guest: what a remote fault is compared with).
+        #[arg(long)]
+        no_local_fault: bool,
     },
     /// vfio-user: region round trip, DMA throughput, IRQ trigger to eventfd wake-up, beside
     /// rust-vmm's vfio-user, memcpy and a bare eventfd.
@@ -316,6 +325,8 @@ fn main() -> ExitCode {
                     mem_mib,
                     hot_mib,
                     report,
+                    breakdown,
+                    no_local_fault,
                 },
         } => migrate::bench(
             json,
@@ -326,6 +337,7 @@ fn main() -> ExitCode {
             &security,
             (mem_mib, hot_mib),
             report.as_deref(),
+            (breakdown, !no_local_fault),
         ),
         Cmd::Run(a) => run::run(&a),
         Cmd::Probe { json } => probe(json),

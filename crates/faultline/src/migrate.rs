@@ -239,6 +239,7 @@ pub fn demo(a: &DemoArgs) -> CliResult {
         deadline_ms: 20_000,
         after_ms: 500,
         tls: !a.insecure,
+        breakdown: false,
     };
     if !a.json {
         println!(
@@ -359,6 +360,7 @@ pub fn bench(
     security: &[String],
     (mem_mib, hot_mib): (u64, u64),
     report: Option<&std::path::Path>,
+    (breakdown, local): (bool, bool),
 ) -> CliResult {
     let mut tls = Vec::new();
     for s in security {
@@ -392,6 +394,27 @@ pub fn bench(
         bench::report::create_dir(r).map_err(failed("the report directory"))?;
     }
     let mut progress = Progress::new("bench migrate");
+    // The local fault a remote one is compared with, measured first, in this invocation.
+    let remote = modes.iter().any(|m| m != "precopy");
+    let local_p50 = if local && remote {
+        progress.update(
+            0.0,
+            "local fault: a lazy restore from memory of the same guest",
+        );
+        let lf = bench::local_fault::measure(mem_mib, hot_mib, std::time::Duration::from_secs(3))
+            .map_err(failed("bench migrate"))?;
+        if json {
+            println!("{}", serde_json::to_string(&lf).map_err(failed("JSON"))?);
+        } else {
+            println!(
+                "local fault (lazy restore from memory, same guest): {} faults, p50 {:.1} us, p99 {:.1} us",
+                lf.faults, lf.fault_p50_us, lf.fault_p99_us
+            );
+        }
+        Some(lf.fault_p50_us)
+    } else {
+        None
+    };
     let mut cell_links = Vec::new();
     for w in workloads {
         for (link, bw) in bench::migrate_bench::LINKS {
@@ -412,6 +435,7 @@ pub fn bench(
                         deadline_ms: 20_000,
                         after_ms: 0,
                         tls,
+                        breakdown,
                     };
                     progress.update(
                         done as f64 * 100.0 / cells as f64,
@@ -432,6 +456,14 @@ pub fn bench(
                         cell_report.as_deref(),
                     )
                     .map_err(failed("bench migrate"))?;
+                    let mut line = line;
+                    if let Some(l) = local_p50
+                        && m != "precopy"
+                        && line.fault_p50_us > 0.0
+                    {
+                        line.local_fault_p50_us = Some(l);
+                        line.remote_to_local_p50 = Some(line.fault_p50_us / l);
+                    }
                     if cell_report
                         .as_ref()
                         .is_some_and(|d| d.join("index.html").exists())
@@ -510,6 +542,41 @@ pub fn bench(
 
 /// One cell's line: JSON, or a line of text.
 fn print_line(line: &bench::migrate_bench::MigrateLine, json: bool) -> CliResult {
+    print_cell(line, json)?;
+    if let Some(b) = &line.breakdown {
+        if json {
+            let mut v = json!({
+                "bench": "migrate",
+                "case": "breakdown",
+                "workload": line.workload,
+                "link": line.link,
+                "mode": line.mode,
+                "security": line.security,
+            });
+            if let (Some(o), Ok(serde_json::Value::Object(h))) =
+                (v.as_object_mut(), serde_json::to_value(b))
+            {
+                o.extend(h);
+            }
+            println!("{v}");
+        } else {
+            println!(
+                "  hops (medians of {} faults): request sent {:.1} us, source read {:.1}, responder {:.1}, page sent {:.1}, page received {:.1}, installed {:.1}; total {:.1} us",
+                b.samples,
+                b.request_sent_us,
+                b.source_read_us,
+                b.responder_us,
+                b.page_sent_us,
+                b.page_received_us,
+                b.installed_us,
+                b.total_us
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_cell(line: &bench::migrate_bench::MigrateLine, json: bool) -> CliResult {
     if json {
         println!("{}", serde_json::to_string(&line).map_err(failed("JSON"))?);
     } else {
@@ -528,6 +595,12 @@ fn print_line(line: &bench::migrate_bench::MigrateLine, json: bool) -> CliResult
             line.fault_p50_us,
             line.fault_p99_us
         );
+        if let Some(r) = line.remote_to_local_p50 {
+            println!(
+                "  remote fault p50 = {r:.2} x the local fault's; {:.0} remote faults, non-vCPU {:.0}",
+                line.faults_requested, line.non_vcpu_faults
+            );
+        }
     }
     Ok(())
 }

@@ -582,3 +582,83 @@ fn a_lazily_restored_vm_migrates_whole() {
         drop(restored);
     }
 }
+
+/// `bench migrate --breakdown` as a user runs it: the local fault first, then the cell with
+/// QEMU-style statistics, then each hop of its remote faults, joined across both processes.
+#[test]
+fn bench_migrate_breakdown_and_local_fault_lines() {
+    kvm_present();
+    let out = output_within(
+        bin().args([
+            "bench",
+            "migrate",
+            "--json",
+            "--breakdown",
+            "--workloads",
+            "read",
+            "--links",
+            "200m",
+            "--modes",
+            "postcopy",
+            "--runs",
+            "1",
+            "--mem-mib",
+            "256",
+            "--hot-mib",
+            "64",
+        ]),
+        Duration::from_secs(240),
+    );
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let case = |c: &str| lines.iter().find(|l| l["case"] == c).cloned();
+    let local = case("local-fault").expect("a local-fault line");
+    let lp50 = local["fault_p50_us"].as_f64().unwrap();
+    assert!(
+        lp50 > 0.0 && local["faults"].as_u64() > Some(100),
+        "{local}"
+    );
+    let cell = lines
+        .iter()
+        .find(|l| l["case"].is_null() && l["mode"] == "postcopy")
+        .expect("the cell's line");
+    assert_eq!(cell["link"], "200m");
+    let faults = cell["faults_requested"].as_f64().unwrap();
+    assert!(faults > 0.0, "{cell}");
+    // The histogram counts every fault the destination served.
+    let hist: u64 = cell["latency_log2_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(hist as f64 >= faults, "{cell}");
+    assert_eq!(cell["vcpu_blocktime_ms"].as_array().map(Vec::len), Some(1));
+    assert!(cell["vcpu_faults"][0].as_f64() > Some(0.0), "{cell}");
+    assert!(cell["vcpu_latency_us"][0].as_f64() > Some(0.0), "{cell}");
+    assert_eq!(cell["non_vcpu_faults"].as_f64(), Some(0.0), "{cell}");
+    assert_eq!(cell["local_fault_p50_us"].as_f64(), Some(lp50));
+    let ratio = cell["remote_to_local_p50"].as_f64().unwrap();
+    assert!((ratio - cell["fault_p50_us"].as_f64().unwrap() / lp50).abs() < 1e-6);
+    let b = case("breakdown").expect("a breakdown line");
+    assert!(b["samples"].as_u64() > Some(10), "{b}");
+    let hops = [
+        "request_sent_us",
+        "source_read_us",
+        "responder_us",
+        "page_sent_us",
+        "page_received_us",
+        "installed_us",
+    ];
+    for h in hops {
+        assert!(b[h].as_f64().is_some_and(|v| v >= 0.0), "{h}: {b}");
+    }
+    // Each hop is part of the whole.
+    let total = b["total_us"].as_f64().unwrap();
+    for h in hops {
+        assert!(b[h].as_f64().unwrap() <= total, "{h}: {b}");
+    }
+}

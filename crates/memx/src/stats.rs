@@ -26,7 +26,8 @@ pub(crate) struct ShardStats {
     pub late_answers: AtomicU64,
     pub hist: Mutex<Histogram<u64>>,
     pub log2: [AtomicU64; LOG2_BUCKETS],
-    pub blocktime: Mutex<HashMap<u32, u64>>,
+    /// By thread id: (blocked ns, faults).
+    pub blocktime: Mutex<HashMap<u32, (u64, u64)>>,
     pub blocktime_total: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
@@ -86,12 +87,10 @@ impl ShardStats {
         self.log2[log2_bucket(ns)].fetch_add(1, Relaxed);
         self.blocktime_total.fetch_add(ns, Relaxed);
         if let Some(t) = tid {
-            *self
-                .blocktime
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(t)
-                .or_default() += ns;
+            let mut b = self.blocktime.lock().unwrap_or_else(|e| e.into_inner());
+            let e = b.entry(t).or_default();
+            e.0 += ns;
+            e.1 += 1;
         }
     }
 
@@ -181,6 +180,8 @@ pub struct Stats {
     /// Time each faulting thread spent blocked, ns, by thread id (only with the kernel's
     /// `UFFD_FEATURE_THREAD_ID`; see [`FaultLoop::thread_ids`](crate::FaultLoop::thread_ids)).
     pub blocktime_ns: BTreeMap<u32, u64>,
+    /// Faults each thread took, by thread id (as [`blocktime_ns`](Self::blocktime_ns)).
+    pub faults_by_thread: BTreeMap<u32, u64>,
     /// Time all faulting threads spent blocked, ns (also without thread ids).
     pub blocktime_total_ns: u64,
 }
@@ -218,7 +219,8 @@ impl Stats {
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
             {
-                *s.blocktime_ns.entry(*t).or_default() += ns;
+                *s.blocktime_ns.entry(*t).or_default() += ns.0;
+                *s.faults_by_thread.entry(*t).or_default() += ns.1;
             }
             if let Some(e) = sh
                 .last_error

@@ -95,6 +95,7 @@
 pub mod bitmap;
 pub mod digest;
 pub mod dirty;
+pub mod hops;
 pub mod link;
 pub mod precopy;
 pub mod proto;

@@ -155,6 +155,8 @@ struct Shared {
     crc: std::sync::atomic::AtomicBool,
     /// Pages asked again because their frame arrived damaged.
     resends: AtomicU64,
+    /// Each request's hops (`FAULTLINE_BREAKDOWN=1`).
+    hops: Option<crate::hops::DestHops>,
 }
 
 impl Shared {
@@ -242,6 +244,7 @@ impl PageSource for RequestSource {
         _: &Completer,
     ) -> Result<Fill<'a>, SourceError> {
         let sh = &self.sh;
+        let woke = sh.hops.as_ref().map(|_| crate::hops::mono_ns());
         let size = sh.pages * PAGE;
         let rel = req.offset.wrapping_sub(sh.base);
         if req.offset < sh.base || rel >= size {
@@ -261,6 +264,9 @@ impl PageSource for RequestSource {
         }
         if !sh.requested.set(p) {
             sh.request(p);
+            if let (Some(h), Some(w)) = (&sh.hops, woke) {
+                h.requested(p, w);
+            }
         }
         Ok(Fill::Pending)
     }
@@ -334,8 +340,15 @@ impl Pull {
                 bytes: AtomicU64::new(0),
                 crc: std::sync::atomic::AtomicBool::new(false),
                 resends: AtomicU64::new(0),
+                hops: crate::hops::enabled().then(crate::hops::DestHops::default),
             }),
         }
+    }
+
+    /// Each answered request's hops so far, `[page, handler woke, request sent, page
+    /// received, installed]` (`CLOCK_MONOTONIC` ns; empty unless `FAULTLINE_BREAKDOWN=1`).
+    pub fn hop_stamps(&self) -> Vec<[u64; 5]> {
+        self.sh.hops.as_ref().map(|h| h.take()).unwrap_or_default()
     }
 
     /// The page source to start the destination's fault loop with.
@@ -564,10 +577,17 @@ fn receiver(sh: &Shared, mut sock: Sock, d: &mut Death) {
                 });
             }
         };
+        let received = sh.hops.as_ref().map(|_| crate::hops::mono_ns());
         sh.bytes
             .fetch_add(u64::from(h.len) + crate::wire::HEADER as u64, SeqCst);
         let r = match h.kind {
-            Kind::Pages => pages(sh, &h, &buf, channel),
+            Kind::Pages => {
+                let r = pages(sh, &h, &buf, channel);
+                if let (Some(hops), Some(t), true) = (&sh.hops, received, r.is_ok()) {
+                    hops.installed(h.arg / PAGE, u64::from(h.len) / PAGE, t);
+                }
+                r
+            }
             Kind::Zero => zero(sh, &h, &buf),
             Kind::Keepalive => Ok(()),
             _ => {

@@ -179,6 +179,8 @@ struct Shared {
     requests: AtomicU64,
     stride_pages: AtomicU64,
     resent: AtomicU64,
+    /// Each answer's hops (`FAULTLINE_BREAKDOWN=1`).
+    hops: Option<crate::hops::SourceHops>,
 }
 
 impl Shared {
@@ -241,6 +243,7 @@ impl Push {
                 requests: AtomicU64::new(0),
                 stride_pages: AtomicU64::new(0),
                 resent: AtomicU64::new(0),
+                hops: crate::hops::enabled().then(crate::hops::SourceHops::default),
             }),
             pusher: None,
             responder: None,
@@ -336,6 +339,14 @@ impl Push {
             remaining: s.todo.count(),
             resent: s.resent.load(SeqCst),
         }
+    }
+}
+
+impl Push {
+    /// Each answer's hops so far, `[page, request read, responder took it, page written]`
+    /// (`CLOCK_MONOTONIC` ns; empty unless `FAULTLINE_BREAKDOWN=1`).
+    pub fn hop_stamps(&self) -> Vec<[u64; 4]> {
+        self.sh.hops.as_ref().map(|h| h.take()).unwrap_or_default()
     }
 }
 
@@ -534,8 +545,9 @@ fn pusher(sh: &Shared, mut sock: Sock) {
 /// timeout that could split a frame.
 /// What the destination asks for.
 enum Ask {
-    /// A thread faulted on this page: send it unless it was sent already.
-    Fault(u64),
+    /// A thread faulted on this page: send it unless it was sent already (with when the
+    /// request was read, for the hop stamps; 0 when they are off).
+    Fault(u64, u64),
     /// These pages arrived damaged: send them again.
     Resend(u64, u64),
 }
@@ -577,7 +589,7 @@ fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<Ask>) {
         };
         let ask = match h.kind {
             Kind::Resend => Ask::Resend(page, n),
-            _ => Ask::Fault(page),
+            _ => Ask::Fault(page, sh.hops.as_ref().map_or(0, |_| crate::hops::mono_ns())),
         };
         sh.busy.fetch_add(1, SeqCst);
         if tx.send(ask).is_err() {
@@ -665,11 +677,15 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 sh.busy.fetch_sub(1, SeqCst);
                 continue;
             }
-            if let Some(Ask::Fault(p)) = req {
+            if let Some(Ask::Fault(p, read)) = req {
+                let took = sh.hops.as_ref().map_or(0, |_| crate::hops::mono_ns());
                 beat.sent();
                 sh.requests.fetch_add(1, SeqCst);
                 if sh.todo.clear(p) {
                     answer(sh, &mut sock, p, 1, &mut buf);
+                    if let Some(h) = &sh.hops {
+                        h.answered(p, read, took);
+                    }
                 }
                 sh.busy.fetch_sub(1, SeqCst);
                 let stride = (sh.cfg.stride_depth > 0)

@@ -19,16 +19,26 @@ pub struct Raster {
 /// Render `svg` on white; the PNG is written beside it.
 pub fn render(svg: &Path) -> Result<Raster, String> {
     let png = svg.with_extension("png");
-    let out = Command::new("rsvg-convert")
-        .args(["-b", "white", "-o"])
-        .arg(&png)
-        .arg(svg)
-        .output()
-        .map_err(|e| {
-            format!(
-                "rsvg-convert could not be run ({e}): install librsvg2-bin (scripts/tools.sh does, as root)"
-            )
-        })?;
+    // One at a time: the first runs on a fresh machine build fontconfig's cache, and two of
+    // them doing so at once was seen to fail once (a second try then succeeds).
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let run = || {
+        Command::new("rsvg-convert")
+            .args(["-b", "white", "-o"])
+            .arg(&png)
+            .arg(svg)
+            .output()
+            .map_err(|e| {
+                format!(
+                    "rsvg-convert could not be run ({e}): install librsvg2-bin (scripts/tools.sh does, as root)"
+                )
+            })
+    };
+    let mut out = run()?;
+    if !out.status.success() {
+        out = run()?;
+    }
     if !out.status.success() {
         return Err(format!(
             "rsvg-convert {}: {}",

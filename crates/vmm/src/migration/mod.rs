@@ -264,6 +264,19 @@ pub struct DestReport {
     pub latency_log2_us: Vec<u64>,
     /// Time each vCPU spent blocked on remote faults, ms.
     pub blocktime_ms: Vec<f64>,
+    /// Faults each vCPU took (QEMU's `postcopy-vcpu-latency` is their mean latency).
+    #[serde(default)]
+    pub vcpu_faults: Vec<u64>,
+    /// Each vCPU's mean fault latency, µs.
+    #[serde(default)]
+    pub vcpu_latency_us: Vec<f64>,
+    /// Faults taken by other threads (the VMM's devices, DMA), and their mean latency, µs
+    /// (QEMU's `postcopy-non-vcpu-latency`).
+    #[serde(default)]
+    pub non_vcpu_faults: u64,
+    /// Mean latency of those, µs (0 without any).
+    #[serde(default)]
+    pub non_vcpu_latency_us: f64,
     /// Per vCPU: resume → first heartbeat, µs.
     pub heads_us: Vec<Option<u64>>,
     /// Per vCPU: its first heartbeats here, `[number, CLOCK_MONOTONIC µs]` (a report's
@@ -284,6 +297,10 @@ pub struct DestReport {
     pub resends: u64,
     /// Switchover (state received) → every page in, ms.
     pub postcopy_ms: f64,
+    /// `FAULTLINE_BREAKDOWN=1`: each request's hop stamps, `[page, handler woke, request
+    /// sent, page received, installed]` (`xfer::hops`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<[u64; 5]>,
 }
 
 /// The longest guest-visible pause, ms, from both sides' heartbeat records (see the module

@@ -810,11 +810,11 @@ fn finish(
             .go_with(State::Postcopy, |s| s.error = None)
             .map_err(MigrationError::Transition)?;
     };
-    let push_stats = push
+    let (push_stats, hops) = push
         .as_mut()
         .map(|p| {
             p.stop();
-            p.stats()
+            (p.stats(), p.hop_stamps())
         })
         .unwrap_or_default();
     // Digest of the frozen source memory (pre-copy: taken at switchover), then the verdict.
@@ -868,6 +868,11 @@ fn finish(
         "digest_verified": verified,
         "destination": report,
     });
+    let mut stats = stats;
+    if !hops.is_empty() {
+        // `FAULTLINE_BREAKDOWN=1`: each answer's hop stamps (`xfer::hops`).
+        stats["hops_source"] = json!(hops);
+    }
     if !verified {
         return Err(MigrationError::Integrity(format!(
             "the destination's memory digest {} differs from the source's {} at switchover",

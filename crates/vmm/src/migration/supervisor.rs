@@ -297,13 +297,29 @@ impl Supervisor {
         let ps = self.pull.stats();
         let ls = self.loop_stats.clone().unwrap_or_default();
         // Blocktime by the vCPU threads' ids (the fault loop knows threads, not vCPUs).
-        let blocktime_ms = cpus
+        let tids: Vec<u32> = cpus.iter().map(|c| c.tid.load(SeqCst)).collect();
+        let blocked = |t: &u32| ls.blocktime_ns.get(t).copied().unwrap_or(0);
+        let faults = |t: &u32| ls.faults_by_thread.get(t).copied().unwrap_or(0);
+        let mean_us = |ns: u64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                ns as f64 / n as f64 / 1e3
+            }
+        };
+        let blocktime_ms = tids.iter().map(|t| blocked(t) as f64 / 1e6).collect();
+        let vcpu_faults = tids.iter().map(faults).collect();
+        let vcpu_latency_us = tids
             .iter()
-            .map(|c| {
-                let tid = c.tid.load(SeqCst);
-                ls.blocktime_ns.get(&tid).copied().unwrap_or(0) as f64 / 1e6
-            })
+            .map(|t| mean_us(blocked(t), faults(t)))
             .collect();
+        let (mut other_ns, mut other_n) = (0, 0);
+        for (t, n) in &ls.faults_by_thread {
+            if !tids.contains(t) {
+                other_n += n;
+                other_ns += blocked(t);
+            }
+        }
         DestReport {
             pages_background: ps.pages_background,
             pages_priority: ps.pages_priority,
@@ -314,6 +330,10 @@ impl Supervisor {
             fault_latency_us: Latency::of_memx(&ls.latency),
             latency_log2_us: ls.latency_log2_us,
             blocktime_ms,
+            vcpu_faults,
+            vcpu_latency_us,
+            non_vcpu_faults: other_n,
+            non_vcpu_latency_us: mean_us(other_ns, other_n),
             heads_us,
             beats_mono_us,
             gaps_us,
@@ -322,6 +342,7 @@ impl Supervisor {
             recoveries: self.recoveries,
             resends: ps.resends,
             postcopy_ms,
+            hops: self.pull.hop_stamps(),
         }
     }
 
