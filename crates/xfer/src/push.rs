@@ -7,7 +7,8 @@
 //!   after each requested page (locality); paced by the [`RateLimit`], paying for a run before
 //!   claiming it (a claimed page is on the wire at once). It yields while a request is being
 //!   answered.
-//! - **Priority answers**: a request is answered at once on the priority connection (urgent:
+//! - **Priority answers**: a request is answered at once, by the thread that reads it (no
+//!   hand-off on a fault's path), on the priority connection (urgent:
 //!   never paced: its bytes are debited from the [`RateLimit`] and the background pays for
 //!   them). Requests with a constant stride (a scan with a step) make the responder push the
 //!   next pages of that stride, a few at a time, stopping whenever a request comes; those go
@@ -540,19 +541,19 @@ fn pusher(sh: &Shared, mut sock: Sock) {
     }
 }
 
-/// Read requests into a channel (so that answering never waits behind reading, and
-/// speculative pushes stop the moment a request comes). Waits with `poll`, never with a read
-/// timeout that could split a frame.
-/// What the destination asks for.
-enum Ask {
-    /// A thread faulted on this page: send it unless it was sent already (with when the
-    /// request was read, for the hop stamps; 0 when they are off).
-    Fault(u64, u64),
-    /// These pages arrived damaged: send them again.
-    Resend(u64, u64),
+/// The priority connection's writing side, shared by the request reader (answers) and the
+/// responder (stride pushes, keepalives): frames never interleave.
+struct Out {
+    sock: Sock,
+    beat: Beat,
+    buf: Vec<u8>,
 }
 
-fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<Ask>) {
+/// Read requests and answer each at once on the reading thread (no hand-off to another
+/// thread on a fault's path: a wake-up costs tens of µs on a nested VM), then tell the
+/// responder, which pushes along a stride or moves the background's cursor. Waits with
+/// `poll`, never with a read timeout that could split a frame.
+fn request_reader(sh: &Shared, mut rd: Sock, out: &Mutex<Out>, tx: Sender<u64>) {
     if sh.cfg.nice {
         set_nice(-10);
     }
@@ -576,6 +577,7 @@ fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<Ask>) {
             Ok(h) => h,
             Err(e) => return sh.lose(LinkError::PriorityRecv(e)),
         };
+        let read = sh.hops.as_ref().map_or(0, |_| crate::hops::mono_ns());
         let page = h.arg / PAGE;
         if h.kind == Kind::Keepalive {
             continue;
@@ -587,12 +589,31 @@ fn request_reader(sh: &Shared, mut rd: Sock, tx: Sender<Ask>) {
             Ok(n) => u64::from(n).min(sh.pages - page),
             Err(e) => return sh.lose(LinkError::BadCount(e)),
         };
-        let ask = match h.kind {
-            Kind::Resend => Ask::Resend(page, n),
-            _ => Ask::Fault(page, sh.hops.as_ref().map_or(0, |_| crate::hops::mono_ns())),
-        };
         sh.busy.fetch_add(1, SeqCst);
-        if tx.send(ask).is_err() {
+        {
+            let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+            let o = &mut *o;
+            if h.kind == Kind::Resend {
+                // Damaged on the way: sent again, whoever sent them first.
+                for q in page..page + n {
+                    sh.todo.clear(q);
+                }
+                o.beat.sent();
+                answer(sh, &mut o.sock, page, n, &mut o.buf);
+                sh.resent.fetch_add(n, SeqCst);
+            } else {
+                sh.requests.fetch_add(1, SeqCst);
+                if sh.todo.clear(page) {
+                    o.beat.sent();
+                    answer(sh, &mut o.sock, page, 1, &mut o.buf);
+                    if let Some(hp) = &sh.hops {
+                        hp.answered(page, read, read);
+                    }
+                }
+            }
+        }
+        sh.busy.fetch_sub(1, SeqCst);
+        if h.kind == Kind::Request && tx.send(page).is_err() {
             return;
         }
     }
@@ -628,27 +649,35 @@ fn answer(sh: &Shared, sock: &mut Sock, p: u64, n: u64, buf: &mut Vec<u8>) {
     }
 }
 
-/// Answer requests: the page asked for at once; then, when the recent requests show a
-/// stride, the next pages of that stride; otherwise the background goes on after the page.
-fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
+/// After each answered request: when the recent requests show a stride, push the next
+/// pages of that stride (a few at a time, between requests); otherwise the background goes
+/// on after the page. Also keeps the priority connection alive.
+fn responder(sh: &Shared, sock: Sock, rd: Sock) {
     if sh.cfg.nice {
         set_nice(-10);
     }
     let (tx, rx) = mpsc::channel();
-    let mut buf = Vec::new();
+    // The responder writes keepalives when nothing else went out.
+    let out = Mutex::new(Out {
+        sock,
+        beat: Beat::new(sh.cfg.keepalive),
+        buf: Vec::new(),
+    });
     thread::scope(|sc| {
-        sc.spawn(|| request_reader(sh, rd, tx));
+        sc.spawn(|| request_reader(sh, rd, &out, tx));
         let mut history: Vec<u64> = Vec::with_capacity(16);
         // (next page, stride, pages left) of the speculative push.
         let mut spec: Option<(u64, u64, u64)> = None;
         // How long the stride push must wait for the link's tokens.
         let mut stride_wait: Option<Duration> = None;
-        // The responder is the priority connection's only writer: it keeps it alive.
-        let mut beat = Beat::new(sh.cfg.keepalive);
         while !sh.done() {
-            if let Err(e) = beat.tick(&mut sock) {
-                sh.lose(LinkError::PrioritySend(e));
-                break;
+            {
+                let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+                let o = &mut *o;
+                if let Err(e) = o.beat.tick(&mut o.sock) {
+                    sh.lose(LinkError::PrioritySend(e));
+                    break;
+                }
             }
             let req = if let Some(wait) = spec.and(stride_wait) {
                 // The stride push waits for the link's tokens, but for requests too.
@@ -667,27 +696,7 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             };
-            if let Some(Ask::Resend(p, n)) = req {
-                beat.sent();
-                for q in p..p + n {
-                    sh.todo.clear(q);
-                }
-                answer(sh, &mut sock, p, n, &mut buf);
-                sh.resent.fetch_add(n, SeqCst);
-                sh.busy.fetch_sub(1, SeqCst);
-                continue;
-            }
-            if let Some(Ask::Fault(p, read)) = req {
-                let took = sh.hops.as_ref().map_or(0, |_| crate::hops::mono_ns());
-                beat.sent();
-                sh.requests.fetch_add(1, SeqCst);
-                if sh.todo.clear(p) {
-                    answer(sh, &mut sock, p, 1, &mut buf);
-                    if let Some(h) = &sh.hops {
-                        h.answered(p, read, took);
-                    }
-                }
-                sh.busy.fetch_sub(1, SeqCst);
+            if let Some(p) = req {
                 let stride = (sh.cfg.stride_depth > 0)
                     .then(|| stride_of(&history, p, sh.cfg.max_stride))
                     .flatten();
@@ -723,16 +732,17 @@ fn responder(sh: &Shared, mut sock: Sock, rd: Sock) {
                 next += s;
                 left -= 1;
             }
-            if !batch.is_empty() {
-                beat.sent();
-                match send_pages(sh, &mut sock, &batch) {
+            if batch.is_empty() {
+                sh.rate.refund(chunk);
+            } else {
+                let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+                let o = &mut *o;
+                o.beat.sent();
+                match send_pages(sh, &mut o.sock, &batch) {
                     Ok(bytes) => sh.rate.refund(chunk.saturating_sub(bytes)),
                     Err(e) => sh.lose(e),
                 }
                 sh.stride_pages.fetch_add(batch.len() as u64, SeqCst);
-            }
-            if batch.is_empty() {
-                sh.rate.refund(chunk);
             }
             spec = (left > 0 && next < sh.pages).then_some((next, s, left));
             if spec.is_none() {
