@@ -171,8 +171,9 @@ struct Shared {
     hint: AtomicU64,
     /// Requests being answered (the pusher yields meanwhile).
     busy: AtomicUsize,
-    /// The stride push waits for tokens: the pusher leaves them to it.
-    stride_waiting: AtomicBool,
+    /// A stride push is under way on a capped link: the pusher leaves the link to it (these
+    /// are the pages the guest touches next).
+    striding: AtomicBool,
     rate: Arc<RateLimit>,
     sent: Arc<Sent>,
     lost: Mutex<Option<LinkError>>,
@@ -236,7 +237,7 @@ impl Push {
                 todo,
                 hint: AtomicU64::new(NO_HINT),
                 busy: AtomicUsize::new(0),
-                stride_waiting: AtomicBool::new(false),
+                striding: AtomicBool::new(false),
                 rate,
                 sent,
                 lost: Mutex::new(None),
@@ -492,9 +493,8 @@ fn pusher(sh: &Shared, mut sock: Sock) {
     let mut cursor = 0;
     let mut buf = Vec::new();
     while !sh.done() {
-        while (sh.busy.load(SeqCst) > 0 || sh.stride_waiting.load(SeqCst)) && !sh.stop.load(SeqCst)
-        {
-            if sh.stride_waiting.load(SeqCst) {
+        while (sh.busy.load(SeqCst) > 0 || sh.striding.load(SeqCst)) && !sh.done() {
+            if sh.striding.load(SeqCst) {
                 thread::sleep(Duration::from_micros(100));
             } else {
                 thread::yield_now();
@@ -701,7 +701,10 @@ fn responder(sh: &Shared, sock: Sock, rd: Sock) {
                     .then(|| stride_of(&history, p, sh.cfg.max_stride))
                     .flatten();
                 match stride {
-                    Some(s) => spec = Some((p + s, s, sh.cfg.stride_depth)),
+                    Some(s) => {
+                        spec = Some((p + s, s, sh.cfg.stride_depth));
+                        sh.striding.store(sh.rate.limited(), SeqCst);
+                    }
                     None => sh.hint.store((p + 1).min(sh.pages - 1), SeqCst),
                 }
                 if history.len() == 16 {
@@ -718,12 +721,10 @@ fn responder(sh: &Shared, sock: Sock, rd: Sock) {
             // guest touches next), and never by sleeping here.
             let chunk = sh.cfg.stride_chunk.max(1) as usize * (PAGE as usize + HEADER + 4);
             if let Err(wait) = sh.rate.try_take(chunk) {
-                sh.stride_waiting.store(true, SeqCst);
                 stride_wait =
                     Some(wait.clamp(Duration::from_micros(50), Duration::from_millis(10)));
                 continue;
             }
-            sh.stride_waiting.store(false, SeqCst);
             let mut batch = Vec::new();
             while (batch.len() as u64) < sh.cfg.stride_chunk.max(1) && left > 0 && next < sh.pages {
                 if sh.todo.clear(next) {
@@ -746,9 +747,11 @@ fn responder(sh: &Shared, sock: Sock, rd: Sock) {
             }
             spec = (left > 0 && next < sh.pages).then_some((next, s, left));
             if spec.is_none() {
-                sh.stride_waiting.store(false, SeqCst);
+                sh.striding.store(false, SeqCst);
             }
         }
+        // Whatever ended the responder, the background is not held for it.
+        sh.striding.store(false, SeqCst);
     });
 }
 
