@@ -2,7 +2,8 @@
 //! run.
 //!
 //! - `region-rw`: a 4-byte REGION_WRITE + REGION_READ round trip on the GPIO card's BAR 2
-//!   (our client and server over a Unix socket). Anchor: rust-vmm's `vfio_user` client and
+//!   (our client and server over a Unix socket), every client and server on one CPU (a
+//!   wake-up across CPUs, ~26 µs here, would measure the scheduler's placement instead). Anchor: rust-vmm's `vfio_user` client and
 //!   server (Cloud Hypervisor's implementation) doing the same pair on a 4 KiB BAR; and, when
 //!   libvfio-user's samples are built (`scripts/libvfio-user.sh`, or a directory named by
 //!   `FAULTLINE_LIBVFIO_USER`), our client against libvfio-user's own `gpio-pci-idio-16`
@@ -593,29 +594,65 @@ fn region_rw_libvfio_user(dir: &Path, samples: &Path, n: usize) -> Result<Vec<f6
     region_rw(&c, n)
 }
 
+/// This thread's CPU mask narrowed to the CPU it runs on, until dropped.
+struct OnOneCpu(libc::cpu_set_t);
+
+impl OnOneCpu {
+    fn new() -> Result<OnOneCpu, BenchError> {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set.
+        let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: this thread's mask into our own set of the size we pass.
+        let r = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved)
+        };
+        if r != 0 {
+            return Err(run_err("sched_getaffinity")(
+                &std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: no arguments; returns the CPU or -1.
+        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        memx::pin_to(cpu).map_err(|e| run_err("pinning to one CPU")(&e))?;
+        Ok(OnOneCpu(saved))
+    }
+}
+
+impl Drop for OnOneCpu {
+    fn drop(&mut self) {
+        // SAFETY: the mask read in `new`, for this thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+    }
+}
+
 /// Run every case; `f` gets each line. Without libvfio-user's samples (see
 /// [`libvfio_user_samples`]) its region-rw line is left out, and a note says so on stderr.
 pub fn run(quick: bool, mut f: impl FnMut(&Line)) -> Result<(), BenchError> {
     let dir = std::env::temp_dir().join(format!("faultline-bench-vfu-{}", std::process::id()));
-    let (served, engine, ctx) = serve(&dir)?;
+    // region-rw: the client, every server (ours, rust-vmm's, libvfio-user's process) on the
+    // CPU this thread is on: a wake-up across CPUs costs ~26 µs here, which would hide the
+    // implementations behind the scheduler's placement. Threads and processes started from
+    // here inherit the mask; it is given back before the other cases.
+    let rw_dir = dir.join("rw");
+    let pinned = OnOneCpu::new()?;
+    let (served, _, _) = serve(&rw_dir)?;
     let n = if quick { 2_000 } else { 20_000 };
     f(&line(
         "region-rw",
         "faultline",
-        region_rw_ours(&dir, n)?,
+        region_rw_ours(&rw_dir, n)?,
         0.0,
     ));
     f(&line(
         "region-rw",
         "rust-vmm",
-        region_rw_anchor(&dir, n)?,
+        region_rw_anchor(&rw_dir, n)?,
         0.0,
     ));
     match libvfio_user_samples() {
         Some(samples) => f(&line(
             "region-rw",
             "libvfio-user",
-            region_rw_libvfio_user(&dir, &samples, n)?,
+            region_rw_libvfio_user(&rw_dir, &samples, n)?,
             0.0,
         )),
         None => tracing::warn!(
@@ -623,6 +660,9 @@ pub fn run(quick: bool, mut f: impl FnMut(&Line)) -> Result<(), BenchError> {
              set FAULTLINE_LIBVFIO_USER to their directory): no libvfio-user region-rw line"
         ),
     }
+    drop(served);
+    drop(pinned);
+    let (served, engine, ctx) = serve(&dir)?;
     let (mib, runs) = if quick { (16, 4) } else { (64, 16) };
     let (us, g) = dma_ours(&dir, &engine, mib, runs)?;
     f(&line("dma", "faultline", us, g));
