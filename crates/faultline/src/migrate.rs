@@ -543,7 +543,8 @@ pub fn bench(
 /// One cell's line: JSON, or a line of text.
 fn print_line(line: &bench::migrate_bench::MigrateLine, json: bool) -> CliResult {
     print_cell(line, json)?;
-    if let Some(b) = &line.breakdown {
+    // Pre-copy takes no remote fault: nothing to break down.
+    if let Some(b) = line.breakdown.as_ref().filter(|_| line.mode != "precopy") {
         if json {
             let mut v = json!({
                 "bench": "migrate",
