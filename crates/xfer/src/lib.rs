@@ -101,6 +101,7 @@ pub mod precopy;
 pub mod proto;
 pub mod pull;
 pub mod push;
+mod rate;
 pub mod reader;
 pub mod status;
 pub mod tls;
