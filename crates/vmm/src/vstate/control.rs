@@ -128,15 +128,7 @@ impl CpuTrack {
 }
 
 /// Host `CLOCK_MONOTONIC` in ns (comparable across processes on one host).
-pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use xfer::hops::mono_ns;
 
 /// The signal that interrupts `KVM_RUN` (EINTR) so a vCPU can park or stop.
 pub fn kick_signal() -> libc::c_int {
