@@ -356,7 +356,12 @@ fn source_killed_during_postcopy() {
     );
     let err = text(&d.stderr);
     assert!(!d.status.success(), "{err}");
-    assert!(err.contains("closed the connection"), "{err}");
+    // A killed source closes its sockets; with requests still unread in its buffer the
+    // destination reads a reset instead of the end of the stream.
+    assert!(
+        err.contains("closed the connection") || err.contains("Connection reset by peer"),
+        "{err}"
+    );
     assert!(err.contains("did not reconnect within"), "{err}");
     let _ = bg.join();
 }
