@@ -492,8 +492,15 @@ fn pusher(sh: &Shared, mut sock: Sock) {
     }
     let mut cursor = 0;
     let mut buf = Vec::new();
+    // The main connection's only writer: while it waits (for answers, a stride push, the
+    // cap's tokens, which answers may have run into debt) it keeps the connection alive.
+    let mut beat = Beat::new(sh.cfg.keepalive);
+    let run_bytes = (MAX_RUN * PAGE) as usize + HEADER;
     while !sh.done() {
         while (sh.busy.load(SeqCst) > 0 || sh.striding.load(SeqCst)) && !sh.done() {
+            if let Err(e) = beat.tick(&mut sock) {
+                return sh.lose(LinkError::Background(e));
+            }
             if sh.striding.load(SeqCst) {
                 thread::sleep(Duration::from_micros(100));
             } else {
@@ -504,7 +511,15 @@ fn pusher(sh: &Shared, mut sock: Sock) {
             return;
         }
         // Pay for the run before claiming its pages.
-        sh.rate.take((MAX_RUN * PAGE) as usize + HEADER, false);
+        while let Err(wait) = sh.rate.try_take(run_bytes) {
+            if sh.done() {
+                return;
+            }
+            if let Err(e) = beat.tick(&mut sock) {
+                return sh.lose(LinkError::Background(e));
+            }
+            thread::sleep(wait.min(Duration::from_millis(10)));
+        }
         let h = sh.hint.swap(NO_HINT, SeqCst);
         if h != NO_HINT {
             cursor = h;
@@ -534,7 +549,10 @@ fn pusher(sh: &Shared, mut sock: Sock) {
             sh.cfg.crc,
         );
         match r {
-            Ok(()) => cursor = p + n,
+            Ok(()) => {
+                beat.sent();
+                cursor = p + n;
+            }
             Err(SendError::Io(e)) => return sh.lose(LinkError::Background(e)),
             Err(SendError::Read(e)) => return sh.lose(LinkError::Read(e)),
         }
