@@ -248,25 +248,12 @@ pub fn recv(sock: &UnixStream, max_size: u32) -> Result<Message, RecvError> {
     })
 }
 
-/// Bytes asked for when a message starts: its header and, for a small message, the rest of
-/// it in the same call (one `recvmsg` per message instead of two on the region-access path).
-pub const READ_AHEAD: usize = 256;
-
 /// Receives messages from a non-blocking socket a piece at a time, keeping a partly received
 /// message between calls, so a peer that stops mid-message holds up nobody but itself.
-///
-/// A message's start is read with up to [`READ_AHEAD`] bytes, so a read may also bring the
-/// start of the next message; those bytes wait here ([`has_message`](Self::has_message)).
-/// File descriptors belong to the message holding the last byte of the read that brought
-/// them: a Unix stream read stops right after the bytes sent with descriptors, and a sender
-/// sends a message's descriptors with that message's bytes.
 #[derive(Debug, Default)]
 pub struct Assembler {
-    /// Bytes read and not yet used, from the start of the message being read (at most
-    /// `HEADER_SIZE - 1 + READ_AHEAD`).
-    buf: Vec<u8>,
-    /// Descriptors that came with a read ending at this offset of `buf`.
-    marks: Vec<(usize, Vec<OwnedFd>)>,
+    head: [u8; HEADER_SIZE],
+    got: usize,
     header: Option<Header>,
     payload: Vec<u8>,
     filled: usize,
@@ -281,31 +268,15 @@ impl Assembler {
 
     /// Whether part of a message has arrived.
     pub fn is_partial(&self) -> bool {
-        !self.buf.is_empty() || self.header.is_some()
-    }
-
-    /// Whether a whole message (or a header that will be refused) is here already, so
-    /// [`poll`](Self::poll) returns it without the socket becoming readable again.
-    pub fn has_message(&self) -> bool {
-        if self.header.is_some() || self.buf.len() < HEADER_SIZE {
-            return false;
-        }
-        let mut head = [0u8; HEADER_SIZE];
-        head.copy_from_slice(&self.buf[..HEADER_SIZE]);
-        Header::decode(&head, u32::MAX).map_or(true, |h| self.buf.len() >= h.size as usize)
+        self.got > 0
     }
 
     /// Read what `sock` has. `Ok(Some)`: a whole message; `Ok(None)`: the socket has no more
     /// for now (what arrived is kept). Messages over `max_size` bytes are refused by header.
     pub fn poll(&mut self, sock: &UnixStream, max_size: u32) -> Result<Option<Message>, RecvError> {
-        while self.header.is_none() {
-            if self.buf.len() >= HEADER_SIZE {
-                self.start(max_size)?;
-                break;
-            }
-            let mut tmp = [0u8; READ_AHEAD];
-            match recv_head(sock.as_raw_fd(), &mut tmp) {
-                Ok((0, _)) if self.buf.is_empty() => return Err(RecvError::Closed),
+        while self.got < HEADER_SIZE {
+            match recv_head(sock.as_raw_fd(), &mut self.head[self.got..]) {
+                Ok((0, _)) if self.got == 0 => return Err(RecvError::Closed),
                 Ok((0, _)) => {
                     return Err(RecvError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -313,12 +284,10 @@ impl Assembler {
                     )));
                 }
                 Ok((n, f)) => {
-                    self.buf.extend_from_slice(&tmp[..n]);
-                    if !f.is_empty() {
-                        if f.len() > MAX_FDS {
-                            return Err(RecvError::TooManyFds(f.len()));
-                        }
-                        self.marks.push((self.buf.len() - 1, f));
+                    self.got += n;
+                    self.fds.extend(f);
+                    if self.fds.len() > MAX_FDS {
+                        return Err(RecvError::TooManyFds(self.fds.len()));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -326,8 +295,15 @@ impl Assembler {
                 Err(e) => return Err(RecvError::Io(e)),
             }
         }
-        let Some(header) = self.header else {
-            return Ok(None);
+        let header = match self.header {
+            Some(h) => h,
+            None => {
+                let h = Header::decode(&self.head, max_size).map_err(RecvError::Header)?;
+                self.payload = vec![0u8; h.size as usize - HEADER_SIZE];
+                self.filled = 0;
+                self.header = Some(h);
+                h
+            }
         };
         while self.filled < self.payload.len() {
             match (&*sock).read(&mut self.payload[self.filled..]) {
@@ -348,143 +324,7 @@ impl Assembler {
             payload: std::mem::take(&mut self.payload),
             fds: std::mem::take(&mut self.fds),
         };
-        self.header = None;
-        self.filled = 0;
+        *self = Assembler::default();
         Ok(Some(msg))
-    }
-
-    /// A header is in `buf`: decode it, take the descriptors and payload bytes that are
-    /// this message's, keep the rest for the next one.
-    fn start(&mut self, max_size: u32) -> Result<(), RecvError> {
-        let mut head = [0u8; HEADER_SIZE];
-        head.copy_from_slice(&self.buf[..HEADER_SIZE]);
-        let h = Header::decode(&head, max_size).map_err(RecvError::Header)?;
-        let size = h.size as usize;
-        let mut rest = Vec::new();
-        for (at, f) in std::mem::take(&mut self.marks) {
-            if at < size {
-                self.fds.extend(f);
-            } else {
-                rest.push((at - size, f));
-            }
-        }
-        self.marks = rest;
-        if self.fds.len() > MAX_FDS {
-            return Err(RecvError::TooManyFds(self.fds.len()));
-        }
-        let have = self.buf.len().min(size);
-        self.payload = vec![0u8; size - HEADER_SIZE];
-        self.payload[..have - HEADER_SIZE].copy_from_slice(&self.buf[HEADER_SIZE..have]);
-        self.filled = have - HEADER_SIZE;
-        self.buf.drain(..have);
-        self.header = Some(h);
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proto::{Command, Header};
-    use std::os::fd::AsRawFd;
-
-    fn msg(id: u16, payload: &[u8]) -> Vec<u8> {
-        let h = Header::command(id, Command::RegionRead, HEADER_SIZE + payload.len());
-        [&h.to_bytes()[..], payload].concat()
-    }
-
-    fn pair() -> (UnixStream, UnixStream) {
-        let (a, b) = UnixStream::pair().unwrap();
-        b.set_nonblocking(true).unwrap();
-        (a, b)
-    }
-
-    #[test]
-    fn two_messages_in_one_write_come_out_one_at_a_time() {
-        let (a, b) = pair();
-        let mut asm = Assembler::new();
-        assert!(matches!(asm.poll(&b, 1 << 20), Ok(None)));
-        let both = [msg(1, &[7; 24]), msg(2, &[9; 8])].concat();
-        send(&a, &[&both], &[]).unwrap();
-        let m = asm.poll(&b, 1 << 20).unwrap().unwrap();
-        assert_eq!((m.header.msg_id, m.payload.as_slice()), (1, &[7u8; 24][..]));
-        // The second is here already: the socket will not say so again.
-        assert!(asm.has_message());
-        let m = asm.poll(&b, 1 << 20).unwrap().unwrap();
-        assert_eq!((m.header.msg_id, m.payload.as_slice()), (2, &[9u8; 8][..]));
-        assert!(!asm.has_message() && !asm.is_partial());
-        assert!(matches!(asm.poll(&b, 1 << 20), Ok(None)));
-    }
-
-    #[test]
-    fn a_large_message_and_one_split_in_pieces() {
-        let (a, b) = pair();
-        let mut asm = Assembler::new();
-        let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
-        let m1 = msg(3, &big);
-        let m2 = msg(4, &[1, 2, 3]);
-        let writer = std::thread::spawn(move || {
-            // The first message whole, the second a byte at a time.
-            send(&a, &[&m1], &[]).unwrap();
-            for b in &m2 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                send(&a, &[std::slice::from_ref(b)], &[]).unwrap();
-            }
-            a
-        });
-        let mut got = Vec::new();
-        let t = std::time::Instant::now();
-        while got.len() < 2 {
-            assert!(t.elapsed() < std::time::Duration::from_secs(10));
-            match asm.poll(&b, 1 << 20).unwrap() {
-                Some(m) => got.push(m),
-                None => {
-                    wait_for(
-                        b.as_raw_fd(),
-                        libc::POLLIN,
-                        std::time::Duration::from_millis(50),
-                    )
-                    .unwrap();
-                }
-            }
-        }
-        let _a = writer.join().unwrap();
-        assert_eq!(got[0].header.msg_id, 3);
-        assert_eq!(got[0].payload, big);
-        assert_eq!(
-            (got[1].header.msg_id, got[1].payload.as_slice()),
-            (4, &[1u8, 2, 3][..])
-        );
-    }
-
-    #[test]
-    fn descriptors_go_with_the_message_they_were_sent_with() {
-        let (a, b) = pair();
-        let mut asm = Assembler::new();
-        let f = std::fs::File::open("/dev/null").unwrap();
-        // Without descriptors, then with one, back to back: one read may bring both.
-        send(&a, &[&msg(5, &[0; 4])], &[]).unwrap();
-        send(&a, &[&msg(6, &[0; 4])], &[f.as_raw_fd()]).unwrap();
-        send(&a, &[&msg(7, &[0; 4])], &[]).unwrap();
-        let mut got = Vec::new();
-        while let Some(m) = asm.poll(&b, 1 << 20).unwrap() {
-            got.push((m.header.msg_id, m.fds.len()));
-        }
-        assert_eq!(got, [(5, 0), (6, 1), (7, 0)]);
-    }
-
-    #[test]
-    fn a_bad_header_is_refused_and_a_closed_peer_said() {
-        let (a, b) = pair();
-        let mut asm = Assembler::new();
-        let mut h = msg(8, &[]);
-        h[4..8].copy_from_slice(&(1u32 << 30).to_le_bytes());
-        send(&a, &[&h], &[]).unwrap();
-        assert!(matches!(asm.poll(&b, 1 << 20), Err(RecvError::Header(_))));
-        let (a, b) = pair();
-        let mut asm = Assembler::new();
-        send(&a, &[&msg(9, &[1; 4])[..10]], &[]).unwrap();
-        drop(a);
-        assert!(matches!(asm.poll(&b, 1 << 20), Err(RecvError::Io(_))));
     }
 }

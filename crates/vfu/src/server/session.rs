@@ -181,10 +181,8 @@ impl Session {
         lock(&self.pending).clear();
     }
 
-    /// Whether a message is waiting here (kept while a DMA reply was awaited, or read along
-    /// with the previous one): the socket will not become readable for it again.
     pub(crate) fn has_backlog(&self) -> bool {
-        !lock(&self.state).backlog.is_empty() || lock(&self.reader).has_message()
+        !lock(&self.state).backlog.is_empty()
     }
 
     fn handle(&self, msg: Message) -> Outcome {
